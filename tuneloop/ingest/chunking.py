@@ -1,0 +1,96 @@
+"""Split a document into overlapping chunks sized in tokens.
+
+Chunks are sized in the *embedder's* tokens (pass `embedder.token_offsets`): a dense embedder only
+reads its first N tokens (all-MiniLM-L6-v2: 256 word pieces), so a chunk sized in characters or
+words could be silently truncated when embedded. `word_offsets` is the fallback when no embedder
+is used.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+Offsets = list[tuple[int, int]]
+
+# A cut right after one of these tokens ends a sentence (or a clause worth ending on).
+_SENTENCE_END = re.compile(r"[.!?]$")
+# Only the last 20% of a window is searched for a boundary: cutting earlier would waste too much
+# of the window and make chunks very uneven.
+_BOUNDARY_ZONE = 0.2
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A span of a document: `text == doc_text[start:end]`, holding `n_tokens` tokens."""
+
+    text: str
+    start: int
+    end: int
+    n_tokens: int
+
+
+def word_offsets(text: str) -> Offsets:
+    """Fallback tokenizer: the character spans of runs of non-whitespace."""
+    return [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+
+
+def _is_boundary(text: str, spans: Offsets, cut: int) -> bool:
+    """Whether ending a chunk after token `cut - 1` ends it at a sentence or line end."""
+    start, end = spans[cut - 1]
+    if _SENTENCE_END.search(text[start:end]):
+        return True
+    following = spans[cut][0] if cut < len(spans) else len(text)
+    return "\n" in text[end:following]
+
+
+def _window_end(text: str, spans: Offsets, first: int, last: int, overlap: int) -> int:
+    """Where to end the window spanning tokens [first, last): at the latest boundary in its
+    last 20%, or at `last` when there is none there."""
+    earliest = first + math.ceil((last - first) * (1 - _BOUNDARY_ZONE))
+    # The next window starts `overlap` tokens before this one's end, so the end must stay more
+    # than `overlap` tokens after `first`, or chunking would stop moving forward.
+    earliest = max(earliest, first + overlap + 1)
+    for cut in range(last, earliest - 1, -1):
+        if _is_boundary(text, spans, cut):
+            return cut
+    return last
+
+
+def chunk_text(
+    text: str,
+    token_offsets: Callable[[str], Offsets],
+    chunk_tokens: int,
+    overlap_tokens: int,
+    prefer_boundaries: bool = True,
+) -> list[Chunk]:
+    """Cut `text` into windows of at most `chunk_tokens` tokens, consecutive windows sharing
+    exactly `overlap_tokens` tokens; the last window ends at the last token.
+
+    Without `prefer_boundaries` each window starts `chunk_tokens - overlap_tokens` tokens after
+    the previous one. With it (the default) a window that is not the last is shortened to end at
+    a sentence or line end if one lies in its last 20%, and the next one starts `overlap_tokens`
+    before that end. A chunk spans from its first token's start to its last token's end.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+    if not 0 <= overlap_tokens < chunk_tokens:
+        raise ValueError(
+            f"overlap_tokens must be in [0, chunk_tokens), got {overlap_tokens} "
+            f"with chunk_tokens={chunk_tokens}"
+        )
+    # Empty spans are special tokens (e.g. [CLS] mapped to (0, 0)): they hold no text.
+    spans = [(s, e) for s, e in token_offsets(text) if e > s]
+    chunks: list[Chunk] = []
+    first = 0
+    while first < len(spans):
+        last = min(first + chunk_tokens, len(spans))
+        if prefer_boundaries and last < len(spans):
+            last = _window_end(text, spans, first, last, overlap_tokens)
+        start, end = spans[first][0], spans[last - 1][1]
+        chunks.append(Chunk(text=text[start:end], start=start, end=end, n_tokens=last - first))
+        if last == len(spans):
+            break
+        first = last - overlap_tokens
+    return chunks

@@ -1,0 +1,246 @@
+"""A persisted hybrid (BM25 + dense) retrieval index over chunks.
+
+BM25 (via `bm25s`) catches exact terms such as names, codes and numbers; dense embeddings catch
+paraphrases. Their rankings are fused with reciprocal rank fusion (Cormack et al. 2009), which
+needs no score calibration between the two. Without an embedder the index is BM25-only.
+
+On disk a saved index is a directory:
+    index.json       chunk ids, groups, whether BM25/dense parts exist, the embedder's name
+    bm25/            the bm25s index (absent when no chunk has any BM25 token)
+    embeddings.npy   float32 (n_chunks, dim) unit vectors (only with an embedder)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import bm25s
+import numpy as np
+
+from tuneloop.errors import InputError, StateError
+from tuneloop.models.base import Embedder
+
+FORMAT_VERSION = 1
+
+
+class IndexNotFoundError(InputError, FileNotFoundError):
+    """No saved index where one was expected (ingest documents first)."""
+
+
+def _bm25_tokens(texts: list[str]) -> list[list[str]]:
+    # return_ids=False gives token strings, which is what BM25.get_scores takes for a query;
+    # with ids, each tokenize call would number tokens in its own, incompatible vocabulary.
+    return bm25s.tokenize(texts, stopwords="en", show_progress=False, return_ids=False)
+
+
+def _normalise_rows(vectors: np.ndarray) -> np.ndarray:
+    # The Embedder protocol promises unit rows; renormalising is cheap and keeps "cosine = dot"
+    # true for an embedder that only roughly keeps that promise.
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def _ranked(positions: np.ndarray, scores: np.ndarray, limit: int) -> list[int]:
+    """`positions` ordered best score first (ties by position, for determinism), at most `limit`."""
+    order = np.lexsort((positions, -scores))
+    return [int(p) for p in positions[order[:limit]]]
+
+
+class HybridIndex:
+    """Chunks searchable by BM25 and, with an embedder, by dense similarity; see `search`."""
+
+    def __init__(
+        self,
+        chunk_ids: list[int],
+        groups: list[str],
+        bm25: bm25s.BM25 | None,
+        embeddings: np.ndarray | None,
+        embedder: Embedder | None,
+    ) -> None:
+        self.chunk_ids = list(chunk_ids)
+        self.groups = list(groups)
+        self._bm25 = bm25
+        self._embeddings = embeddings
+        self._embedder = embedder
+
+    def __len__(self) -> int:
+        return len(self.chunk_ids)
+
+    @property
+    def has_dense(self) -> bool:
+        return self._embedder is not None
+
+    @property
+    def embedder_name(self) -> str | None:
+        return self._embedder.name if self._embedder is not None else None
+
+    @classmethod
+    def build(
+        cls,
+        chunk_ids: list[int],
+        texts: list[str],
+        groups: list[str],
+        embedder: Embedder | None,
+    ) -> HybridIndex:
+        """Index `texts`; `groups[i]` names the document of chunk `chunk_ids[i]`."""
+        if not len(chunk_ids) == len(texts) == len(groups):
+            raise ValueError(
+                f"chunk_ids, texts and groups differ in length: "
+                f"{len(chunk_ids)}, {len(texts)}, {len(groups)}"
+            )
+        if len(set(chunk_ids)) != len(chunk_ids):
+            raise ValueError("chunk_ids must be unique")
+        tokens = _bm25_tokens(list(texts)) if texts else []
+        bm25 = None
+        # bm25s cannot index a corpus without a single token (it fails on an empty vocabulary);
+        # such a corpus simply has no BM25 part.
+        if any(tokens):
+            bm25 = bm25s.BM25()
+            bm25.index(tokens, show_progress=False)
+        embeddings = None
+        if embedder is not None:
+            if texts:
+                embeddings = _normalise_rows(np.asarray(embedder.embed(list(texts)), np.float32))
+                if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
+                    raise ValueError(
+                        f"embedder {embedder.name!r} returned shape {embeddings.shape} "
+                        f"for {len(texts)} texts"
+                    )
+            else:
+                embeddings = np.zeros((0, 0), dtype=np.float32)
+        return cls(list(chunk_ids), list(groups), bm25, embeddings, embedder)
+
+    def save(self, directory: Path) -> None:
+        """Write the index to `directory`, replacing any index there, atomically: it is written
+        in a temporary sibling and renamed into place, so a crash never leaves a half-written
+        index (at worst the previous one is left aside in a hidden `.NAME.old-*` sibling)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            if self._bm25 is not None:
+                self._bm25.save(tmp / "bm25", show_progress=False)
+            if self._embeddings is not None:
+                np.save(tmp / "embeddings.npy", self._embeddings, allow_pickle=False)
+            meta = {
+                "format": FORMAT_VERSION,
+                "chunk_ids": self.chunk_ids,
+                "groups": self.groups,
+                "bm25": self._bm25 is not None,
+                "dense": self._embeddings is not None,
+                "embedder": self.embedder_name,
+            }
+            (tmp / "index.json").write_text(json.dumps(meta), encoding="utf-8")
+            old = None
+            if directory.exists():
+                # Two renames, not one: os.replace cannot replace a non-empty directory.
+                old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+                os.rename(directory, old)
+            try:
+                os.rename(tmp, directory)
+            except OSError:
+                if old is not None:
+                    os.rename(old, directory)
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def load(cls, directory: Path, embedder: Embedder | None) -> HybridIndex:
+        """Read an index saved by `save`; `embedder` must be the one it was built with."""
+        directory = Path(directory)
+        meta_path = directory / "index.json"
+        if not meta_path.is_file():
+            raise IndexNotFoundError(
+                f"Retrieval index not found: {directory} (ingest documents first)"
+            )
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if meta.get("format") != FORMAT_VERSION:
+                raise ValueError(f"unknown index format {meta.get('format')!r}")
+            chunk_ids = [int(i) for i in meta["chunk_ids"]]
+            groups = [str(g) for g in meta["groups"]]
+            stored_name = meta["embedder"]
+            bm25 = bm25s.BM25.load(directory / "bm25") if meta["bm25"] else None
+            embeddings = None
+            if meta["dense"]:
+                embeddings = np.load(directory / "embeddings.npy", allow_pickle=False)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(
+                f"Retrieval index at {directory} is unreadable ({exc}); re-ingest the documents"
+            ) from exc
+        given_name = embedder.name if embedder is not None else None
+        if stored_name != given_name:
+            raise StateError(
+                f"Retrieval index at {directory} was built with embedder {stored_name!r} "
+                f"but {given_name!r} is configured; re-ingest the documents to rebuild it"
+            )
+        if embeddings is not None and embeddings.shape[0] != len(chunk_ids):
+            raise InputError(
+                f"Retrieval index at {directory} is inconsistent (embeddings for "
+                f"{embeddings.shape[0]} of {len(chunk_ids)} chunks); re-ingest the documents"
+            )
+        return cls(chunk_ids, groups, bm25, embeddings, embedder)
+
+    def _bm25_ranking(self, query: str, positions: np.ndarray, limit: int) -> list[int]:
+        if self._bm25 is None:
+            return []
+        query_tokens = _bm25_tokens([query])[0]
+        # bm25s's get_scores fails (IndexError) on an empty token list: all-stopword query.
+        if not query_tokens:
+            return []
+        # get_scores scores the whole corpus, so the group filter can apply after scoring.
+        scores = np.asarray(self._bm25.get_scores(query_tokens))[positions]
+        # A zero score means no query term occurs: ranking such chunks would be arbitrary noise.
+        hit = scores > 0
+        return _ranked(positions[hit], scores[hit], limit)
+
+    def _dense_ranking(self, query: str, positions: np.ndarray, limit: int) -> list[int]:
+        if self._embedder is None or self._embeddings is None or not len(self._embeddings):
+            return []
+        query_vector = _normalise_rows(np.asarray(self._embedder.embed([query]), np.float32))[0]
+        scores = self._embeddings[positions] @ query_vector
+        return _ranked(positions, scores, limit)
+
+    def search(
+        self,
+        query: str,
+        k: int = 3,
+        group: str | None = None,
+        rrf_k: int = 60,
+        candidates: int = 50,
+    ) -> list[tuple[int, float]]:
+        """The `k` best chunks for `query` as (chunk_id, fused score), best first.
+
+        Each ranker (BM25, dense) ranks its top `candidates` chunks (only those of document
+        `group` when given); a chunk's score is the sum over rankers of 1 / (rrf_k + rank),
+        rank starting at 1.
+        """
+        if candidates < 1:
+            raise ValueError(f"candidates must be at least 1, got {candidates}")
+        if rrf_k < 0:
+            raise ValueError(f"rrf_k must be non-negative, got {rrf_k}")
+        if k < 1 or not self.chunk_ids or not query.strip():
+            return []
+        if group is None:
+            positions = np.arange(len(self.chunk_ids))
+        else:
+            positions = np.array([i for i, g in enumerate(self.groups) if g == group], dtype=int)
+            if not len(positions):
+                return []
+        fused: dict[int, float] = {}
+        for ranking in (
+            self._bm25_ranking(query, positions, candidates),
+            self._dense_ranking(query, positions, candidates),
+        ):
+            for rank, position in enumerate(ranking, start=1):
+                fused[position] = fused.get(position, 0.0) + 1.0 / (rrf_k + rank)
+        best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:k]
+        return [(self.chunk_ids[position], score) for position, score in best]

@@ -1,0 +1,181 @@
+"""Find input files and read them into plain-text documents.
+
+Every problem a user can fix (missing path, unsupported type, corrupt or encrypted PDF, malformed
+JSONL, empty document) is raised as `InputError` naming the file, never as a library traceback.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from tuneloop.errors import InputError
+
+SUPPORTED_SUFFIXES = (".txt", ".md", ".pdf", ".jsonl")
+
+
+@dataclass(frozen=True)
+class RawDocument:
+    """One document's text.
+
+    `name` is a stable key: the file name for single-document files, `"{file name}#{id or line
+    number}"` for each line of a .jsonl file. `source` is the file's absolute path.
+    """
+
+    name: str
+    text: str
+    source: str
+
+
+def _supported(path: Path) -> bool:
+    return path.suffix.lower() in SUPPORTED_SUFFIXES
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    # Hidden anywhere below the root given (".git/...", ".DS_Store"), not above it: a user may
+    # well keep their documents under a hidden folder and name it explicitly.
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def iter_files(paths: Sequence[Path]) -> list[Path]:
+    """Expand `paths` into the list of files to ingest.
+
+    Directories are walked recursively in sorted order, keeping supported, non-hidden files.
+    A file named explicitly must have a supported suffix. Duplicates are kept once, first seen.
+    """
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise InputError(f"Input not found: {path}")
+        if path.is_dir():
+            found.extend(
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file() and _supported(p) and not _is_hidden(p, path)
+            )
+        elif _supported(path):
+            found.append(path)
+        else:
+            raise InputError(
+                f"Unsupported file type: {path} (supported: {', '.join(SUPPORTED_SUFFIXES)})"
+            )
+    unique: list[Path] = []
+    seen: set[Path] = set()
+    for path in found:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def _normalise(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"Cannot read {path}: {exc.strerror or exc}") from exc
+    # utf-8-sig drops a byte-order mark; "replace" keeps a stray bad byte from failing a whole file.
+    return _normalise(data.decode("utf-8-sig", errors="replace"))
+
+
+def _read_pdf(path: Path) -> str:
+    # Imported here so that text-only ingestion does not pay for pypdf's import.
+    from pypdf import PdfReader
+
+    # pypdf signals malformed files with many exception types (its own errors, but also
+    # ValueError, KeyError, struct errors...), so any failure while parsing is reported as the
+    # file's problem rather than let through as a traceback.
+    try:
+        reader = PdfReader(path)
+        if reader.is_encrypted:
+            # Many PDFs are "encrypted" with an empty user password only to restrict editing:
+            # those open fine. Anything else needs the password, which we do not ask for.
+            try:
+                opened = reader.decrypt("")
+            except Exception as exc:  # noqa: BLE001 - e.g. DependencyError for AES without cryptography
+                raise InputError(f"Cannot read PDF {path}: it is encrypted ({exc})") from exc
+            if not opened:
+                raise InputError(
+                    f"Cannot read PDF {path}: it is encrypted with a password; "
+                    "save an unencrypted copy and ingest that"
+                )
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see above
+        reason = str(exc) or type(exc).__name__
+        raise InputError(f"Cannot read PDF {path}: {reason}") from exc
+    text = _normalise("\n\n".join(pages))
+    if not text.strip():
+        raise InputError(
+            f"PDF {path} has no extractable text (a scanned PDF needs OCR first, "
+            "e.g. with ocrmypdf)"
+        )
+    return text
+
+
+def _read_jsonl(path: Path) -> list[RawDocument]:
+    source = str(path.resolve())
+    docs: list[RawDocument] = []
+    names: set[str] = set()
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"Malformed JSON in {where}: {exc.msg}") from exc
+        if not isinstance(record, dict):
+            raise InputError(f"Expected a JSON object in {where}")
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise InputError(f'Missing or non-string "text" field in {where}')
+        if not text.strip():
+            raise InputError(f'Empty "text" in {where}')
+        doc_id = record.get("id")
+        if doc_id is None:
+            doc_id = lineno
+        elif isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+            raise InputError(f'The "id" field in {where} must be a string or an integer')
+        name = f"{path.name}#{doc_id}"
+        if name in names:
+            raise InputError(f"Duplicate id {doc_id!r} in {where}")
+        names.add(name)
+        title = record.get("title")
+        if title is not None and not isinstance(title, str):
+            raise InputError(f'The "title" field in {where} must be a string')
+        # The title is often the most query-like part of a record, so it is kept, as a first line.
+        if title and title.strip():
+            text = f"{title.strip()}\n\n{text}"
+        docs.append(RawDocument(name=name, text=_normalise(text), source=source))
+    if not docs:
+        raise InputError(f"Empty document: {path} has no records")
+    return docs
+
+
+def load_file(path: Path) -> list[RawDocument]:
+    """Read one file into its documents: one for .txt/.md/.pdf, one per non-empty line of .jsonl."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Input not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix in (".txt", ".md"):
+        text = _read_text(path)
+    elif suffix == ".pdf":
+        text = _read_pdf(path)
+    else:
+        raise InputError(
+            f"Unsupported file type: {path} (supported: {', '.join(SUPPORTED_SUFFIXES)})"
+        )
+    if not text.strip():
+        raise InputError(f"Empty document: {path} contains no text")
+    return [RawDocument(name=path.name, text=text, source=str(path.resolve()))]

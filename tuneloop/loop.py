@@ -1,0 +1,163 @@
+"""The cycle: ingest -> synth -> sft -> eval -> gate, as a resumable state machine.
+
+Each step's outputs (artifact rows, examples, model versions) are committed in the same
+transaction that marks the step done, and artifacts are renamed into place only when complete.
+So after a crash (even kill -9) at any point, running the cycle again skips finished steps,
+reuses complete artifacts, resumes training from its last checkpoint, and never duplicates rows.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from tuneloop.artifacts import artifact_path, clean_temporary, is_complete
+from tuneloop.config import Project
+from tuneloop.errors import StateError
+from tuneloop.models.registry import build_chat_model, build_embedder
+from tuneloop.programs.rag import Retriever
+from tuneloop.progress import Reporter
+from tuneloop.stages.common import champion
+from tuneloop.stages.evaluate import ensure_base_version, evaluate_version, gate
+from tuneloop.stages.ingest import ensure_index, ingest_paths
+from tuneloop.stages.sft import train_sft
+from tuneloop.stages.synthesize import KIND as SYNTH_KIND, synthesize
+from tuneloop.store import Chunk, Cycle, CycleStep, ModelVersion, Session, open_store, utcnow
+
+STEPS = ("ingest", "synth", "sft", "eval", "gate")
+
+
+@dataclass
+class CycleContext:
+    """What the steps of one cycle share; models are built lazily and only once."""
+
+    project: Project
+    reporter: Reporter
+    cycle_id: int
+    _embedder: Any = field(default=None, repr=False)
+    _embedder_built: bool = False
+
+    def embedder(self):
+        if not self._embedder_built:
+            self._embedder = build_embedder(self.project)
+            self._embedder_built = True
+        return self._embedder
+
+    def retriever(self, session: Session) -> Retriever:
+        return Retriever.load(self.project, session, self.embedder())
+
+
+def _step_ingest(ctx: CycleContext, s: Session) -> dict:
+    paths = [ctx.project.path(p) for p in ctx.project.settings.documents]
+    if paths:
+        r = ingest_paths(ctx.project, s, paths, ctx.embedder(), ctx.reporter)
+        result = {"added": len(r.added), "changed": len(r.changed), "unchanged": len(r.unchanged)}
+    else:
+        result = {"index_rebuilt": ensure_index(ctx.project, s, ctx.embedder(), ctx.reporter)}
+    if not s.scalar(select(Chunk.id).limit(1)):
+        raise StateError("no documents: set `documents:` in tuneloop.yaml or run `tuneloop ingest PATH`")
+    return result
+
+
+def _step_synth(ctx: CycleContext, s: Session) -> dict:
+    done = is_complete(artifact_path(ctx.project.artifacts, SYNTH_KIND, f"cycle-{ctx.cycle_id:04d}-synth"))
+    teacher = None if done else build_chat_model(ctx.project, ctx.project.settings.models.teacher)
+    r = synthesize(ctx.project, s, teacher, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
+    return {"generated": r.generated, "kept": r.kept, "rejected": r.rejected, "artifact": str(r.artifact)}
+
+
+def _step_sft(ctx: CycleContext, s: Session) -> dict:
+    ensure_base_version(ctx.project, s)
+    r = train_sft(ctx.project, s, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
+    return {"version": r.version.name, "parent": champion(s).name, "first_loss": r.first_loss,
+            "last_loss": r.last_loss, "artifact": str(r.artifact)}
+
+
+def _candidate(s: Session, cycle_id: int) -> ModelVersion:
+    cand = s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == cycle_id, ModelVersion.method == "sft"))
+    if cand is None:
+        raise StateError(f"cycle {cycle_id} has no candidate model")
+    return cand
+
+
+def _step_eval(ctx: CycleContext, s: Session) -> dict:
+    retriever = ctx.retriever(s)
+    out = {}
+    for version in (champion(s), _candidate(s, ctx.cycle_id)):
+        run = evaluate_version(ctx.project, s, version, retriever, ctx.reporter, ctx.cycle_id)
+        out[version.name] = {k: v for k, v in run.metrics.items() if v == v}  # drop NaN
+    return out
+
+
+def _step_gate(ctx: CycleContext, s: Session) -> dict:
+    from tuneloop.stages.evaluate import eval_examples, eval_set_hash
+    from tuneloop.store import EvalRun
+
+    set_hash = eval_set_hash(eval_examples(ctx.project, s))
+    cand = _candidate(s, ctx.cycle_id)
+    champ = champion(s)
+    runs = {v.id: s.scalar(select(EvalRun).where(EvalRun.model_version_id == v.id, EvalRun.eval_set_hash == set_hash))
+            for v in (cand, champ)}
+    d = gate(ctx.project, s, cand, runs[cand.id], runs[champ.id])
+    cycle = s.get(Cycle, ctx.cycle_id)
+    cycle.outcome = ("promoted " if d.promoted else "kept champion; rejected ") + f"{d.candidate}: {d.reason}"
+    return {"promoted": d.promoted, "reason": d.reason, "candidate": d.candidate, "champion_before": d.champion}
+
+
+STEP_FUNCTIONS: dict[str, Callable[[CycleContext, Session], dict]] = {
+    "ingest": _step_ingest, "synth": _step_synth, "sft": _step_sft, "eval": _step_eval, "gate": _step_gate,
+}
+
+
+def _open_cycle(sessions, trigger: str, reporter: Reporter) -> int:
+    with sessions() as s:
+        cycle = s.scalar(select(Cycle).where(Cycle.status == "running").order_by(Cycle.id.desc()))
+        if cycle is not None:
+            reporter.log(f"resuming cycle {cycle.id}")
+            return cycle.id
+        cycle = Cycle(trigger=trigger)
+        s.add(cycle)
+        s.commit()
+        reporter.log(f"starting cycle {cycle.id} (trigger: {trigger})")
+        return cycle.id
+
+
+def run_cycle(project: Project, reporter: Reporter, trigger: str = "manual") -> Cycle:
+    """Run (or resume) one cycle to the end and return it."""
+    sessions = open_store(project.store_url)
+    clean_temporary(project.artifacts)
+    cycle_id = _open_cycle(sessions, trigger, reporter)
+    ctx = CycleContext(project, reporter, cycle_id)
+    for name in STEPS:
+        _run_step(sessions, ctx, name)
+    with sessions() as s:
+        cycle = s.get(Cycle, cycle_id)
+        cycle.status, cycle.finished_at = "done", utcnow()
+        s.commit()
+        return cycle
+
+
+def _run_step(sessions, ctx: CycleContext, name: str) -> None:
+    with sessions() as s:
+        step = s.scalar(select(CycleStep).where(CycleStep.cycle_id == ctx.cycle_id, CycleStep.name == name))
+        if step is not None and step.status == "done":
+            ctx.reporter.log(f"[dim]step {name}: already done[/dim]")
+            return
+        if step is None:
+            step = CycleStep(cycle_id=ctx.cycle_id, name=name)
+            s.add(step)
+        step.status, step.started_at, step.result = "running", utcnow(), {}
+        s.commit()
+        ctx.reporter.log(f"[bold]step {name}[/bold]")
+        try:
+            result = STEP_FUNCTIONS[name](ctx, s)
+        except BaseException as err:
+            s.rollback()
+            step = s.get(CycleStep, step.id)
+            step.status, step.result = "failed", {"error": str(err) or type(err).__name__}
+            s.commit()
+            raise
+        step.status, step.result, step.finished_at = "done", result, utcnow()
+        s.commit()

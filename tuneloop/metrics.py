@@ -1,0 +1,252 @@
+"""Reference-based answer metrics for question answering (no model calls).
+
+All text metrics share one normalisation, :func:`normalize_tokens` (SQuAD style): lowercase,
+every character outside ``[a-z0-9]`` becomes a space, split on whitespace, drop the articles
+"a", "an" and "the". Non-ASCII letters are therefore dropped too.
+
+Every per-item metric takes one prediction and one or more reference answers and returns the best
+score over the references, in [0, 1].
+
+Yes/no questions are scored on the label, not on span overlap: when the first reference of an item
+normalises to exactly "yes" or "no", :func:`score_item` parses the prediction's leading yes/no
+(:func:`yes_no_label`) and every metric of that item is 1.0 when the labels agree, else 0.0. A small
+model answering "Yes, the contract contains a non-compete clause" is right, although its token
+overlap with the reference "Yes" is low.
+
+Aggregates over an empty set of items are ``math.nan``; callers render nan as "-".
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from rouge_score.rouge_scorer import RougeScorer
+
+_ARTICLES = frozenset({"a", "an", "the"})
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+_YES_NO = ("yes", "no")
+_SPAN_METRICS = ("exact_match", "token_f1", "rouge_l", "cuad_match")
+# The CUAD paper counts a predicted clause as found when its Jaccard similarity with the gold
+# clause is at least this.
+CUAD_JACCARD_THRESHOLD = 0.5
+
+
+def _raw_tokens(text: str) -> list[str]:
+    """Lowercase, replace non-[a-z0-9] characters with spaces and split (articles kept)."""
+    return _NON_ALNUM.sub(" ", text.lower()).split()
+
+
+def normalize_tokens(text: str) -> list[str]:
+    """Return the SQuAD-style normalised tokens of ``text``.
+
+    Lowercases, replaces every character outside ``[a-z0-9]`` with a space, splits on whitespace
+    and drops the articles "a", "an" and "the".
+    """
+    return [token for token in _raw_tokens(text) if token not in _ARTICLES]
+
+
+def _check_references(references: Sequence[str]) -> None:
+    if isinstance(references, str):
+        raise TypeError("references must be a sequence of strings, not a single string")
+    if len(references) == 0:
+        raise ValueError("at least one reference answer is needed")
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when the normalised tokens of ``prediction`` equal those of any reference, else 0.0."""
+    _check_references(references)
+    predicted = normalize_tokens(prediction)
+    return 1.0 if any(predicted == normalize_tokens(ref) for ref in references) else 0.0
+
+
+def _f1(predicted: list[str], gold: list[str]) -> float:
+    """SQuAD token F1 between two token lists (multiset overlap)."""
+    if not predicted and not gold:
+        return 1.0
+    if not predicted or not gold:
+        return 0.0
+    remaining: dict[str, int] = {}
+    for token in gold:
+        remaining[token] = remaining.get(token, 0) + 1
+    common = 0
+    for token in predicted:
+        if remaining.get(token, 0) > 0:
+            remaining[token] -= 1
+            common += 1
+    if common == 0:
+        return 0.0
+    precision = common / len(predicted)
+    recall = common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, references: Sequence[str]) -> float:
+    """Best SQuAD token F1 of ``prediction`` over ``references``.
+
+    Tokens come from :func:`normalize_tokens` and overlap is counted as a multiset. When both sides
+    have no tokens the score is 1.0; when only one side has none it is 0.0.
+    """
+    _check_references(references)
+    predicted = normalize_tokens(prediction)
+    return max(_f1(predicted, normalize_tokens(ref)) for ref in references)
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer() -> RougeScorer:
+    """The one ROUGE-L scorer, built on first use (no stemming).
+
+    ``rouge_score`` is imported here, not at module level: it imports nltk, which takes ~2 s.
+    """
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """Best ROUGE-L F-measure of ``prediction`` over ``references`` (``rouge_score``, no stemming).
+
+    ``rouge_score`` tokenises much like :func:`normalize_tokens` but keeps articles. It scores 0.0
+    when a side has no tokens; to agree with :func:`token_f1`, two token-less texts score 1.0 here.
+    """
+    _check_references(references)
+    scorer = _rouge_scorer()
+    prediction_empty = not _raw_tokens(prediction)
+    best = 0.0
+    for ref in references:
+        if prediction_empty and not _raw_tokens(ref):
+            return 1.0
+        best = max(best, scorer.score(ref, prediction)["rougeL"].fmeasure)
+    return float(best)
+
+
+def _jaccard(first: set[str], second: set[str]) -> float:
+    if not first and not second:
+        return 1.0
+    return len(first & second) / len(first | second)
+
+
+def cuad_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when ``prediction`` matches any reference by the CUAD paper's rule, else 0.0.
+
+    The rule: the word-level Jaccard similarity of the two answers is at least 0.5. Words are the
+    *sets* of tokens from :func:`normalize_tokens`, so articles are dropped here just as in the
+    other metrics (the CUAD reference code keeps them; dropping them changes few scores). Two
+    token-less texts count as a match.
+    """
+    _check_references(references)
+    predicted = set(normalize_tokens(prediction))
+    for ref in references:
+        if _jaccard(predicted, set(normalize_tokens(ref))) >= CUAD_JACCARD_THRESHOLD:
+            return 1.0
+    return 0.0
+
+
+def yes_no_label(text: str) -> str | None:
+    """Return "yes" or "no" when ``text`` starts with that word, else None.
+
+    Leading characters outside ``[A-Za-z0-9]`` (spaces, quotes, bullets) are skipped, case is
+    ignored and the word must end there: "No." and "No, it does not" give "no", "Yes - section 4"
+    gives "yes", while "None", "Nothing", "Yesterday" and "" give None.
+    """
+    tokens = _raw_tokens(text)
+    if tokens and tokens[0] in _YES_NO:
+        return tokens[0]
+    return None
+
+
+def is_yes_no_reference(answer: str) -> bool:
+    """True when the reference ``answer`` normalises to exactly "yes" or exactly "no"."""
+    tokens = normalize_tokens(answer)
+    return len(tokens) == 1 and tokens[0] in _YES_NO
+
+
+def _gold_label(answer: str) -> str:
+    """The label of a yes/no reference (see :func:`is_yes_no_reference`)."""
+    return normalize_tokens(answer)[0]
+
+
+def balanced_accuracy(golds: Sequence[str], preds: Sequence[str | None]) -> float:
+    """Mean over the classes present in ``golds`` of the recall of that class.
+
+    ``golds`` are labels such as "yes"/"no"; a prediction of None (unparseable answer) is wrong
+    for every class. Unlike raw accuracy, always answering the majority class scores 1/k for k
+    classes. Returns ``math.nan`` when there are no items.
+    """
+    if len(golds) != len(preds):
+        raise ValueError(f"{len(golds)} gold labels but {len(preds)} predictions")
+    if not golds:
+        return math.nan
+    totals: dict[str, int] = {}
+    hits: dict[str, int] = {}
+    for gold, pred in zip(golds, preds):
+        totals[gold] = totals.get(gold, 0) + 1
+        if pred == gold:
+            hits[gold] = hits.get(gold, 0) + 1
+    recalls = [hits.get(label, 0) / count for label, count in totals.items()]
+    return math.fsum(recalls) / len(recalls)
+
+
+def score_item(prediction: str, references: Sequence[str]) -> dict[str, float]:
+    """All per-item metrics of ``prediction`` against ``references``.
+
+    Keys: "exact_match", "token_f1", "rouge_l", "cuad_match". When the first reference is a
+    yes/no answer (:func:`is_yes_no_reference`) the item is a yes/no item: the key
+    "yes_no_correct" is added and all five values are 1.0 when the prediction's label
+    (:func:`yes_no_label`) equals the gold label, else 0.0, because a right answer with a
+    justification ("Yes, the contract contains ...") has little span overlap with "Yes".
+    """
+    _check_references(references)
+    if is_yes_no_reference(references[0]):
+        correct = 1.0 if yes_no_label(prediction) == _gold_label(references[0]) else 0.0
+        scores = {name: correct for name in _SPAN_METRICS}
+        scores["yes_no_correct"] = correct
+        return scores
+    return {
+        "exact_match": exact_match(prediction, references),
+        "token_f1": token_f1(prediction, references),
+        "rouge_l": rouge_l(prediction, references),
+        "cuad_match": cuad_match(prediction, references),
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values) if values else math.nan
+
+
+def aggregate(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Score every item and average the results.
+
+    Each item is ``{"prediction": str, "references": list[str]}``. Returns:
+
+    - "n" and the means over all items of "exact_match", "token_f1", "rouge_l", "cuad_match"
+      (yes/no items contribute their label correctness, see :func:`score_item`);
+    - over yes/no items: "yes_no_n", "yes_no_accuracy", "yes_no_balanced_accuracy";
+    - over the other (extraction) items: "extract_n", "extract_token_f1", "extract_cuad_match".
+
+    Counts are ints; every mean over an empty subset is ``math.nan``.
+    """
+    scored: list[dict[str, float]] = []
+    golds: list[str] = []
+    labels: list[str | None] = []
+    for item in items:
+        prediction, references = item["prediction"], item["references"]
+        scores = score_item(prediction, references)
+        scored.append(scores)
+        if "yes_no_correct" in scores:
+            golds.append(_gold_label(references[0]))
+            labels.append(yes_no_label(prediction))
+    yes_no = [s for s in scored if "yes_no_correct" in s]
+    extract = [s for s in scored if "yes_no_correct" not in s]
+    result: dict[str, float] = {"n": len(scored)}
+    for name in _SPAN_METRICS:
+        result[name] = _mean([s[name] for s in scored])
+    result["yes_no_n"] = len(yes_no)
+    result["yes_no_accuracy"] = _mean([s["yes_no_correct"] for s in yes_no])
+    result["yes_no_balanced_accuracy"] = balanced_accuracy(golds, labels)
+    result["extract_n"] = len(extract)
+    result["extract_token_f1"] = _mean([s["token_f1"] for s in extract])
+    result["extract_cuad_match"] = _mean([s["cuad_match"] for s in extract])
+    return result

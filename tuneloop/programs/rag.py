@@ -1,0 +1,84 @@
+"""The retrieval-augmented answerer, and the one prompt format shared by training and serving.
+
+`build_messages` is the single source of truth for the student's prompt: SFT trains on exactly
+these messages and serving/eval generate from exactly these messages, so the fine-tuned model
+never sees a format it was not trained on.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from tuneloop.config import Project
+from tuneloop.ingest.index import HybridIndex
+from tuneloop.models.base import ChatModel, Embedder, GenerationParams, Message
+from tuneloop.progress import Reporter, SilentReporter, batched_chat
+from tuneloop.store import Chunk, Document, Session
+
+SYSTEM_PROMPT = (
+    "You answer questions about the user's documents using only the given excerpts. "
+    "Answer briefly: Yes or No for yes/no questions, otherwise the exact words from the document. "
+    "If the excerpts do not say, answer: The document does not say."
+)
+
+
+@dataclass(frozen=True)
+class Passage:
+    chunk_id: int
+    document: str
+    text: str
+
+
+def build_messages(question: str, passages: Sequence[Passage]) -> list[Message]:
+    """System + retrieved context + question: the student's prompt, in training and serving alike."""
+    context = "\n\n".join(f"[{i + 1}] {p.text.strip()}" for i, p in enumerate(passages))
+    user = f"Excerpts:\n{context}\n\nQuestion: {question.strip()}"
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+class Retriever:
+    """Hybrid search over the project's chunks, returning passages with their text."""
+
+    def __init__(self, index: HybridIndex, passages: dict[int, Passage], top_k: int, rrf_k: int):
+        self.index, self.passages, self.top_k, self.rrf_k = index, passages, top_k, rrf_k
+
+    @classmethod
+    def load(cls, project: Project, session: Session, embedder: Embedder | None) -> "Retriever":
+        index = HybridIndex.load(project.index_dir, embedder)
+        rows = session.execute(select(Chunk.id, Document.name, Chunk.text).join(Document)).all()
+        passages = {cid: Passage(cid, doc, text) for cid, doc, text in rows}
+        s = project.settings.ingest
+        return cls(index, passages, s.top_k, s.rrf_k)
+
+    def documents(self) -> set[str]:
+        return {p.document for p in self.passages.values()}
+
+    def retrieve(self, question: str, document: str | None = None, k: int | None = None) -> list[Passage]:
+        """Top passages for a question; `document` restricts the search to one document."""
+        group = document if document in self.documents() else None
+        hits = self.index.search(question, k=k or self.top_k, group=group, rrf_k=self.rrf_k)
+        return [self.passages[cid] for cid, _ in hits if cid in self.passages]
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    passages: list[Passage]
+
+
+class RagAnswerer:
+    """Retrieve, then answer with the chat model, in batches."""
+
+    def __init__(self, retriever: Retriever, model: ChatModel, params: GenerationParams):
+        self.retriever, self.model, self.params = retriever, model, params
+
+    def answer_many(
+        self, questions: Sequence[tuple[str, str | None]], reporter: Reporter | None = None, batch: int = 8
+    ) -> list[Answer]:
+        """Answer (question, document-or-None) pairs."""
+        contexts = [self.retriever.retrieve(q, doc) for q, doc in questions]
+        convs = [build_messages(q, ctx) for (q, _), ctx in zip(questions, contexts)]
+        replies = batched_chat(self.model, convs, self.params, reporter or SilentReporter(), "answering", batch)
+        return [Answer(r, ctx) for r, ctx in zip(replies, contexts)]

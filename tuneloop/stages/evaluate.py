@@ -1,0 +1,125 @@
+"""Stage: evaluate model versions on the held-out set, and the promotion gate.
+
+Every version is scored on the same held-out items (split "eval", never trained on) with the
+retrieval-augmented program it is served with. Results are stored once per (version, eval set),
+so a resumed cycle does not evaluate a version twice.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from tuneloop import metrics
+from tuneloop.artifacts import artifact_path, is_complete, read_jsonl, write_artifact, write_jsonl
+from tuneloop.config import Project
+from tuneloop.errors import StateError
+from tuneloop.models.registry import build_chat_model, generation_params
+from tuneloop.programs.rag import RagAnswerer, Retriever
+from tuneloop.progress import Reporter
+from tuneloop.stages.common import champion
+from tuneloop.store import Artifact, EvalRun, Example, ModelVersion, Session, text_hash, utcnow
+
+KIND = "evals"
+
+
+def eval_examples(project: Project, session: Session) -> list[Example]:
+    q = select(Example).where(Example.split == "eval").order_by(Example.id)
+    rows = list(session.scalars(q))
+    if project.settings.eval.limit:
+        rows = rows[: project.settings.eval.limit]
+    return rows
+
+
+def eval_set_hash(examples: list[Example]) -> str:
+    return text_hash(*[e.content_hash for e in examples])
+
+
+def ensure_base_version(project: Project, session: Session) -> ModelVersion:
+    """The untuned student is version 'base', champion until a candidate beats it."""
+    base = session.scalar(select(ModelVersion).where(ModelVersion.name == "base"))
+    if base is None:
+        base = ModelVersion(name="base", base_model=project.settings.models.student.model, adapter_path=None,
+                            method="base", status="champion")
+        session.add(base)
+        session.flush()
+    return base
+
+
+def evaluate_version(project: Project, session: Session, version: ModelVersion, retriever: Retriever,
+                     reporter: Reporter, cycle_id: int | None = None) -> EvalRun:
+    """Score `version` on the held-out set (reusing a stored run for the same set)."""
+    examples = eval_examples(project, session)
+    if not examples:
+        raise StateError("no held-out questions: import some with `tuneloop seeds import FILE --split eval`")
+    set_hash = eval_set_hash(examples)
+    run = session.scalar(select(EvalRun).where(EvalRun.model_version_id == version.id,
+                                               EvalRun.eval_set_hash == set_hash))
+    if run is not None:
+        return run
+    path = artifact_path(project.artifacts, KIND, f"{version.name}-{set_hash[:12]}")
+    if not is_complete(path):
+        role = project.settings.models.student
+        model = build_chat_model(project, role, Path(version.adapter_path) if version.adapter_path else None)
+        answerer = RagAnswerer(retriever, model, generation_params(role))
+        reporter.log(f"evaluating {version.name} on {len(examples)} held-out questions")
+        answers = answerer.answer_many([(e.question, e.document) for e in examples], reporter, role.batch_size)
+        items = [{"example_id": e.id, "question": e.question, "references": [e.answer],
+                  "prediction": a.text, "chunk_ids": [p.chunk_id for p in a.passages],
+                  **metrics.score_item(a.text, [e.answer])} for e, a in zip(examples, answers)]
+        summary = metrics.aggregate(items)
+
+        def write(tmp: Path) -> None:
+            write_jsonl(tmp / "predictions.jsonl", items)
+            (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
+
+        write_artifact(project.artifacts, KIND, path.name,
+                       {"stage": "eval", "version": version.name, "eval_set_hash": set_hash,
+                        "n": len(items), "metrics": summary}, write)
+    summary = json.loads((path / "metrics.json").read_text())
+    run = EvalRun(model_version_id=version.id, eval_set_hash=set_hash, n=len(read_jsonl(path / "predictions.jsonl")),
+                  metrics=summary, artifact_path=str(path), cycle_id=cycle_id)
+    session.add(run)
+    session.add(Artifact(kind="eval", path=str(path), meta={"stage": "eval", "version": version.name}))
+    version.metrics = {**(version.metrics or {}), **{k: v for k, v in summary.items() if not _nan(v)}}
+    session.flush()
+    return run
+
+
+def _nan(v) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+@dataclass
+class GateDecision:
+    promoted: bool
+    reason: str
+    candidate: str
+    champion: str
+
+
+def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: EvalRun,
+         champ_run: EvalRun) -> GateDecision:
+    """Promote `candidate` only if its primary metric beats the champion's by more than min_improvement."""
+    s = project.settings.eval
+    current = champion(session)
+    if current is None:
+        raise StateError("no champion to compare against")
+    c, b = cand_run.metrics.get(s.primary_metric), champ_run.metrics.get(s.primary_metric)
+    if c is None or b is None or _nan(c) or _nan(b):
+        promoted, reason = False, f"{s.primary_metric} is undefined on this eval set"
+    else:
+        promoted = c > b + s.min_improvement
+        verb = "beats" if promoted else "does not beat"
+        reason = f"{s.primary_metric} {c:.4f} {verb} champion {b:.4f} (+{s.min_improvement} required)"
+    if promoted:
+        current.status = "retired"
+        candidate.status = "champion"
+    else:
+        candidate.status = "rejected"
+    candidate.metrics = {**(candidate.metrics or {}), "gate": reason, "gated_at": utcnow().isoformat()}
+    session.flush()
+    return GateDecision(promoted, reason, candidate.name, current.name)

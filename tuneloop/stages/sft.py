@@ -1,0 +1,179 @@
+"""Stage: supervised LoRA fine-tuning of the student with TRL's SFTTrainer and PEFT.
+
+Training rows are prompt-completion conversations built by `programs.rag.build_messages`, the
+exact prompt used when serving, so loss is computed on the answer only (TRL's default for
+prompt-completion data). On CPU training runs in fp32 (bf16 is far slower without bf16 units);
+on CUDA with bf16 support it uses bf16. A killed run resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sqlalchemy import func, select
+from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact, write_jsonl
+from tuneloop.config import Project, SFTSettings
+from tuneloop.errors import ConfigError, StateError
+from tuneloop.models.defaults import resolve_model_path
+from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
+from tuneloop.programs.rag import Retriever, build_messages
+from tuneloop.progress import Reporter
+from tuneloop.stages.common import champion, run_name
+from tuneloop.store import Artifact, Example, ModelVersion, Session
+
+KIND = "adapters"
+
+
+@dataclass
+class SFTResult:
+    version: ModelVersion
+    artifact: Path
+    first_loss: float | None
+    last_loss: float | None
+
+
+def select_examples(session: Session, settings: SFTSettings, seed: int) -> tuple[list[Example], list[Example]]:
+    """(new, replay): seeds + examples no model was trained on yet, and a replay share of the rest."""
+    trained_on: set[int] = set()
+    for ids in session.scalars(select(ModelVersion.training_example_ids)):
+        trained_on.update(ids or [])
+    train = session.scalars(select(Example).where(Example.split == "train").order_by(Example.id)).all()
+    seeds = [e for e in train if e.kind == "seed"]
+    new = [e for e in train if e.kind != "seed" and e.id not in trained_on]
+    old = [e for e in train if e.kind != "seed" and e.id in trained_on]
+    n_replay = min(len(old), round(settings.replay_fraction * max(1, len(new))))
+    replay = random.Random(seed).sample(old, n_replay)
+    return seeds + new, replay
+
+
+def training_rows(examples: list[Example], retriever: Retriever) -> list[dict]:
+    rows = []
+    for e in examples:
+        passages = retriever.retrieve(e.question, e.document)
+        rows.append({
+            "prompt": build_messages(e.question, passages),
+            "completion": [{"role": "assistant", "content": e.answer}],
+            "example_id": e.id,
+        })
+    return rows
+
+
+class _ProgressCallback(TrainerCallback):
+    """Moves our progress bar and keeps the loss history (TRL's own tqdm bar is turned off)."""
+
+    def __init__(self, advance):
+        self.advance = advance
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.advance(1)
+
+
+def _train(model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: SFTSettings,
+           work_dir: Path, reporter: Reporter):
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from trl import SFTConfig, SFTTrainer
+
+    device = pick_device()
+    dtype = pick_dtype(device, s.precision)
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    peft_config = None
+    if parent_adapter is not None:  # continue the champion's adapter
+        model = PeftModel.from_pretrained(model, str(parent_adapter), is_trainable=True)
+    else:
+        peft_config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                                 target_modules=s.target_modules, task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(work_dir), num_train_epochs=s.epochs, learning_rate=s.learning_rate,
+        per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
+        max_length=s.max_length, seed=s.seed, logging_steps=1, report_to=[],
+        save_strategy="steps", save_steps=s.save_steps, save_total_limit=1,
+        use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, fp16=False,
+        disable_tqdm=True, lr_scheduler_type="cosine", warmup_steps=0.03,
+        dataset_num_proc=None,
+    )
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    trainer.remove_callback(PrinterCallback)  # our progress bar replaces its per-step log dicts
+    total = trainer.args.max_steps if trainer.args.max_steps > 0 else None
+    resume = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+    with reporter.task("fine-tuning (LoRA SFT)", total or _steps(len(rows), s)) as advance:
+        if resume:
+            reporter.log(f"resuming training from {resume}")
+            advance(int(Path(resume).name.split("-")[-1]))
+        trainer.add_callback(_ProgressCallback(advance))
+        trainer.train(resume_from_checkpoint=resume)
+    return trainer, tokenizer
+
+
+def _steps(n_rows: int, s: SFTSettings) -> int:
+    per_epoch = max(1, -(-n_rows // (s.batch_size * s.grad_accum)))
+    return max(1, int(per_epoch * s.epochs + 0.999))
+
+
+def train_sft(project: Project, session: Session, retriever: Retriever | None, reporter: Reporter,
+              cycle_id: int | None = None) -> SFTResult:
+    """Train a LoRA candidate from the champion; write the adapter artifact; add a candidate version."""
+    role = project.settings.models.student
+    if role.backend != "local":
+        raise ConfigError("models.student must be a local model to be fine-tuned (backend: local)")
+    parent = champion(session)
+    if parent is None:
+        raise StateError("no champion model yet (run `tuneloop eval` or `tuneloop cycle` first)")
+    name = run_name("sft", cycle_id)
+    path = artifact_path(project.artifacts, KIND, name)
+    if not is_complete(path):
+        if retriever is None:
+            raise StateError("training needs the retrieval index: run `tuneloop ingest` first")
+        s = project.settings.sft
+        new, replay = select_examples(session, s, s.seed + (cycle_id or 0))
+        if not new:
+            raise StateError("no training examples: import seeds (`tuneloop seeds import`) or run `tuneloop synth`")
+        rows = training_rows(new + replay, retriever)
+        model_dir = resolve_model_path(role.model, project.cache)
+        parent_adapter = Path(parent.adapter_path) if parent.adapter_path else None
+        work_dir = project.artifacts / ".work" / name
+        trainer, tokenizer = _train(model_dir, parent_adapter, rows, s, work_dir, reporter)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+        def write(tmp: Path) -> None:
+            trainer.model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            write_jsonl(tmp / "train.jsonl", rows)
+            (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+
+        meta = {"stage": "sft", "cycle_id": cycle_id, "base_model": role.model, "parent": parent.name,
+                "parent_adapter": parent.adapter_path, "example_ids": [r["example_id"] for r in rows],
+                "n_new": len(new), "n_replay": len(replay), "hyperparams": s.model_dump(),
+                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+        path = write_artifact(project.artifacts, KIND, name, meta, write)
+        import shutil
+
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return _register(session, path, parent, cycle_id)
+
+
+def _register(session: Session, path: Path, parent: ModelVersion, cycle_id: int | None) -> SFTResult:
+    meta = read_meta(path)
+    existing = session.scalar(select(ModelVersion).where(ModelVersion.adapter_path == str(path)))
+    if existing is None:
+        n = session.scalar(select(func.count(ModelVersion.id))) or 0
+        existing = ModelVersion(
+            name=f"v{n}", parent_id=parent.id, base_model=meta["base_model"], adapter_path=str(path),
+            method="sft", training_example_ids=meta["example_ids"], hyperparams=meta["hyperparams"],
+            metrics={"train_first_loss": meta["first_loss"], "train_last_loss": meta["last_loss"]},
+            status="candidate", cycle_id=cycle_id,
+        )
+        session.add(existing)
+        session.add(Artifact(kind="adapter", path=str(path), meta={"stage": "sft", "cycle_id": cycle_id}))
+        session.flush()
+    return SFTResult(existing, path, meta["first_loss"], meta["last_loss"])

@@ -1,0 +1,216 @@
+"""The system of record: SQLite by default (a URL switches to PostgreSQL), via SQLAlchemy 2.
+
+Schema changes are append-only named migrations (see MIGRATIONS). Migration 1 creates the tables
+from the ORM classes below; a later change to a class must add a migration that alters existing
+databases and is a no-op where the column already exists (fresh databases get it from migration 1).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
+    select,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def text_hash(*parts: str) -> str:
+    """A stable content hash, used to deduplicate rows."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Migration(Base):
+    __tablename__ = "schema_migrations"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    applied_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Document(Base):
+    __tablename__ = "documents"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(500), unique=True)  # stable key (file name)
+    source: Mapped[str] = mapped_column(Text)  # path it was read from
+    sha256: Mapped[str] = mapped_column(String(64))
+    n_chars: Mapped[int] = mapped_column(Integer)
+    ingested_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Chunk(Base):
+    __tablename__ = "chunks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    start: Mapped[int] = mapped_column(Integer)  # character offsets in the document text
+    end: Mapped[int] = mapped_column(Integer)
+    n_tokens: Mapped[int] = mapped_column(Integer)
+
+
+class Example(Base):
+    """A question/answer pair: a human seed, a synthetic example, or one derived from feedback."""
+
+    __tablename__ = "examples"
+    __table_args__ = (UniqueConstraint("content_hash", "split"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))  # seed | synthetic | feedback
+    split: Mapped[str] = mapped_column(String(10), default="train")  # train | eval
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text)
+    document: Mapped[str | None] = mapped_column(String(500), nullable=True)  # Document.name
+    content_hash: Mapped[str] = mapped_column(String(64))
+    cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"), nullable=True)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # provenance
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Interaction(Base):
+    __tablename__ = "interactions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text)
+    chunk_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
+    latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Feedback(Base):
+    __tablename__ = "feedback"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    interaction_id: Mapped[int] = mapped_column(ForeignKey("interactions.id"), index=True)
+    thumbs: Mapped[int | None] = mapped_column(Integer, nullable=True)  # +1 / -1
+    rating: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1..5
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    corrected_answer: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class PreferencePair(Base):
+    __tablename__ = "preference_pairs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    chosen: Mapped[str] = mapped_column(Text)
+    rejected: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(20))  # human | ai | correction
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
+    base_model: Mapped[str] = mapped_column(Text)
+    adapter_path: Mapped[str | None] = mapped_column(Text, nullable=True)  # None: the base model itself
+    method: Mapped[str] = mapped_column(String(20))  # base | sft | dpo | ...
+    training_example_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    hyperparams: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(20))  # candidate | champion | retired | rejected
+    cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class EvalRun(Base):
+    __tablename__ = "eval_runs"
+    __table_args__ = (UniqueConstraint("model_version_id", "eval_set_hash"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    eval_set_hash: Mapped[str] = mapped_column(String(64))  # which held-out items, in order
+    n: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    artifact_path: Mapped[str] = mapped_column(Text)  # per-item predictions
+    cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Cycle(Base):
+    __tablename__ = "cycles"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running | done | failed
+    trigger: Mapped[str] = mapped_column(String(200), default="manual")
+    outcome: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class CycleStep(Base):
+    __tablename__ = "cycle_steps"
+    __table_args__ = (UniqueConstraint("cycle_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    cycle_id: Mapped[int] = mapped_column(ForeignKey("cycles.id"), index=True)
+    name: Mapped[str] = mapped_column(String(50))
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running | done | failed
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(30))  # dataset | adapter | eval | report
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+def _m001_initial(conn: Connection) -> None:
+    Base.metadata.create_all(conn)
+
+
+# Append-only: never edit or reorder an entry that has shipped; add a new one.
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "initial schema", _m001_initial),
+]
+
+
+def migrate(engine: Engine) -> list[int]:
+    """Apply every migration not yet recorded; return the versions applied."""
+    Migration.__table__.create(engine, checkfirst=True)
+    applied: list[int] = []
+    with engine.begin() as conn:
+        done = set(conn.scalars(select(Migration.version)))
+        for version, name, fn in MIGRATIONS:
+            if version in done:
+                continue
+            fn(conn)
+            conn.execute(Migration.__table__.insert().values(version=version, name=name, applied_at=utcnow()))
+            applied.append(version)
+    return applied
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")  # readers (the server) do not block the writer (a cycle)
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def open_store(url: str) -> sessionmaker[Session]:
+    """Connect, migrate to the latest schema, and return a session factory."""
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    migrate(engine)
+    return sessionmaker(engine, expire_on_commit=False)
