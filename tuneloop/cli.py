@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import func, select
 
@@ -27,7 +28,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="Project folder (holds tuneloop.yaml).")]
-METRIC_COLUMNS = {"token_f1": "F1", "exact_match": "EM", "rouge_l": "ROUGE-L", "cuad_match": "CUAD",
+METRIC_COLUMNS = {"macro_score": "macro", "token_f1": "F1", "exact_match": "EM", "rouge_l": "ROUGE-L", "cuad_match": "CUAD",
                   "yes_no_balanced_accuracy": "Y/N bal.acc", "extract_token_f1": "extract F1"}
 
 
@@ -39,7 +40,9 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except TuneloopError as err:
-            err_console.print(f"[red]error:[/red] {err}")
+            # escape: a file name like "[draft].docx" is not markup; soft_wrap: a long path stays
+            # on one line (rich would otherwise cut it at the terminal width, 80 in a pipe).
+            err_console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted; run the command again to resume[/yellow]")
@@ -88,10 +91,12 @@ def ingest(
     project_dir: ProjectOpt = Path("."),
 ) -> None:
     """Parse, chunk and index documents (unchanged files are skipped)."""
+    from tuneloop.ingest.loaders import iter_files
     from tuneloop.models.registry import build_embedder
     from tuneloop.stages.ingest import ingest_paths
 
     project, sessions = _open(project_dir)
+    iter_files(paths)  # a missing or unsupported path fails now, not after loading the embedder
     with sessions() as s:
         r = ingest_paths(project, s, paths, build_embedder(project), RichReporter())
         s.commit()

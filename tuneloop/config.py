@@ -92,8 +92,9 @@ class SFTSettings(_Section):
 
 class EvalSettings(_Section):
     primary_metric: Literal[
-        "token_f1", "exact_match", "rouge_l", "cuad_match", "yes_no_balanced_accuracy"
-    ] = "token_f1"
+        "macro_score", "token_f1", "exact_match", "rouge_l", "cuad_match", "yes_no_balanced_accuracy",
+        "extract_token_f1",
+    ] = "macro_score"  # mean of yes/no balanced accuracy and extraction token F1
     min_improvement: float = Field(0.0, ge=0.0)  # candidate must beat champion by more than this
     limit: int | None = Field(None, ge=1)  # evaluate only the first N held-out items
 
@@ -199,7 +200,7 @@ models:
   student: {{backend: local, model: "builtin:smollm2-135m-instruct", max_new_tokens: 48}}
   teacher: {{backend: local, model: "builtin:smollm2-135m-instruct", temperature: 0.9, max_new_tokens: 64}}
   judge:   {{backend: local, model: "builtin:smollm2-135m-instruct", max_new_tokens: 16}}
-  embedder: {{backend: local, model: "builtin:all-minilm-l6-v2"}}
+  embedder: {{backend: local, model: "builtin:all-minilm-l6-v2", batch_size: 32}}
 
 ingest:
   chunk_tokens: 128      # chunk size in embedder tokens
@@ -222,7 +223,8 @@ sft:
   precision: auto        # fp32 on CPU; bf16 on CUDA that supports it
 
 eval:
-  primary_metric: token_f1   # the gate promotes a candidate only if this improves
+  primary_metric: macro_score  # mean of yes/no balanced accuracy and extraction F1; the gate
+                              # promotes a candidate only if this improves
   min_improvement: 0.0
 """
 

@@ -34,6 +34,12 @@ def eval_examples(project: Project, session: Session) -> list[Example]:
     return rows
 
 
+def references(example: Example) -> list[str]:
+    """The answer first, then any other accepted answers (e.g. CUAD's highlighted evidence spans)."""
+    extra = [r for r in (example.meta or {}).get("references", []) if isinstance(r, str) and r.strip()]
+    return [example.answer, *extra]
+
+
 def eval_set_hash(examples: list[Example]) -> str:
     return text_hash(*[e.content_hash for e in examples])
 
@@ -67,9 +73,9 @@ def evaluate_version(project: Project, session: Session, version: ModelVersion, 
         answerer = RagAnswerer(retriever, model, generation_params(role))
         reporter.log(f"evaluating {version.name} on {len(examples)} held-out questions")
         answers = answerer.answer_many([(e.question, e.document) for e in examples], reporter, role.batch_size)
-        items = [{"example_id": e.id, "question": e.question, "references": [e.answer],
+        items = [{"example_id": e.id, "question": e.question, "references": references(e),
                   "prediction": a.text, "chunk_ids": [p.chunk_id for p in a.passages],
-                  **metrics.score_item(a.text, [e.answer])} for e, a in zip(examples, answers)]
+                  **metrics.score_item(a.text, references(e))} for e, a in zip(examples, answers)]
         summary = metrics.aggregate(items)
 
         def write(tmp: Path) -> None:

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy import delete, select
 
 from tuneloop.config import Project
@@ -70,7 +71,11 @@ def ingest_paths(project: Project, session: Session, paths: list[Path], embedder
             result.chunks += len(pieces)
             advance(1)
     session.flush()
-    result.index_rebuilt = ensure_index(project, session, embedder, reporter)
+    # Force a rebuild when any text changed: SQLite reuses the ids of deleted chunks (no
+    # AUTOINCREMENT), so a changed last document can get back exactly the same chunk ids, and
+    # comparing ids alone would keep an index of the old text.
+    result.index_rebuilt = ensure_index(project, session, embedder, reporter,
+                                        force=bool(result.added or result.changed))
     return result
 
 
@@ -86,7 +91,29 @@ def ensure_index(project: Project, session: Session, embedder: Embedder | None, 
                 return False
         except Exception:  # unreadable or built with another embedder: rebuild below
             pass
-    with reporter.task(f"indexing {len(ids)} chunks (BM25 + dense)", None):
-        index = HybridIndex.build(ids, [r[1] for r in rows], [r[2] for r in rows], embedder)
+    kind = "BM25 + dense" if embedder is not None else "BM25"
+    with reporter.task(f"indexing {len(ids)} chunks ({kind})", len(ids)) as advance:
+        counted = _CountingEmbedder(embedder, advance) if embedder is not None else None
+        index = HybridIndex.build(ids, [r[1] for r in rows], [r[2] for r in rows], counted)
         index.save(project.index_dir)
+        if counted is None:
+            advance(len(ids))
     return True
+
+
+class _CountingEmbedder:
+    """Embeds in slices so the progress bar moves while a large corpus is embedded."""
+
+    def __init__(self, inner: Embedder, advance, slice_size: int = 256):
+        self.inner, self.advance, self.slice_size, self.name = inner, advance, slice_size, inner.name
+
+    def embed(self, texts):
+        parts = []
+        for start in range(0, len(texts), self.slice_size):
+            part = texts[start : start + self.slice_size]
+            parts.append(self.inner.embed(part))
+            self.advance(len(part))
+        return np.concatenate(parts) if parts else self.inner.embed(texts)
+
+    def token_offsets(self, text: str):
+        return self.inner.token_offsets(text)

@@ -1,4 +1,8 @@
-"""Import expert-written question/answer pairs (JSONL or CSV) as seed or held-out examples."""
+"""Import expert-written question/answer pairs (JSONL or CSV) as seed or held-out examples.
+
+Each row has `question`, `answer`, optionally the document it is about (`source`, `document` or
+`contract`: its file name) and, in JSONL, `references` (or `evidence`): other accepted answers.
+"""
 from __future__ import annotations
 
 import csv
@@ -51,7 +55,11 @@ def read_pairs(path: Path) -> list[dict[str, str | None]]:
         if not isinstance(a, str) or not a.strip():
             raise InputError(f"{path}:{n}: missing or empty 'answer'")
         doc = next((obj[k] for k in _DOC_KEYS if obj.get(k)), None)
-        rows.append({"question": q.strip(), "answer": a.strip(), "document": str(doc) if doc else None})
+        refs = obj.get("references") or obj.get("evidence") or []
+        if isinstance(refs, str) or not all(isinstance(r, str) for r in refs):
+            raise InputError(f"{path}:{n}: 'references' must be a list of strings")
+        rows.append({"question": q.strip(), "answer": a.strip(), "document": str(doc) if doc else None,
+                     "references": [r for r in refs if r.strip()]})
     if not rows:
         raise InputError(f"{path}: no question/answer pairs found")
     return rows
@@ -74,6 +82,6 @@ def import_pairs(session: Session, path: Path, split: str) -> ImportResult:
         existing.add((h, split))
         hashes.add(h)
         session.add(Example(kind="seed", split=split, question=row["question"], answer=row["answer"],
-                            document=row["document"], content_hash=h, meta={"imported_from": str(path)}))
+                            document=row["document"], content_hash=h, meta={"imported_from": str(path), "references": row["references"]}))
         added += 1
     return ImportResult(added, dup, other)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def _train(model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: SF
                          peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces its per-step log dicts
     total = trainer.args.max_steps if trainer.args.max_steps > 0 else None
-    resume = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+    resume = _last_complete_checkpoint(work_dir)
     with reporter.task("fine-tuning (LoRA SFT)", total or _steps(len(rows), s)) as advance:
         if resume:
             reporter.log(f"resuming training from {resume}")
@@ -113,6 +114,26 @@ def _train(model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: SF
         trainer.add_callback(_ProgressCallback(advance))
         trainer.train(resume_from_checkpoint=resume)
     return trainer, tokenizer
+
+
+def _last_complete_checkpoint(work_dir: Path) -> str | None:
+    """The newest checkpoint that was fully written, removing any a kill left half-written.
+
+    Trainer writes a checkpoint folder in place and its trainer_state.json last; a run killed while
+    saving leaves a folder without it (or with it cut short), and resuming from that folder fails
+    on every later attempt.
+    """
+    if not work_dir.is_dir():
+        return None
+    while (last := get_last_checkpoint(str(work_dir))) is not None:
+        try:
+            json.loads((Path(last) / "trainer_state.json").read_text(encoding="utf-8"))
+            return last
+        except (OSError, ValueError):
+            shutil.rmtree(last, ignore_errors=True)
+            if Path(last).exists():  # could not remove it: do not loop forever
+                return None
+    return None
 
 
 def _steps(n_rows: int, s: SFTSettings) -> int:
@@ -156,8 +177,6 @@ def train_sft(project: Project, session: Session, retriever: Retriever | None, r
                 "n_new": len(new), "n_replay": len(replay), "hyperparams": s.model_dump(),
                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
         path = write_artifact(project.artifacts, KIND, name, meta, write)
-        import shutil
-
         shutil.rmtree(work_dir, ignore_errors=True)
     return _register(session, path, parent, cycle_id)
 

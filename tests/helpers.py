@@ -1,0 +1,248 @@
+"""Test helpers: a tiny random-weight chat model, project settings, a scripted fake teacher.
+
+Everything runs offline: the tokenizer is trained on the bundled sample text, the model is a
+2-layer Llama built from a config, and the teacher is a deterministic fake. Importable from a
+subprocess too (`from tests.helpers import ...` with the repository root on sys.path).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported anywhere
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models: one thread is many times faster than two here (thread sync dwarfs the math).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuneloop.config import Project, default_settings_yaml
+from tuneloop.models.base import GenerationParams, Message
+from tuneloop.programs.rag import SYSTEM_PROMPT
+from tuneloop.programs.synth import QUESTION_SYSTEM
+
+SAMPLE = Path(str(resources.files("tuneloop") / "sample"))
+CONTRACTS = SAMPLE / "contracts"
+SEEDS = SAMPLE / "seeds.jsonl"
+HELDOUT = SAMPLE / "heldout.jsonl"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------- tiny model
+
+
+def sample_texts() -> list[str]:
+    texts = [p.read_text(encoding="utf-8") for p in sorted(CONTRACTS.glob("*.md"))]
+    for path in (SEEDS, HELDOUT):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                texts += [row["question"], row["answer"]]
+    return texts
+
+
+def build_tiny_model(target: Path) -> Path:
+    """A word-level tokenizer (ChatML specials) and a 2-layer random Llama, saved into `target`."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = ["system", "user", "assistant", "Excerpts", "Question", "Passage"]
+    tok.train_from_iterator(sample_texts() + extra, trainers.WordLevelTrainer(
+        special_tokens=["[UNK]", "<|im_start|>", "<|im_end|>"], min_frequency=1))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(target)
+    model.save_pretrained(target)
+    return target
+
+
+# --------------------------------------------------------------------------- projects
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def tiny_settings(model_dir: Path, name: str = "test-project") -> dict:
+    data = yaml.safe_load(default_settings_yaml(name, ["documents"]))
+    m = str(model_dir)
+    return deep_merge(data, {
+        "models": {
+            "student": {"model": m, "max_new_tokens": 12},
+            "teacher": {"model": m, "max_new_tokens": 16},
+            "judge": {"model": m},
+        },
+        "ingest": {"dense": False},
+        "synth": {"questions_per_cycle": 6},
+        "sft": {"epochs": 1, "batch_size": 4, "learning_rate": 5e-3, "lora_r": 8, "lora_alpha": 16},
+        "eval": {"limit": 6},
+    })
+
+
+def write_settings(root: Path, data: dict) -> None:
+    (root / "tuneloop.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def import_sample_pairs(project: Project) -> None:
+    from tuneloop.stages.seeds import import_pairs
+    from tuneloop.store import open_store
+
+    with open_store(project.store_url)() as s:
+        import_pairs(s, SEEDS, "train")
+        import_pairs(s, HELDOUT, "eval")
+        s.commit()
+
+
+def ingest_project(project: Project):
+    """Ingest the project's documents (BM25-only) and return its Retriever."""
+    from tuneloop.programs.rag import Retriever
+    from tuneloop.progress import SilentReporter
+    from tuneloop.stages.ingest import ingest_paths
+    from tuneloop.store import open_store
+
+    with open_store(project.store_url)() as s:
+        ingest_paths(project, s, [project.path(p) for p in project.settings.documents], None, SilentReporter())
+        s.commit()
+        return Retriever.load(project, s, None)
+
+
+def table_counts(project: Project) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    from tuneloop import store as st
+    counts = {}
+    with st.open_store(project.store_url)() as s:
+        for model in (st.Document, st.Chunk, st.Example, st.ModelVersion, st.EvalRun, st.Artifact, st.Cycle,
+                      st.CycleStep):
+            counts[model.__tablename__] = s.scalar(select(func.count()).select_from(model))
+    return counts
+
+
+# --------------------------------------------------------------------------- fake teacher
+
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9]+")
+
+
+def question_passage(conversation: list[Message]) -> str:
+    user = conversation[-1]["content"]
+    return user.split("Passage:\n", 1)[1].rsplit("\nWrite one new question", 1)[0].strip()
+
+
+def first_excerpt(conversation: list[Message]) -> str:
+    user = conversation[-1]["content"]
+    body = user.split("Excerpts:\n", 1)[1].rsplit("\n\nQuestion:", 1)[0]
+    return re.split(r"\n\n\[\d+\] ", body)[0].removeprefix("[1] ")
+
+
+def passage_phrase(passage: str, n: int = 6) -> str:
+    """Words from the middle of a passage (chunk overlaps sit at the edges, so this is distinctive)."""
+    words = _WORD.findall(passage)
+    mid = len(words) // 2
+    return " ".join(words[max(0, mid - n // 2): mid - n // 2 + n])
+
+
+def default_question(conversation: list[Message]) -> str:
+    return f"Which terms cover {passage_phrase(question_passage(conversation))}?"
+
+
+def default_answer(conversation: list[Message]) -> str:
+    """A verbatim span: the first six words of the first excerpt's first line of prose."""
+    lines = [ln.strip() for ln in first_excerpt(conversation).splitlines() if ln.strip()]
+    line = next((ln for ln in lines if not ln.startswith("#")), lines[0])
+    return re.match(r"(?:\S+ +){0,5}\S+", line).group(0)
+
+
+class FakeTeacher:
+    """A scripted ChatModel: questions built from the passage, answers copied from the first excerpt."""
+
+    def __init__(self, question: Callable[[list[Message]], str] = default_question,
+                 answer: Callable[[list[Message]], str] = default_answer, name: str = "fake-teacher"):
+        self.name = name
+        self.question, self.answer = question, answer
+        self.calls = 0  # chat() invocations
+        self.question_prompts: list[list[Message]] = []
+        self.answer_prompts: list[list[Message]] = []
+
+    @property
+    def conversations(self) -> int:
+        return len(self.question_prompts) + len(self.answer_prompts)
+
+    def chat(self, conversations: Sequence[list[Message]], params: GenerationParams) -> list[str]:
+        self.calls += 1
+        replies = []
+        for conv in conversations:
+            system = conv[0]["content"]
+            if system == QUESTION_SYSTEM:
+                self.question_prompts.append(conv)
+                replies.append(self.question(conv))
+            elif system.startswith(SYSTEM_PROMPT):
+                self.answer_prompts.append(conv)
+                replies.append(self.answer(conv))
+            else:  # pragma: no cover - a prompt the fake was not written for
+                raise AssertionError(f"unexpected prompt: {system[:80]!r}")
+        return replies
+
+
+def use_teacher(monkeypatch, teacher: Any) -> None:
+    """Make run_cycle build `teacher` for the teacher role, and the real models otherwise."""
+    import tuneloop.loop
+    from tuneloop.models.registry import build_chat_model as real
+
+    def build(project, role, adapter=None):
+        if role is project.settings.models.teacher:
+            return teacher
+        return real(project, role, adapter)
+
+    monkeypatch.setattr(tuneloop.loop, "build_chat_model", build)
+
+
+class RecordingReporter:
+    """A Reporter that keeps log messages and every progress advance, per task."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+        self.tasks: list[tuple[str, int | None, list[int]]] = []
+
+    @contextmanager
+    def task(self, description, total):
+        advances: list[int] = []
+        self.tasks.append((description, total, advances))
+        yield lambda n=1: advances.append(n)
+
+    def log(self, message: str) -> None:
+        self.messages.append(message)

@@ -1,0 +1,110 @@
+"""Settings: unknown keys and bad values are errors that name the key; the init file is valid."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuneloop.config import Settings, default_settings_yaml, load_project, parse_settings
+from tuneloop.errors import ConfigError
+
+
+def write(root: Path, text: str) -> Path:
+    (root / "tuneloop.yaml").write_text(text, encoding="utf-8")
+    return root
+
+
+def test_mistyped_nested_key_is_named(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_project(write(tmp_path, "sft:\n  epochz: 1\n"))
+    assert "unknown key 'sft.epochz'" in str(err.value)
+    assert str(tmp_path / "tuneloop.yaml") in str(err.value)
+
+
+def test_mistyped_top_level_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'modle'"):
+        load_project(write(tmp_path, "modle:\n  student: {model: x}\n"))
+
+
+def test_every_bad_key_is_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_project(write(tmp_path, "modle: 1\nsft: {epochz: 1}\nmodels: {student: {temprature: 0.1}}\n"))
+    msg = str(err.value)
+    for key in ("modle", "sft.epochz", "models.student.temprature"):
+        assert f"unknown key '{key}'" in msg
+
+
+@pytest.mark.parametrize("text, key", [
+    ("sft: {epochs: many}\n", "sft.epochs"),
+    ("ingest: {dense: maybe}\n", "ingest.dense"),
+    ("models: {teacher: {temperature: 5}}\n", "models.teacher.temperature"),
+    ("eval: {primary_metric: bleu}\n", "eval.primary_metric"),
+    ("documents: docs\n", "documents"),
+])
+def test_wrong_type_or_value_names_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as err:
+        load_project(write(tmp_path, text))
+    assert f"  {key}: " in str(err.value)
+    assert "unknown key" not in str(err.value)
+
+
+def test_openai_backend_needs_base_url(tmp_path):
+    with pytest.raises(ConfigError, match="base_url") as err:
+        load_project(write(tmp_path, "models:\n  teacher: {backend: openai, model: gpt-x}\n"))
+    assert "models.teacher" in str(err.value)
+    ok = load_project(write(tmp_path, "models:\n  teacher: {backend: openai, model: gpt-x, "
+                                      "base_url: 'http://localhost:8000/v1'}\n"))
+    assert ok.settings.models.teacher.base_url == "http://localhost:8000/v1"
+
+
+def test_overlap_must_be_below_chunk_size(tmp_path):
+    with pytest.raises(ConfigError, match="overlap_tokens"):
+        load_project(write(tmp_path, "ingest: {chunk_tokens: 32, overlap_tokens: 32}\n"))
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="mapping"):
+        load_project(write(tmp_path, "- a\n- b\n"))
+
+
+def test_invalid_yaml_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_project(write(tmp_path, "sft: {epochs: 1\n"))
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_project(write(tmp_path, "")).settings == Settings()
+
+
+def test_init_yaml_parses_to_the_documented_defaults(tmp_path):
+    data = yaml.safe_load(default_settings_yaml("demo", ["documents", "more/docs"]))
+    settings = parse_settings(data, tmp_path / "tuneloop.yaml")
+    assert settings.project == "demo"
+    assert settings.documents == ["documents", "more/docs"]
+    # Apart from name and documents, the commented file must say exactly what the code defaults are.
+    expected = Settings(project="demo", documents=["documents", "more/docs"])
+    assert settings.model_dump() == expected.model_dump()
+
+
+def test_missing_settings_file_says_to_run_init(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_project(tmp_path / "nowhere")
+    assert "tuneloop init" in str(err.value)
+    assert "tuneloop.yaml" in str(err.value)
+
+
+def test_paths_resolve_relative_to_the_project(tmp_path, monkeypatch):
+    p = load_project(write(tmp_path, "artifacts_dir: out\nstore_url: null\n"))
+    assert p.artifacts == tmp_path.resolve() / "out"
+    assert p.store_url == f"sqlite:///{tmp_path.resolve() / 'tuneloop.db'}"
+    monkeypatch.setenv("TUNELOOP_CACHE", str(tmp_path / "c"))
+    assert p.cache == tmp_path / "c"
+    p2 = load_project(write(tmp_path, "cache_dir: mycache\n"))
+    assert p2.cache == tmp_path.resolve() / "mycache"
+
+
+def test_settings_assignment_is_validated():
+    s = Settings()
+    with pytest.raises(Exception):
+        s.sft.epochs = -1

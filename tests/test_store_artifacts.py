@@ -1,0 +1,123 @@
+"""The store's migrations and the artifact folders' atomicity and immutability."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, inspect, select
+
+from tuneloop import store as st
+from tuneloop.artifacts import (
+    META_FILE, TMP_PREFIX, clean_temporary, is_complete, read_jsonl, read_meta, write_artifact, write_jsonl,
+)
+
+
+def test_migrations_are_applied_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    engine = create_engine(url)
+    assert st.migrate(engine) == [v for v, _, _ in st.MIGRATIONS]
+    assert st.migrate(engine) == []
+    sessions = st.open_store(url)  # a third and fourth time, through the public entry point
+    st.open_store(url)
+    with sessions() as s:
+        rows = s.execute(select(st.Migration.version, st.Migration.name)).all()
+    assert [r[0] for r in rows] == [v for v, _, _ in st.MIGRATIONS]
+    tables = set(inspect(engine).get_table_names())
+    assert {"documents", "chunks", "examples", "model_versions", "eval_runs", "cycles", "cycle_steps",
+            "artifacts", "schema_migrations"} <= tables
+
+
+def test_a_new_migration_runs_on_an_existing_database(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    st.open_store(url)
+    calls = []
+    monkeypatch.setattr(st, "MIGRATIONS", st.MIGRATIONS + [(99, "test step", lambda conn: calls.append(1))])
+    engine = create_engine(url)
+    assert st.migrate(engine) == [99]
+    assert st.migrate(engine) == []
+    assert calls == [1]
+
+
+def test_store_keeps_rows_and_enforces_unique_examples(tmp_path):
+    sessions = st.open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with sessions() as s:
+        h = st.text_hash("q", "a")
+        s.add(st.Example(kind="seed", split="train", question="q", answer="a", content_hash=h))
+        s.commit()
+        s.add(st.Example(kind="seed", split="train", question="q", answer="a", content_hash=h))
+        with pytest.raises(Exception):
+            s.commit()
+        s.rollback()
+        s.add(st.Example(kind="seed", split="eval", question="q", answer="a", content_hash=h))
+        s.commit()
+        assert s.scalar(select(func.count(st.Example.id))) == 2
+    assert st.text_hash("ab", "c") != st.text_hash("a", "bc")
+
+
+def test_write_artifact_renames_a_complete_folder_into_place(tmp_path):
+    def write(tmp: Path) -> None:
+        assert tmp.name.startswith(TMP_PREFIX) and tmp.parent == tmp_path
+        write_jsonl(tmp / "data.jsonl", [{"x": 1}, {"x": 2}])
+
+    path = write_artifact(tmp_path, "datasets", "d1", {"stage": "test", "parent": "p0"}, write)
+    assert path == tmp_path / "datasets" / "d1"
+    assert is_complete(path)
+    assert read_jsonl(path / "data.jsonl") == [{"x": 1}, {"x": 2}]
+    meta = read_meta(path)
+    assert (meta["kind"], meta["name"], meta["stage"], meta["parent"]) == ("datasets", "d1", "test", "p0")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_failing_writer_leaves_nothing_behind(tmp_path, error):
+    def write(tmp: Path) -> None:
+        (tmp / "half.bin").write_bytes(b"x" * 100)
+        raise error("boom")
+
+    with pytest.raises(error):
+        write_artifact(tmp_path, "adapters", "a1", {}, write)
+    assert not (tmp_path / "adapters" / "a1").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_a_complete_artifact_is_not_rewritten(tmp_path):
+    first = write_artifact(tmp_path, "evals", "e1", {"n": 1}, lambda t: (t / "out.txt").write_text("first"))
+    before = (first / META_FILE).read_text()
+    calls = []
+
+    def write_again(tmp: Path) -> None:
+        calls.append(tmp)
+        (tmp / "out.txt").write_text("second")
+
+    again = write_artifact(tmp_path, "evals", "e1", {"n": 2}, write_again)
+    assert again == first
+    assert calls == []
+    assert (first / "out.txt").read_text() == "first"
+    assert (first / META_FILE).read_text() == before
+
+
+def test_an_incomplete_leftover_under_the_final_name_is_replaced(tmp_path):
+    leftover = tmp_path / "datasets" / "d1"
+    leftover.mkdir(parents=True)
+    (leftover / "stale.txt").write_text("from a crash")
+    assert not is_complete(leftover)
+    path = write_artifact(tmp_path, "datasets", "d1", {}, lambda t: (t / "new.txt").write_text("ok"))
+    assert sorted(p.name for p in path.iterdir()) == [META_FILE, "new.txt"]
+
+
+def test_clean_temporary_removes_only_temp_folders(tmp_path):
+    assert clean_temporary(tmp_path / "missing") == 0
+    (tmp_path / f"{TMP_PREFIX}datasets-x-1234").mkdir()
+    (tmp_path / f"{TMP_PREFIX}adapters-y-5678" / "sub").mkdir(parents=True)
+    (tmp_path / "datasets" / "keep").mkdir(parents=True)
+    (tmp_path / ".work").mkdir()
+    (tmp_path / f"{TMP_PREFIX}note.txt").write_text("a file, not a folder")
+    assert clean_temporary(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".work", "datasets", f"{TMP_PREFIX}note.txt"])
+    assert clean_temporary(tmp_path) == 0
+
+
+def test_meta_is_json_serialisable_with_paths(tmp_path):
+    path = write_artifact(tmp_path, "reports", "r", {"source": tmp_path / "x"}, lambda t: None)
+    assert json.loads((path / META_FILE).read_text())["source"] == str(tmp_path / "x")
