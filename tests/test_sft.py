@@ -66,7 +66,12 @@ def test_training_prompt_equals_serving_prompt(trained):
     with open_store(project.store_url)() as s:
         examples = {e.id: e for e in s.scalars(select(Example))}
         seeds = {e.id for e in examples.values() if e.kind == "seed" and e.split == "train"}
-    assert {r["example_id"] for r in rows} == seeds  # only the 20 seeds, never held-out items
+    trained_ids = {r["example_id"] for r in rows}
+    assert trained_ids <= seeds  # only seeds, never held-out items
+    # balance_yes_no drops the surplus of the majority Yes/No answer (5 Yes vs 3 No in the sample).
+    labels = [examples[i].answer for i in seeds]
+    assert len(seeds - trained_ids) == abs(labels.count("Yes") - labels.count("No")) > 0
+    assert all(examples[i].answer == "Yes" for i in seeds - trained_ids)
     for row in rows:
         e = examples[row["example_id"]]
         assert row["prompt"] == build_messages(e.question, retriever.retrieve(e.question, e.document))
@@ -98,3 +103,18 @@ def test_sft_without_champion_or_examples_is_a_state_error(project):
         ensure_base_version(p, s)
         with pytest.raises(StateError, match="no training examples"):
             train_sft(p, s, retriever, SilentReporter())
+
+
+def test_balance_yes_no_caps_the_majority_answer_and_keeps_extractions():
+    import random
+
+    from tuneloop.stages.sft import balance_yes_no
+
+    rows = [Example(id=i, kind="seed", split="train", question=f"q{i}", answer=a, content_hash=str(i))
+            for i, a in enumerate(["No"] * 8 + ["Yes"] * 2 + ["the laws of Ontario", "30 days"])]
+    kept = balance_yes_no(rows, random.Random(0))
+    answers = [e.answer for e in kept]
+    assert answers.count("No") == 2 and answers.count("Yes") == 2
+    assert "the laws of Ontario" in answers and "30 days" in answers
+    only_no = [e for e in rows if e.answer == "No"]
+    assert [e.answer for e in balance_yes_no(only_no, random.Random(0))] == ["No"]

@@ -85,6 +85,7 @@ class SFTSettings(_Section):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     replay_fraction: float = Field(0.1, ge=0.0, le=1.0)  # earlier cycles' data mixed in
+    balance_yes_no: bool = True  # down-sample the majority Yes/No answer in training data
     save_steps: int = Field(10, ge=1)  # checkpoint interval; a killed run resumes from the last one
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA that has it, else fp32
@@ -220,6 +221,7 @@ sft:
   lora_r: 16
   lora_alpha: 32
   replay_fraction: 0.1   # share of earlier cycles' synthetic data mixed into training
+  balance_yes_no: true   # down-sample the majority Yes/No answer (contracts are mostly "No")
   precision: auto        # fp32 on CPU; bf16 on CUDA that supports it
 
 eval:

@@ -23,6 +23,12 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def example_hash(question: str, answer: str, document: str | None) -> str:
+    """Identity of a Q/A example. The document is part of it: the same question with the same
+    answer ("Is there a non-compete clause?" / "No") about two contracts is two examples."""
+    return text_hash(question, answer, document or "")
+
+
 def text_hash(*parts: str) -> str:
     """A stable content hash, used to deduplicate rows."""
     h = hashlib.sha256()

@@ -11,6 +11,7 @@ On disk a saved index is a directory:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -24,17 +25,25 @@ import numpy as np
 from tuneloop.errors import InputError, StateError
 from tuneloop.models.base import Embedder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: BM25 tokens are stemmed (English Snowball)
 
 
 class IndexNotFoundError(InputError, FileNotFoundError):
     """No saved index where one was expected (ingest documents first)."""
 
 
+@functools.lru_cache(maxsize=1)
+def _stemmer():
+    import Stemmer  # PyStemmer, the stemmer bm25s is built to use
+
+    return Stemmer.Stemmer("english")
+
+
 def _bm25_tokens(texts: list[str]) -> list[list[str]]:
     # return_ids=False gives token strings, which is what BM25.get_scores takes for a query;
     # with ids, each tokenize call would number tokens in its own, incompatible vocabulary.
-    return bm25s.tokenize(texts, stopwords="en", show_progress=False, return_ids=False)
+    # Stemming lets "governs" in a question match "governed" in a contract.
+    return bm25s.tokenize(texts, stopwords="en", stemmer=_stemmer(), show_progress=False, return_ids=False)
 
 
 def _normalise_rows(vectors: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from tuneloop.errors import InputError
-from tuneloop.store import Example, Session, text_hash
+from tuneloop.store import Example, Session, example_hash
 
 _DOC_KEYS = ("source", "document", "contract")
 
@@ -72,7 +72,7 @@ def import_pairs(session: Session, path: Path, split: str) -> ImportResult:
     hashes = {h for h, _ in existing}
     added = dup = other = 0
     for row in rows:
-        h = text_hash(row["question"], row["answer"])
+        h = example_hash(row["question"], row["answer"], row["document"])
         if (h, split) in existing:
             dup += 1
             continue

@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact, write_jsonl
 from tuneloop.config import Project, SFTSettings
 from tuneloop.errors import ConfigError, StateError
+from tuneloop.metrics import is_yes_no_reference, normalize_tokens
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
 from tuneloop.programs.rag import Retriever, build_messages
@@ -40,7 +41,8 @@ class SFTResult:
 
 
 def select_examples(session: Session, settings: SFTSettings, seed: int) -> tuple[list[Example], list[Example]]:
-    """(new, replay): seeds + examples no model was trained on yet, and a replay share of the rest."""
+    """(new, replay): seeds + examples no model was trained on yet (yes/no answers balanced when
+    `balance_yes_no`), and a replay share of the examples earlier versions were trained on."""
     trained_on: set[int] = set()
     for ids in session.scalars(select(ModelVersion.training_example_ids)):
         trained_on.update(ids or [])
@@ -49,8 +51,28 @@ def select_examples(session: Session, settings: SFTSettings, seed: int) -> tuple
     new = [e for e in train if e.kind != "seed" and e.id not in trained_on]
     old = [e for e in train if e.kind != "seed" and e.id in trained_on]
     n_replay = min(len(old), round(settings.replay_fraction * max(1, len(new))))
-    replay = random.Random(seed).sample(old, n_replay)
-    return seeds + new, replay
+    rng = random.Random(seed)
+    replay = rng.sample(old, n_replay)
+    fresh = seeds + new
+    if settings.balance_yes_no:
+        fresh = balance_yes_no(fresh, rng)
+    return fresh, replay
+
+
+def balance_yes_no(examples: list[Example], rng: random.Random) -> list[Example]:
+    """Down-sample the majority yes/no answer to the minority's count (at least one kept).
+
+    Contract questions are mostly answered "No" (about 80% in CUAD); trained on that mix, a small
+    model learns to say "No" to everything, even to "who are the parties?". Extraction examples
+    are all kept.
+    """
+    by_label: dict[str, list[Example]] = {"yes": [], "no": []}
+    for e in examples:
+        if is_yes_no_reference(e.answer):
+            by_label[normalize_tokens(e.answer)[0]].append(e)
+    cap = max(1, min(len(v) for v in by_label.values()))
+    drop = {e.id for v in by_label.values() if len(v) > cap for e in rng.sample(v, len(v) - cap)}
+    return [e for e in examples if e.id not in drop]
 
 
 def training_rows(examples: list[Example], retriever: Retriever) -> list[dict]:

@@ -26,7 +26,7 @@ from tuneloop.programs.rag import Retriever
 from tuneloop.programs.synth import answer_messages, clean_answer, clean_question, question_messages
 from tuneloop.progress import Reporter, batched_chat
 from tuneloop.stages.common import run_name
-from tuneloop.store import Artifact, Example, Session, text_hash
+from tuneloop.store import Artifact, Example, Session, example_hash
 from tuneloop.text import NoveltyFilter, answer_problem
 
 KIND = "datasets"
@@ -132,7 +132,7 @@ def _record(session: Session, path: Path, cycle_id: int | None) -> SynthResult:
     report = json.loads((path / "report.json").read_text())
     existing = set(session.scalars(select(Example.content_hash).where(Example.split == "train")))
     for row in rows:
-        h = text_hash(row["question"], row["answer"])
+        h = example_hash(row["question"], row["answer"], row["document"])
         if h in existing:
             continue
         existing.add(h)
