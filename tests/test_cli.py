@@ -153,7 +153,7 @@ def test_seed_line_missing_answer(runner, tmp_path, tiny_model_dir):
     bad = root / "bad.jsonl"
     bad.write_text(json.dumps({"question": "Q one?", "answer": "A"}) + "\n\n"
                    + json.dumps({"question": "Q two?", "anwser": "typo"}) + "\n")
-    out = fails(invoke(runner, "seeds", "import", bad, "-p", root), "bad.jsonl:3", "'answer'", code=2)
+    out = fails(invoke(runner, "seeds", "import", bad, "-p", root), "bad.jsonl line 3", "'answer'", code=2)
     one_line(out)
     with open_store(f"sqlite:///{root.resolve() / 'tuneloop.db'}")() as s:
         from tuneloop.store import Example

@@ -46,5 +46,5 @@ def test_an_item_is_never_both_trained_on_and_evaluated(tmp_path):
 def test_references_must_be_a_list_of_strings(tmp_path):
     sessions = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     f = _write(tmp_path / "bad.jsonl", [{"question": "Who?", "answer": "Acme", "references": "Acme"}])
-    with sessions() as s, pytest.raises(InputError, match=r"bad.jsonl:1: 'references'"):
+    with sessions() as s, pytest.raises(InputError, match=r"bad.jsonl line 1: 'references'"):
         import_pairs(s, f, "train")

@@ -129,7 +129,6 @@ def seeds_import(
 def synth(project_dir: ProjectOpt = Path(".")) -> None:
     """Generate synthetic Q/A pairs with the teacher (self-instruct) and filter them."""
     from tuneloop.models.registry import build_chat_model, build_embedder
-    from tuneloop.programs.rag import Retriever
     from tuneloop.stages.synthesize import synthesize
 
     project, sessions = _open(project_dir)

@@ -5,11 +5,11 @@ JSONL, empty document) is raised as `InputError` naming the file, never as a lib
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from tuneloop.jsonl import json_objects
 from tuneloop.errors import InputError
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".pdf", ".jsonl")
@@ -124,16 +124,7 @@ def _read_jsonl(path: Path) -> list[RawDocument]:
     source = str(path.resolve())
     docs: list[RawDocument] = []
     names: set[str] = set()
-    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"Malformed JSON in {where}: {exc.msg}") from exc
-        if not isinstance(record, dict):
-            raise InputError(f"Expected a JSON object in {where}")
+    for lineno, where, record in json_objects(path, _read_text(path)):
         text = record.get("text")
         if not isinstance(text, str):
             raise InputError(f'Missing or non-string "text" field in {where}')

@@ -6,13 +6,13 @@ Each row has `question`, `answer`, optionally the document it is about (`source`
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
 
 from tuneloop.errors import InputError
+from tuneloop.jsonl import json_objects
 from tuneloop.store import Example, Session, example_hash
 
 _DOC_KEYS = ("source", "document", "contract")
@@ -31,33 +31,23 @@ def read_pairs(path: Path) -> list[dict[str, str | None]]:
         raise InputError(f"seed file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        raw = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object")
-            raw.append((n, obj))
+        raw = [(where, obj) for _, where, obj in json_objects(path, path.read_text(encoding="utf-8"))]
     elif suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
-            raw = [(n, row) for n, row in enumerate(csv.DictReader(f), 2)]
+            raw = [(f"{path} line {n}", row) for n, row in enumerate(csv.DictReader(f), 2)]
     else:
         raise InputError(f"{path}: unsupported seed file type '{suffix}' (use .jsonl or .csv)")
     rows = []
-    for n, obj in raw:
+    for where, obj in raw:
         q, a = obj.get("question"), obj.get("answer")
         if not isinstance(q, str) or not q.strip():
-            raise InputError(f"{path}:{n}: missing or empty 'question'")
+            raise InputError(f"{where}: missing or empty 'question'")
         if not isinstance(a, str) or not a.strip():
-            raise InputError(f"{path}:{n}: missing or empty 'answer'")
+            raise InputError(f"{where}: missing or empty 'answer'")
         doc = next((obj[k] for k in _DOC_KEYS if obj.get(k)), None)
         refs = obj.get("references") or obj.get("evidence") or []
         if isinstance(refs, str) or not all(isinstance(r, str) for r in refs):
-            raise InputError(f"{path}:{n}: 'references' must be a list of strings")
+            raise InputError(f"{where}: 'references' must be a list of strings")
         rows.append({"question": q.strip(), "answer": a.strip(), "document": str(doc) if doc else None,
                      "references": [r for r in refs if r.strip()]})
     if not rows:
