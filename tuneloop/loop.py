@@ -19,12 +19,12 @@ from tuneloop.errors import StateError
 from tuneloop.models.registry import build_chat_model, build_embedder
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
-from tuneloop.stages.common import champion
-from tuneloop.stages.evaluate import ensure_base_version, evaluate_version, gate
+from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.evaluate import ensure_base_version, eval_examples, eval_set_hash, evaluate_version, gate
 from tuneloop.stages.ingest import ensure_index, ingest_paths
 from tuneloop.stages.sft import train_sft
 from tuneloop.stages.synthesize import KIND as SYNTH_KIND, synthesize
-from tuneloop.store import Chunk, Cycle, CycleStep, ModelVersion, Session, open_store, utcnow
+from tuneloop.store import Chunk, Cycle, CycleStep, EvalRun, ModelVersion, Session, open_store, utcnow
 
 STEPS = ("ingest", "synth", "sft", "eval", "gate")
 
@@ -62,7 +62,7 @@ def _step_ingest(ctx: CycleContext, s: Session) -> dict:
 
 
 def _step_synth(ctx: CycleContext, s: Session) -> dict:
-    done = is_complete(artifact_path(ctx.project.artifacts, SYNTH_KIND, f"cycle-{ctx.cycle_id:04d}-synth"))
+    done = is_complete(artifact_path(ctx.project.artifacts, SYNTH_KIND, run_name("synth", ctx.cycle_id)))
     teacher = None if done else build_chat_model(ctx.project, ctx.project.settings.models.teacher)
     r = synthesize(ctx.project, s, teacher, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
     return {"generated": r.generated, "kept": r.kept, "rejected": r.rejected, "artifact": str(r.artifact)}
@@ -92,9 +92,6 @@ def _step_eval(ctx: CycleContext, s: Session) -> dict:
 
 
 def _step_gate(ctx: CycleContext, s: Session) -> dict:
-    from tuneloop.stages.evaluate import eval_examples, eval_set_hash
-    from tuneloop.store import EvalRun
-
     set_hash = eval_set_hash(eval_examples(ctx.project, s))
     cand = _candidate(s, ctx.cycle_id)
     champ = champion(s)

@@ -104,9 +104,9 @@ def synthesize(project: Project, session: Session, teacher: ChatModel | None, re
     If the artifact already exists (a crash after writing it), its rows are loaded instead of
     generating again. `teacher` may be None only in that case.
     """
-    name = name or (f"cycle-{cycle_id:04d}-synth" if cycle_id is not None else None)
-    path = artifact_path(project.artifacts, KIND, name) if name else None
-    if path is None or not is_complete(path):
+    name = name or run_name("synth", cycle_id)
+    path = artifact_path(project.artifacts, KIND, name)
+    if not is_complete(path):
         if teacher is None:
             raise StateError("synthesis needs a teacher model")
         if not retriever.passages:
@@ -122,7 +122,7 @@ def synthesize(project: Project, session: Session, teacher: ChatModel | None, re
 
         meta = {"stage": "synth", "cycle_id": cycle_id, "teacher": teacher.name, "report": report,
                 "settings": project.settings.synth.model_dump()}
-        path = write_artifact(project.artifacts, KIND, name or run_name("synth", None), meta, write)
+        path = write_artifact(project.artifacts, KIND, name, meta, write)
     return _record(session, path, cycle_id)
 
 
