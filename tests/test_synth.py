@@ -121,6 +121,7 @@ def test_second_run_does_not_repeat_the_first(env):
     ("", "empty"),
     ("   \n  ", "empty"),
     ("Why?", "too short"),
+    ("The Agreement is entered into as of September 9, 2024.", "not a question"),
 ])
 def test_bad_questions_are_rejected_with_a_reason(env, reply, reason):
     teacher = FakeTeacher(question=lambda conv: reply)

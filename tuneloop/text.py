@@ -22,6 +22,8 @@ class NoveltyFilter:
             return "too short"
         if len(question) > max_chars:
             return "too long"
+        if not question.rstrip().endswith("?"):
+            return "not a question (no '?')"
         if " ".join(normalize_tokens(question)) in self.seen:
             return "duplicate"
         if self.pool and rouge_l(question, self.pool) >= self.threshold:
