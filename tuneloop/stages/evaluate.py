@@ -73,9 +73,11 @@ def evaluate_version(project: Project, session: Session, version: ModelVersion, 
         answerer = RagAnswerer(retriever, model, generation_params(role))
         reporter.log(f"evaluating {version.name} on {len(examples)} held-out questions")
         answers = answerer.answer_many([(e.question, e.document) for e in examples], reporter, role.batch_size)
-        items = [{"example_id": e.id, "question": e.question, "references": references(e),
-                  "prediction": a.text, "chunk_ids": [p.chunk_id for p in a.passages],
-                  **metrics.score_item(a.text, references(e))} for e, a in zip(examples, answers)]
+        items = []
+        for e, a in zip(examples, answers):
+            refs = references(e)
+            items.append({"example_id": e.id, "question": e.question, "references": refs, "prediction": a.text,
+                          "chunk_ids": [p.chunk_id for p in a.passages], **metrics.score_item(a.text, refs)})
         summary = metrics.aggregate(items)
 
         def write(tmp: Path) -> None:

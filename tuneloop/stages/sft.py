@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact, write_jsonl
 from tuneloop.config import Project, SFTSettings
 from tuneloop.errors import ConfigError, StateError
-from tuneloop.metrics import is_yes_no_reference, normalize_tokens
+from tuneloop.metrics import is_yes_no_reference, yes_no_label
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
 from tuneloop.programs.rag import Retriever, build_messages
@@ -69,7 +69,7 @@ def balance_yes_no(examples: list[Example], rng: random.Random) -> list[Example]
     by_label: dict[str, list[Example]] = {"yes": [], "no": []}
     for e in examples:
         if is_yes_no_reference(e.answer):
-            by_label[normalize_tokens(e.answer)[0]].append(e)
+            by_label[yes_no_label(e.answer)].append(e)
     cap = max(1, min(len(v) for v in by_label.values()))
     drop = {e.id for v in by_label.values() if len(v) > cap for e in rng.sample(v, len(v) - cap)}
     return [e for e in examples if e.id not in drop]
