@@ -111,9 +111,10 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def update_markdown(path: Path, section: str) -> None:
+def update_markdown(path: Path, section: str, tag: str = "cuad") -> None:
+    """Replace the `<!-- TAG:start -->...<!-- TAG:end -->` section of a markdown file (or append it)."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"<!-- cuad:start -->.*<!-- cuad:end -->", re.S)
+    pattern = re.compile(rf"<!-- {tag}:start -->.*<!-- {tag}:end -->", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text, encoding="utf-8")
 

@@ -65,3 +65,12 @@ def project(tmp_path, tiny_model_dir) -> Callable[..., Project]:
 @pytest.fixture
 def fake_teacher() -> FakeTeacher:
     return FakeTeacher()
+
+
+@pytest.fixture(scope="session")
+def real_embedder(tmp_path_factory):
+    """The real default embedder (all-MiniLM-L6-v2, shipped in a pip package; loads in seconds)."""
+    from tuneloop.models.defaults import resolve_model_path
+    from tuneloop.models.embed import LocalEmbedder
+
+    return LocalEmbedder(resolve_model_path("builtin:all-minilm-l6-v2", tmp_path_factory.mktemp("cache")))

@@ -26,7 +26,7 @@ import yaml
 from tuneloop.config import Project, default_settings_yaml
 from tuneloop.models.base import GenerationParams, Message
 from tuneloop.programs.rag import SYSTEM_PROMPT
-from tuneloop.programs.synth import QUESTION_SYSTEM
+from tuneloop.programs.synth import TASKS, JudgeGrounding, RewriteAnswer, WriteAnswer, WriteQuestion
 
 SAMPLE = Path(str(resources.files("tuneloop") / "sample"))
 CONTRACTS = SAMPLE / "contracts"
@@ -159,14 +159,20 @@ _WORD = re.compile(r"[A-Za-z][A-Za-z0-9]+")
 
 
 def question_passage(conversation: list[Message]) -> str:
-    user = conversation[-1]["content"]
-    return user.split("Passage:\n", 1)[1].rsplit("\nWrite one new question", 1)[0].strip()
+    """The passage block of a question-writing prompt (PlainChatAdapter's `Passage:` field)."""
+    body = conversation[-1]["content"].split("Passage:", 1)[1]
+    return min((body.split(task, 1)[0] for task in TASKS.values()), key=len).strip()
 
 
-def first_excerpt(conversation: list[Message]) -> str:
+def prompt_question(conversation: list[Message]) -> str:
+    """The question of an answer, judge or round-trip prompt."""
     user = conversation[-1]["content"]
-    body = user.split("Excerpts:\n", 1)[1].rsplit("\n\nQuestion:", 1)[0]
-    return re.split(r"\n\n\[\d+\] ", body)[0].removeprefix("[1] ")
+    return user.rsplit("Question:", 1)[1].split("\n")[0].strip()
+
+
+def excerpts(conversation: list[Message]) -> str:
+    user = conversation[-1]["content"]
+    return user.split("Excerpts:\n", 1)[1].rsplit("\n\nQuestion:", 1)[0]
 
 
 def passage_phrase(passage: str, n: int = 6) -> str:
@@ -181,54 +187,82 @@ def default_question(conversation: list[Message]) -> str:
 
 
 def default_answer(conversation: list[Message]) -> str:
-    """A verbatim span: the first six words of the first excerpt's first line of prose."""
-    lines = [ln.strip() for ln in first_excerpt(conversation).splitlines() if ln.strip()]
-    line = next((ln for ln in lines if not ln.startswith("#")), lines[0])
-    return re.match(r"(?:\S+ +){0,5}\S+", line).group(0)
+    """The phrase the default question asks about, when the excerpts contain it."""
+    m = re.match(r"Which terms cover (.+)\?$", prompt_question(conversation))
+    if m and " ".join(_WORD.findall(excerpts(conversation))).find(m.group(1)) >= 0:
+        return m.group(1)
+    return "The document does not say."
 
 
 class FakeTeacher:
-    """A scripted ChatModel: questions built from the passage, answers copied from the first excerpt."""
+    """A scripted ChatModel for the data engine's prompts, recognised by their system message.
+
+    question: writes a question about the passage; answer: the answer writer (cites nothing);
+    judge: the grounding verdict; round_trip: the student-prompt answer (defaults to `answer`);
+    rewrite: self-distillation (defaults to the reference answer unchanged).
+    """
 
     def __init__(self, question: Callable[[list[Message]], str] = default_question,
-                 answer: Callable[[list[Message]], str] = default_answer, name: str = "fake-teacher"):
+                 answer: Callable[[list[Message]], str] = default_answer,
+                 judge: Callable[[list[Message]], str] = lambda conv: "Yes. Every claim is in the excerpts.",
+                 round_trip: Callable[[list[Message]], str] | None = None,
+                 rewrite: Callable[[list[Message]], str] | None = None, name: str = "fake-teacher"):
         self.name = name
-        self.question, self.answer = question, answer
+        self.question, self.answer, self.judge = question, answer, judge
+        self.round_trip = round_trip or answer
+        self.rewrite = rewrite or (lambda conv: conv[-1]["content"].split("Reference answer:", 1)[1].strip())
         self.calls = 0  # chat() invocations
-        self.question_prompts: list[list[Message]] = []
-        self.answer_prompts: list[list[Message]] = []
+        self.prompts: dict[str, list[list[Message]]] = {
+            k: [] for k in ("question", "answer", "judge", "round_trip", "rewrite")}
+
+    @property
+    def question_prompts(self) -> list[list[Message]]:
+        return self.prompts["question"]
+
+    @property
+    def answer_prompts(self) -> list[list[Message]]:
+        return self.prompts["answer"]
 
     @property
     def conversations(self) -> int:
-        return len(self.question_prompts) + len(self.answer_prompts)
+        return sum(len(v) for v in self.prompts.values())
+
+    def kind(self, conv: list[Message]) -> str:
+        system = conv[0]["content"]
+        if system == WriteQuestion.instructions:
+            return "question"
+        if system == WriteAnswer.instructions:
+            return "answer"
+        if system == JudgeGrounding.instructions:
+            return "judge"
+        if system == RewriteAnswer.instructions:
+            return "rewrite"
+        if system == SYSTEM_PROMPT:
+            return "round_trip"
+        raise AssertionError(f"unexpected prompt: {system[:80]!r}")  # pragma: no cover
 
     def chat(self, conversations: Sequence[list[Message]], params: GenerationParams) -> list[str]:
         self.calls += 1
         replies = []
         for conv in conversations:
-            system = conv[0]["content"]
-            if system == QUESTION_SYSTEM:
-                self.question_prompts.append(conv)
-                replies.append(self.question(conv))
-            elif system.startswith(SYSTEM_PROMPT):
-                self.answer_prompts.append(conv)
-                replies.append(self.answer(conv))
-            else:  # pragma: no cover - a prompt the fake was not written for
-                raise AssertionError(f"unexpected prompt: {system[:80]!r}")
+            kind = self.kind(conv)
+            self.prompts[kind].append(conv)
+            replies.append(getattr(self, kind)(conv))
         return replies
 
 
 def use_teacher(monkeypatch, teacher: Any) -> None:
-    """Make run_cycle build `teacher` for the teacher role, and the real models otherwise."""
-    import tuneloop.loop
-    from tuneloop.models.registry import build_chat_model as real
+    """Make the data engine build `teacher` for the teacher role, and the real models otherwise."""
+    import tuneloop.models.registry as registry
+
+    real = registry.build_chat_model
 
     def build(project, role, adapter=None):
         if role is project.settings.models.teacher:
             return teacher
         return real(project, role, adapter)
 
-    monkeypatch.setattr(tuneloop.loop, "build_chat_model", build)
+    monkeypatch.setattr(registry, "build_chat_model", build)
 
 
 class RecordingReporter:

@@ -234,3 +234,16 @@ def test_error_messages_show_brackets_literally(runner, tmp_path, name, create):
         (tmp_path / name).write_bytes(b"PK")
     out = fails(invoke(runner, "ingest", tmp_path / name, "-p", tmp_path), str(tmp_path / name), code=2)
     one_line(out)
+
+
+def test_synth_command_prints_its_report(runner, tmp_path, tiny_model_dir, monkeypatch):
+    from tests.helpers import FakeTeacher, use_teacher
+
+    root = tiny_init(runner, tmp_path / "proj", tiny_model_dir)
+    ok(invoke(runner, "seeds", "import", root / "seeds.jsonl", "-p", root))
+    ok(invoke(runner, "ingest", root / "documents", "-p", root))
+    use_teacher(monkeypatch, FakeTeacher(round_trip=lambda conv: "something else"))
+    out = ok(invoke(runner, "synth", "-p", root))
+    report = json.loads(next((root / "artifacts" / "datasets").glob("synth-*/report.json")).read_text())
+    assert f"kept {report['kept']} of {report['generated']} generated" in out
+    assert "round-trip" in out and "question types kept/generated:" in out and "distinct_1" in out

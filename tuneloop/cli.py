@@ -127,17 +127,34 @@ def seeds_import(
 @app.command()
 @friendly_errors
 def synth(project_dir: ProjectOpt = Path(".")) -> None:
-    """Generate synthetic Q/A pairs with the teacher (self-instruct) and filter them."""
-    from tuneloop.models.registry import build_chat_model, build_embedder
-    from tuneloop.stages.synthesize import synthesize
+    """Generate synthetic Q/A pairs with the teacher (self-instruct + grounded) and filter them."""
+    from tuneloop.models.registry import build_embedder
+    from tuneloop.stages.synthesize import build_synth_models, synthesize
 
     project, sessions = _open(project_dir)
     with sessions() as s:
-        retriever = _retriever(project, s, build_embedder(project))
-        teacher = build_chat_model(project, project.settings.models.teacher)
-        r = synthesize(project, s, teacher, retriever, RichReporter())
+        embedder = build_embedder(project)
+        retriever = _retriever(project, s, embedder)
+        r = synthesize(project, s, build_synth_models(project, embedder), retriever, RichReporter())
         s.commit()
-    console.print(f"kept {r.kept} of {r.generated} generated; rejected: {r.rejected or 'none'}; {r.artifact}")
+    _print_synth_report(r)
+
+
+def _print_synth_report(r) -> None:
+    from rich.table import Table
+
+    rep = r.report
+    console.print(f"kept {r.kept} of {r.generated} generated -> {r.artifact / 'data.jsonl'}")
+    table = Table("rejected by", "count")
+    for reason, n in (rep.get("rejected") or {}).items():
+        table.add_row(reason, str(n))
+    if rep.get("rejected"):
+        console.print(table)
+    types = rep.get("question_types", {})
+    console.print("question types kept/generated: " + ", ".join(
+        f"{t} {types.get('kept', {}).get(t, 0)}/{n}" for t, n in types.get("generated", {}).items()))
+    div = rep.get("diversity", {})
+    console.print("diversity: " + ", ".join(f"{k} {v}" for k, v in div.items()))
 
 
 def _retriever(project: Project, session, embedder):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneloop.errors import ConfigError
 
@@ -32,7 +32,18 @@ class RoleSettings(_Section):
     api_key_env: str | None = None  # name of the environment variable that holds the API key
     max_new_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    batch_size: int = Field(8, ge=1, le=256)
+    # Local models: prompts per generate() call; "auto" starts high on CUDA and halves on
+    # out-of-memory (accelerate's find_executable_batch_size). Endpoints: requests in flight.
+    batch_size: int | Literal["auto"] = 8
+    max_retries: int = Field(4, ge=0, le=20)  # endpoints: retries with exponential backoff
+    cache: bool = True  # replies cached on disk, keyed by the full request (reruns cost no calls)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, v):
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError("batch_size must be between 1 and 1024, or 'auto'")
+        return v
 
     @model_validator(mode="after")
     def _endpoint_needs_url(self) -> "RoleSettings":
@@ -62,16 +73,44 @@ class IngestSettings(_Section):
         return self
 
 
+QUESTION_TYPES = ("self_instruct", "fact", "yes_no", "explanation", "comparison", "negative")
+QuestionType = Literal["self_instruct", "fact", "yes_no", "explanation", "comparison", "negative"]
+
+
 class SynthSettings(_Section):
     questions_per_cycle: int = Field(24, ge=1)
-    demos: int = Field(4, ge=0, le=16)  # seed examples shown to the teacher
+    # Strategy mix (relative weights). self_instruct: new questions in the style of the seeds
+    # (Wang et al. 2023); the others are document-grounded, one chunk (two for comparison) each;
+    # negative: a question the passage does not answer ("The document does not say").
+    strategies: dict[QuestionType, float] = {
+        "self_instruct": 2.0, "fact": 2.0, "yes_no": 2.0, "explanation": 1.0, "comparison": 1.0, "negative": 1.0,
+    }
+    human_demos: int = Field(6, ge=0, le=16)  # seed examples shown to the teacher
+    machine_demos: int = Field(2, ge=0, le=16)  # earlier accepted synthetic examples shown too
     rouge_threshold: float = Field(0.7, gt=0.0, le=1.0)  # Self-Instruct novelty filter
+    embed_dup_threshold: float = Field(0.95, gt=0.0, le=1.0)  # cosine: near-duplicate question
+    contamination_rouge: float = Field(0.7, gt=0.0, le=1.0)  # vs evaluation questions
+    contamination_cosine: float = Field(0.80, gt=0.0, le=1.0)  # MiniLM: paraphrases measured 0.47-0.96
+    contamination_scope: Literal["document", "all"] = "document"  # eval questions on the same document, or any
+    judge_grounding: bool = True  # the judge checks each answer against its cited passages
+    round_trip: bool = True  # answer again from retrieval alone; keep only when both answers agree
+    round_trip_min_f1: float = Field(0.5, ge=0.0, le=1.0)
+    self_distill: bool = False  # the student rewrites accepted answers in its own words
+    adapter: Literal["auto", "plain", "chat", "json"] = "auto"  # auto: plain chat for local models
+    optimize: Literal["none", "bootstrap"] = "none"  # tune generator prompts (capable teachers only)
     min_question_chars: int = 12
     max_question_chars: int = 300
     min_answer_chars: int = 1
     max_answer_chars: int = 200
     min_support: float = Field(0.6, ge=0.0, le=1.0)  # share of answer words found in its passages
     seed: int = 0
+
+    @field_validator("strategies")
+    @classmethod
+    def _some_weight(cls, v):
+        if any(w < 0 for w in v.values()) or not any(w > 0 for w in v.values()):
+            raise ValueError("strategy weights must be >= 0 and at least one must be > 0")
+        return v
 
 
 class SFTSettings(_Section):
@@ -211,8 +250,16 @@ ingest:
 
 synth:
   questions_per_cycle: 24
-  demos: 4               # seed Q/A pairs shown to the teacher as examples
+  # relative weights of the question strategies (0 switches one off)
+  strategies: {{self_instruct: 2, fact: 2, yes_no: 2, explanation: 1, comparison: 1, negative: 1}}
+  human_demos: 6         # seed Q/A pairs shown to the teacher as examples
+  machine_demos: 2       # earlier accepted synthetic pairs shown too
   rouge_threshold: 0.7   # drop a question this close (ROUGE-L) to any earlier one
+  embed_dup_threshold: 0.95   # drop a question this close (cosine) to any earlier one
+  contamination_cosine: 0.80  # drop a question this close to an evaluation question
+  judge_grounding: true  # the judge checks answers against their cited passages
+  round_trip: true       # re-answer from retrieval alone; keep only when both answers agree
+  self_distill: false    # the student rewrites kept answers in its own words
 
 sft:
   epochs: 2

@@ -16,14 +16,14 @@ from sqlalchemy import select
 from tuneloop.artifacts import artifact_path, clean_temporary, is_complete
 from tuneloop.config import Project
 from tuneloop.errors import StateError
-from tuneloop.models.registry import build_chat_model, build_embedder
+from tuneloop.models.registry import build_embedder
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
 from tuneloop.stages.common import champion, run_name
 from tuneloop.stages.evaluate import ensure_base_version, eval_examples, eval_set_hash, evaluate_version, gate
 from tuneloop.stages.ingest import ensure_index, ingest_paths
 from tuneloop.stages.sft import train_sft
-from tuneloop.stages.synthesize import KIND as SYNTH_KIND, synthesize
+from tuneloop.stages.synthesize import KIND as SYNTH_KIND, build_synth_models, synthesize
 from tuneloop.store import Chunk, Cycle, CycleStep, EvalRun, ModelVersion, Session, open_store, utcnow
 
 STEPS = ("ingest", "synth", "sft", "eval", "gate")
@@ -63,8 +63,8 @@ def _step_ingest(ctx: CycleContext, s: Session) -> dict:
 
 def _step_synth(ctx: CycleContext, s: Session) -> dict:
     done = is_complete(artifact_path(ctx.project.artifacts, SYNTH_KIND, run_name("synth", ctx.cycle_id)))
-    teacher = None if done else build_chat_model(ctx.project, ctx.project.settings.models.teacher)
-    r = synthesize(ctx.project, s, teacher, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
+    models = None if done else build_synth_models(ctx.project, ctx.embedder())
+    r = synthesize(ctx.project, s, models, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
     return {"generated": r.generated, "kept": r.kept, "rejected": r.rejected, "artifact": str(r.artifact)}
 
 

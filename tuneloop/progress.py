@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Protocol
+from typing import Literal, Protocol
 
 Advance = Callable[[int], None]
 
@@ -51,12 +51,21 @@ class RichReporter:
         self.console.print(message)
 
 
-def batched_chat(model, conversations, params, reporter: Reporter, description: str, batch: int) -> list[str]:
-    """Run `model.chat` in batches so the progress bar moves as answers come back."""
+AUTO_BATCH = 32  # conversations per progress step when the role's batch_size is "auto"
+
+
+def batched_chat(model, conversations, params, reporter: Reporter, description: str,
+                 batch: int | Literal["auto"]) -> list[str]:
+    """Run `model.chat` in batches so the progress bar moves as answers come back.
+
+    `batch` is the role's batch_size: "auto" steps by 32 (the model still picks its own
+    generate() batch inside each step).
+    """
+    step = AUTO_BATCH if batch == "auto" else int(batch)
     replies: list[str] = []
     with reporter.task(description, len(conversations)) as advance:
-        for start in range(0, len(conversations), batch):
-            part = conversations[start : start + batch]
+        for start in range(0, len(conversations), step):
+            part = conversations[start : start + step]
             replies.extend(model.chat(part, replace(params, seed=params.seed + start)))
             advance(len(part))
     return replies

@@ -31,10 +31,20 @@ def load_tokenizer(model_dir: Path):
     return tok
 
 
-class LocalChatModel:
-    """A causal LM loaded from a folder, plus an optional PEFT adapter, generating in batches."""
+AUTO_CUDA_START = 64  # "auto" on CUDA: first generate() batch, halved on out-of-memory
+AUTO_CPU = 8  # "auto" on CPU: larger batches only add padding and memory traffic
 
-    def __init__(self, model_dir: Path, adapter_dir: Path | None = None, batch_size: int = 8):
+
+class LocalChatModel:
+    """A causal LM loaded from a folder, plus an optional PEFT adapter, generating in batches.
+
+    Prompts are sorted by length before batching (less left padding, and on CUDA the longest
+    batch, the one most likely to run out of memory, comes first); replies come back in the
+    input order. `batch_size="auto"` starts at 64 on CUDA and halves on out-of-memory
+    (accelerate's `find_executable_batch_size`), remembering the size that fit; on CPU it is 8.
+    """
+
+    def __init__(self, model_dir: Path, adapter_dir: Path | None = None, batch_size: int | str = 8):
         self.name = str(adapter_dir or model_dir)
         self.device = pick_device()
         self.tokenizer = load_tokenizer(model_dir)
@@ -44,18 +54,58 @@ class LocalChatModel:
 
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         self.model = model.to(self.device).eval()
+        if batch_size != "auto" and not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive integer or 'auto', not {batch_size!r}")
         self.batch_size = batch_size
+        self._auto_size = AUTO_CUDA_START  # the largest batch that fitted so far ("auto" on CUDA)
 
     def render(self, conversation: list[Message]) -> str:
         return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
     @torch.inference_mode()
     def chat(self, conversations: Sequence[list[Message]], params: GenerationParams) -> list[str]:
-        replies: list[str] = []
-        for start in range(0, len(conversations), self.batch_size):
-            batch = [self.render(c) for c in conversations[start : start + self.batch_size]]
-            replies.extend(self._generate(batch, params, seed=params.seed + start))
+        if not conversations:
+            return []
+        prompts = [self.render(c) for c in conversations]
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first, stable
+        ordered = [prompts[i] for i in order]
+        if self.batch_size == "auto" and self.device == "cuda":
+            generated = self._chat_auto(ordered, params)
+        else:
+            size = AUTO_CPU if self.batch_size == "auto" else int(self.batch_size)
+            generated = self._chat_fixed(ordered, params, size)
+        replies = [""] * len(prompts)
+        for i, reply in zip(order, generated):
+            replies[i] = reply
         return replies
+
+    def _chat_fixed(self, prompts: list[str], params: GenerationParams, size: int) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(prompts), size):
+            out.extend(self._generate(prompts[start : start + size], params, seed=params.seed + start))
+        return out
+
+    def _chat_auto(self, prompts: list[str], params: GenerationParams) -> list[str]:
+        """Batches of the largest size that fits; on out-of-memory only the failed batch is redone."""
+        from accelerate.utils import find_executable_batch_size
+
+        out: list[str] = []
+        size = {"now": self._auto_size}
+
+        def halve() -> int:
+            size["now"] //= 2
+            return size["now"]
+
+        @find_executable_batch_size(starting_batch_size=size["now"], reduce_batch_size_fn=halve)
+        def run(batch_size: int) -> None:
+            while len(out) < len(prompts):
+                start = len(out)
+                out.extend(self._generate(prompts[start : start + batch_size], params, seed=params.seed + start))
+                self._auto_size = batch_size
+
+        run()
+        return out
 
     def _generate(self, prompts: list[str], params: GenerationParams, seed: int) -> list[str]:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)

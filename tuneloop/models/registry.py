@@ -17,14 +17,33 @@ def generation_params(role: RoleSettings, seed: int = 0, temperature: float | No
 
 
 def build_chat_model(project: Project, role: RoleSettings, adapter: Path | None = None) -> ChatModel:
-    """A chat model for a role; `adapter` (a LoRA folder) applies to local models only."""
+    """A chat model for a role; `adapter` (a LoRA folder) applies to local models only.
+
+    With `role.cache` the model answers from `<project>/cache/replies` first (keyed by the full
+    request), so a rerun after a crash costs no model calls. Adapter models are never cached: a
+    student adapter can be retrained in place.
+    """
+    model: ChatModel
     if role.backend == "openai":
         from tuneloop.models.remote import EndpointChatModel
 
-        return EndpointChatModel(role.model, role.base_url or "", role.api_key_env, concurrency=role.batch_size)
-    from tuneloop.models.local import LocalChatModel
+        concurrency = role.batch_size if isinstance(role.batch_size, int) else 8
+        model = EndpointChatModel(role.model, role.base_url or "", role.api_key_env, concurrency=concurrency,
+                                  max_retries=role.max_retries)
+    else:
+        from tuneloop.models.local import LocalChatModel
 
-    return LocalChatModel(resolve_model_path(role.model, project.cache), adapter, batch_size=role.batch_size)
+        model = LocalChatModel(resolve_model_path(role.model, project.cache), adapter, batch_size=role.batch_size)
+    if role.cache and adapter is None:
+        from tuneloop.models.cache import CachedChatModel
+
+        model = CachedChatModel(model, reply_cache_dir(project))
+    return model
+
+
+def reply_cache_dir(project: Project) -> Path:
+    """Where cached chat replies live (delete it to force fresh generations)."""
+    return project.root / "cache" / "replies"
 
 
 def build_embedder(project: Project) -> Embedder | None:

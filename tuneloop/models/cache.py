@@ -1,0 +1,70 @@
+"""A disk cache of chat replies, keyed by the full request, so a rerun after a crash costs no calls.
+
+The key of one conversation is the SHA-256 of a canonical JSON of everything that decides the
+reply: the model's name, the messages and the generation parameters (max_new_tokens,
+temperature, top_p, seed). Storage is `diskcache` (SQLite underneath: safe across threads and
+processes). Replies are written as soon as the wrapped model returns them, so every batch that
+finished before a crash is kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tuneloop.models.base import ChatModel, GenerationParams, Message
+
+
+def request_key(model_name: str, conversation: list[Message], params: GenerationParams) -> str:
+    """The cache key of one conversation sent to `model_name` with `params`."""
+    payload = {
+        "model": model_name,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in conversation],
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": float(params.temperature),
+        "top_p": float(params.top_p),
+        # greedy decoding ignores the seed, so it is not part of the key (a rerun with another
+        # batch size, which shifts per-batch seeds, still hits the cache)
+        "seed": params.seed if params.temperature > 0 else None,
+    }
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class CachedChatModel:
+    """A ChatModel that answers from a disk cache and sends only the misses to the wrapped model."""
+
+    def __init__(self, model: ChatModel, cache_dir: Path):
+        import diskcache
+
+        self.wrapped = model
+        self.name = model.name
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.store = diskcache.Cache(str(self.cache_dir))
+        self.calls = 0  # conversations sent to the wrapped model
+        self.hits = 0  # conversations answered from the cache
+
+    def chat(self, conversations: Sequence[list[Message]], params: GenerationParams) -> list[str]:
+        keys = [request_key(self.name, conv, params) for conv in conversations]
+        replies: list[str | None] = [self.store.get(k) for k in keys]
+        missing = [i for i, r in enumerate(replies) if r is None]
+        self.hits += len(conversations) - len(missing)
+        if missing:
+            fresh = self.wrapped.chat([conversations[i] for i in missing], params)
+            if len(fresh) != len(missing):
+                raise RuntimeError(f"{self.name} returned {len(fresh)} replies for {len(missing)} conversations")
+            self.calls += len(missing)
+            with self.store.transact():  # one write per batch, before anything else can fail
+                for i, reply in zip(missing, fresh):
+                    self.store.set(keys[i], reply)
+            for i, reply in zip(missing, fresh):
+                replies[i] = reply
+        return replies  # type: ignore[return-value]  # every slot is filled now
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __repr__(self) -> str:
+        return f"CachedChatModel({self.wrapped!r}, {str(self.cache_dir)!r})"
