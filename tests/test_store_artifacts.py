@@ -39,6 +39,34 @@ def test_a_new_migration_runs_on_an_existing_database(tmp_path, monkeypatch):
     assert calls == [1]
 
 
+def test_migration_2_upgrades_a_version_1_database_without_losing_rows(tmp_path):
+    """A database made before serving existed (migration 1 only, old columns) gains the new ones."""
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE interactions (id INTEGER PRIMARY KEY, question TEXT, answer TEXT, "
+                          "chunk_ids JSON, model_version_id INTEGER, latency_ms FLOAT, created_at DATETIME)"))
+        conn.execute(text("CREATE TABLE feedback (id INTEGER PRIMARY KEY, interaction_id INTEGER, thumbs INTEGER, "
+                          "rating INTEGER, comment TEXT, corrected_answer TEXT, created_at DATETIME)"))
+        conn.execute(text("INSERT INTO interactions (id, question, answer, chunk_ids, latency_ms) "
+                          "VALUES (1, 'q?', 'a', '[]', 1.0)"))
+        conn.execute(text("INSERT INTO feedback (id, interaction_id, thumbs) VALUES (1, 1, 1)"))
+        st.Migration.__table__.create(conn)
+        conn.execute(st.Migration.__table__.insert().values(version=1, name="initial schema",
+                                                            applied_at=st.utcnow()))
+    assert st.migrate(engine) == [2]
+    cols = {c["name"] for c in inspect(engine).get_columns("interactions")}
+    assert {"document", "ab_pair", "arm", "client"} <= cols
+    assert {"preferred_interaction_id", "source", "client"} <= {c["name"] for c in inspect(engine).get_columns("feedback")}
+    with st.open_store(url)() as s:
+        fb = s.get(st.Feedback, 1)
+        assert (fb.thumbs, fb.source) == (1, "human") and s.get(st.Interaction, 1).question == "q?"
+        s.add(st.Reward(prompt="q?", completion="a", reward=0.5, source="ai"))
+        s.commit()
+
+
 def test_store_keeps_rows_and_enforces_unique_examples(tmp_path):
     sessions = st.open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     with sessions() as s:

@@ -139,6 +139,31 @@ class EvalSettings(_Section):
     limit: int | None = Field(None, ge=1)  # evaluate only the first N held-out items
 
 
+class ServeSettings(_Section):
+    """`tuneloop serve`: the OpenAI-compatible API, the feedback API and the web page."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys_env: str = "TUNELOOP_API_KEYS"  # env var: comma-separated client keys (name:key or key)
+    admin_token_env: str = "TUNELOOP_ADMIN_TOKEN"  # env var: the admin token (admin page and API)
+    max_body_bytes: int = Field(64_000, ge=1_000)  # larger requests get 413
+    max_question_chars: int = Field(4_000, ge=10)
+    max_feedback_chars: int = Field(4_000, ge=10)
+    ab_mode: bool = False  # answer with champion and challenger side by side (when a challenger exists)
+    reload_seconds: float = Field(5.0, gt=0)  # how often the server checks for a newly promoted champion
+
+
+class FeedbackSettings(_Section):
+    """Turning usage into training data: RLAIF and the routing of human feedback."""
+
+    rlaif_prompts: int = Field(32, ge=1)  # prompts per `tuneloop rlaif` run (interactions, then synthetic)
+    rlaif_candidates: int = Field(4, ge=2, le=16)  # sampled answers per prompt
+    rlaif_temperature: float = Field(0.8, gt=0.0, le=2.0)
+    rlaif_mode: Literal["pairwise", "rubric"] = "pairwise"  # pairwise: both orders must agree
+    contradiction_rule: Literal["latest", "majority", "drop"] = "majority"  # votes that disagree on one answer
+    seed: int = 0
+
+
 class Settings(_Section):
     """All settings of one project. Paths are relative to the project folder."""
 
@@ -152,6 +177,8 @@ class Settings(_Section):
     synth: SynthSettings = SynthSettings()
     sft: SFTSettings = SFTSettings()
     eval: EvalSettings = EvalSettings()
+    serve: ServeSettings = ServeSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
 
 
 class Project:

@@ -96,6 +96,11 @@ class Interaction(Base):
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # migration 2: serving
+    document: Mapped[str | None] = mapped_column(Text, nullable=True)  # retrieval restricted to it
+    ab_pair: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)  # shared by an A/B pair
+    arm: Mapped[str | None] = mapped_column(String(20), nullable=True)  # champion | challenger (A/B)
+    client: Mapped[str | None] = mapped_column(String(100), nullable=True)  # which API key asked
 
 
 class Feedback(Base):
@@ -107,6 +112,10 @@ class Feedback(Base):
     comment: Mapped[str | None] = mapped_column(Text, nullable=True)
     corrected_answer: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # migration 2: A/B choices and who gave the feedback
+    preferred_interaction_id: Mapped[int | None] = mapped_column(ForeignKey("interactions.id"), nullable=True)
+    source: Mapped[str] = mapped_column(String(20), default="human")  # human | ai
+    client: Mapped[str | None] = mapped_column(String(100), nullable=True)
 
 
 class PreferencePair(Base):
@@ -116,6 +125,20 @@ class PreferencePair(Base):
     chosen: Mapped[str] = mapped_column(Text)
     rejected: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(20))  # human | ai | correction
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Reward(Base):
+    """A scalar reward for one (prompt, completion): a person's rating or the AI judge's rubric score."""
+
+    __tablename__ = "rewards"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    completion: Mapped[str] = mapped_column(Text)
+    reward: Mapped[float] = mapped_column(Float)
+    source: Mapped[str] = mapped_column(String(20))  # human | ai
+    interaction_id: Mapped[int | None] = mapped_column(ForeignKey("interactions.id"), nullable=True)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
@@ -184,9 +207,28 @@ def _m001_initial(conn: Connection) -> None:
     Base.metadata.create_all(conn)
 
 
+def _add_columns(conn: Connection, table: str, columns: dict[str, str]) -> None:
+    """ALTER TABLE ADD COLUMN for each column the table lacks (fresh databases already have them)."""
+    from sqlalchemy import inspect, text
+
+    have = {c["name"] for c in inspect(conn).get_columns(table)}
+    for name, ddl in columns.items():
+        if name not in have:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
+
+
+def _m002_serving(conn: Connection) -> None:
+    _add_columns(conn, "interactions", {"document": "TEXT", "ab_pair": "VARCHAR(40)", "arm": "VARCHAR(20)",
+                                        "client": "VARCHAR(100)"})
+    _add_columns(conn, "feedback", {"preferred_interaction_id": "INTEGER REFERENCES interactions(id)",
+                                    "source": "VARCHAR(20) NOT NULL DEFAULT 'human'", "client": "VARCHAR(100)"})
+    Reward.__table__.create(conn, checkfirst=True)
+
+
 # Append-only: never edit or reorder an entry that has shipped; add a new one.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _m001_initial),
+    (2, "serving: interaction A/B and client columns, feedback choice/source, rewards", _m002_serving),
 ]
 
 
