@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-project
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-all venv bench-cuad clean
+.PHONY: demo test test-all venv bench-cuad bench-synth clean
 
 venv: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ test: venv
 # The CUAD benchmark (../shared/data/cuad-dev): base model vs cycle-1 candidate, ~30 min on 2 cores.
 bench-cuad: venv
 	$(BIN)/python bench/cuad.py
+
+# teacher throughput (batched vs one-at-a-time), then the data engine on CUAD dev (~8 min)
+bench-synth: venv
+	$(BIN)/python bench/synth_throughput.py
+	$(BIN)/python bench/synth_cuad.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache bench-runs
