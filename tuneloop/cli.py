@@ -24,6 +24,8 @@ seeds_app = typer.Typer(help="Expert-written question/answer pairs.", no_args_is
 train_app = typer.Typer(help="Fine-tune the student.", no_args_is_help=True)
 app.add_typer(seeds_app, name="seeds")
 app.add_typer(train_app, name="train")
+feedback_app = typer.Typer(help="People's feedback as training data.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -258,6 +260,94 @@ def cycle(
 
 @app.command()
 @friendly_errors
+def rlaif(
+    mode: Annotated[Optional[str], typer.Option(help="pairwise or rubric (default: feedback.rlaif_mode).")] = None,
+    prompts: Annotated[Optional[int], typer.Option(min=1, help="How many prompts (default: feedback.rlaif_prompts).")
+                       ] = None,
+    name: Annotated[Optional[str], typer.Option(help="Artifact name (default: timestamped).")] = None,
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """AI feedback: sample champion answers, have the judge compare them in both orders (or score them)."""
+    from tuneloop.feedback.rlaif import build_rlaif_models, rlaif as run_rlaif
+    from tuneloop.feedback.routing import PromptBuilder
+    from tuneloop.models.registry import build_embedder
+    from tuneloop.stages.evaluate import ensure_base_version
+
+    if mode is not None and mode not in ("pairwise", "rubric"):
+        raise TuneloopError(f"--mode must be 'pairwise' or 'rubric', not '{mode}'")
+    project, sessions = _open(project_dir)
+    with sessions() as s:
+        ensure_base_version(project, s)
+        s.commit()
+        builder = PromptBuilder(s, lambda: _retriever(project, s, build_embedder(project)))
+        r = run_rlaif(project, s, lambda: build_rlaif_models(project, s), builder, RichReporter(), mode=mode,
+                      limit=prompts, name=name)
+        s.commit()
+    _print_rlaif_report(r)
+
+
+def _print_rlaif_report(r) -> None:
+    rep = r.report
+    table = Table(title=f"RLAIF ({rep['mode']}; judge {rep['judge']})")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    p, c = rep["prompts"], rep["candidates"]
+    table.add_row("prompts (interactions + synthetic)",
+                  f"{p['total']} ({p['from_interactions']} + {p['from_synthetic']})")
+    table.add_row("distinct candidates", f"{c['distinct']} of {c['sampled']} sampled")
+    if rep["mode"] == "pairwise":
+        table.add_row("pairs judged (both orders)", str(rep["pairs_judged"]))
+        table.add_row("consistent / inconsistent / ties / unparsed",
+                      f"{rep['consistent']} / {rep['inconsistent']} / {rep['ties']} / {rep['unparsed']}")
+        table.add_row("kept preference pairs", f"{r.pairs} ({r.added.get('pairs', 0)} new in the store)")
+        table.add_row("first position wins", _fmt(rep["position_bias"]["first_position_rate"]))
+    else:
+        ru = rep["rubric"]
+        table.add_row("answers scored / unparsed", f"{ru['scored']} / {ru['unparsed']}")
+        table.add_row("rewards (mean)", f"{ru['rewards']} ({_fmt(ru['mean_reward'])})")
+    cal = rep.get("calibration") or {}
+    if cal.get("pairs"):
+        table.add_row("agreement with people", f"{_fmt(cal['agreement'])} ({cal['agree']} of {cal['pairs']} pairs; "
+                                               f"{cal['inconsistent']} inconsistent, {cal['unparsed']} unparsed)")
+    else:
+        table.add_row("agreement with people", "- (no human A/B choices or corrections yet)")
+    console.print(table)
+    console.print(f"artifact: {r.artifact}", soft_wrap=True)
+
+
+@feedback_app.command("export")
+@friendly_errors
+def feedback_export(
+    name: Annotated[Optional[str], typer.Option(help="Artifact name (default: timestamped).")] = None,
+    ai: Annotated[bool, typer.Option("--ai/--no-ai", help="Include the AI judge's pairs and rewards.")] = True,
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Write feedback as datasets: preference pairs (DPO/ORPO), KTO examples and rewards."""
+    from tuneloop.feedback.export import export_feedback
+    from tuneloop.feedback.routing import PromptBuilder
+    from tuneloop.models.registry import build_embedder
+
+    project, sessions = _open(project_dir)
+    with sessions() as s:
+        builder = PromptBuilder(s, lambda: _retriever(project, s, build_embedder(project)))
+        r = export_feedback(project, s, builder, RichReporter(), name=name, include_ai=ai)
+        s.commit()
+    rep = r.report
+    table = Table(title=f"feedback export (contradictions: {rep['rule']})")
+    for col in ("dataset", "rows", "file"):
+        table.add_column(col)
+    for kind in ("preferences", "kto", "rewards"):
+        table.add_row(kind, str(r.counts[kind]), str(r.path(kind)))
+    console.print(table)
+    th, ch = rep["thumbs"], rep["choices"]
+    console.print(f"thumbs: {th['votes']} votes on {th['answers']} answers, {th['contradictions']} contradictory; "
+                  f"A/B: {ch['votes']} choices on {ch['ab_pairs']} pairs; corrections: {rep['corrections']['rows']}; "
+                  f"ratings: {rep['ratings']['ratings']}; store: +{rep['store']['pairs_added']} pairs, "
+                  f"+{rep['store']['rewards_added']} rewards", soft_wrap=True)
+
+
+@app.command()
+@friendly_errors
 def status(project_dir: ProjectOpt = Path(".")) -> None:
     """Champion, model versions, the last cycle and its steps, and data counts."""
     from tuneloop.stages.common import champion
@@ -299,6 +389,38 @@ def status(project_dir: ProjectOpt = Path(".")) -> None:
         for st in s.scalars(select(CycleStep).where(CycleStep.cycle_id == last.id).order_by(CycleStep.id)):
             steps.add_row(st.name, st.status, str(st.started_at)[:19], str(st.finished_at or "")[:19])
         console.print(steps)
+
+
+@app.command()
+@friendly_errors
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default: serve.host).")] = None,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port (default: serve.port).")] = None,
+    ab: Annotated[bool, typer.Option("--ab", help="A/B mode: answer with champion and challenger.")] = False,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept clients without an API key.")] = False,
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Serve the champion: OpenAI-compatible API, feedback API and web pages (uvicorn)."""
+    import copy
+
+    import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
+
+    from tuneloop.serve import create_app
+
+    project = load_project(project_dir)
+    if ab:
+        project.settings.serve.ab_mode = True
+    web_app = create_app(project, auth=not no_auth)
+    served = web_app.state.models.current()
+    s = project.settings.serve
+    host, port = host or s.host, port or s.port
+    challenger = f", challenger {served.challenger.name}" if served.challenger else ""
+    console.print(f"serving champion {served.champion.name}{challenger} at http://{host}:{port} "
+                  f"(web page /, admin /admin, API /v1{'; A/B mode' if s.ab_mode else ''})", soft_wrap=True)
+    log_config = copy.deepcopy(LOGGING_CONFIG)  # uvicorn's, plus our champion swaps and internal errors
+    log_config["loggers"]["tuneloop"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    uvicorn.run(web_app, host=host, port=port, log_config=log_config)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -298,6 +298,20 @@ sft:
   balance_yes_no: true   # down-sample the majority Yes/No answer (contracts are mostly "No")
   precision: auto        # fp32 on CPU; bf16 on CUDA that supports it
 
+serve:                   # `tuneloop serve`: OpenAI-compatible API, feedback API, web page at /
+  host: 127.0.0.1
+  port: 8000
+  api_keys_env: TUNELOOP_API_KEYS      # env var with client keys: "alice:sk-1,bob:sk-2"
+  admin_token_env: TUNELOOP_ADMIN_TOKEN  # env var with the admin token (/admin, /v1/admin/*)
+  ab_mode: false         # answer with champion and challenger side by side when a challenger exists
+  reload_seconds: 5      # how often to look for a newly promoted champion (no restart needed)
+
+feedback:
+  rlaif_prompts: 32      # prompts per `tuneloop rlaif` (recent interactions, then synthetic questions)
+  rlaif_candidates: 4    # sampled answers per prompt, compared pairwise by the judge in both orders
+  rlaif_mode: pairwise   # or rubric: the judge scores each answer 1-5 (scalar rewards)
+  contradiction_rule: majority  # thumbs that disagree on one answer: majority | latest | drop
+
 eval:
   primary_metric: macro_score  # mean of yes/no balanced accuracy and extraction F1; the gate
                               # promotes a candidate only if this improves

@@ -1,7 +1,8 @@
 """In-process chat generation with transformers (optionally with a LoRA adapter)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -107,7 +108,42 @@ class LocalChatModel:
         run()
         return out
 
+    def stream(self, conversation: list[Message], params: GenerationParams) -> Iterator[str]:
+        """Yield the reply to one conversation piece by piece as it is generated.
+
+        Uses transformers' TextIteratorStreamer with generate() in a worker thread. The pieces
+        concatenate to the stripped reply, the same text `chat` returns for this conversation
+        (leading whitespace is dropped, trailing whitespace is held back until more text follows).
+        Not thread-safe: callers serialise access to one model, as with `chat`.
+        """
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self._generate_ids([self.render(conversation)], params, params.seed, streamer=streamer)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the consuming thread below
+                failure.append(err)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="tuneloop-stream", daemon=True)
+        worker.start()
+        try:
+            yield from _stripped(streamer)
+        finally:
+            worker.join()
+        if failure:
+            raise failure[0]
+
     def _generate(self, prompts: list[str], params: GenerationParams, seed: int) -> list[str]:
+        new = self._generate_ids(prompts, params, seed)
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _generate_ids(self, prompts: list[str], params: GenerationParams, seed: int, streamer=None) -> torch.Tensor:
+        """Generated token ids (prompt removed) for a batch of rendered prompts."""
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         sample = params.temperature > 0
         torch.manual_seed(seed)
@@ -119,6 +155,23 @@ class LocalChatModel:
             top_p=params.top_p if sample else None,
             top_k=None,
             pad_token_id=self.tokenizer.pad_token_id,
+            streamer=streamer,
         )
-        new = out[:, enc["input_ids"].shape[1] :]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return out[:, enc["input_ids"].shape[1] :]
+
+
+def _stripped(pieces: Iterator[str]) -> Iterator[str]:
+    """Re-chunk text pieces so that they concatenate to `"".join(pieces).strip()`."""
+    pending, started = "", False
+    for text in pieces:
+        if not started:
+            text = text.lstrip()
+            if not text:
+                continue
+            started = True
+        body = text.rstrip()
+        if body:
+            yield pending + body
+            pending = text[len(body):]
+        else:
+            pending += text

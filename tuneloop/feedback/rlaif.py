@@ -1,0 +1,452 @@
+"""Stage: AI feedback (RLAIF). The judge turns sampled student answers into preferences or rewards.
+
+1. Prompts: the questions of the latest interactions (their serving prompt rebuilt from the
+   stored chunks), then synthetic examples' questions (retrieved as serving would), deduplicated,
+   up to `feedback.rlaif_prompts`.
+2. Candidates: the champion student answers each prompt `feedback.rlaif_candidates` times at
+   `feedback.rlaif_temperature`, each round with its own seed; empty and duplicate answers dropped.
+3. `pairwise` mode: the judge compares every pair of candidates in both orders, (A, B) and (B, A),
+   with the prompt's passages as context. Only a consistent verdict (the same answer wins in both
+   orders) becomes a PreferencePair(source="ai") with the judge's rationale; ties, inconsistent
+   and unparseable verdicts are recorded and dropped. A judge that always prefers whichever answer
+   comes first therefore keeps nothing, and the report shows that position bias.
+   `rubric` mode: the judge grades each candidate 1-5 (correctness, faithfulness to the passages,
+   brevity) -> Reward(source="ai"), reward = (score - 3) / 2 in [-1, 1].
+4. Calibration: every human A/B choice and correction pair (after routing, see `routing.py`) is
+   judged the same way; agreement = consistent AI verdicts matching the human choice / pairs judged.
+
+All model calls go through batched `predict_many` / `batched_chat` with progress; the registry's
+reply cache makes a rerun cheap. The artifact (artifacts/rlaif/<name>/) holds every candidate,
+every verdict, the kept pairs or rewards in TRL's conversational format, the calibration and a
+report; the store rows are added from it idempotently (content keys in meta).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from tuneloop.artifacts import artifact_path, is_complete, read_jsonl, write_artifact, write_jsonl
+from tuneloop.config import Project
+from tuneloop.errors import StateError
+from tuneloop.feedback.routing import (
+    PromptBuilder, PromptInfo, assistant, completion_key, normalize_answer, pair_key, route_feedback,
+)
+from tuneloop.models.base import ChatModel
+from tuneloop.models.registry import generation_params
+from tuneloop.programs.dspy_bridge import make_adapter, predict_many
+from tuneloop.programs.judge import JudgePrograms, parse_choice, score_to_reward
+from tuneloop.programs.rag import Passage
+from tuneloop.programs.synth import number_passages
+from tuneloop.progress import Reporter, batched_chat
+from tuneloop.stages.common import champion, run_name
+from tuneloop.store import Artifact, Example, Interaction, PreferencePair, Reward, Session
+
+KIND = "rlaif"
+MODES = ("pairwise", "rubric")
+
+
+@dataclass
+class RlaifModels:
+    student: ChatModel  # the champion (its LoRA adapter applied)
+    judge: ChatModel
+
+
+def build_rlaif_models(project: Project, session: Session) -> RlaifModels:
+    """The champion student and the judge role."""
+    from tuneloop.models.registry import build_chat_model
+
+    champ = champion(session)
+    if champ is None:
+        raise StateError("no champion model yet: run `tuneloop eval` or `tuneloop cycle` first")
+    m = project.settings.models
+    adapter = Path(champ.adapter_path) if champ.adapter_path else None
+    return RlaifModels(build_chat_model(project, m.student, adapter), build_chat_model(project, m.judge))
+
+
+@dataclass
+class RlaifResult:
+    artifact: Path
+    report: dict[str, Any]
+    pairs: int  # kept (consistent) AI preference pairs in the artifact
+    rewards: int  # AI rewards in the artifact (rubric mode)
+    added: dict[str, int] = field(default_factory=dict)  # new store rows
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class RlaifPrompt:
+    info: PromptInfo
+    origin: str  # interaction | synthetic
+    interaction_id: int | None = None
+    example_id: int | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {"origin": self.origin, "interaction_id": self.interaction_id, "example_id": self.example_id,
+                "question": self.info.question, "document": self.info.document, "prompt_source": self.info.source,
+                "chunk_ids": [p.chunk_id for p in self.info.passages]}
+
+
+def collect_prompts(session: Session, builder: PromptBuilder, limit: int) -> list[RlaifPrompt]:
+    """Latest interactions' questions first, then synthetic examples' (newest first), one per
+    (question, document), at most `limit`."""
+    seen: set[tuple[str, str]] = set()
+    out: list[RlaifPrompt] = []
+
+    def fresh(question: str, document: str | None) -> bool:
+        key = (normalize_answer(question), document or "")
+        if not key[0] or key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    q = select(Interaction).order_by(Interaction.created_at.desc(), Interaction.id.desc())
+    for it in session.scalars(q.execution_options(yield_per=256)):
+        if len(out) >= limit:
+            return out
+        if fresh(it.question, it.document):
+            out.append(RlaifPrompt(builder.for_interaction(it), "interaction", interaction_id=it.id))
+    q = select(Example).where(Example.kind == "synthetic").order_by(Example.id.desc())
+    for e in session.scalars(q.execution_options(yield_per=256)):
+        if len(out) >= limit:
+            break
+        if fresh(e.question, e.document):
+            out.append(RlaifPrompt(builder.for_question(e.question, e.document), "synthetic", example_id=e.id))
+    return out
+
+
+# --------------------------------------------------------------------------- judging
+
+
+def _choice(parsed: dict | None) -> str | None:
+    """'1', '2', 'tie' or None from a parsed comparison (plain or DSPy adapter)."""
+    if not parsed:
+        return None
+    value = str(parsed.get("better") or "").strip()
+    return value.lower() if value.lower() in ("1", "2", "tie") else parse_choice(value)
+
+
+def combine(first: str | None, second: str | None) -> tuple[str, str | None]:
+    """(outcome, winner) from the two orders' verdicts, already mapped to "a" / "b" / "tie" / None.
+
+    consistent: the same answer wins in both orders (winner "a" or "b"); tie: both orders tie;
+    inconsistent: anything else with two verdicts (e.g. position bias); unparsed: a verdict missing.
+    """
+    if first is None or second is None:
+        return "unparsed", None
+    if first == second and first in ("a", "b"):
+        return "consistent", first
+    if first == second == "tie":
+        return "tie", None
+    return "inconsistent", None
+
+
+@dataclass
+class Judged:
+    """One pair judged in both orders."""
+
+    a: str
+    b: str
+    replies: tuple[str, str]
+    choices: tuple[str | None, str | None]  # raw "1"/"2"/"tie"/None of order (a, b) and order (b, a)
+    rationales: tuple[str, str]
+    outcome: str
+    winner: str | None  # "a" | "b" | None
+
+    def verdicts(self) -> list[dict[str, Any]]:
+        out = []
+        for order, reply, choice, rationale in zip(("ab", "ba"), self.replies, self.choices, self.rationales):
+            out.append({"order": order, "reply": reply, "choice": choice, "rationale": rationale,
+                        "winner": _map(choice, order)})
+        return out
+
+    @property
+    def rationale(self) -> str:
+        win = self.winner
+        for v in self.verdicts():
+            if v["winner"] == win and v["rationale"]:
+                return v["rationale"]
+        return ""
+
+
+def _map(choice: str | None, order: str) -> str | None:
+    if choice is None or choice == "tie":
+        return choice
+    first, second = ("a", "b") if order == "ab" else ("b", "a")
+    return first if choice == "1" else second
+
+
+def judge_both_orders(programs: JudgePrograms, adapter, judge: ChatModel, items: Sequence[tuple[list[Passage], str,
+                      str, str]], params, reporter: Reporter, description: str, batch) -> list[Judged]:
+    """Judge each (passages, question, a, b) as (a, b) and as (b, a), in one batched run."""
+    inputs = []
+    for passages, question, a, b in items:
+        base = {"excerpts": number_passages(passages), "question": question}
+        inputs.append({**base, "answer_1": a, "answer_2": b})
+        inputs.append({**base, "answer_1": b, "answer_2": a})
+    results = predict_many(programs.compare, adapter, judge, inputs, params, reporter, description, batch)
+    out = []
+    for i, (_, _, a, b) in enumerate(items):
+        (p1, r1), (p2, r2) = results[2 * i], results[2 * i + 1]
+        c1, c2 = _choice(p1), _choice(p2)
+        outcome, winner = combine(_map(c1, "ab"), _map(c2, "ba"))
+        out.append(Judged(a, b, (r1, r2), (c1, c2),
+                          (str((p1 or {}).get("rationale") or ""), str((p2 or {}).get("rationale") or "")),
+                          outcome, winner))
+    return out
+
+
+def position_stats(judged: Sequence[Judged]) -> dict[str, Any]:
+    """How often the answer in the first position wins a single-order verdict (0.5: no bias)."""
+    decisive = [c for j in judged for c in j.choices if c in ("1", "2")]
+    first = sum(1 for c in decisive if c == "1")
+    return {"verdicts": 2 * len(judged), "decisive": len(decisive), "first_position_wins": first,
+            "first_position_rate": round(first / len(decisive), 4) if decisive else None,
+            "ties": sum(1 for j in judged for c in j.choices if c == "tie"),
+            "unparsed": sum(1 for j in judged for c in j.choices if c is None)}
+
+
+def calibration_report(judged: Sequence[Judged], sources: Sequence[str]) -> dict[str, Any]:
+    """Agreement with people: each human pair was judged with a = chosen, b = rejected."""
+
+    def stats(items: list[Judged]) -> dict[str, Any]:
+        outcomes = Counter(j.outcome for j in items)
+        agree = sum(1 for j in items if j.outcome == "consistent" and j.winner == "a")
+        disagree = sum(1 for j in items if j.outcome == "consistent" and j.winner == "b")
+        return {"pairs": len(items), "agree": agree, "disagree": disagree,
+                "inconsistent": outcomes.get("inconsistent", 0), "ties": outcomes.get("tie", 0),
+                "unparsed": outcomes.get("unparsed", 0),
+                "agreement": round(agree / len(items), 4) if items else None,
+                "agreement_when_consistent": round(agree / (agree + disagree), 4) if agree + disagree else None}
+
+    report = stats(list(judged))
+    report["by_source"] = {s: stats([j for j, src in zip(judged, sources) if src == s]) for s in sorted(set(sources))}
+    report["position_bias"] = position_stats(judged)
+    if not judged:
+        report["note"] = "no human A/B choices or corrections to compare with"
+    return report
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Run:
+    def __init__(self, project: Project, session: Session, models: RlaifModels, builder: PromptBuilder,
+                 reporter: Reporter, mode: str):
+        self.project, self.session, self.models, self.builder = project, session, models, builder
+        self.reporter, self.mode = reporter, mode
+        self.fs = project.settings.feedback
+        self.judge_role = project.settings.models.judge
+        self.programs = JudgePrograms()
+        self.adapter = make_adapter(project.settings.synth.adapter, self.judge_role.backend)
+        self.judge_params = generation_params(self.judge_role, temperature=0.0)
+
+    def candidates(self, prompts: list[RlaifPrompt]) -> list[list[dict[str, Any]]]:
+        """`rlaif_candidates` samples per prompt, one seeded round each; empty and duplicates dropped."""
+        role = self.project.settings.models.student
+        convs = [p.info.messages for p in prompts]
+        out: list[list[dict[str, Any]]] = [[] for _ in prompts]
+        seen: list[set[str]] = [set() for _ in prompts]
+        n = self.fs.rlaif_candidates
+        for k in range(n):
+            params = generation_params(role, seed=self.fs.seed * 1_000_000 + k * 1_000,
+                                       temperature=self.fs.rlaif_temperature)
+            replies = batched_chat(self.models.student, convs, params, self.reporter,
+                                   f"sampling candidates ({k + 1}/{n})", role.batch_size)
+            for i, reply in enumerate(replies):
+                text = (reply or "").strip()
+                norm = normalize_answer(text)
+                if norm and norm not in seen[i]:
+                    seen[i].add(norm)
+                    out[i].append({"text": text, "round": k, "seed": params.seed})
+        return out
+
+    def pairwise(self, prompts, cands) -> tuple[list[dict], list[dict], list[Judged]]:
+        index = [(i, a, b) for i, cs in enumerate(cands) for a, b in combinations(range(len(cs)), 2)]
+        items = [(prompts[i].info.passages, prompts[i].info.question, cands[i][a]["text"], cands[i][b]["text"])
+                 for i, a, b in index]
+        judged = judge_both_orders(self.programs, self.adapter, self.models.judge, items, self.judge_params,
+                                   self.reporter, "judging pairs (both orders)", self.judge_role.batch_size)
+        judgments, pairs = [], []
+        for (i, _, _), j in zip(index, judged):
+            p = prompts[i]
+            judgments.append({"prompt_index": i, "question": p.info.question, "a": j.a, "b": j.b,
+                              "verdicts": j.verdicts(), "outcome": j.outcome, "winner": j.winner})
+            if j.outcome != "consistent":
+                continue
+            chosen, rejected = (j.a, j.b) if j.winner == "a" else (j.b, j.a)
+            pairs.append({"prompt": p.info.messages, "chosen": assistant(chosen), "rejected": assistant(rejected),
+                          "source": "ai", "key": pair_key(p.info.messages, chosen, rejected),
+                          "rationale": j.rationale, "judge": self.models.judge.name, "verdicts": j.verdicts(),
+                          **p.row()})
+        return judgments, pairs, judged
+
+    def rubric(self, prompts, cands) -> tuple[list[dict], list[dict]]:
+        index = [(i, c) for i, cs in enumerate(cands) for c in cs]
+        inputs = [{"excerpts": number_passages(prompts[i].info.passages), "question": prompts[i].info.question,
+                   "answer": c["text"]} for i, c in index]
+        results = predict_many(self.programs.score, self.adapter, self.models.judge, inputs, self.judge_params,
+                               self.reporter, "scoring answers (rubric)", self.judge_role.batch_size)
+        scores, rewards = [], []
+        for (i, c), (parsed, reply) in zip(index, results):
+            p = prompts[i]
+            score = _score(parsed)
+            scores.append({"prompt_index": i, "question": p.info.question, "answer": c["text"], "reply": reply,
+                           "score": score})
+            if score is None:
+                continue
+            rewards.append({"prompt": p.info.messages, "completion": assistant(c["text"]),
+                            "reward": round(score_to_reward(score), 6), "score": score,
+                            "criteria": (parsed or {}).get("criteria") or {},
+                            "rationale": str((parsed or {}).get("rationale") or ""), "source": "ai",
+                            "key": completion_key(p.info.messages, c["text"]), "judge": self.models.judge.name,
+                            **p.row()})
+        return scores, rewards
+
+    def calibrate(self) -> tuple[list[dict], dict[str, Any]]:
+        routed = route_feedback(self.session, self.builder, self.fs.contradiction_rule)
+        human = routed.pairs
+        items = [(p.passages, p.question, p.chosen, p.rejected) for p in human]
+        judged = judge_both_orders(self.programs, self.adapter, self.models.judge, items, self.judge_params,
+                                   self.reporter, "calibration: judging human pairs", self.judge_role.batch_size)
+        rows = [{"source": p.source, "question": p.question, "chosen": p.chosen, "rejected": p.rejected,
+                 "interaction_ids": p.interaction_ids, "feedback_ids": p.feedback_ids, "verdicts": j.verdicts(),
+                 "outcome": j.outcome,
+                 "judge_prefers": {"a": "chosen", "b": "rejected"}.get(j.winner or ""),
+                 "agrees": j.outcome == "consistent" and j.winner == "a"} for p, j in zip(human, judged)]
+        return rows, calibration_report(judged, [p.source for p in human])
+
+
+def _score(parsed: dict | None) -> float | None:
+    if not parsed:
+        return None
+    try:
+        value = float(parsed.get("score"))
+    except (TypeError, ValueError):
+        return None
+    return value if 1.0 <= value <= 5.0 else None
+
+
+def rlaif(project: Project, session: Session, models: RlaifModels | Callable[[], RlaifModels] | None,
+          builder: PromptBuilder, reporter: Reporter, mode: str | None = None, limit: int | None = None,
+          name: str | None = None, cycle_id: int | None = None, calibrate: bool = True) -> RlaifResult:
+    """Sample, judge, write the artifact and add its AI pairs/rewards to the store (caller commits).
+
+    `models` may be a factory (called only once prompts exist) or None (the champion student and
+    the judge role are built). If the named artifact is already complete, it is only recorded.
+    """
+    fs = project.settings.feedback
+    mode = mode or fs.rlaif_mode
+    if mode not in MODES:
+        raise StateError(f"unknown RLAIF mode '{mode}' (pairwise or rubric)")
+    name = name or run_name("rlaif", cycle_id)
+    path = artifact_path(project.artifacts, KIND, name)
+    if not is_complete(path):
+        prompts = collect_prompts(session, builder, limit or fs.rlaif_prompts)
+        if not prompts:
+            raise StateError("no prompts for RLAIF: no interactions and no synthetic examples yet "
+                             "(serve the model, or run `tuneloop synth`)")
+        if models is None:
+            models = build_rlaif_models(project, session)
+        elif not isinstance(models, RlaifModels):
+            models = models()
+        run = Run(project, session, models, builder, reporter, mode)
+        cands = run.candidates(prompts)
+        judgments: list[dict] = []
+        pairs: list[dict] = []
+        scores: list[dict] = []
+        rewards: list[dict] = []
+        judged: list[Judged] = []
+        if mode == "pairwise":
+            judgments, pairs, judged = run.pairwise(prompts, cands)
+        else:
+            scores, rewards = run.rubric(prompts, cands)
+        calibration_rows, calibration = run.calibrate() if calibrate else ([], {"skipped": True})
+        champ = champion(session)
+        outcomes = Counter(j.outcome for j in judged)
+        sizes = [len(c) for c in cands]
+        report = {
+            "mode": mode, "student": models.student.name, "judge": models.judge.name,
+            "champion": champ.name if champ else None,
+            "prompts": {"total": len(prompts), "from_interactions": sum(p.origin == "interaction" for p in prompts),
+                        "from_synthetic": sum(p.origin == "synthetic" for p in prompts),
+                        "prompt_source": dict(Counter(p.info.source for p in prompts))},
+            "candidates": {"sampled": len(prompts) * fs.rlaif_candidates, "distinct": sum(sizes),
+                           "per_prompt": round(sum(sizes) / len(sizes), 3),
+                           "prompts_with_fewer_than_two": sum(1 for n in sizes if n < 2),
+                           "temperature": fs.rlaif_temperature},
+            "pairs_judged": len(judged), "consistent": outcomes.get("consistent", 0),
+            "inconsistent": outcomes.get("inconsistent", 0), "ties": outcomes.get("tie", 0),
+            "unparsed": outcomes.get("unparsed", 0), "kept_pairs": len(pairs),
+            "consistency_rate": round(outcomes.get("consistent", 0) / len(judged), 4) if judged else None,
+            "position_bias": position_stats(judged),
+            "rubric": {"scored": len(scores), "unparsed": sum(1 for s in scores if s["score"] is None),
+                       "rewards": len(rewards),
+                       "mean_reward": round(sum(r["reward"] for r in rewards) / len(rewards), 4) if rewards else None},
+            "calibration": calibration,
+        }
+
+        def write(tmp: Path) -> None:
+            write_jsonl(tmp / "candidates.jsonl", [{**p.row(), "prompt": p.info.messages, "candidates": c}
+                                                   for p, c in zip(prompts, cands)])
+            write_jsonl(tmp / "judgments.jsonl", judgments)
+            write_jsonl(tmp / "pairs.jsonl", pairs)
+            write_jsonl(tmp / "scores.jsonl", scores)
+            write_jsonl(tmp / "rewards.jsonl", rewards)
+            write_jsonl(tmp / "calibration.jsonl", calibration_rows)
+            (tmp / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+        meta = {"stage": "rlaif", "cycle_id": cycle_id, "mode": mode, "student": models.student.name,
+                "judge": models.judge.name, "report": report, "settings": fs.model_dump()}
+        path = write_artifact(project.artifacts, KIND, name, meta, write)
+    return _record(session, path, cycle_id)
+
+
+def _record(session: Session, path: Path, cycle_id: int | None) -> RlaifResult:
+    """Add the artifact's pairs and rewards to the store, skipping those already there."""
+    report = json.loads((path / "report.json").read_text(encoding="utf-8"))
+    pairs, rewards = read_jsonl(path / "pairs.jsonl"), read_jsonl(path / "rewards.jsonl")
+    have = {(r.meta or {}).get("key") for r in session.scalars(select(PreferencePair)
+                                                               .where(PreferencePair.source == "ai"))}
+    added = Counter()
+    for row in pairs:
+        if row["key"] in have:
+            continue
+        have.add(row["key"])
+        session.add(PreferencePair(
+            prompt=row["question"], chosen=row["chosen"][0]["content"], rejected=row["rejected"][0]["content"],
+            source="ai", meta={"key": row["key"], "judge": row["judge"], "rationale": row["rationale"],
+                               "prompt_messages": row["prompt"], "verdicts": row["verdicts"],
+                               "document": row["document"], "interaction_id": row["interaction_id"],
+                               "example_id": row["example_id"], "prompt_source": row["prompt_source"],
+                               "artifact": str(path), "cycle_id": cycle_id}))
+        added["pairs"] += 1
+    existing = {(r.meta or {}).get("key"): r for r in session.scalars(select(Reward).where(Reward.source == "ai"))}
+    for row in rewards:
+        meta = {"key": row["key"], "judge": row["judge"], "score": row["score"], "criteria": row["criteria"],
+                "rationale": row["rationale"], "prompt_messages": row["prompt"], "document": row["document"],
+                "example_id": row["example_id"], "prompt_source": row["prompt_source"], "artifact": str(path),
+                "cycle_id": cycle_id}
+        old = existing.get(row["key"])
+        if old is None:
+            old = Reward(prompt=row["question"], completion=row["completion"][0]["content"], reward=row["reward"],
+                         source="ai", interaction_id=row["interaction_id"], meta=meta)
+            session.add(old)
+            existing[row["key"]] = old
+            added["rewards"] += 1
+        elif old.reward != row["reward"] or (old.meta or {}).get("judge") != row["judge"]:
+            old.reward, old.meta = row["reward"], meta  # re-scored by another judge
+            added["rewards_updated"] += 1
+    if not session.scalar(select(Artifact).where(Artifact.path == str(path))):
+        session.add(Artifact(kind="dataset", path=str(path), meta={"stage": "rlaif", "cycle_id": cycle_id}))
+    session.flush()
+    return RlaifResult(path, report, pairs=len(pairs), rewards=len(rewards),
+                       added={k: added.get(k, 0) for k in ("pairs", "rewards", "rewards_updated")})

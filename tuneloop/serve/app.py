@@ -1,0 +1,161 @@
+"""The FastAPI app behind `tuneloop serve` (see the module docs of its siblings for the parts).
+
+Endpoints: GET /v1/models, POST /v1/chat/completions (OpenAI-compatible, streaming too),
+POST /v1/feedback, GET /v1/interactions/{id}, GET /v1/admin/summary, and the web pages at / and
+/admin. Everything the app needs hangs off `app.state` (no module-level mutable state), so tests
+can build several apps side by side.
+
+Endpoints are plain `def` functions (FastAPI runs them in its thread pool), except the chat
+endpoint, which runs retrieval and generation on threads of its own limiter: requests waiting for
+a model (each loaded model has a lock) never take the threads feedback requests need.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from anyio import CapacityLimiter, to_thread
+from fastapi import FastAPI, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+
+from tuneloop.config import Project
+from tuneloop.errors import ConfigError
+from tuneloop.serve.auth import ANONYMOUS_CLIENT, AuthMiddleware, BodyLimitMiddleware, KeyRing
+from tuneloop.serve.chat import SSE_HEADERS, ChatHandler
+from tuneloop.serve.errors import ApiError, CatchAllMiddleware, install_error_handlers
+from tuneloop.serve.records import admin_summary, interaction_json, save_feedback
+from tuneloop.serve.schemas import ChatRequest, FeedbackRequest, check_feedback
+from tuneloop.serve.state import ModelFactory, ModelState
+
+STATIC_DIR = Path(__file__).parent / "static"
+GENERATION_THREADS = 32  # chat requests being served or waiting for a model; more queue without a thread
+_STATIC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def create_app(project: Project, *, model_factory: ModelFactory | None = None, auth: bool = True,
+               static_dir: Path | None = None) -> FastAPI:
+    """Build the serving app for a project, with the champion (and challenger) loaded.
+
+    `model_factory(project, version) -> ChatModel` builds the model of a version (default: the
+    student role with the version's LoRA adapter). `auth=False` is `--no-auth`: clients need no
+    key (they are recorded as "anonymous"); admin endpoints still need the admin token.
+    Raises ConfigError when no client key is configured (and `auth`), StateError when there is
+    no champion or no retrieval index. A fresh project gets the base model registered as champion.
+    """
+    from tuneloop.models.registry import build_embedder
+    from tuneloop.stages.evaluate import ensure_base_version
+    from tuneloop.store import open_store
+
+    settings = project.settings.serve
+    keys = KeyRing.from_env(settings, auth)
+    if auth and not keys.clients:
+        raise ConfigError(f"no client API key configured: set {settings.api_keys_env} (comma-separated "
+                          f"'name:key' entries), or pass --no-auth")
+    sessions = open_store(project.store_url)
+    with sessions() as s:
+        ensure_base_version(project, s)
+        s.commit()
+    models = ModelState(project, sessions, model_factory, build_embedder(project))
+    models.load()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        models.start()  # checks the store for a new champion every serve.reload_seconds
+        try:
+            yield
+        finally:
+            models.stop()
+
+    app = FastAPI(title="tuneloop", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.project, app.state.sessions, app.state.models, app.state.keys = project, sessions, models, keys
+    app.state.chat = ChatHandler(project, sessions)
+    app.state.static_dir = static_dir or STATIC_DIR
+    install_error_handlers(app)
+    # added innermost first: CatchAll -> Auth -> BodyLimit -> FastAPI's own handling
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(CatchAllMiddleware)
+    _add_api_routes(app)
+    _add_page_routes(app)
+    return app
+
+
+def client_of(request: Request) -> str:
+    """The client name the auth middleware found for this request's key."""
+    return str(request.scope.get("state", {}).get("client", ANONYMOUS_CLIENT))
+
+
+def _add_api_routes(app: FastAPI) -> None:
+    @app.get("/v1/models")
+    def list_models(request: Request) -> dict[str, Any]:
+        served = request.app.state.models.current()
+        data = [{"id": served.champion.name, "object": "model", "owned_by": "tuneloop", "role": "champion"}]
+        if served.challenger is not None:
+            data.append({"id": served.challenger.name, "object": "model", "owned_by": "tuneloop",
+                         "role": "challenger"})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        state = request.app.state
+        if getattr(state, "generation_limiter", None) is None:  # created inside the event loop
+            state.generation_limiter = CapacityLimiter(GENERATION_THREADS)
+        limiter = state.generation_limiter
+        result = await to_thread.run_sync(state.chat, body, state.models.current(), client_of(request),
+                                          limiter=limiter)
+        if isinstance(result, Response):
+            return result
+        return StreamingResponse(_in_threads(result, limiter), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @app.post("/v1/feedback", status_code=201)
+    def feedback(body: FeedbackRequest, request: Request) -> JSONResponse:
+        state = request.app.state
+        body = check_feedback(body, state.project.settings.serve.max_feedback_chars)
+        with state.sessions() as s:
+            stored = save_feedback(s, body, client_of(request))  # committed before the response
+        return JSONResponse(stored, status_code=201)
+
+    @app.get("/v1/interactions/{interaction_id}")
+    def get_interaction(interaction_id: Annotated[int, PathParam(ge=1, le=2**62)], request: Request) -> dict[str, Any]:
+        with request.app.state.sessions() as s:
+            return interaction_json(s, interaction_id)
+
+    @app.get("/v1/admin/summary")
+    def summary(request: Request) -> dict[str, Any]:
+        with request.app.state.sessions() as s:
+            return admin_summary(s)
+
+
+async def _in_threads(events: Iterator[str], limiter: CapacityLimiter) -> AsyncIterator[str]:
+    """Iterate a blocking iterator on the generation threads (not the shared thread pool)."""
+    done = object()
+    while True:
+        event = await to_thread.run_sync(next, events, done, limiter=limiter)
+        if event is done:
+            return
+        yield event  # type: ignore[misc]
+
+
+def _page(request: Request, name: str) -> FileResponse:
+    path = request.app.state.static_dir / name
+    if not _STATIC_NAME.match(name) or not path.is_file():
+        raise ApiError(404, f"page '{name}' is not installed", "not_found")
+    return FileResponse(path)
+
+
+def _add_page_routes(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    def index(request: Request) -> FileResponse:
+        return _page(request, "index.html")
+
+    @app.get("/admin", include_in_schema=False)
+    def admin_page(request: Request) -> FileResponse:
+        return _page(request, "admin.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static_file(name: str, request: Request) -> FileResponse:
+        return _page(request, name)

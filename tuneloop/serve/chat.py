@@ -1,0 +1,179 @@
+"""POST /v1/chat/completions: retrieve, answer (one model, or an A/B pair), store, respond.
+
+The prompt is the student's training prompt (`build_messages`) built from the last user message
+and the retrieved passages. Each answer is stored as an Interaction once it is complete; its id
+comes back in the body (`interaction_id`, and `chatcmpl-<id>` for non-streamed answers) and in the
+`X-Interaction-Id` header.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import secrets
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session, sessionmaker
+
+from tuneloop.config import Project
+from tuneloop.models.base import GenerationParams
+from tuneloop.programs.rag import Passage, build_messages
+from tuneloop.serve.errors import INTERNAL_MESSAGE, ApiError, error_body
+from tuneloop.serve.schemas import CHAMPION_ALIASES, ChatRequest, check_question
+from tuneloop.serve.state import LoadedModel, Served, Usage
+from tuneloop.store import Interaction
+
+log = logging.getLogger("tuneloop.serve")
+AB_MODEL_NAME = "tuneloop"  # the `model` of an A/B response: which arm is which is not revealed
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Arm:
+    """One model answering: `role` is champion/challenger in A/B mode, else None."""
+
+    model: LoadedModel
+    role: str | None = None
+    answer: str = ""
+    usage: Usage | None = None
+    latency_ms: float = 0.0
+
+
+def select_model(name: str | None, served: Served) -> LoadedModel:
+    """The model a request names: none/"tuneloop"/"champion", "challenger", or a served version's name."""
+    if name is None or name in CHAMPION_ALIASES or name == served.champion.name:
+        return served.champion
+    if name == "challenger" or (served.challenger is not None and name == served.challenger.name):
+        if served.challenger is None:
+            raise ApiError(404, "there is no challenger model right now", "model_not_found")
+        return served.challenger
+    raise ApiError(404, f"model '{name}' is not served here (GET /v1/models lists them)", "model_not_found")
+
+
+def plan_arms(req: ChatRequest, served: Served, ab_mode: bool, rng: random.Random) -> list[Arm]:
+    """One arm, or champion and challenger in random order when A/B applies.
+
+    A/B applies when the body says `ab: true`, or the server runs in A/B mode and the body neither
+    says `ab: false` nor names a specific model; and only while a challenger exists.
+    """
+    chosen = select_model(req.model, served)
+    ab = req.ab if req.ab is not None else (ab_mode and req.model in (None, *CHAMPION_ALIASES))
+    if not ab or served.challenger is None:
+        return [Arm(chosen)]
+    arms = [Arm(served.champion, "champion"), Arm(served.challenger, "challenger")]
+    rng.shuffle(arms)
+    return arms
+
+
+def generation_params(req: ChatRequest, project: Project) -> GenerationParams:
+    role = project.settings.models.student
+    temperature = role.temperature if req.temperature is None else req.temperature
+    return GenerationParams(max_new_tokens=req.max_tokens or req.max_completion_tokens or role.max_new_tokens,
+                            temperature=temperature, seed=secrets.randbelow(2**31) if temperature > 0 else 0)
+
+
+def citations(passages: list[Passage]) -> list[dict[str, Any]]:
+    return [{"n": i + 1, "chunk_id": p.chunk_id, "document": p.document, "text": p.text}
+            for i, p in enumerate(passages)]
+
+
+def store_interactions(sessions: sessionmaker[Session], question: str, passages: list[Passage], arms: list[Arm],
+                       document: str | None, client: str) -> tuple[list[int], str | None]:
+    """Store one Interaction per arm (one transaction); returns their ids and the A/B pair id."""
+    ab_pair = uuid.uuid4().hex if len(arms) > 1 else None
+    with sessions() as s:
+        rows = [Interaction(question=question, answer=a.answer, chunk_ids=[p.chunk_id for p in passages],
+                            model_version_id=a.model.version_id, latency_ms=a.latency_ms, document=document,
+                            ab_pair=ab_pair, arm=a.role, client=client) for a in arms]
+        s.add_all(rows)
+        s.commit()
+        return [r.id for r in rows], ab_pair
+
+
+class ChatHandler:
+    """Answers chat requests against the current models; one per app."""
+
+    def __init__(self, project: Project, sessions: sessionmaker[Session]):
+        self.project, self.sessions = project, sessions
+        self.settings = project.settings.serve
+        self.rng = random.Random()
+
+    def __call__(self, req: ChatRequest, served: Served, client: str) -> JSONResponse | Iterator[str]:
+        """The JSON response, or (for `stream: true`) the server-sent events to stream.
+
+        Blocking (retrieval and generation): call it from a worker thread. Request errors are
+        raised as ApiError before anything is generated.
+        """
+        question = check_question(req.question(), self.settings.max_question_chars)
+        document = req.document.strip() if req.document and req.document.strip() else None
+        if document is not None and document not in served.documents:
+            raise ApiError(404, f"unknown document '{document}'", "document_not_found")
+        arms = plan_arms(req, served, self.settings.ab_mode, self.rng)
+        start = time.perf_counter()
+        passages = served.retrieve(question, document)
+        retrieval_ms = (time.perf_counter() - start) * 1000
+        conversation = build_messages(question, passages)
+        params = generation_params(req, self.project)
+        if req.stream:
+            return self._stream(question, document, passages, conversation, params, arms, retrieval_ms, client)
+        for arm in arms:
+            t = time.perf_counter()
+            arm.answer, arm.usage = arm.model.chat(conversation, params)
+            arm.latency_ms = retrieval_ms + (time.perf_counter() - t) * 1000
+        ids, ab_pair = store_interactions(self.sessions, question, passages, arms, document, client)
+        body = {
+            "id": f"chatcmpl-{ids[0]}", "object": "chat.completion", "created": int(time.time()),
+            "model": _model_name(arms),
+            "choices": [{"index": i, "message": {"role": "assistant", "content": a.answer}, "finish_reason": "stop"}
+                        for i, a in enumerate(arms)],
+            "usage": _usage(arms), "interaction_id": ids[0], "citations": citations(passages),
+            **_ab_fields(ids, ab_pair),
+        }
+        return JSONResponse(body, headers={"X-Interaction-Id": str(ids[0])})
+
+    def _stream(self, question: str, document: str | None, passages: list[Passage], conversation, params,
+                arms: list[Arm], retrieval_ms: float, client: str) -> Iterator[str]:
+        """Server-sent `chat.completion.chunk` events; A/B arms are streamed one after the other."""
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": _model_name(arms)}
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return "data: " + json.dumps({**base, "choices": choices, **extra}) + "\n\n"
+
+        try:
+            for index, arm in enumerate(arms):
+                yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                t, usage, parts = time.perf_counter(), Usage(), []
+                for piece in arm.model.stream(conversation, params, usage):
+                    parts.append(piece)
+                    yield chunk([{"index": index, "delta": {"content": piece}, "finish_reason": None}])
+                arm.answer, arm.usage = "".join(parts), usage
+                arm.latency_ms = retrieval_ms + (time.perf_counter() - t) * 1000
+            ids, ab_pair = store_interactions(self.sessions, question, passages, arms, document, client)
+        except Exception:
+            log.exception("streamed answer failed")
+            yield "data: " + json.dumps(error_body(500, INTERNAL_MESSAGE)) + "\n\n"
+            return
+        finals = [{"index": i, "delta": {}, "finish_reason": "stop"} for i in range(len(arms))]
+        yield chunk(finals, usage=_usage(arms), interaction_id=ids[0], citations=citations(passages),
+                    **_ab_fields(ids, ab_pair))
+        yield "data: [DONE]\n\n"
+
+
+def _model_name(arms: list[Arm]) -> str:
+    return AB_MODEL_NAME if len(arms) > 1 else arms[0].model.name
+
+
+def _usage(arms: list[Arm]) -> dict[str, int]:
+    prompt = max((a.usage.prompt_tokens for a in arms if a.usage), default=0)
+    completion = sum(a.usage.completion_tokens for a in arms if a.usage)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _ab_fields(ids: list[int], ab_pair: str | None) -> dict[str, Any]:
+    return {"ab_pair": ab_pair, "interaction_ids": ids} if ab_pair else {}

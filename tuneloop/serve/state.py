@@ -1,0 +1,294 @@
+"""The models being served, and their hot swap when the store names a new champion.
+
+`ModelState.current()` returns an immutable snapshot (champion, optional challenger, retriever).
+A request takes one snapshot and uses it to the end, so a swap never changes a model under a
+request in flight. `check()` compares the store (champion id, newest candidate id) and the index
+file with the snapshot; when something changed it loads what is new (reusing models already
+loaded, e.g. a challenger promoted to champion) and only then replaces the snapshot: one
+reference assignment. Checks run on a background thread every `serve.reload_seconds`, and a
+request arriving after that interval starts one too (without waiting for it).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from tuneloop.config import Project
+from tuneloop.errors import StateError
+from tuneloop.models.base import ChatModel, Embedder, GenerationParams, Message
+from tuneloop.programs.rag import Passage, Retriever
+from tuneloop.stages.common import champion
+from tuneloop.store import ModelVersion
+
+log = logging.getLogger("tuneloop.serve")
+ModelFactory = Callable[[Project, ModelVersion], ChatModel]
+RETRY_FAILED_SECONDS = 60.0  # a version whose load failed is retried after this long (not every check)
+
+
+def default_model_factory(project: Project, version: ModelVersion) -> ChatModel:
+    """The student role with the version's LoRA adapter; replies are generated fresh (no disk cache)."""
+    from tuneloop.models.registry import build_chat_model
+
+    role = project.settings.models.student.model_copy(update={"cache": False})
+    return build_chat_model(project, role, Path(version.adapter_path) if version.adapter_path else None)
+
+
+def stream_reply(model: ChatModel, conversation: list[Message], params: GenerationParams) -> Iterator[str]:
+    """Token pieces from a model with `stream()`; otherwise the whole `chat()` reply as one piece."""
+    for candidate in (model, getattr(model, "wrapped", None)):  # CachedChatModel wraps the real model
+        stream = getattr(candidate, "stream", None)
+        if callable(stream):
+            return iter(stream(conversation, params))
+    return iter([model.chat([conversation], params)[0]])
+
+
+@dataclass
+class Usage:
+    """Token counts of one generation (the model's tokenizer when it has one, else words)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _tokenizer(model: ChatModel):
+    for candidate in (model, getattr(model, "wrapped", None)):
+        tok = getattr(candidate, "tokenizer", None)
+        if tok is not None:
+            return candidate, tok
+    return None, None
+
+
+def count_usage(model: ChatModel, conversation: list[Message], reply: str) -> Usage:
+    """Prompt and completion token counts (approximate for models without a tokenizer)."""
+    owner, tok = _tokenizer(model)
+    if tok is None:
+        return Usage(sum(len(m["content"].split()) for m in conversation), len(reply.split()))
+    render = getattr(owner, "render", None)
+    prompt = render(conversation) if callable(render) else "\n".join(m["content"] for m in conversation)
+    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    return Usage(count(prompt), count(reply) if reply else 0)
+
+
+@dataclass
+class LoadedModel:
+    """One model version in memory. Local models are not thread-safe: one generation at a time
+    (token counting included: a fast tokenizer is not safe to share across threads either)."""
+
+    version_id: int
+    name: str
+    model: ChatModel
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def chat(self, conversation: list[Message], params: GenerationParams) -> tuple[str, Usage]:
+        with self.lock:
+            reply = self.model.chat([conversation], params)[0]
+            return reply, count_usage(self.model, conversation, reply)
+
+    def stream(self, conversation: list[Message], params: GenerationParams, usage: Usage) -> Iterator[str]:
+        """Reply pieces as they are generated; `usage` is filled in when the reply is complete.
+
+        A producer thread holds the lock for the whole generation and hands pieces over a queue,
+        so the lock is released even when the consumer (a client that disconnected) stops reading.
+        """
+        pieces: queue.Queue[tuple[str, object]] = queue.Queue()
+
+        def produce() -> None:
+            try:
+                with self.lock:
+                    parts = []
+                    for piece in stream_reply(self.model, conversation, params):
+                        parts.append(piece)
+                        pieces.put(("piece", piece))
+                    done = count_usage(self.model, conversation, "".join(parts))
+                usage.prompt_tokens, usage.completion_tokens = done.prompt_tokens, done.completion_tokens
+                pieces.put(("end", None))
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                pieces.put(("error", err))
+
+        threading.Thread(target=produce, name=f"tuneloop-generate-{self.name}", daemon=True).start()
+        while True:
+            kind, value = pieces.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value  # type: ignore[misc]
+            yield value  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class Served:
+    """What one request uses, start to finish."""
+
+    champion: LoadedModel
+    challenger: LoadedModel | None
+    retriever: Retriever
+    retriever_lock: threading.Lock
+    index_stamp: int
+    documents: frozenset[str]  # names retrieval can be restricted to
+
+    def retrieve(self, question: str, document: str | None) -> list[Passage]:
+        with self.retriever_lock:  # tokenizers and embedders are not safe to share across threads
+            return self.retriever.retrieve(question, document)
+
+
+class ModelState:
+    """Holds the current `Served` snapshot and replaces it when the champion changes."""
+
+    def __init__(self, project: Project, sessions: sessionmaker[Session], model_factory: ModelFactory | None = None,
+                 embedder: Embedder | None = None):
+        self.project, self.sessions = project, sessions
+        self.model_factory = model_factory or default_model_factory
+        self.embedder = embedder
+        self.reload_seconds = project.settings.serve.reload_seconds
+        self._served: Served | None = None
+        self._check_lock = threading.Lock()  # one check/load at a time
+        self._last_check = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failed: dict[int, float] = {}  # version id -> when loading it failed
+
+    def current(self) -> Served:
+        """The snapshot to answer with; also starts a background check when one is due."""
+        served = self._served
+        if served is None:
+            raise StateError("the models are not loaded yet")
+        if time.monotonic() - self._last_check >= self.reload_seconds:
+            self.check_in_background()
+        return served
+
+    def load(self) -> Served:
+        """The first load (synchronous): raises StateError when there is no champion or index."""
+        if not self.check(initial=True):
+            raise StateError("no champion model version: run `tuneloop cycle` or `tuneloop eval` first")
+        assert self._served is not None
+        return self._served
+
+    def check_in_background(self) -> None:
+        """Start a check on a short-lived thread unless one is already running."""
+        if not self._check_lock.acquire(blocking=False):
+            return
+        self._last_check = time.monotonic()  # before the thread starts: one check per interval
+
+        def run() -> None:
+            try:
+                self._safe_check(locked=True)
+            finally:
+                self._check_lock.release()
+
+        threading.Thread(target=run, name="tuneloop-reload-check", daemon=True).start()
+
+    def _safe_check(self, locked: bool = False) -> None:
+        try:
+            self._check_locked() if locked else self.check()
+        except Exception:
+            log.exception("checking for a new champion failed; still serving the current one")
+
+    def _wanted(self) -> tuple[ModelVersion | None, ModelVersion | None]:
+        with self.sessions() as s:
+            champ = champion(s)
+            challenger = s.scalars(select(ModelVersion).where(ModelVersion.status == "candidate")
+                                   .order_by(ModelVersion.id.desc())).first()
+            return champ, challenger
+
+    def _index_stamp(self) -> int:
+        path = self.project.index_dir / "index.json"
+        return path.stat().st_mtime_ns if path.exists() else 0
+
+    def check(self, initial: bool = False) -> bool:
+        """Reload when the champion, the challenger or the index changed; True when a snapshot exists."""
+        with self._check_lock:
+            return self._check_locked(initial)
+
+    def _check_locked(self, initial: bool = False) -> bool:
+        self._last_check = time.monotonic()
+        champ, challenger = self._wanted()
+        if champ is None:
+            if self._served is not None:
+                log.warning("the store has no champion any more; still serving %s", self._served.champion.name)
+            return self._served is not None
+        old = self._served
+        if old is not None and self._failed_recently(champ.id):
+            return True  # keep serving the old champion; the new one is retried later
+        if challenger is not None and self._failed_recently(challenger.id):
+            challenger = None
+        stamp = self._index_stamp()
+        if old is not None and (old.champion.version_id, old.challenger and old.challenger.version_id,
+                                old.index_stamp) == (champ.id, challenger and challenger.id, stamp):
+            return True
+        self._served = self._build(old, champ, challenger, stamp, initial)  # the swap: one assignment
+        if old is not None and old.champion.version_id != champ.id:
+            log.info("now serving champion %s (was %s)", champ.name, old.champion.name)
+        return True
+
+    def _build(self, old: Served | None, champ: ModelVersion, challenger: ModelVersion | None, stamp: int,
+               initial: bool) -> Served:
+        loaded = {m.version_id: m for m in (old.champion, old.challenger) if m is not None} if old else {}
+
+        def get(version: ModelVersion) -> LoadedModel:
+            if version.id in loaded:
+                return loaded[version.id]
+            log.info("loading model version %s", version.name)
+            try:
+                model = self.model_factory(self.project, version)
+            except Exception:
+                self._failed[version.id] = time.monotonic()
+                raise
+            self._failed.pop(version.id, None)
+            return LoadedModel(version.id, version.name, model)
+
+        if old is not None and old.index_stamp == stamp:
+            retriever, retriever_lock = old.retriever, old.retriever_lock
+        else:  # first: a missing index fails before any model is loaded
+            retriever, retriever_lock = self._load_retriever(initial), threading.Lock()
+        new_champion = get(champ)
+        new_challenger = None
+        if challenger is not None:
+            try:
+                new_challenger = get(challenger)
+            except Exception:  # a broken candidate must not stop the champion from serving
+                log.exception("could not load challenger %s; serving without it", challenger.name)
+        return Served(new_champion, new_challenger, retriever, retriever_lock, stamp, frozenset(retriever.documents()))
+
+    def _failed_recently(self, version_id: int) -> bool:
+        failed_at = self._failed.get(version_id)
+        return failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED_SECONDS
+
+    def _load_retriever(self, initial: bool) -> Retriever:
+        from tuneloop.ingest.index import IndexNotFoundError
+
+        try:
+            with self.sessions() as s:
+                return Retriever.load(self.project, s, self.embedder)
+        except IndexNotFoundError:
+            if initial:
+                raise StateError("no retrieval index yet: run `tuneloop ingest PATH` first") from None
+            raise
+
+    # ------------------------------------------------------------------ background checks
+
+    def start(self) -> None:
+        """Check the store every `reload_seconds` on a daemon thread until `stop()`."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.wait(self.reload_seconds):
+                self._safe_check()
+
+        self._thread = threading.Thread(target=loop, name="tuneloop-reload", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
