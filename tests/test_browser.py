@@ -1,0 +1,326 @@
+"""The web pages in a real headless browser (Debian's Chromium driven by Playwright).
+
+The real FastAPI app runs under uvicorn in a thread on 127.0.0.1 (port 0) over the tiny test
+project (ingested, BM25 only), with a scripted fake ChatModel as `model_factory` so answers are
+instant and deterministic. Covers: the ask page (API key kept in localStorage, an API error
+shown in #error, an answer with its cited passages, thumbs + rating + comment stored in the
+store with those values), the A/B mode (picking B stores B's interaction as the preferred one),
+and the admin page (wrong token -> error; admin token -> feedback per day, chart, versions,
+cycles).
+
+Needs /usr/bin/chromium (Debian package `chromium`); Playwright's own browser download is never
+used. Without it the tests FAIL (they do not skip).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from tests.helpers import CONTRACTS, ingest_project, prompt_question, tiny_settings, write_settings
+from tuneloop import store as st
+from tuneloop.config import Project, load_project
+from tuneloop.models.base import GenerationParams, Message
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+CLIENT_NAME, CLIENT_KEY = "tester", "client-key-0123456789"
+ADMIN_TOKEN = "admin-token-9876543210"
+TIMEOUT_MS = 10_000
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def require_chromium() -> None:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium: apt-get install chromium "
+                    "(the browser tests never run `playwright install`)", pytrace=False)
+
+
+class ScriptedChat:
+    """A ChatModel that answers at once: '<version> answers: <question>'."""
+
+    def __init__(self, version: str):
+        self.version = version
+        self.name = f"scripted-{version}"
+
+    def chat(self, conversations: Sequence[list[Message]], params: GenerationParams) -> list[str]:
+        return [f"{self.version} answers: {prompt_question(conv)}" for conv in conversations]
+
+
+def scripted_factory(project: Project, version: st.ModelVersion) -> ScriptedChat:
+    return ScriptedChat(version.name)
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1 with an OS-chosen port, in a daemon thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        # proto IPPROTO_TCP, so that asyncio sets TCP_NODELAY (else every response waits ~40 ms)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="auto"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start (see the log above)")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[ServerThread, Project]]:
+    """The app over an ingested tiny project with a champion ('base'), a candidate and one cycle."""
+    from tuneloop.serve.app import create_app
+    from tuneloop.stages.evaluate import ensure_base_version
+
+    root = tmp_path_factory.mktemp("browser") / "project"
+    root.mkdir()
+    shutil.copytree(CONTRACTS, root / "documents")
+    write_settings(root, tiny_settings(tiny_model_dir))
+    project = load_project(root)
+    ingest_project(project)
+    with st.open_store(project.store_url)() as s:
+        base = ensure_base_version(project, s)
+        base.metrics = {"macro_score": 0.25, "token_f1": 0.38}
+        cycle = st.Cycle(status="done", trigger="manual", outcome="kept champion; rejected cand-1: test",
+                         finished_at=st.utcnow())
+        s.add(cycle)
+        s.flush()
+        s.add(st.ModelVersion(name="cand-1", parent_id=base.id, base_model=base.base_model, adapter_path=None,
+                              method="sft", status="candidate", metrics={"macro_score": 0.5}, cycle_id=cycle.id))
+        s.commit()
+
+    serve = project.settings.serve
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(serve.api_keys_env, f"{CLIENT_NAME}:{CLIENT_KEY}")
+        mp.setenv(serve.admin_token_env, ADMIN_TOKEN)
+        app = create_app(project, model_factory=scripted_factory)
+        with ServerThread(app) as server:
+            yield server, project
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium, or None when it is missing (each test then fails with a clear message)."""
+    if not CHROMIUM.exists():
+        yield None
+        return
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser context and page (None without Chromium: the test's require_chromium() fails it)."""
+    if browser is None:
+        yield None
+        return
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    pg = context.new_page()
+    console_errors: list[str] = []
+    pg.on("pageerror", lambda exc: console_errors.append(str(exc)))
+    yield pg
+    context.close()
+    assert not console_errors, f"JavaScript errors on the page: {console_errors}"
+
+
+def feedback_rows(project: Project, **where) -> list[st.Feedback]:
+    with st.open_store(project.store_url)() as s:
+        q = select(st.Feedback).order_by(st.Feedback.id)
+        for col, value in where.items():
+            q = q.where(getattr(st.Feedback, col) == value)
+        return list(s.scalars(q))
+
+
+def first_document(project: Project) -> str:
+    with st.open_store(project.store_url)() as s:
+        return s.scalars(select(st.Document.name).order_by(st.Document.name)).first()
+
+
+def test_ask_answer_citations_and_feedback(served, page):
+    require_chromium()
+    from playwright.sync_api import expect
+
+    server, project = served
+    page.goto(server.url + "/")
+
+    # No key yet: the API's 401 error message is shown in #error.
+    page.fill("#question", "What law governs the agreement?")
+    page.click("#ask")
+    expected = httpx.post(server.url + "/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "x"}]}).json()["error"]["message"]
+    expect(page.locator("#error")).to_contain_text(expected)
+
+    # Save the key: kept in localStorage, and still there after a reload.
+    page.fill("#api-key", CLIENT_KEY)
+    page.click("#save-key")
+    assert page.evaluate("Object.values(localStorage)").count(CLIENT_KEY) == 1
+    page.reload()
+    expect(page.locator("#api-key")).to_have_value(CLIENT_KEY)
+
+    document = first_document(project)
+    page.fill("#question", "What law governs the agreement?")
+    page.fill("#document", document)
+    page.click("#ask")
+    expect(page.locator("#answer")).to_have_text("base answers: What law governs the agreement?")
+    expect(page.locator("#error")).to_be_empty()
+    citations = page.locator("#citations li")
+    expect(citations.first).to_be_visible()
+    texts = citations.all_inner_texts()
+    assert texts and all(re.match(rf"^\[{i + 1}\] {re.escape(document)}: \S", t) for i, t in enumerate(texts)), texts
+    expect(page.locator("#answer-a")).to_be_hidden()
+    m = re.search(r"#(\d+)", page.inner_text("#interaction-id"))
+    assert m, page.inner_text("#interaction-id")
+    interaction_id = int(m.group(1))
+
+    with st.open_store(project.store_url)() as s:
+        inter = s.get(st.Interaction, interaction_id)
+        assert inter.answer == "base answers: What law governs the agreement?"
+        assert inter.document == document and inter.client == CLIENT_NAME
+        assert len(inter.chunk_ids) == len(texts)
+
+    page.click("#thumbs-up")
+    expect(page.locator("#feedback-status")).to_contain_text("Stored feedback #")
+    expect(page.locator("#thumbs-up")).to_have_attribute("aria-pressed", "true")
+    thumbs_id = int(re.search(r"#(\d+)", page.inner_text("#feedback-status")).group(1))
+
+    page.select_option("#rating", "4")
+    page.fill("#comment", "Right clause, but cite the section number.")
+    page.click("#send-feedback")
+    expect(page.locator("#feedback-status")).not_to_contain_text(f"#{thumbs_id} ")
+    expect(page.locator("#feedback-status")).to_contain_text("Stored feedback #")
+    detail_id = int(re.search(r"#(\d+)", page.inner_text("#feedback-status")).group(1))
+
+    rows = {f.id: f for f in feedback_rows(project, interaction_id=interaction_id)}
+    assert set(rows) == {thumbs_id, detail_id}
+    assert (rows[thumbs_id].thumbs, rows[thumbs_id].rating, rows[thumbs_id].comment) == (1, None, None)
+    detail = rows[detail_id]
+    assert (detail.thumbs, detail.rating, detail.comment, detail.corrected_answer) == (
+        None, 4, "Right clause, but cite the section number.", None)
+    assert all(f.source == "human" and f.client == CLIENT_NAME and f.preferred_interaction_id is None
+               for f in rows.values())
+
+    # A corrected answer goes through the same button.
+    page.fill("#correction", "England and Wales.")
+    page.click("#send-feedback")
+    expect(page.locator("#feedback-status")).to_contain_text("corrected answer")
+    latest = feedback_rows(project, interaction_id=interaction_id)[-1]
+    assert (latest.corrected_answer, latest.rating, latest.thumbs) == ("England and Wales.", None, None)
+
+
+def test_ab_pick_b_stores_b_as_preferred(served, page):
+    require_chromium()
+    from playwright.sync_api import expect
+
+    server, project = served
+    page.goto(server.url + "/")
+    page.fill("#api-key", CLIENT_KEY)
+    page.click("#save-key")
+    page.fill("#question", "When may either party terminate?")
+    page.check("#ab-toggle")
+    page.click("#ask")
+    expect(page.locator("#answer-a")).to_be_visible()
+    expect(page.locator("#answer-b")).to_be_visible()
+    expect(page.locator("#answer")).to_be_hidden()
+    expect(page.locator("#pick-a")).to_be_visible()
+    answer_a, answer_b = page.inner_text("#answer-a"), page.inner_text("#answer-b")
+    assert {answer_a, answer_b} == {"base answers: When may either party terminate?",
+                                    "cand-1 answers: When may either party terminate?"}
+    expect(page.locator("#citations li").first).to_be_visible()
+
+    before = {f.id for f in feedback_rows(project)}
+    page.click("#pick-b")
+    expect(page.locator("#feedback-status")).to_contain_text("Stored feedback #")
+    feedback_id = int(re.search(r"#(\d+)", page.inner_text("#feedback-status")).group(1))
+    assert feedback_id not in before
+
+    with st.open_store(project.store_url)() as s:
+        fb = s.get(st.Feedback, feedback_id)
+        preferred = s.get(st.Interaction, fb.preferred_interaction_id)
+        assert preferred is not None and preferred.answer == answer_b
+        pair = list(s.scalars(select(st.Interaction).where(st.Interaction.ab_pair == preferred.ab_pair)))
+        assert preferred.ab_pair and len(pair) == 2
+        assert {i.arm for i in pair} == {"champion", "challenger"}
+        assert {i.answer for i in pair} == {answer_a, answer_b}
+        assert fb.thumbs is None and fb.rating is None and fb.source == "human" and fb.client == CLIENT_NAME
+
+
+def test_admin_page(served, page):
+    require_chromium()
+    from playwright.sync_api import expect
+
+    server, project = served
+    with st.open_store(project.store_url)() as s:  # at least one day of feedback, whatever ran before
+        inter = st.Interaction(question="q", answer="a", chunk_ids=[], client="seed")
+        s.add(inter)
+        s.flush()
+        s.add_all([st.Feedback(interaction_id=inter.id, thumbs=1), st.Feedback(interaction_id=inter.id, thumbs=-1),
+                   st.Feedback(interaction_id=inter.id, rating=5)])
+        s.commit()
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+
+    page.goto(server.url + "/admin")
+    page.fill("#admin-token", "not-the-token")
+    page.click("#load")
+    expect(page.locator("#error")).not_to_be_empty()
+    expect(page.locator("#versions-table")).to_be_hidden()
+
+    page.fill("#admin-token", CLIENT_KEY)  # a client key is not enough
+    page.click("#load")
+    expect(page.locator("#error")).not_to_be_empty()
+    expect(page.locator("#versions-table")).to_be_hidden()
+
+    page.fill("#admin-token", ADMIN_TOKEN)
+    page.click("#load")
+    expect(page.locator("#versions-table")).to_be_visible()
+    expect(page.locator("#error")).to_be_empty()
+
+    versions = {r.split("\t")[0]: r.split("\t") for r in page.locator("#versions-table tbody tr").all_inner_texts()}
+    assert set(versions) >= {"base", "cand-1"}, versions
+    assert versions["base"][1:5] == ["\u2014", "base", "champion", "0.250"], versions["base"]
+    assert versions["cand-1"][2:5] == ["sft", "candidate", "0.500"], versions["cand-1"]
+
+    day_rows = [r.split("\t") for r in page.locator("#feedback-table tbody tr").all_inner_texts()]
+    today_row = next((r for r in day_rows if r[0] == today), None)
+    assert today_row is not None, day_rows
+    assert int(today_row[1]) >= 1 and int(today_row[2]) >= 1 and int(today_row[3]) >= 1, today_row
+    expect(page.locator("#feedback-chart rect.bar-up").first).to_be_attached()
+
+    cycles = page.locator("#cycles-table tbody tr").all_inner_texts()
+    assert any("kept champion; rejected cand-1" in c for c in cycles), cycles
+
+    # The token is kept: a fresh visit loads the summary by itself.
+    assert page.evaluate("Object.values(localStorage)").count(ADMIN_TOKEN) == 1
+    page.reload()
+    expect(page.locator("#versions-table")).to_be_visible()
