@@ -516,3 +516,17 @@ def test_client_keys_parse_named_and_bare_entries():
 
     assert parse_keys(" alice:k1 ,, k2, bob : k3 ") == {"k1": "alice", "k2": "client-2", "k3": "bob"}
     assert parse_keys("") == {}
+
+
+def test_dspy_through_litellm_uses_the_server_unchanged(served, monkeypatch):
+    """DSPy's LM (tuneloop's own endpoint backend) pointed at `tuneloop serve` gets the champion's answer."""
+    from tuneloop.models.remote import EndpointChatModel
+
+    app = create_app(served, model_factory=FakeFactory())
+    monkeypatch.setenv("SERVE_KEY", CLIENT_KEY)
+    with live_server(app) as url:
+        lm = EndpointChatModel("tuneloop", f"{url}/v1", "SERVE_KEY", concurrency=2, max_retries=0)
+        replies = lm.chat([[{"role": "user", "content": QUESTION}]] * 2, GenerationParams(max_new_tokens=16))
+    assert replies == [f"base: {QUESTION}"] * 2
+    stored = rows(served, Interaction)
+    assert len(stored) == 2 and all(i.client == "alice" and i.question == QUESTION for i in stored)
