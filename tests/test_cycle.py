@@ -76,7 +76,7 @@ def test_one_full_cycle(project, fake_teacher, monkeypatch):
     assert_no_duplicates(p)
 
 
-def force_promotion(project, session, candidate, cand_run, champ_run):
+def force_promotion(project, session, candidate, cand_run, champ_run, guards=()):
     """A gate that always promotes: lets a test see a chain of adapters on random-weight models."""
     current = champion(session)
     current.status, candidate.status = "retired", "champion"

@@ -186,6 +186,32 @@ def train_sft_cmd(project_dir: ProjectOpt = Path(".")) -> None:
     console.print(f"candidate {r.version.name}: loss {r.first_loss:.3f} -> {r.last_loss:.3f}; adapter {r.artifact}")
 
 
+@train_app.command("align")
+@friendly_errors
+def train_align_cmd(
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="dpo | orpo | kto | grpo (default: align.method).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="A `tuneloop feedback export` folder (default: the store).")] = None,
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Preference alignment (TRL) continuing the champion's adapter; registers a candidate version."""
+    from tuneloop.errors import StateError
+    from tuneloop.models.registry import build_embedder
+    from tuneloop.stages.align import train_align
+    from tuneloop.stages.evaluate import ensure_base_version
+
+    project, sessions = _open(project_dir)
+    with sessions() as s:
+        ensure_base_version(project, s)
+        try:  # stored prompts need no index; GRPO and pairs without stored prompts do (the stage says so)
+            retriever = _retriever(project, s, build_embedder(project))
+        except StateError:
+            retriever = None
+        r = train_align(project, s, retriever, RichReporter(), method=method, data_dir=data)
+        s.commit()
+    loss = f"loss {r.first_loss:.3f} -> {r.last_loss:.3f}" if r.first_loss is not None else "no loss logged"
+    console.print(f"candidate {r.version.name} ({r.method}): {loss}; adapter {r.artifact}")
+
+
 @app.command("eval")
 @friendly_errors
 def eval_cmd(
@@ -421,6 +447,145 @@ def serve(
     log_config = copy.deepcopy(LOGGING_CONFIG)  # uvicorn's, plus our champion swaps and internal errors
     log_config["loggers"]["tuneloop"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     uvicorn.run(web_app, host=host, port=port, log_config=log_config)
+
+
+models_app = typer.Typer(help="Model versions: lineage tree, diff, manual promotion (rollback or forward).")
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
+@friendly_errors
+def models_tree(ctx: typer.Context, project_dir: ProjectOpt = Path(".")) -> None:
+    """The version tree from the base model (method, status, primary metric, cycle, created)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.tree import Tree
+
+    from tuneloop.lineage import fmt_time, promotions, version_tree
+
+    project, sessions = _open(project_dir)
+    primary = project.settings.eval.primary_metric
+    with sessions() as s:
+        roots = version_tree(s)
+        if not roots:
+            console.print("no model versions yet (the base model is registered by `tuneloop eval`, "
+                          "`tuneloop train sft` or `tuneloop cycle`)")
+            return
+        tree = Tree(f"[bold]model versions[/bold] (primary metric: {primary})")
+
+        def label(v) -> str:
+            champ = " [bold green]* champion[/bold green]" if v.status == "champion" else ""
+            style = {"champion": "green", "rejected": "red", "retired": "dim", "candidate": "yellow"}.get(v.status, "")
+            status = f"[{style}]{v.status}[/{style}]" if style else escape(v.status)
+            cycle_txt = f"cycle {v.cycle_id}" if v.cycle_id is not None else "no cycle"
+            return (f"[bold]{escape(v.name)}[/bold]{champ}  {escape(v.method)}  {status}  "
+                    f"{primary} {_fmt((v.metrics or {}).get(primary))}  {cycle_txt}  {fmt_time(v.created_at)}")
+
+        def add(branch, node) -> None:
+            sub = branch.add(label(node.version))
+            for child in node.children:
+                add(sub, child)
+
+        for root in roots:
+            add(tree, root)
+        console.print(tree)
+        history = promotions(s)
+        if history:
+            last = history[-1]
+            console.print(f"last manual promotion: {last.get('from') or '-'} -> {last.get('to')} "
+                          f"({last.get('direction', '')}, {str(last.get('at', ''))[:19]})")
+
+
+@models_app.command("diff")
+@friendly_errors
+def models_diff(
+    a: Annotated[str, typer.Argument(help="First version (e.g. base, v1).")],
+    b: Annotated[str, typer.Argument(help="Second version.")],
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """What changed from A to B: method, parent, hyperparameters, training data, metrics."""
+    from tuneloop.lineage import diff_versions, get_version
+
+    project, sessions = _open(project_dir)
+    with sessions() as s:
+        va, vb = get_version(s, a), get_version(s, b)
+        d = diff_versions(s, va, vb)
+        info = Table(title=f"{va.name} -> {vb.name}")
+        for col in ("", va.name, vb.name):
+            info.add_column(col)
+        for name, x, y in d.fields:
+            mark = "" if x == y else " [yellow](changed)[/yellow]"
+            info.add_row(name, escape(str(x)), escape(str(y)) + mark)
+        console.print(info)
+        if d.hyperparams:
+            console.print("hyperparameters that differ:")
+            for key, x, y in d.hyperparams:
+                console.print(f"  {escape(key)}: {escape(repr(x))} -> {escape(repr(y))}", soft_wrap=True)
+        else:
+            console.print("hyperparameters: identical")
+        data = Table(title="training data")
+        for col in ("", va.name, vb.name):
+            data.add_column(col)
+        data.add_row("examples", str(len(d.data_a.ids)), str(len(d.data_b.ids)))
+        data.add_row("data hash", (d.data_a.data_hash or "-")[:16], (d.data_b.data_hash or "-")[:16])
+        if d.data_a.missing or d.data_b.missing:
+            data.add_row("ids no longer in the store", str(d.data_a.missing), str(d.data_b.missing))
+        console.print(data)
+        console.print(f"examples only in {va.name}: {d.only_a}; only in {vb.name}: {d.only_b}; shared: {d.shared}"
+                      f" ({'same' if d.same_data else 'different'} training data)")
+        if d.metrics:
+            m = Table(title="metrics")
+            for col in ("source", "metric", va.name, vb.name, "delta"):
+                m.add_column(col, justify="right" if col in (va.name, vb.name, "delta") else "left")
+            for row in d.metrics:
+                delta = row.delta
+                m.add_row(row.source, row.metric, _fmt(row.a), _fmt(row.b),
+                          "-" if delta is None else f"{delta:+.3f}")
+            console.print(m)
+        else:
+            console.print("metrics: none recorded")
+
+
+@models_app.command("promote")
+@friendly_errors
+def models_promote(
+    version: Annotated[str, typer.Argument(help="Version to make the champion (older: rollback; newer: forward).")],
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Make VERSION the champion; the current champion is retired. `tuneloop serve` swaps it in."""
+    from tuneloop.lineage import promote
+
+    project, sessions = _open(project_dir)
+    with sessions() as s:
+        p = promote(s, version)
+        s.commit()
+    if not p.changed:
+        console.print(f"{p.version.name} is already the champion; nothing to do")
+        return
+    prev = f" ({p.previous.name} retired)" if p.previous else ""
+    console.print(f"promoted {p.version.name} to champion{prev}: {p.direction}")
+
+
+@app.command("export")
+@friendly_errors
+def export_cmd(
+    version: Annotated[str, typer.Argument(help="Version to export (e.g. v3, base).")],
+    out: Annotated[Path, typer.Argument(help="Output folder (created; must be empty unless --force).")],
+    gguf: Annotated[bool, typer.Option("--gguf", help=(
+        "Also write OUT/model.gguf (f32/f16, Llama-architecture models with a byte-level BPE tokenizer, via "
+        "the `gguf` package). Otherwise run llama.cpp's convert_hf_to_gguf.py on OUT."))] = False,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Merge a version's LoRA adapter into its base model and write a standalone Hugging Face folder
+    (safetensors, tokenizer with chat template, tuneloop.json) that transformers or vLLM can load."""
+    from tuneloop.export import export_version
+
+    project, sessions = _open(project_dir)
+    with sessions() as s:
+        r = export_version(project, s, version, out, gguf=gguf, force=force)
+    console.print(f"exported {version} to {r.path}" + (f"; gguf {r.gguf_path}" if r.gguf_path else ""),
+                  soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -139,6 +139,38 @@ class EvalSettings(_Section):
     limit: int | None = Field(None, ge=1)  # evaluate only the first N held-out items
 
 
+class AlignSettings(_Section):
+    """Preference alignment after SFT (TRL trainers), continuing the champion's LoRA adapter."""
+
+    method: Literal["dpo", "orpo", "kto", "grpo", "rloo"] = "dpo"
+    enabled: bool = True  # `tuneloop cycle` aligns after SFT when preference data exists
+    beta: float = Field(0.1, gt=0.0)  # DPO/KTO KL strength; ORPO's lambda (papers' defaults)
+    learning_rate: float = Field(5e-5, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=32)
+    max_completion_length: int = Field(48, ge=4)  # GRPO/RLOO sampled answers
+    num_generations: int = Field(4, ge=2)  # GRPO/RLOO group size
+    reward: Literal["judge", "metric"] = "metric"  # GRPO: the judge's rubric or token F1 vs reference
+    replay_fraction: float = Field(0.1, ge=0.0, le=1.0)  # earlier cycles' data + seeds mixed in
+    save_steps: int = Field(10, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+
+
+class ContinualSettings(_Section):
+    """Guarding what earlier cycles learned."""
+
+    wise_ft: bool = False  # average champion and candidate weights (WiSE-FT); alpha picked on the dev set
+    wise_alphas: list[float] = [0.25, 0.5, 0.75, 1.0]
+    anchor: bool = True  # evaluate the general-ability anchor set every cycle
+    anchor_tolerance: float = Field(0.05, ge=0.0)  # the gate refuses a drop larger than this
+    dapt: bool = False  # domain-adaptive pre-training on raw chunks before SFT
+    dapt_epochs: float = Field(1.0, gt=0)
+    dapt_general_fraction: float = Field(0.2, ge=0.0, le=1.0)  # general text mixed in
+
+
 class ServeSettings(_Section):
     """`tuneloop serve`: the OpenAI-compatible API, the feedback API and the web page."""
 
@@ -177,6 +209,8 @@ class Settings(_Section):
     synth: SynthSettings = SynthSettings()
     sft: SFTSettings = SFTSettings()
     eval: EvalSettings = EvalSettings()
+    align: AlignSettings = AlignSettings()
+    continual: ContinualSettings = ContinualSettings()
     serve: ServeSettings = ServeSettings()
     feedback: FeedbackSettings = FeedbackSettings()
 

@@ -20,6 +20,7 @@ from tuneloop.models.registry import build_embedder
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
 from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.anchor import anchor_guard, anchor_items, anchor_set_hash, evaluate_anchor
 from tuneloop.stages.evaluate import ensure_base_version, eval_examples, eval_set_hash, evaluate_version, gate
 from tuneloop.stages.ingest import ensure_index, ingest_paths
 from tuneloop.stages.sft import train_sft
@@ -88,6 +89,8 @@ def _step_eval(ctx: CycleContext, s: Session) -> dict:
     for version in (champion(s), _candidate(s, ctx.cycle_id)):
         run = evaluate_version(ctx.project, s, version, retriever, ctx.reporter, ctx.cycle_id)
         out[version.name] = {k: v for k, v in run.metrics.items() if v == v}  # drop NaN
+        if ctx.project.settings.continual.anchor:  # forgetting shows up as a number
+            out[version.name].update(evaluate_anchor(ctx.project, s, version, ctx.reporter, ctx.cycle_id).metrics)
     return out
 
 
@@ -97,7 +100,15 @@ def _step_gate(ctx: CycleContext, s: Session) -> dict:
     champ = champion(s)
     runs = {v.id: s.scalar(select(EvalRun).where(EvalRun.model_version_id == v.id, EvalRun.eval_set_hash == set_hash))
             for v in (cand, champ)}
-    d = gate(ctx.project, s, cand, runs[cand.id], runs[champ.id])
+    guards = []
+    if ctx.project.settings.continual.anchor:
+        anchor_hash = anchor_set_hash(anchor_items())
+        scores = [(s.scalar(select(EvalRun).where(EvalRun.model_version_id == v.id,
+                                                  EvalRun.eval_set_hash == anchor_hash)) or EvalRun(metrics={}))
+                  .metrics.get("anchor_score") for v in (cand, champ)]
+        reason = anchor_guard(ctx.project, *scores)
+        guards += [reason] if reason else []
+    d = gate(ctx.project, s, cand, runs[cand.id], runs[champ.id], tuple(guards))
     cycle = s.get(Cycle, ctx.cycle_id)
     cycle.outcome = ("promoted " if d.promoted else "kept champion; rejected ") + f"{d.candidate}: {d.reason}"
     return {"promoted": d.promoted, "reason": d.reason, "candidate": d.candidate, "champion_before": d.champion}

@@ -110,8 +110,9 @@ class GateDecision:
 
 
 def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: EvalRun,
-         champ_run: EvalRun) -> GateDecision:
-    """Promote `candidate` only if its primary metric beats the champion's by more than min_improvement."""
+         champ_run: EvalRun, guards: tuple[str, ...] = ()) -> GateDecision:
+    """Promote `candidate` only if its primary metric beats the champion's by more than min_improvement
+    and no guard objects (`guards`: reasons from guard metrics such as the anchor set)."""
     s = project.settings.eval
     current = champion(session)
     if current is None:
@@ -123,6 +124,9 @@ def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: 
         promoted = c > b + s.min_improvement
         verb = "beats" if promoted else "does not beat"
         reason = f"{s.primary_metric} {c:.4f} {verb} champion {b:.4f} (+{s.min_improvement} required)"
+    if promoted and guards:
+        promoted = False
+        reason += "; refused by guard: " + "; ".join(guards)
     if promoted:
         current.status = "retired"
         candidate.status = "champion"

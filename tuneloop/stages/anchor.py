@@ -1,0 +1,104 @@
+"""The general-ability anchor set: everyday instructions every version answers, so forgetting
+shows up as a number.
+
+Fine-tuning a small model on contracts can erode what it knew before (catastrophic forgetting).
+The anchor set (`tuneloop/sample/anchor.jsonl`, written for tuneloop: 30 everyday questions with
+short references) is asked without retrieval, as a plain chat message. An answer counts when it
+contains one of its references as whole words (`anchor_score`, the share of such answers); token
+F1 is kept too. Each version's run is stored once per anchor set, like held-out eval runs.
+"""
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from sqlalchemy import select
+
+from tuneloop.artifacts import artifact_path, is_complete, read_jsonl, write_artifact, write_jsonl
+from tuneloop.config import Project
+from tuneloop.metrics import normalize_tokens, token_f1
+from tuneloop.models.registry import build_chat_model, generation_params
+from tuneloop.progress import Reporter, batched_chat
+from tuneloop.store import Artifact, EvalRun, ModelVersion, Session, text_hash
+
+KIND = "anchor"
+
+
+def anchor_items(path: Path | None = None) -> list[dict]:
+    """The anchor set: [{"instruction": str, "references": [str, ...]}, ...]."""
+    text = path.read_text(encoding="utf-8") if path else \
+        (resources.files("tuneloop") / "sample" / "anchor.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def anchor_set_hash(items: list[dict]) -> str:
+    return "anchor-" + text_hash(*[json.dumps(i, sort_keys=True) for i in items])[:58]
+
+
+def contains_reference(prediction: str, references: list[str]) -> bool:
+    """True when some reference occurs in the prediction as a run of whole normalised words."""
+    pred = normalize_tokens(prediction)
+    for ref in references:
+        ref_tokens = normalize_tokens(ref)
+        n = len(ref_tokens)
+        if n and any(pred[i : i + n] == ref_tokens for i in range(len(pred) - n + 1)):
+            return True
+    return False
+
+
+def score_anchor(predictions: list[str], items: list[dict]) -> tuple[list[dict], dict]:
+    rows = []
+    for pred, item in zip(predictions, items):
+        refs = item["references"]
+        rows.append({"instruction": item["instruction"], "references": refs, "prediction": pred,
+                     "match": contains_reference(pred, refs), "token_f1": token_f1(pred, refs)})
+    n = max(1, len(rows))
+    return rows, {"anchor_score": sum(r["match"] for r in rows) / n,
+                  "anchor_token_f1": sum(r["token_f1"] for r in rows) / n, "anchor_n": len(rows)}
+
+
+def evaluate_anchor(project: Project, session: Session, version: ModelVersion, reporter: Reporter,
+                    cycle_id: int | None = None) -> EvalRun:
+    """Answer the anchor set with `version` (no retrieval) and store the run (once per version)."""
+    items = anchor_items()
+    set_hash = anchor_set_hash(items)
+    run = session.scalar(select(EvalRun).where(EvalRun.model_version_id == version.id,
+                                               EvalRun.eval_set_hash == set_hash))
+    if run is not None:
+        return run
+    path = artifact_path(project.artifacts, KIND, f"{version.name}-{set_hash[7:19]}")
+    if not is_complete(path):
+        role = project.settings.models.student
+        model = build_chat_model(project, role, Path(version.adapter_path) if version.adapter_path else None)
+        reporter.log(f"anchor set: {version.name} answers {len(items)} everyday questions")
+        convs = [[{"role": "user", "content": i["instruction"]}] for i in items]
+        preds = batched_chat(model, convs, generation_params(role), reporter, "anchor set", role.batch_size)
+        rows, summary = score_anchor(preds, items)
+
+        def write(tmp: Path) -> None:
+            write_jsonl(tmp / "predictions.jsonl", rows)
+            (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
+
+        write_artifact(project.artifacts, KIND, path.name,
+                       {"stage": "anchor", "version": version.name, "eval_set_hash": set_hash, "metrics": summary},
+                       write)
+    summary = json.loads((path / "metrics.json").read_text())
+    run = EvalRun(model_version_id=version.id, eval_set_hash=set_hash, n=len(read_jsonl(path / "predictions.jsonl")),
+                  metrics=summary, artifact_path=str(path), cycle_id=cycle_id)
+    session.add(run)
+    session.add(Artifact(kind="eval", path=str(path), meta={"stage": "anchor", "version": version.name}))
+    version.metrics = {**(version.metrics or {}), **summary}
+    session.flush()
+    return run
+
+
+def anchor_guard(project: Project, candidate_score: float | None, champion_score: float | None) -> str | None:
+    """Why the candidate must not be promoted on anchor grounds, or None."""
+    if candidate_score is None or champion_score is None:
+        return None
+    tol = project.settings.continual.anchor_tolerance
+    if candidate_score < champion_score - tol:
+        return (f"anchor_score fell from {champion_score:.3f} to {candidate_score:.3f} "
+                f"(more than the {tol} tolerance)")
+    return None
