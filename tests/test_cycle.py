@@ -172,7 +172,7 @@ def test_resume_after_a_failure_skips_done_steps(project, monkeypatch, where):
     counts = table_counts(p)
     assert counts["examples"] == counts_failed["examples"]
     assert counts["model_versions"] == 2 and counts["eval_runs"] == 2
-    assert counts["artifacts"] == 4 and counts["cycles"] == 1 and counts["cycle_steps"] == 5
+    assert counts["artifacts"] == 4 and counts["cycles"] == 1 and counts["cycle_steps"] == len(loop.STEPS)
     assert_no_duplicates(p)
     # a third call starts a new cycle rather than touching the finished one
     with open_store(p.store_url)() as s:

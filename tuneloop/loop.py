@@ -1,4 +1,4 @@
-"""The cycle: ingest -> synth -> sft -> eval -> gate, as a resumable state machine.
+"""The cycle: ingest -> synth -> sft -> align -> eval -> gate, as a resumable state machine.
 
 Each step's outputs (artifact rows, examples, model versions) are committed in the same
 transaction that marks the step done, and artifacts are renamed into place only when complete.
@@ -15,11 +15,12 @@ from sqlalchemy import select
 
 from tuneloop.artifacts import artifact_path, clean_temporary, is_complete
 from tuneloop.config import Project
-from tuneloop.errors import StateError
+from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.registry import build_embedder
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
 from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.align import train_align
 from tuneloop.stages.anchor import anchor_guard, anchor_items, anchor_set_hash, evaluate_anchor
 from tuneloop.stages.evaluate import ensure_base_version, eval_examples, eval_set_hash, evaluate_version, gate
 from tuneloop.stages.ingest import ensure_index, ingest_paths
@@ -27,7 +28,7 @@ from tuneloop.stages.sft import train_sft
 from tuneloop.stages.synthesize import KIND as SYNTH_KIND, build_synth_models, synthesize
 from tuneloop.store import Chunk, Cycle, CycleStep, EvalRun, ModelVersion, Session, open_store, utcnow
 
-STEPS = ("ingest", "synth", "sft", "eval", "gate")
+STEPS = ("ingest", "synth", "sft", "align", "eval", "gate")
 
 
 @dataclass
@@ -76,8 +77,26 @@ def _step_sft(ctx: CycleContext, s: Session) -> dict:
             "last_loss": r.last_loss, "artifact": str(r.artifact)}
 
 
+def _step_align(ctx: CycleContext, s: Session) -> dict:
+    """Preference alignment of the SFT candidate when preference data exists (else skipped)."""
+    settings = ctx.project.settings.align
+    if not settings.enabled:
+        return {"skipped": "align.enabled is false"}
+    sft = s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == ctx.cycle_id, ModelVersion.method == "sft"))
+    try:
+        r = train_align(ctx.project, s, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id,
+                        name=run_name(f"align-{settings.method}", ctx.cycle_id), parent=sft)
+    except (StateError, ConfigError) as err:  # no preference data yet, or a method not usable here
+        ctx.reporter.log(f"align skipped: {err}")
+        return {"skipped": str(err)}
+    return {"version": r.version.name, "method": r.method, "parent": sft.name, "first_loss": r.first_loss,
+            "last_loss": r.last_loss, "artifact": str(r.artifact)}
+
+
 def _candidate(s: Session, cycle_id: int) -> ModelVersion:
-    cand = s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == cycle_id, ModelVersion.method == "sft"))
+    """The cycle's candidate: the aligned version when alignment ran, else the SFT one."""
+    cand = s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == cycle_id, ModelVersion.method != "base")
+                    .order_by(ModelVersion.id.desc()))
     if cand is None:
         raise StateError(f"cycle {cycle_id} has no candidate model")
     return cand
@@ -115,7 +134,8 @@ def _step_gate(ctx: CycleContext, s: Session) -> dict:
 
 
 STEP_FUNCTIONS: dict[str, Callable[[CycleContext, Session], dict]] = {
-    "ingest": _step_ingest, "synth": _step_synth, "sft": _step_sft, "eval": _step_eval, "gate": _step_gate,
+    "ingest": _step_ingest, "synth": _step_synth, "sft": _step_sft, "align": _step_align, "eval": _step_eval,
+    "gate": _step_gate,
 }
 
 

@@ -1,0 +1,213 @@
+"""Stage: preference alignment of the student with TRL's trainers (DPO, ORPO, KTO, GRPO).
+
+Training continues the champion's LoRA adapter (loaded trainable). The reference model of the KL
+term is the previous champion, i.e. the model as it was before this run:
+
+* dpo, kto, grpo: when the champion has an adapter, TRL 1.16 (given a PeftModel and no ref_model)
+  copies the loaded "default" adapter into a frozen adapter named "ref" and computes reference
+  log-probs with it: ref = champion. When the champion is the base model, a new LoRA is created
+  and the reference is the same network with adapters disabled: the base model = champion.
+  (TRL 1.16 has no `ref_adapter_name` option; this built-in copy is its mechanism.)
+* orpo: reference-free by design (the odds-ratio term needs no reference model).
+
+Hyperparameters follow the papers: beta 0.1 for DPO/KTO and lambda 0.1 for ORPO
+(`align.beta`), the KL coefficient 0.04 for GRPO (DeepSeekMath). fp32 on CPU (`use_cpu=True`,
+bf16 off), bf16 on CUDA that has it. Checkpoints go to artifacts/.work/<run>; a killed run
+resumes from its last complete checkpoint. Data and replay: see `align_data`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sqlalchemy import func, select
+from transformers import AutoModelForCausalLM, PrinterCallback
+
+from tuneloop.artifacts import (
+    artifact_path,
+    is_complete,
+    read_meta,
+    write_artifact,
+    write_jsonl,
+)
+from tuneloop.config import AlignSettings, Project, SFTSettings
+from tuneloop.errors import ConfigError, StateError
+from tuneloop.models.defaults import resolve_model_path
+from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
+from tuneloop.programs.rag import Retriever
+from tuneloop.progress import Reporter
+from tuneloop.stages.align_data import AlignData, f1_reward, select_align_data
+from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback
+from tuneloop.store import Artifact, ModelVersion, Session
+
+KIND = "adapters"
+METHODS = ("dpo", "orpo", "kto", "grpo")
+GRPO_KL_BETA = 0.04  # DeepSeekMath's GRPO KL coefficient (TRL's own default is 0: no reference)
+
+
+@dataclass
+class AlignResult:
+    version: ModelVersion
+    artifact: Path
+    method: str
+    first_loss: float | None
+    last_loss: float | None
+
+
+def _config(method: str, s: AlignSettings, work_dir: Path, device: str, dtype: torch.dtype):
+    common = {
+        "output_dir": str(work_dir), "num_train_epochs": s.epochs, "learning_rate": s.learning_rate,
+        "per_device_train_batch_size": s.batch_size, "gradient_accumulation_steps": s.grad_accum, "seed": s.seed,
+        "logging_steps": 1, "report_to": [], "save_strategy": "steps", "save_steps": s.save_steps,
+        "save_total_limit": 1, "use_cpu": device == "cpu", "bf16": dtype == torch.bfloat16, "fp16": False,
+        "disable_tqdm": True,
+    }
+    if method == "dpo":
+        from trl import DPOConfig
+        return DPOConfig(beta=s.beta, max_length=s.max_length, **common)
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+        return ORPOConfig(beta=s.beta, max_length=s.max_length, max_completion_length=s.max_completion_length,
+                          **common)
+    if method == "kto":
+        from trl import KTOConfig
+        return KTOConfig(beta=s.beta, max_length=s.max_length, **common)
+    from trl import GRPOConfig
+    # One step = batch_size prompts x num_generations sampled answers (GRPO's group).
+    common["per_device_train_batch_size"] = s.batch_size * s.num_generations
+    return GRPOConfig(beta=GRPO_KL_BETA, num_generations=s.num_generations,
+                      max_completion_length=s.max_completion_length, **common)
+
+
+def build_trainer(method: str, model_dir: Path, parent_adapter: Path | None, rows: list[dict],
+                  s: AlignSettings, lora: SFTSettings, work_dir: Path):
+    """The TRL trainer of `method` on `rows`, its model continuing `parent_adapter` (see module doc)."""
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+
+    device = pick_device()
+    dtype = pick_dtype(device, s.precision)
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.padding_side = "left" if method == "grpo" else "right"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    peft_config = None
+    if parent_adapter is not None:  # continue the champion's adapter; TRL copies it as the frozen "ref"
+        model = PeftModel.from_pretrained(model, str(parent_adapter), is_trainable=True)
+    else:  # champion = base model: a new LoRA (SFT's settings); ref = adapters disabled = base
+        peft_config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                 target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    args = _config(method, s, work_dir, device, dtype)
+    dataset = Dataset.from_list(rows)
+    kw = {"model": model, "args": args, "train_dataset": dataset, "processing_class": tokenizer,
+          "peft_config": peft_config}
+    if method == "dpo":
+        from trl import DPOTrainer as Trainer
+    elif method == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as Trainer
+    elif method == "kto":
+        from trl import KTOTrainer as Trainer
+    else:
+        from trl import GRPOTrainer as Trainer
+        kw["reward_funcs"] = [f1_reward]
+    trainer = Trainer(**kw)
+    trainer.remove_callback(PrinterCallback)
+    return trainer, tokenizer
+
+
+def _train(trainer, work_dir: Path, n_rows: int, s: AlignSettings, reporter: Reporter, method: str):
+    total = trainer.args.max_steps if trainer.args.max_steps > 0 else None
+    if total is None:
+        per_epoch = max(1, -(-n_rows // (s.batch_size * s.grad_accum)))
+        total = max(1, int(per_epoch * s.epochs + 0.999))
+    resume = _last_complete_checkpoint(work_dir)
+    with reporter.task(f"aligning ({method.upper()}, LoRA)", total) as advance:
+        if resume:
+            reporter.log(f"resuming training from {resume}")
+            advance(int(Path(resume).name.split("-")[-1]))
+        trainer.add_callback(_ProgressCallback(advance))
+        trainer.train(resume_from_checkpoint=resume)
+
+
+def train_align(project: Project, session: Session, retriever: Retriever | None, reporter: Reporter,
+                method: str | None = None, data_dir: Path | None = None, cycle_id: int | None = None,
+                name: str | None = None, parent: ModelVersion | None = None) -> AlignResult:
+    """Align a candidate from the champion (or `parent`: inside a cycle, the cycle's SFT candidate,
+    which is then also the reference); write the adapter artifact; add a candidate version.
+
+    `name` fixes the artifact/checkpoint name (default: deterministic inside a cycle, else
+    timestamped), so a rerun with the same name resumes an interrupted run. Caller commits.
+    """
+    s = project.settings.align
+    method = method or s.method
+    if method not in METHODS:
+        raise ConfigError(f"align method {method!r} is not implemented yet (use one of {', '.join(METHODS)})")
+    if method == "grpo" and s.reward == "judge":
+        raise ConfigError("align.reward: judge is not implemented yet for GRPO: use `reward: metric`")
+    role = project.settings.models.student
+    if role.backend != "local":
+        raise ConfigError("models.student must be a local model to be aligned (backend: local)")
+    parent = parent or champion(session)
+    if parent is None:
+        raise StateError("no champion model yet (run `tuneloop eval` or `tuneloop cycle` first)")
+    name = name or run_name(f"align-{method}", cycle_id)
+    path = artifact_path(project.artifacts, KIND, name)
+    if not is_complete(path):
+        data = select_align_data(session, method, retriever, Path(data_dir) if data_dir else None,
+                                 s.replay_fraction, s.seed + (cycle_id or 0),
+                                 project.settings.feedback.contradiction_rule)
+        path = _run(project, method, data, parent, name, cycle_id, reporter)
+    return _register(session, path, parent, cycle_id)
+
+
+def _run(project: Project, method: str, data: AlignData, parent: ModelVersion, name: str,
+         cycle_id: int | None, reporter: Reporter) -> Path:
+    s = project.settings.align
+    role = project.settings.models.student
+    model_dir = resolve_model_path(role.model, project.cache)
+    parent_adapter = Path(parent.adapter_path) if parent.adapter_path else None
+    work_dir = project.artifacts / ".work" / name
+    rows = data.trl_rows()
+    trainer, tokenizer = build_trainer(method, model_dir, parent_adapter, rows, s, project.settings.sft, work_dir)
+    _train(trainer, work_dir, len(rows), s, reporter, method)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    def write(tmp: Path) -> None:
+        trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])  # not TRL's frozen "ref" copy
+        tokenizer.save_pretrained(str(tmp))
+        write_jsonl(tmp / "train.jsonl", data.rows)
+        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+
+    summary = data.summary()
+    hyperparams = {**s.model_dump(), "method": method, "data": summary}
+    if method == "grpo":
+        hyperparams["kl_beta"] = GRPO_KL_BETA
+    meta = {"stage": "align", "method": method, "cycle_id": cycle_id, "base_model": role.model,
+            "parent": parent.name, "parent_adapter": parent.adapter_path,
+            "reference": "none (ORPO is reference-free)" if method == "orpo" else f"champion {parent.name}",
+            "hyperparams": hyperparams, "global_step": trainer.state.global_step,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+    path = write_artifact(project.artifacts, KIND, name, meta, write)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return path
+
+
+def _register(session: Session, path: Path, parent: ModelVersion, cycle_id: int | None) -> AlignResult:
+    meta = read_meta(path)
+    existing = session.scalar(select(ModelVersion).where(ModelVersion.adapter_path == str(path)))
+    if existing is None:
+        n = session.scalar(select(func.count(ModelVersion.id))) or 0
+        existing = ModelVersion(
+            name=f"v{n}", parent_id=parent.id, base_model=meta["base_model"], adapter_path=str(path),
+            method=meta["method"], training_example_ids=[], hyperparams=meta["hyperparams"],
+            metrics={"train_first_loss": meta["first_loss"], "train_last_loss": meta["last_loss"]},
+            status="candidate", cycle_id=cycle_id,
+        )
+        session.add(existing)
+        session.add(Artifact(kind="adapter", path=str(path),
+                             meta={"stage": "align", "method": meta["method"], "cycle_id": cycle_id}))
+        session.flush()
+    return AlignResult(existing, path, meta["method"], meta["first_loss"], meta["last_loss"])

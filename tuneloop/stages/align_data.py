@@ -1,0 +1,198 @@
+"""Training data for `tuneloop train align`: TRL conversational rows, and the replay buffer.
+
+Every row carries a content `key` (sha256 of its training fields). An alignment version records
+the keys it was trained on in `hyperparams["data"]["keys"]`; later runs treat rows with a known
+key as "old". A run trains on every *fresh* row plus a replay share of old rows
+(`align.replay_fraction` x the fresh count, sampled with the run's seed):
+
+* dpo / orpo: rows `{"prompt", "chosen", "rejected"}` from the store's PreferencePair rows (human A/B
+  choices, corrections and the AI judge's pairs; superseded rows skipped) or from a feedback export
+  folder's `preferences.jsonl` (`--data`). Replay = earlier cycles' pairs (seed Q/A pairs have no
+  rejected answer, so they cannot anchor a pairwise loss).
+* kto: rows `{"prompt", "completion", "label"}` from routed thumbs plus every preference pair
+  unpaired (chosen -> desirable, rejected -> undesirable), or `kto.jsonl` (`--data`). Replay =
+  earlier rows and the seeds as desirable examples.
+* grpo: rows `{"prompt", "reference"}` from the train split (seeds and synthetic examples), the
+  reward being token F1 of the sampled answer against `reference`. Replay = earlier prompts.
+
+The example ids / pair ids are kept in hyperparams too, never in `training_example_ids`: that
+column drives SFT's own replay selection (an example counted there is no longer "new" for SFT).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select
+
+from tuneloop.artifacts import read_jsonl
+from tuneloop.errors import ConfigError, StateError
+from tuneloop.programs.rag import Retriever, build_messages
+from tuneloop.store import Example, ModelVersion, PreferencePair, Session
+
+PAIRWISE = ("dpo", "orpo")
+TRL_COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "orpo": ("prompt", "chosen", "rejected"),
+               "kto": ("prompt", "completion", "label"), "grpo": ("prompt", "reference")}
+
+
+@dataclass
+class AlignData:
+    method: str
+    source: str  # "store" or the --data folder
+    fresh: list[dict]
+    replay: list[dict]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.fresh + self.replay
+
+    def trl_rows(self) -> list[dict]:
+        cols = TRL_COLUMNS[self.method]
+        return [{c: r[c] for c in cols} for r in self.rows]
+
+    def summary(self) -> dict:
+        keys = sorted(r["key"] for r in self.rows)
+        return {"source": self.source, "n_fresh": len(self.fresh), "n_replay": len(self.replay),
+                "counts": self.counts, "keys": keys,
+                "sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest(),
+                "pair_ids": sorted({i for r in self.rows for i in r.get("pair_ids", [])}),
+                "example_ids": sorted({r["example_id"] for r in self.rows if r.get("example_id") is not None})}
+
+
+def row_key(method: str, row: dict) -> str:
+    cols = TRL_COLUMNS[method]
+    payload = json.dumps([method] + [row[c] for c in cols], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def trained_keys(session: Session) -> set[str]:
+    keys: set[str] = set()
+    for hp in session.scalars(select(ModelVersion.hyperparams)):
+        keys.update(((hp or {}).get("data") or {}).get("keys") or [])
+    return keys
+
+
+def _prompt(question: str, document: str | None, meta: dict, retriever: Retriever | None) -> list[dict]:
+    if meta.get("prompt_messages"):
+        return meta["prompt_messages"]
+    if retriever is None:
+        raise StateError("a preference pair has no stored prompt and there is no retrieval index to rebuild it: "
+                         "run `tuneloop ingest` first")
+    return build_messages(question, retriever.retrieve(question, document))
+
+
+def _read_export(data_dir: Path, name: str) -> list[dict]:
+    path = Path(data_dir) / f"{name}.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: pass a `tuneloop feedback export` folder to --data")
+    return read_jsonl(path)
+
+
+def preference_rows(session: Session, retriever: Retriever | None, data_dir: Path | None) -> list[dict]:
+    if data_dir is not None:
+        return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
+                 "pair_ids": r.get("preference_pair_ids") or [], "origin": r.get("source", "export")}
+                for r in _read_export(data_dir, "preferences")]
+    rows = []
+    for p in session.scalars(select(PreferencePair).order_by(PreferencePair.id)):
+        meta = p.meta or {}
+        if meta.get("superseded") or p.chosen == p.rejected:
+            continue
+        rows.append({"prompt": _prompt(p.prompt, meta.get("document"), meta, retriever),
+                     "chosen": assistant(p.chosen), "rejected": assistant(p.rejected),
+                     "pair_ids": [p.id], "origin": p.source})
+    return rows
+
+
+def kto_rows(session: Session, retriever: Retriever | None, data_dir: Path | None, rule: str) -> list[dict]:
+    if data_dir is not None:
+        return [{"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"]),
+                 "origin": r.get("source", "export")} for r in _read_export(data_dir, "kto")]
+    from tuneloop.feedback.routing import PromptBuilder, route_feedback
+
+    rows = [{"prompt": k.prompt, "completion": assistant(k.completion), "label": bool(k.label), "origin": "thumbs"}
+            for k in route_feedback(session, PromptBuilder(session, retriever), rule).kto]
+    for p in preference_rows(session, retriever, None):  # a pair, unpaired: one good and one bad answer
+        for label, side in ((True, "chosen"), (False, "rejected")):
+            rows.append({"prompt": p["prompt"], "completion": p[side], "label": label, "pair_ids": p["pair_ids"],
+                         "origin": f"{p['origin']}-pair"})
+    return rows
+
+
+def _example_rows(examples: list[Example], retriever: Retriever, method: str) -> list[dict]:
+    rows = []
+    for e in examples:
+        prompt = build_messages(e.question, retriever.retrieve(e.question, e.document))
+        if method == "grpo":
+            rows.append({"prompt": prompt, "reference": e.answer, "example_id": e.id, "origin": e.kind})
+        else:
+            rows.append({"prompt": prompt, "completion": assistant(e.answer), "label": True, "example_id": e.id,
+                         "origin": e.kind})
+    return rows
+
+
+def _train_examples(session: Session, kinds: tuple[str, ...]) -> list[Example]:
+    return list(session.scalars(select(Example).where(Example.split == "train", Example.kind.in_(kinds))
+                                .order_by(Example.id)))
+
+
+def select_align_data(session: Session, method: str, retriever: Retriever | None, data_dir: Path | None,
+                      replay_fraction: float, seed: int, contradiction_rule: str = "majority") -> AlignData:
+    """The fresh rows and the replay rows of one alignment run (see the module docstring)."""
+    anchors: list[dict] = []
+    if method in PAIRWISE:
+        rows = preference_rows(session, retriever, data_dir)
+        if not rows:
+            raise StateError("no preference pairs: collect A/B choices or corrections with `tuneloop serve`, "
+                             "or create AI preferences with `tuneloop rlaif`")
+    elif method == "kto":
+        rows = kto_rows(session, retriever, data_dir, contradiction_rule)
+        if not rows:
+            raise StateError("no thumbs-up/down feedback or preference pairs for KTO: collect feedback with "
+                             "`tuneloop serve`")
+        if retriever is not None:
+            anchors = _example_rows(_train_examples(session, ("seed",)), retriever, "kto")
+    elif method == "grpo":
+        if retriever is None:
+            raise StateError("GRPO needs the retrieval index to build prompts: run `tuneloop ingest` first")
+        rows = _example_rows(_train_examples(session, ("seed", "synthetic")), retriever, "grpo")
+        if not rows:
+            raise StateError("no training questions for GRPO: import seeds (`tuneloop seeds import`) "
+                             "or run `tuneloop synth`")
+    else:
+        raise ConfigError(f"align method {method!r} is not implemented yet (use dpo, orpo, kto or grpo)")
+    for r in rows + anchors:
+        r["key"] = row_key(method, r)
+    unique: dict[str, dict] = {}
+    for r in rows:
+        unique.setdefault(r["key"], r)
+    rows = list(unique.values())
+    done = trained_keys(session)
+    fresh = [r for r in rows if r["key"] not in done]
+    if not fresh:
+        raise StateError(f"no new {method} training data: every row was used by an earlier alignment run")
+    pool = [r for r in rows if r["key"] in done] + [a for a in anchors if a["key"] not in unique]
+    n_replay = min(len(pool), round(replay_fraction * len(fresh)))
+    replay = random.Random(seed).sample(pool, n_replay)
+    counts = {f"origin_{o}": sum(1 for r in fresh + replay if r.get("origin") == o)
+              for o in sorted({r.get("origin") for r in fresh + replay})}
+    return AlignData(method, str(data_dir) if data_dir is not None else "store", fresh, replay, counts)
+
+
+def f1_reward(completions, reference, **_) -> list[float]:
+    """GRPO reward: token F1 of each sampled answer against the example's reference answer."""
+    from tuneloop.metrics import token_f1
+
+    out = []
+    for completion, ref in zip(completions, reference):
+        text = completion[-1]["content"] if isinstance(completion, list) else str(completion)
+        out.append(float(token_f1(text, [ref])))
+    return out
