@@ -332,6 +332,17 @@ sft:
   balance_yes_no: true   # down-sample the majority Yes/No answer (contracts are mostly "No")
   precision: auto        # fp32 on CPU; bf16 on CUDA that supports it
 
+align:                   # preference alignment after SFT, when preference data exists
+  method: dpo            # dpo | orpo | kto | grpo
+  enabled: true
+  beta: 0.1              # DPO/KTO KL strength; ORPO's lambda
+  learning_rate: 5.0e-5
+  replay_fraction: 0.1   # earlier cycles' pairs mixed in
+
+continual:
+  anchor: true           # ask every version 30 everyday questions; forgetting shows up as a number
+  anchor_tolerance: 0.05 # the gate refuses a candidate whose anchor score falls by more
+
 serve:                   # `tuneloop serve`: OpenAI-compatible API, feedback API, web page at /
   host: 127.0.0.1
   port: 8000
