@@ -262,8 +262,10 @@ def test_errors_without_champion_data_or_method(project, aligned_project):
         ensure_base_version(p, s)
         with pytest.raises(StateError, match="no preference pairs"):
             train_align(p, s, None, SilentReporter(), method="dpo")
-        with pytest.raises(ConfigError, match="not implemented"):
+        with pytest.raises(StateError, match="no preference pairs"):  # rloo's reward model needs pairs too
             train_align(p, s, None, SilentReporter(), method="rloo")
+        with pytest.raises(ConfigError, match="not implemented"):
+            train_align(p, s, None, SilentReporter(), method="ppo")
         add_pairs(s, 2, with_messages=False)
         with pytest.raises(StateError, match="ingest"):
             train_align(p, s, None, SilentReporter(), method="dpo")

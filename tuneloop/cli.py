@@ -189,7 +189,7 @@ def train_sft_cmd(project_dir: ProjectOpt = Path(".")) -> None:
 @train_app.command("align")
 @friendly_errors
 def train_align_cmd(
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="dpo | orpo | kto | grpo (default: align.method).")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="dpo | orpo | kto | grpo | rloo (default: align.method).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="A `tuneloop feedback export` folder (default: the store).")] = None,
     project_dir: ProjectOpt = Path("."),
 ) -> None:

@@ -1,4 +1,4 @@
-"""Stage: preference alignment of the student with TRL's trainers (DPO, ORPO, KTO, GRPO).
+"""Stage: preference alignment of the student with TRL's trainers (DPO, ORPO, KTO, GRPO, RLOO).
 
 Training continues the champion's LoRA adapter (loaded trainable). The reference model of the KL
 term is the previous champion, i.e. the model as it was before this run:
@@ -9,6 +9,9 @@ term is the previous champion, i.e. the model as it was before this run:
   and the reference is the same network with adapters disabled: the base model = champion.
   (TRL 1.16 has no `ref_adapter_name` option; this built-in copy is its mechanism.)
 * orpo: reference-free by design (the odds-ratio term needs no reference model).
+* rloo: classic RLHF in two phases (`stages/rloo.py`): a reward model trained on the preference
+  pairs with TRL's RewardTrainer, then RLOOTrainer against it; its KL reference is the champion
+  as above. TRL 1.x has no PPO trainer; RLOO is its maintained reward-model RL method.
 
 Hyperparameters follow the papers: beta 0.1 for DPO/KTO and lambda 0.1 for ORPO
 (`align.beta`), the KL coefficient 0.04 for GRPO (DeepSeekMath). fp32 on CPU (`use_cpu=True`,
@@ -45,7 +48,7 @@ from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback
 from tuneloop.store import Artifact, ModelVersion, Session
 
 KIND = "adapters"
-METHODS = ("dpo", "orpo", "kto", "grpo")
+METHODS = ("dpo", "orpo", "kto", "grpo", "rloo")  # rloo: reward model + RLOO, see `rloo`
 GRPO_KL_BETA = 0.04  # DeepSeekMath's GRPO KL coefficient (TRL's own default is 0: no reference)
 
 
@@ -165,6 +168,9 @@ def train_align(project: Project, session: Session, retriever: Retriever | None,
 
 def _run(project: Project, method: str, data: AlignData, parent: ModelVersion, name: str,
          cycle_id: int | None, reporter: Reporter) -> Path:
+    if method == "rloo":  # two phases (reward model, then RLOO): its own module
+        from tuneloop.stages.rloo import run_rloo
+        return run_rloo(project, data, parent, name, cycle_id, reporter)
     s = project.settings.align
     role = project.settings.models.student
     model_dir = resolve_model_path(role.model, project.cache)

@@ -33,8 +33,9 @@ from tuneloop.errors import ConfigError, StateError
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.store import Example, ModelVersion, PreferencePair, Session
 
-PAIRWISE = ("dpo", "orpo")
+PAIRWISE = ("dpo", "orpo", "rloo")  # rloo: the pairs train its reward model; their prompts feed RLOO
 TRL_COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "orpo": ("prompt", "chosen", "rejected"),
+               "rloo": ("prompt", "chosen", "rejected"),
                "kto": ("prompt", "completion", "label"), "grpo": ("prompt", "reference")}
 
 

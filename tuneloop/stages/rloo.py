@@ -1,0 +1,229 @@
+"""`tuneloop train align --method rloo`: a reward model on the preference pairs, then RLOO against it.
+
+TRL 1.x ships no PPO trainer; RLOO (REINFORCE Leave-One-Out, Ahmadian et al. 2024) is its
+maintained reward-model RL method. Two phases, both LoRA on the student's base model:
+
+1. Reward model: `AutoModelForSequenceClassification(num_labels=1)` from the base model folder with
+   a new LoRA (task_type SEQ_CLS, so the score head is trained and saved too), trained by
+   `trl.RewardTrainer` (Bradley-Terry loss) on the same conversational rows DPO uses
+   (`prompt` messages + `chosen` / `rejected`). Its accuracy on those pairs
+   (reward(chosen) > reward(rejected)) is recorded. Saved in the artifact's `reward_model/`.
+2. RLOO: `trl.RLOOTrainer` continues the champion's adapter (as the other methods; TRL copies the
+   loaded adapter into a frozen "ref" adapter, so the KL reference is the champion), samples
+   `align.num_generations` answers of at most `align.max_completion_length` tokens per prompt (the
+   pairs' prompts) and scores them with the reward model (LoRA merged, frozen). KL coefficient:
+   TRL's RLOO default 0.05.
+
+Resume: the trained reward model is kept in artifacts/.work/<run>/reward_model until the run ends, so
+a killed run skips phase 1; phase 2 resumes from its last complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PrinterCallback,
+)
+
+from tuneloop.artifacts import write_artifact, write_jsonl
+from tuneloop.config import AlignSettings, Project, SFTSettings
+from tuneloop.models.defaults import resolve_model_path
+from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
+from tuneloop.progress import Reporter
+from tuneloop.stages.align_data import AlignData
+from tuneloop.store import ModelVersion
+
+RLOO_KL_BETA = 0.05  # TRL's RLOO default KL coefficient
+REWARD_DIR = "reward_model"
+
+
+def _common(s: AlignSettings, out: Path, device: str, dtype: torch.dtype) -> dict:
+    return {"output_dir": str(out), "num_train_epochs": s.epochs, "learning_rate": s.learning_rate,
+            "per_device_train_batch_size": s.batch_size, "gradient_accumulation_steps": s.grad_accum,
+            "seed": s.seed, "logging_steps": 1, "report_to": [], "save_strategy": "steps",
+            "save_steps": s.save_steps, "save_total_limit": 1, "use_cpu": device == "cpu",
+            "bf16": dtype == torch.bfloat16, "fp16": False, "disable_tqdm": True}
+
+
+def _lora(lora: SFTSettings, task_type: str):
+    from peft import LoraConfig
+    return LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                      target_modules=lora.target_modules, task_type=task_type)
+
+
+def _reward_tokenizer(model_dir: Path):
+    tok = load_tokenizer(model_dir)
+    tok.padding_side = "right"  # the score is read at the last non-pad token
+    return tok
+
+
+def _seq_cls_model(model_dir: Path, tokenizer, dtype: torch.dtype):
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, dtype=dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# --------------------------------------------------------------------------- phase 1: the reward model
+
+
+def train_reward_model(model_dir: Path, rows: list[dict], s: AlignSettings, lora: SFTSettings, work_dir: Path,
+                       reporter: Reporter | None = None):
+    """Train the LoRA reward model on `rows` ({prompt, chosen, rejected}); return (trainer, tokenizer)."""
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    device = pick_device()
+    dtype = pick_dtype(device, s.precision)
+    tokenizer = _reward_tokenizer(model_dir)
+    torch.manual_seed(s.seed)  # the new score head is random
+    model = _seq_cls_model(model_dir, tokenizer, dtype)
+    args = RewardConfig(max_length=s.max_length, **{**_common(s, work_dir, device, dtype), "save_strategy": "no"})
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                            processing_class=tokenizer, peft_config=_lora(lora, "SEQ_CLS"))
+    trainer.remove_callback(PrinterCallback)
+    if reporter is not None:
+        reporter.log(f"training the reward model on {len(rows)} preference pairs")
+    trainer.train()
+    return trainer, tokenizer
+
+
+def load_reward_model(model_dir: Path, adapter_dir: Path, dtype: torch.dtype = torch.float32):
+    """The saved reward model with its LoRA merged, frozen, in eval mode; and its tokenizer."""
+    from peft import PeftModel
+
+    tokenizer = _reward_tokenizer(model_dir)
+    model = PeftModel.from_pretrained(_seq_cls_model(model_dir, tokenizer, dtype), str(adapter_dir))
+    model = model.merge_and_unload().eval()
+    model.requires_grad_(False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def reward_scores(model, tokenizer, prompt: list[dict], completions: list[list[dict]]) -> list[float]:
+    """Rewards of `completions` after `prompt`, with the text RLOOTrainer builds (chat template)."""
+    from trl.data_utils import apply_chat_template
+
+    device = next(model.parameters()).device
+    out = []
+    for completion in completions:  # one at a time: no padding
+        text = apply_chat_template({"messages": prompt + completion}, tokenizer)["text"]
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out.append(model(**ids).logits[0, 0].float().item())
+    return out
+
+
+def reward_accuracy(model, tokenizer, rows: list[dict]) -> float:
+    """Share of rows whose chosen answer gets a higher reward than the rejected one."""
+    wins = 0
+    for r in rows:
+        chosen, rejected = reward_scores(model, tokenizer, r["prompt"], [r["chosen"], r["rejected"]])
+        wins += chosen > rejected
+    return wins / len(rows) if rows else 0.0
+
+
+def _reward_phase(model_dir: Path, rows: list[dict], s: AlignSettings, lora: SFTSettings, work_dir: Path,
+                  reporter: Reporter) -> dict:
+    """Train (or, after a kill, reuse) the reward model in work_dir/reward_model; return its info."""
+    out = work_dir / REWARD_DIR
+    info_path = out / "reward_info.json"
+    if info_path.is_file():
+        reporter.log(f"reusing the reward model trained before the interruption ({out})")
+        return json.loads(info_path.read_text(encoding="utf-8"))
+    tmp = work_dir / "reward_train"
+    trainer, tokenizer = train_reward_model(model_dir, rows, s, lora, tmp, reporter)
+    model = trainer.model.eval()
+    accuracy = reward_accuracy(model, tokenizer, rows)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    info = {"accuracy": accuracy, "n_pairs": len(rows), "global_step": trainer.state.global_step,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+    staging = work_dir / f"{REWARD_DIR}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    (staging / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    (staging / "reward_info.json").write_text(json.dumps(info, indent=2))  # written last: marks it complete
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    reporter.log(f"reward model accuracy on the training pairs: {accuracy:.2f}")
+    return info
+
+
+# --------------------------------------------------------------------------- phase 2: RLOO
+
+
+def build_rloo_trainer(model_dir: Path, parent_adapter: Path | None, prompts: list[dict], reward_model,
+                       reward_tokenizer, s: AlignSettings, lora: SFTSettings, work_dir: Path):
+    """RLOOTrainer on `prompts` ({"prompt": messages}) continuing `parent_adapter`, rewarded by `reward_model`."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from trl import RLOOConfig, RLOOTrainer
+
+    device = pick_device()
+    dtype = pick_dtype(device, s.precision)
+    tokenizer = load_tokenizer(model_dir)  # left padding for generation
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    peft_config = None
+    if parent_adapter is not None:  # continue the champion's adapter; TRL copies it as the frozen "ref"
+        model = PeftModel.from_pretrained(model, str(parent_adapter), is_trainable=True)
+    else:  # champion = base model: a new LoRA; ref = adapters disabled = base
+        peft_config = _lora(lora, "CAUSAL_LM")
+    common = _common(s, work_dir, device, dtype)
+    # One step = batch_size prompts x num_generations sampled answers (RLOO's leave-one-out group).
+    common["per_device_train_batch_size"] = s.batch_size * s.num_generations
+    args = RLOOConfig(beta=RLOO_KL_BETA, num_generations=s.num_generations,
+                      max_completion_length=s.max_completion_length, **common)
+    reward_model.to(device)
+    trainer = RLOOTrainer(model=model, reward_funcs=[reward_model], args=args,
+                          train_dataset=Dataset.from_list(prompts), processing_class=tokenizer,
+                          reward_processing_classes=[reward_tokenizer], peft_config=peft_config)
+    trainer.remove_callback(PrinterCallback)
+    return trainer, tokenizer
+
+
+def run_rloo(project: Project, data: AlignData, parent: ModelVersion, name: str, cycle_id: int | None,
+             reporter: Reporter) -> Path:
+    """Both phases; writes the adapter artifact (with reward_model/) and returns its path."""
+    from tuneloop.stages.align import KIND, _train
+
+    s = project.settings.align
+    role = project.settings.models.student
+    model_dir = resolve_model_path(role.model, project.cache)
+    parent_adapter = Path(parent.adapter_path) if parent.adapter_path else None
+    work_dir = project.artifacts / ".work" / name
+    rows = data.trl_rows()
+    reward_info = _reward_phase(model_dir, rows, s, project.settings.sft, work_dir, reporter)
+    reward_model, reward_tok = load_reward_model(model_dir, work_dir / REWARD_DIR,
+                                                 pick_dtype(pick_device(), s.precision))
+    prompts = list({json.dumps(r["prompt"], sort_keys=True): {"prompt": r["prompt"]} for r in rows}.values())
+    rl_dir = work_dir / "rloo"
+    trainer, tokenizer = build_rloo_trainer(model_dir, parent_adapter, prompts, reward_model, reward_tok, s,
+                                            project.settings.sft, rl_dir)
+    _train(trainer, rl_dir, len(prompts), s, reporter, "rloo")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+
+    def write(tmp: Path) -> None:
+        trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])  # not TRL's frozen "ref" copy
+        tokenizer.save_pretrained(str(tmp))
+        write_jsonl(tmp / "train.jsonl", data.rows)
+        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        shutil.copytree(work_dir / REWARD_DIR, tmp / REWARD_DIR)
+
+    hyperparams = {**s.model_dump(), "method": "rloo", "data": data.summary(), "kl_beta": RLOO_KL_BETA,
+                   "n_prompts": len(prompts), "reward_model": {**reward_info, "path": REWARD_DIR},
+                   "reward_model_accuracy": reward_info["accuracy"],
+                   "first_reward": rewards[0] if rewards else None, "last_reward": rewards[-1] if rewards else None}
+    meta = {"stage": "align", "method": "rloo", "cycle_id": cycle_id, "base_model": role.model,
+            "parent": parent.name, "parent_adapter": parent.adapter_path, "reference": f"champion {parent.name}",
+            "hyperparams": hyperparams, "global_step": trainer.state.global_step,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+    path = write_artifact(project.artifacts, KIND, name, meta, write)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return path
