@@ -110,14 +110,14 @@ def ingest(
 @friendly_errors
 def seeds_import(
     file: Annotated[Path, typer.Argument(help="JSONL or CSV with question, answer, optional source.")],
-    split: Annotated[str, typer.Option(help="train (seed examples) or eval (held-out set).")] = "train",
+    split: Annotated[str, typer.Option(help="train (seed examples), eval (held-out set) or dev (WiSE-FT mixing weight).")] = "train",
     project_dir: ProjectOpt = Path("."),
 ) -> None:
     """Import expert question/answer pairs."""
     from tuneloop.stages.seeds import import_pairs
 
-    if split not in ("train", "eval"):
-        raise TuneloopError(f"--split must be 'train' or 'eval', not '{split}'")
+    if split not in ("train", "eval", "dev"):
+        raise TuneloopError(f"--split must be 'train', 'eval' or 'dev', not '{split}'")
     project, sessions = _open(project_dir)
     with sessions() as s:
         r = import_pairs(s, file, split)

@@ -1,4 +1,4 @@
-"""The cycle: ingest -> synth -> sft -> align -> eval -> gate, as a resumable state machine.
+"""The cycle: ingest -> synth -> sft -> align -> wise -> eval -> gate, as a resumable state machine.
 
 Each step's outputs (artifact rows, examples, model versions) are committed in the same
 transaction that marks the step done, and artifacts are renamed into place only when complete.
@@ -19,16 +19,38 @@ from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.registry import build_embedder
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
-from tuneloop.stages.common import champion, run_name
 from tuneloop.stages.align import train_align
-from tuneloop.stages.anchor import anchor_guard, anchor_items, anchor_set_hash, evaluate_anchor
-from tuneloop.stages.evaluate import ensure_base_version, eval_examples, eval_set_hash, evaluate_version, gate
+from tuneloop.stages.anchor import (
+    anchor_guard,
+    anchor_items,
+    anchor_set_hash,
+    evaluate_anchor,
+)
+from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.evaluate import (
+    ensure_base_version,
+    eval_examples,
+    eval_set_hash,
+    evaluate_version,
+    gate,
+)
 from tuneloop.stages.ingest import ensure_index, ingest_paths
 from tuneloop.stages.sft import train_sft
-from tuneloop.stages.synthesize import KIND as SYNTH_KIND, build_synth_models, synthesize
-from tuneloop.store import Chunk, Cycle, CycleStep, EvalRun, ModelVersion, Session, open_store, utcnow
+from tuneloop.stages.synthesize import KIND as SYNTH_KIND
+from tuneloop.stages.synthesize import build_synth_models, synthesize
+from tuneloop.stages.wise import choose_alpha
+from tuneloop.store import (
+    Chunk,
+    Cycle,
+    CycleStep,
+    EvalRun,
+    ModelVersion,
+    Session,
+    open_store,
+    utcnow,
+)
 
-STEPS = ("ingest", "synth", "sft", "align", "eval", "gate")
+STEPS = ("ingest", "synth", "sft", "align", "wise", "eval", "gate")
 
 
 @dataclass
@@ -93,9 +115,21 @@ def _step_align(ctx: CycleContext, s: Session) -> dict:
             "last_loss": r.last_loss, "artifact": str(r.artifact)}
 
 
+def _step_wise(ctx: CycleContext, s: Session) -> dict:
+    """WiSE-FT: average champion and candidate weights, alpha chosen on the dev split (optional)."""
+    if not ctx.project.settings.continual.wise_ft:
+        return {"skipped": "continual.wise_ft is false"}
+    candidate = _candidate(s, ctx.cycle_id)
+    r = choose_alpha(ctx.project, s, champion(s), candidate, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
+    candidate.status = "superseded"  # the averaged version is what the gate judges
+    return {"version": r.version.name, "alpha": r.alpha, "dev_scores": {str(a): v for a, v in r.scores.items()},
+            "averaged": candidate.name}
+
+
 def _candidate(s: Session, cycle_id: int) -> ModelVersion:
     """The cycle's candidate: the aligned version when alignment ran, else the SFT one."""
-    cand = s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == cycle_id, ModelVersion.method != "base")
+    cand = s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == cycle_id, ModelVersion.method != "base",
+                                               ModelVersion.status != "intermediate")
                     .order_by(ModelVersion.id.desc()))
     if cand is None:
         raise StateError(f"cycle {cycle_id} has no candidate model")
@@ -134,7 +168,8 @@ def _step_gate(ctx: CycleContext, s: Session) -> dict:
 
 
 STEP_FUNCTIONS: dict[str, Callable[[CycleContext, Session], dict]] = {
-    "ingest": _step_ingest, "synth": _step_synth, "sft": _step_sft, "align": _step_align, "eval": _step_eval,
+    "ingest": _step_ingest, "synth": _step_synth, "sft": _step_sft, "align": _step_align, "wise": _step_wise,
+    "eval": _step_eval,
     "gate": _step_gate,
 }
 

@@ -77,7 +77,7 @@ class Example(Base):
     __table_args__ = (UniqueConstraint("content_hash", "split"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(20))  # seed | synthetic | feedback
-    split: Mapped[str] = mapped_column(String(10), default="train")  # train | eval
+    split: Mapped[str] = mapped_column(String(10), default="train")  # train | eval | dev
     question: Mapped[str] = mapped_column(Text)
     answer: Mapped[str] = mapped_column(Text)
     document: Mapped[str | None] = mapped_column(String(500), nullable=True)  # Document.name

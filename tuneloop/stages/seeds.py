@@ -56,7 +56,8 @@ def read_pairs(path: Path) -> list[dict[str, str | None]]:
 
 
 def import_pairs(session: Session, path: Path, split: str) -> ImportResult:
-    """Add pairs to the session as seeds (split train) or held-out items (split eval)."""
+    """Add pairs to the session as seeds (split train), held-out items (split eval) or dev items (split
+    dev: only used to pick the WiSE-FT mixing weight)."""
     rows = read_pairs(path)
     existing = {(h, s) for h, s in session.execute(select(Example.content_hash, Example.split))}
     hashes = {h for h, _ in existing}

@@ -285,9 +285,9 @@ class Engine:
         s = self.s
         # novelty: against every earlier seed and synthetic question (all cycles); evaluation
         # questions are the contamination filter's job (with its own, stricter thresholds)
-        history = list(self.session.scalars(select(Example.question).where(Example.split != "eval")))
+        history = list(self.session.scalars(select(Example.question).where(Example.split == "train")))
         eval_items = [(q, d) for q, d in self.session.execute(
-            select(Example.question, Example.document).where(Example.split == "eval"))]
+            select(Example.question, Example.document).where(Example.split.in_(("eval", "dev"))))]
         embedder = self.models.embedder
         vecs = hist_vecs = eval_vecs = None
         if embedder is not None and items:

@@ -1,0 +1,168 @@
+"""Stage: WiSE-FT weight averaging of the champion and a new candidate, alpha picked on the dev set.
+
+The averaged model is W0 + (1 - alpha) * dW_champion + alpha * dW_candidate, built exactly in LoRA
+delta space with PEFT's `add_weighted_adapter(combination_type="cat")`: the LoRA factors are
+concatenated (A_i scaled by w_i * scaling_i, the new adapter's scaling is 1), so the delta is
+sum_i w_i * scaling_i * B_i A_i. Its rank is the sum of the two ranks. When the champion is the
+base model (no adapter) the delta is alpha * dW_candidate.
+
+Each alpha in `continual.wise_alphas` is scored on the dev split (never trained on, never the
+held-out eval set) with the retrieval-augmented answerer; the best wins, ties going to the smaller
+alpha (closer to the champion). The winner is registered as a new candidate version (method
+"wise", parent: the candidate).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sqlalchemy import func, select
+
+from tuneloop import metrics
+from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
+from tuneloop.config import Project
+from tuneloop.errors import ConfigError, StateError
+from tuneloop.models.defaults import resolve_model_path
+from tuneloop.models.registry import build_chat_model, generation_params
+from tuneloop.programs.rag import RagAnswerer, Retriever
+from tuneloop.progress import Reporter
+from tuneloop.stages.common import run_name
+from tuneloop.stages.evaluate import references
+from tuneloop.store import Artifact, Example, ModelVersion, Session
+
+KIND = "adapters"
+
+
+@dataclass
+class WiseResult:
+    alpha: float
+    scores: dict[float, float]  # primary dev metric per alpha
+    version: ModelVersion
+    artifact: Path
+
+
+def average_adapters(base_model_dir: Path, champion_adapter: Path | None, candidate_adapter: Path,
+                     alpha: float, out: Path) -> Path:
+    """Save to `out` a PEFT adapter whose delta is (1 - alpha) * dW_champion + alpha * dW_candidate
+    (alpha * dW_candidate when `champion_adapter` is None, i.e. the champion is the base model)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(candidate_adapter), adapter_name="candidate")
+    adapters, weights = ["candidate"], [float(alpha)]
+    if champion_adapter is not None:
+        model.load_adapter(str(champion_adapter), adapter_name="champion")
+        adapters, weights = ["champion", "candidate"], [1.0 - float(alpha), float(alpha)]
+    for name in adapters:
+        if getattr(model.peft_config[name], "use_rslora", False):
+            # "cat" gives the new adapter lora_alpha == r, a scaling of 1 only without rsLoRA
+            raise ConfigError(f"WiSE-FT averaging does not support rsLoRA adapters ({name})")
+    # One adapter: PEFT switches to "linear", which is exact for one adapter (sqrt(w*s) on A and B).
+    model.add_weighted_adapter(adapters, weights, "default", combination_type="cat")
+    model.set_adapter("default")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), selected_adapters=["default"])
+    return out
+
+
+def dev_examples(project: Project, session: Session) -> list[Example]:
+    rows = list(session.scalars(select(Example).where(Example.split == "dev").order_by(Example.id)))
+    if project.settings.eval.limit:
+        rows = rows[: project.settings.eval.limit]
+    return rows
+
+
+def score_adapter(project: Project, adapter: Path, examples: list[Example], retriever: Retriever,
+                  reporter: Reporter) -> float:
+    """The primary metric of the student with `adapter` on `examples` (NaN when undefined)."""
+    role = project.settings.models.student
+    model = build_chat_model(project, role, adapter)
+    answerer = RagAnswerer(retriever, model, generation_params(role))
+    answers = answerer.answer_many([(e.question, e.document) for e in examples], reporter, role.batch_size)
+    items = [{"prediction": a.text, "references": references(e)} for e, a in zip(examples, answers)]
+    value = metrics.aggregate(items).get(project.settings.eval.primary_metric)
+    return float("nan") if value is None else float(value)
+
+
+def _best(scores: dict[float, float]) -> float:
+    """The alpha with the highest score; ties (and NaN scores) go to the smaller alpha."""
+    def value(a: float) -> float:
+        return -math.inf if math.isnan(scores[a]) else scores[a]
+
+    alphas = sorted(scores)
+    best = alphas[0]
+    for alpha in alphas[1:]:
+        if value(alpha) > value(best):
+            best = alpha
+    return best
+
+
+def choose_alpha(project: Project, session: Session, champion: ModelVersion, candidate: ModelVersion,
+                 retriever: Retriever, reporter: Reporter, cycle_id: int | None = None) -> WiseResult:
+    """Average `champion` and `candidate` for each alpha in `continual.wise_alphas`, keep the one
+    scoring best on the dev split, and register it as a new candidate version (method "wise")."""
+    role = project.settings.models.student
+    if role.backend != "local":
+        raise ConfigError("models.student must be a local model for WiSE-FT averaging (backend: local)")
+    if not candidate.adapter_path:
+        raise StateError(f"candidate {candidate.name} has no adapter to average")
+    alphas = sorted({float(a) for a in project.settings.continual.wise_alphas})
+    if not alphas:
+        raise ConfigError("continual.wise_alphas is empty")
+    name = run_name("wise", cycle_id) if cycle_id is not None else f"wise-{candidate.name}"
+    path = artifact_path(project.artifacts, KIND, name)
+    if not is_complete(path):
+        examples = dev_examples(project, session)
+        if not examples:
+            raise StateError("no dev questions for WiSE-FT: import some with `tuneloop seeds import FILE --split dev`")
+        model_dir = resolve_model_path(role.model, project.cache)
+        champ_adapter = Path(champion.adapter_path) if champion.adapter_path else None
+        work = project.artifacts / ".work" / name
+        scores: dict[float, float] = {}
+        for alpha in alphas:
+            out = work / f"alpha-{alpha:g}"
+            shutil.rmtree(out, ignore_errors=True)
+            average_adapters(model_dir, champ_adapter, Path(candidate.adapter_path), alpha, out)
+            reporter.log(f"WiSE-FT: scoring alpha {alpha:g} on {len(examples)} dev questions")
+            scores[alpha] = score_adapter(project, out, examples, retriever, reporter)
+        alpha = _best(scores)
+        chosen = work / f"alpha-{alpha:g}"
+
+        def write(tmp: Path) -> None:
+            for f in chosen.iterdir():
+                shutil.copy2(f, tmp / f.name)
+            (tmp / "dev_scores.json").write_text(json.dumps({f"{a:g}": s for a, s in scores.items()}, indent=2))
+
+        meta = {"stage": "wise", "cycle_id": cycle_id, "base_model": role.model, "alpha": alpha,
+                "scores": {f"{a:g}": s for a, s in scores.items()}, "champion": champion.name,
+                "candidate": candidate.name, "primary_metric": project.settings.eval.primary_metric,
+                "dev_example_ids": [e.id for e in examples]}
+        path = write_artifact(project.artifacts, KIND, name, meta, write)
+        shutil.rmtree(work, ignore_errors=True)
+    return _register(session, path, candidate, cycle_id)
+
+
+def _register(session: Session, path: Path, candidate: ModelVersion, cycle_id: int | None) -> WiseResult:
+    meta = read_meta(path)
+    scores = {float(a): s for a, s in meta["scores"].items()}
+    version = session.scalar(select(ModelVersion).where(ModelVersion.adapter_path == str(path)))
+    if version is None:
+        n = session.scalar(select(func.count(ModelVersion.id))) or 0
+        version = ModelVersion(
+            name=f"v{n}", parent_id=candidate.id, base_model=meta["base_model"], adapter_path=str(path),
+            method="wise", training_example_ids=[],
+            hyperparams={"alpha": meta["alpha"], "scores": meta["scores"], "champion": meta["champion"],
+                         "candidate": meta["candidate"]},
+            metrics={f"dev_{meta['primary_metric']}": s for a, s in scores.items() if a == meta["alpha"]
+                     and not math.isnan(s)},
+            status="candidate", cycle_id=cycle_id,
+        )
+        session.add(version)
+        session.add(Artifact(kind="adapter", path=str(path), meta={"stage": "wise", "cycle_id": cycle_id}))
+        session.flush()
+    return WiseResult(meta["alpha"], scores, version, path)
