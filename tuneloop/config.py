@@ -168,7 +168,7 @@ class ContinualSettings(_Section):
     anchor_tolerance: float = Field(0.05, ge=0.0)  # the gate refuses a drop larger than this
     dapt: bool = False  # domain-adaptive pre-training on raw chunks before SFT
     dapt_epochs: float = Field(1.0, gt=0)
-    dapt_general_fraction: float = Field(0.2, ge=0.0, le=1.0)  # general text mixed in
+    dapt_general_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # general text mixed in
 
 
 class ServeSettings(_Section):
@@ -342,6 +342,8 @@ align:                   # preference alignment after SFT, when preference data 
 continual:
   anchor: true           # ask every version 30 everyday questions; forgetting shows up as a number
   anchor_tolerance: 0.05 # the gate refuses a candidate whose anchor score falls by more
+  wise_ft: false         # average champion and candidate weights; alpha picked on a --split dev set
+  dapt: false            # LoRA pre-training on the raw chunks (+20% general text) before SFT
 
 serve:                   # `tuneloop serve`: OpenAI-compatible API, feedback API, web page at /
   host: 127.0.0.1

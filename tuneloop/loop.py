@@ -1,4 +1,4 @@
-"""The cycle: ingest -> synth -> sft -> align -> wise -> eval -> gate, as a resumable state machine.
+"""The cycle: ingest -> synth -> (dapt) -> sft -> align -> wise -> eval -> gate, as a resumable state machine.
 
 Each step's outputs (artifact rows, examples, model versions) are committed in the same
 transaction that marks the step done, and artifacts are renamed into place only when complete.
@@ -27,6 +27,7 @@ from tuneloop.stages.anchor import (
     evaluate_anchor,
 )
 from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.dapt import dapt_parent, train_dapt
 from tuneloop.stages.evaluate import (
     ensure_base_version,
     eval_examples,
@@ -50,7 +51,7 @@ from tuneloop.store import (
     utcnow,
 )
 
-STEPS = ("ingest", "synth", "sft", "align", "wise", "eval", "gate")
+STEPS = ("ingest", "synth", "dapt", "sft", "align", "wise", "eval", "gate")
 
 
 @dataclass
@@ -92,10 +93,21 @@ def _step_synth(ctx: CycleContext, s: Session) -> dict:
     return {"generated": r.generated, "kept": r.kept, "rejected": r.rejected, "artifact": str(r.artifact)}
 
 
+def _step_dapt(ctx: CycleContext, s: Session) -> dict:
+    """Domain-adaptive pre-training on the raw chunks (+ general text), optional; SFT continues it."""
+    if not ctx.project.settings.continual.dapt:
+        return {"skipped": "continual.dapt is false"}
+    ensure_base_version(ctx.project, s)
+    r = train_dapt(ctx.project, s, ctx.reporter, cycle_id=ctx.cycle_id)
+    return {"version": r.version.name, "first_loss": r.first_loss, "last_loss": r.last_loss,
+            "artifact": str(r.artifact)}
+
+
 def _step_sft(ctx: CycleContext, s: Session) -> dict:
     ensure_base_version(ctx.project, s)
-    r = train_sft(ctx.project, s, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
-    return {"version": r.version.name, "parent": champion(s).name, "first_loss": r.first_loss,
+    parent = dapt_parent(s, ctx.cycle_id)  # None unless the dapt step ran
+    r = train_sft(ctx.project, s, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id, parent=parent)
+    return {"version": r.version.name, "parent": (parent or champion(s)).name, "first_loss": r.first_loss,
             "last_loss": r.last_loss, "artifact": str(r.artifact)}
 
 
@@ -168,9 +180,8 @@ def _step_gate(ctx: CycleContext, s: Session) -> dict:
 
 
 STEP_FUNCTIONS: dict[str, Callable[[CycleContext, Session], dict]] = {
-    "ingest": _step_ingest, "synth": _step_synth, "sft": _step_sft, "align": _step_align, "wise": _step_wise,
-    "eval": _step_eval,
-    "gate": _step_gate,
+    "ingest": _step_ingest, "synth": _step_synth, "dapt": _step_dapt, "sft": _step_sft, "align": _step_align,
+    "wise": _step_wise, "eval": _step_eval, "gate": _step_gate,
 }
 
 

@@ -164,12 +164,13 @@ def _steps(n_rows: int, s: SFTSettings) -> int:
 
 
 def train_sft(project: Project, session: Session, retriever: Retriever | None, reporter: Reporter,
-              cycle_id: int | None = None) -> SFTResult:
-    """Train a LoRA candidate from the champion; write the adapter artifact; add a candidate version."""
+              cycle_id: int | None = None, parent: ModelVersion | None = None) -> SFTResult:
+    """Train a LoRA candidate from the champion (or `parent`: the cycle's DAPT version); write the
+    adapter artifact; add a candidate version."""
     role = project.settings.models.student
     if role.backend != "local":
         raise ConfigError("models.student must be a local model to be fine-tuned (backend: local)")
-    parent = champion(session)
+    parent = parent or champion(session)
     if parent is None:
         raise StateError("no champion model yet (run `tuneloop eval` or `tuneloop cycle` first)")
     name = run_name("sft", cycle_id)

@@ -1,0 +1,193 @@
+"""Stage (optional): domain-adaptive pre-training (DAPT) of the student on the raw document chunks.
+
+A LoRA causal-LM pass (loss on every token) over the text of the project's chunks, mixed with
+general everyday prose (`tuneloop/sample/general.txt`, written for tuneloop) so that general rows
+make up `continual.dapt_general_fraction` of the mix, which limits forgetting. It continues the
+champion's adapter (or starts a new LoRA with the SFT LoRA settings when the champion is the base
+model) and uses the SFT optimiser settings, for `continual.dapt_epochs` epochs.
+
+The result is an intermediate version (status "intermediate", method "dapt"): the gate never
+judges it; SFT in the same cycle continues from it (`dapt_parent`). A killed run resumes from its
+last checkpoint, like SFT.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from sqlalchemy import func, select
+from transformers import AutoModelForCausalLM, PrinterCallback
+
+from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact, write_jsonl
+from tuneloop.config import Project, SFTSettings
+from tuneloop.errors import ConfigError, StateError
+from tuneloop.models.defaults import resolve_model_path
+from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
+from tuneloop.progress import Reporter
+from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback, _steps
+from tuneloop.store import Artifact, Chunk, ModelVersion, Session, text_hash
+
+KIND = "adapters"
+METHOD = "dapt"
+STATUS = "intermediate"
+
+
+@dataclass
+class DaptResult:
+    version: ModelVersion
+    artifact: Path
+    first_loss: float | None
+    last_loss: float | None
+
+
+def general_texts(path: Path | None = None) -> list[str]:
+    """The general-text paragraphs (blank-line separated)."""
+    text = path.read_text(encoding="utf-8") if path else \
+        (resources.files("tuneloop") / "sample" / "general.txt").read_text(encoding="utf-8")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def n_general_rows(n_domain: int, fraction: float) -> int:
+    """How many general rows make them `fraction` of a mix with `n_domain` domain rows."""
+    if fraction <= 0 or n_domain == 0:
+        return 0
+    if fraction >= 1:
+        raise ConfigError("continual.dapt_general_fraction must be below 1 (DAPT needs some domain text)")
+    return round(n_domain * fraction / (1 - fraction))
+
+
+def mix_rows(domain: list[str], general: list[str], fraction: float, seed: int) -> list[dict]:
+    """Domain rows plus general rows (sampled, repeated when the corpus is too short) so that the
+    general share is `fraction`; shuffled. Each row: {"text", "source": "domain" | "general"}."""
+    rng = random.Random(seed)
+    n = n_general_rows(len(domain), fraction)
+    picked: list[str] = []
+    while general and len(picked) < n:
+        picked += rng.sample(general, min(len(general), n - len(picked)))
+    rows = [{"text": t, "source": "domain"} for t in domain] + [{"text": t, "source": "general"} for t in picked]
+    rng.shuffle(rows)
+    return rows
+
+
+def domain_chunks(session: Session) -> list[Chunk]:
+    return list(session.scalars(select(Chunk).order_by(Chunk.document_id, Chunk.position)))
+
+
+def dapt_parent(session: Session, cycle_id: int | None) -> ModelVersion | None:
+    """The cycle's DAPT version (the newest one), which SFT in that cycle continues; None if none."""
+    if cycle_id is None:
+        return None
+    return session.scalars(select(ModelVersion).where(
+        ModelVersion.method == METHOD, ModelVersion.status == STATUS, ModelVersion.cycle_id == cycle_id)
+        .order_by(ModelVersion.id.desc())).first()
+
+
+def build_trainer(model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: SFTSettings,
+                  epochs: float, work_dir: Path):
+    """An SFTTrainer doing plain language modelling on the rows' "text" (loss on every token)."""
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from trl import SFTConfig, SFTTrainer
+
+    device = pick_device()
+    dtype = pick_dtype(device, s.precision)
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    peft_config = None
+    if parent_adapter is not None:  # continue the champion's adapter
+        model = PeftModel.from_pretrained(model, str(parent_adapter), is_trainable=True)
+    else:
+        peft_config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                                 target_modules=s.target_modules, task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(work_dir), num_train_epochs=epochs, learning_rate=s.learning_rate,
+        per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
+        max_length=s.max_length, seed=s.seed, logging_steps=1, report_to=[],
+        save_strategy="steps", save_steps=s.save_steps, save_total_limit=1,
+        use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, fp16=False,
+        disable_tqdm=True, lr_scheduler_type="cosine", warmup_steps=0.03,
+        dataset_num_proc=None, dataset_text_field="text", packing=False,
+        completion_only_loss=False, assistant_only_loss=False,
+    )
+    dataset = Dataset.from_list([{"text": r["text"]} for r in rows])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    trainer.remove_callback(PrinterCallback)
+    return trainer, tokenizer
+
+
+def train_dapt(project: Project, session: Session, reporter: Reporter, cycle_id: int | None = None,
+               name: str | None = None) -> DaptResult:
+    """Run DAPT from the champion; write the adapter artifact; add an intermediate "dapt" version."""
+    role = project.settings.models.student
+    if role.backend != "local":
+        raise ConfigError("models.student must be a local model to be fine-tuned (backend: local)")
+    parent = champion(session)
+    if parent is None:
+        raise StateError("no champion model yet (run `tuneloop eval` or `tuneloop cycle` first)")
+    name = name or run_name("dapt", cycle_id)
+    path = artifact_path(project.artifacts, KIND, name)
+    if not is_complete(path):
+        s = project.settings.sft
+        c = project.settings.continual
+        chunks = domain_chunks(session)
+        if not chunks:
+            raise StateError("no document chunks to pre-train on: run `tuneloop ingest` first")
+        rows = mix_rows([ch.text for ch in chunks], general_texts(), c.dapt_general_fraction,
+                        s.seed + (cycle_id or 0))
+        model_dir = resolve_model_path(role.model, project.cache)
+        parent_adapter = Path(parent.adapter_path) if parent.adapter_path else None
+        work_dir = project.artifacts / ".work" / name
+        trainer, tokenizer = build_trainer(model_dir, parent_adapter, rows, s, c.dapt_epochs, work_dir)
+        total = trainer.args.max_steps if trainer.args.max_steps > 0 else None
+        resume = _last_complete_checkpoint(work_dir)
+        with reporter.task("domain-adaptive pre-training (LoRA)",
+                           total or _steps(len(rows), s.model_copy(update={"epochs": c.dapt_epochs}))) as advance:
+            if resume:
+                reporter.log(f"resuming training from {resume}")
+                advance(int(Path(resume).name.split("-")[-1]))
+            trainer.add_callback(_ProgressCallback(advance))
+            trainer.train(resume_from_checkpoint=resume)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+        def write(tmp: Path) -> None:
+            trainer.model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            write_jsonl(tmp / "train.jsonl", rows)
+            (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+
+        chunk_ids = [ch.id for ch in chunks]
+        n_general = sum(r["source"] == "general" for r in rows)
+        hyperparams = {"n_domain": len(rows) - n_general, "n_general": n_general,
+                       "general_fraction": c.dapt_general_fraction, "epochs": c.dapt_epochs,
+                       "chunk_ids_hash": text_hash(*map(str, chunk_ids))[:16], "sft": s.model_dump()}
+        meta = {"stage": "dapt", "cycle_id": cycle_id, "base_model": role.model, "parent": parent.name,
+                "parent_adapter": parent.adapter_path, "chunk_ids": chunk_ids, "hyperparams": hyperparams,
+                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+        path = write_artifact(project.artifacts, KIND, name, meta, write)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return _register(session, path, parent, cycle_id)
+
+
+def _register(session: Session, path: Path, parent: ModelVersion, cycle_id: int | None) -> DaptResult:
+    meta = read_meta(path)
+    existing = session.scalar(select(ModelVersion).where(ModelVersion.adapter_path == str(path)))
+    if existing is None:
+        n = session.scalar(select(func.count(ModelVersion.id))) or 0
+        existing = ModelVersion(
+            name=f"v{n}", parent_id=parent.id, base_model=meta["base_model"], adapter_path=str(path),
+            method=METHOD, training_example_ids=[], hyperparams=meta["hyperparams"],
+            metrics={"train_first_loss": meta["first_loss"], "train_last_loss": meta["last_loss"]},
+            status=STATUS, cycle_id=cycle_id,
+        )
+        session.add(existing)
+        session.add(Artifact(kind="adapter", path=str(path), meta={"stage": "dapt", "cycle_id": cycle_id}))
+        session.flush()
+    return DaptResult(existing, path, meta["first_loss"], meta["last_loss"])
