@@ -27,23 +27,17 @@ from pathlib import Path
 
 import torch
 from sqlalchemy import func, select
-from transformers import AutoModelForCausalLM, PrinterCallback
+from transformers import PrinterCallback
 
-from tuneloop.artifacts import (
-    artifact_path,
-    is_complete,
-    read_meta,
-    write_artifact,
-    write_jsonl,
-)
+from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact, write_jsonl
 from tuneloop.config import AlignSettings, Project, SFTSettings
 from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.defaults import resolve_model_path
-from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
 from tuneloop.stages.align_data import AlignData, f1_reward, select_align_data
 from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.policy import load_policy
 from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback
 from tuneloop.store import Artifact, ModelVersion, Session
 
@@ -90,19 +84,13 @@ def build_trainer(method: str, model_dir: Path, parent_adapter: Path | None, row
                   s: AlignSettings, lora: SFTSettings, work_dir: Path):
     """The TRL trainer of `method` on `rows`, its model continuing `parent_adapter` (see module doc)."""
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
 
-    device = pick_device()
-    dtype = pick_dtype(device, s.precision)
-    tokenizer = load_tokenizer(model_dir)
-    tokenizer.padding_side = "left" if method == "grpo" else "right"
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    peft_config = None
-    if parent_adapter is not None:  # continue the champion's adapter; TRL copies it as the frozen "ref"
-        model = PeftModel.from_pretrained(model, str(parent_adapter), is_trainable=True)
-    else:  # champion = base model: a new LoRA (SFT's settings); ref = adapters disabled = base
-        peft_config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                                 target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    # Continuing the champion's adapter: TRL copies it as the frozen "ref". With the base model as
+    # champion, a new LoRA (SFT's settings): ref = adapters disabled = base.
+    policy = load_policy(model_dir, parent_adapter, lora, s.precision,
+                         padding_side="left" if method == "grpo" else "right")
+    model, peft_config, tokenizer, device, dtype = (policy.model, policy.peft_config, policy.tokenizer,
+                                                    policy.device, policy.dtype)
     args = _config(method, s, work_dir, device, dtype)
     dataset = Dataset.from_list(rows)
     kw = {"model": model, "args": args, "train_dataset": dataset, "processing_class": tokenizer,

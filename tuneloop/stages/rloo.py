@@ -24,11 +24,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    PrinterCallback,
-)
+from transformers import AutoModelForSequenceClassification, PrinterCallback
 
 from tuneloop.artifacts import write_artifact, write_jsonl
 from tuneloop.config import AlignSettings, Project, SFTSettings
@@ -36,6 +32,7 @@ from tuneloop.models.defaults import resolve_model_path
 from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
 from tuneloop.progress import Reporter
 from tuneloop.stages.align_data import AlignData
+from tuneloop.stages.policy import load_policy, lora_config
 from tuneloop.store import ModelVersion
 
 RLOO_KL_BETA = 0.05  # TRL's RLOO default KL coefficient
@@ -51,9 +48,7 @@ def _common(s: AlignSettings, out: Path, device: str, dtype: torch.dtype) -> dic
 
 
 def _lora(lora: SFTSettings, task_type: str):
-    from peft import LoraConfig
-    return LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                      target_modules=lora.target_modules, task_type=task_type)
+    return lora_config(lora, task_type)
 
 
 def _reward_tokenizer(model_dir: Path):
@@ -162,18 +157,12 @@ def build_rloo_trainer(model_dir: Path, parent_adapter: Path | None, prompts: li
                        reward_tokenizer, s: AlignSettings, lora: SFTSettings, work_dir: Path):
     """RLOOTrainer on `prompts` ({"prompt": messages}) continuing `parent_adapter`, rewarded by `reward_model`."""
     from datasets import Dataset
-    from peft import PeftModel
     from trl import RLOOConfig, RLOOTrainer
 
-    device = pick_device()
-    dtype = pick_dtype(device, s.precision)
-    tokenizer = load_tokenizer(model_dir)  # left padding for generation
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    peft_config = None
-    if parent_adapter is not None:  # continue the champion's adapter; TRL copies it as the frozen "ref"
-        model = PeftModel.from_pretrained(model, str(parent_adapter), is_trainable=True)
-    else:  # champion = base model: a new LoRA; ref = adapters disabled = base
-        peft_config = _lora(lora, "CAUSAL_LM")
+    # As in align: continuing the champion's adapter, TRL copies it as the frozen "ref".
+    policy = load_policy(model_dir, parent_adapter, lora, s.precision, padding_side="left")  # generation
+    model, peft_config, tokenizer, device, dtype = (policy.model, policy.peft_config, policy.tokenizer,
+                                                    policy.device, policy.dtype)
     common = _common(s, work_dir, device, dtype)
     # One step = batch_size prompts x num_generations sampled answers (RLOO's leave-one-out group).
     common["per_device_train_batch_size"] = s.batch_size * s.num_generations

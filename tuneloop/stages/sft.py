@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from sqlalchemy import func, select
-from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact, write_jsonl
@@ -23,10 +23,10 @@ from tuneloop.config import Project, SFTSettings
 from tuneloop.errors import ConfigError, StateError
 from tuneloop.metrics import is_yes_no_reference, yes_no_label
 from tuneloop.models.defaults import resolve_model_path
-from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.progress import Reporter
 from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.policy import load_policy
 from tuneloop.store import Artifact, Example, ModelVersion, Session
 
 KIND = "adapters"
@@ -100,20 +100,11 @@ class _ProgressCallback(TrainerCallback):
 def _train(model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: SFTSettings,
            work_dir: Path, reporter: Reporter):
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
     from trl import SFTConfig, SFTTrainer
 
-    device = pick_device()
-    dtype = pick_dtype(device, s.precision)
-    tokenizer = load_tokenizer(model_dir)
-    tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    peft_config = None
-    if parent_adapter is not None:  # continue the champion's adapter
-        model = PeftModel.from_pretrained(model, str(parent_adapter), is_trainable=True)
-    else:
-        peft_config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-                                 target_modules=s.target_modules, task_type="CAUSAL_LM")
+    policy = load_policy(model_dir, parent_adapter, s, s.precision)  # continues the parent's adapter
+    model, peft_config, tokenizer, device, dtype = (policy.model, policy.peft_config, policy.tokenizer,
+                                                    policy.device, policy.dtype)
     args = SFTConfig(
         output_dir=str(work_dir), num_train_epochs=s.epochs, learning_rate=s.learning_rate,
         per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
