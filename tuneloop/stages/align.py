@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from sqlalchemy import func, select
 from transformers import PrinterCallback
 
 from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact, write_jsonl
@@ -36,10 +35,10 @@ from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
 from tuneloop.stages.align_data import AlignData, f1_reward, select_align_data
-from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.common import champion, register_adapter, run_name
 from tuneloop.stages.policy import load_policy
 from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback
-from tuneloop.store import Artifact, ModelVersion, Session
+from tuneloop.store import ModelVersion, Session
 
 KIND = "adapters"
 METHODS = ("dpo", "orpo", "kto", "grpo", "rloo")  # rloo: reward model + RLOO, see `rloo`
@@ -191,17 +190,8 @@ def _run(project: Project, method: str, data: AlignData, parent: ModelVersion, n
 
 def _register(session: Session, path: Path, parent: ModelVersion, cycle_id: int | None) -> AlignResult:
     meta = read_meta(path)
-    existing = session.scalar(select(ModelVersion).where(ModelVersion.adapter_path == str(path)))
-    if existing is None:
-        n = session.scalar(select(func.count(ModelVersion.id))) or 0
-        existing = ModelVersion(
-            name=f"v{n}", parent_id=parent.id, base_model=meta["base_model"], adapter_path=str(path),
-            method=meta["method"], training_example_ids=[], hyperparams=meta["hyperparams"],
-            metrics={"train_first_loss": meta["first_loss"], "train_last_loss": meta["last_loss"]},
-            status="candidate", cycle_id=cycle_id,
-        )
-        session.add(existing)
-        session.add(Artifact(kind="adapter", path=str(path),
-                             meta={"stage": "align", "method": meta["method"], "cycle_id": cycle_id}))
-        session.flush()
-    return AlignResult(existing, path, meta["method"], meta["first_loss"], meta["last_loss"])
+    version = register_adapter(
+        session, path, parent, cycle_id, method=meta["method"], base_model=meta["base_model"],
+        hyperparams=meta["hyperparams"], artifact_meta={"stage": "align", "method": meta["method"]},
+        metrics={"train_first_loss": meta["first_loss"], "train_last_loss": meta["last_loss"]})
+    return AlignResult(version, path, meta["method"], meta["first_loss"], meta["last_loss"])

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from tuneloop.store import ModelVersion, Session
+from tuneloop.store import Artifact, ModelVersion, Session
 
 
 def run_name(stage: str, cycle_id: int | None) -> str:
@@ -17,3 +19,23 @@ def run_name(stage: str, cycle_id: int | None) -> str:
 
 def champion(session: Session) -> ModelVersion | None:
     return session.scalars(select(ModelVersion).where(ModelVersion.status == "champion")).first()
+
+
+def register_adapter(session: Session, path: Path, parent: ModelVersion, cycle_id: int | None, *, method: str,
+                     base_model: str, hyperparams: dict[str, Any], metrics: dict[str, Any],
+                     training_example_ids: list[int] | None = None, status: str = "candidate",
+                     artifact_meta: dict[str, Any] | None = None) -> ModelVersion:
+    """The model version of a complete adapter artifact, added once (a rerun finds the existing one)."""
+    version = session.scalar(select(ModelVersion).where(ModelVersion.adapter_path == str(path)))
+    if version is None:
+        n = session.scalar(select(func.count(ModelVersion.id))) or 0
+        version = ModelVersion(
+            name=f"v{n}", parent_id=parent.id, base_model=base_model, adapter_path=str(path), method=method,
+            training_example_ids=training_example_ids or [], hyperparams=hyperparams, metrics=metrics,
+            status=status, cycle_id=cycle_id,
+        )
+        session.add(version)
+        session.add(Artifact(kind="adapter", path=str(path),
+                             meta={"stage": method, "cycle_id": cycle_id, **(artifact_meta or {})}))
+        session.flush()
+    return version

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from sqlalchemy import func, select
+from sqlalchemy import select
 from transformers import PrinterCallback
 
 from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact, write_jsonl
@@ -28,10 +28,10 @@ from tuneloop.config import Project, SFTSettings
 from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.progress import Reporter
-from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.common import champion, register_adapter, run_name
 from tuneloop.stages.policy import load_policy
 from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback, _steps
-from tuneloop.store import Artifact, Chunk, ModelVersion, Session, text_hash
+from tuneloop.store import Chunk, ModelVersion, Session, text_hash
 
 KIND = "adapters"
 METHOD = "dapt"
@@ -169,16 +169,8 @@ def train_dapt(project: Project, session: Session, reporter: Reporter, cycle_id:
 
 def _register(session: Session, path: Path, parent: ModelVersion, cycle_id: int | None) -> DaptResult:
     meta = read_meta(path)
-    existing = session.scalar(select(ModelVersion).where(ModelVersion.adapter_path == str(path)))
-    if existing is None:
-        n = session.scalar(select(func.count(ModelVersion.id))) or 0
-        existing = ModelVersion(
-            name=f"v{n}", parent_id=parent.id, base_model=meta["base_model"], adapter_path=str(path),
-            method=METHOD, training_example_ids=[], hyperparams=meta["hyperparams"],
-            metrics={"train_first_loss": meta["first_loss"], "train_last_loss": meta["last_loss"]},
-            status=STATUS, cycle_id=cycle_id,
-        )
-        session.add(existing)
-        session.add(Artifact(kind="adapter", path=str(path), meta={"stage": "dapt", "cycle_id": cycle_id}))
-        session.flush()
-    return DaptResult(existing, path, meta["first_loss"], meta["last_loss"])
+    version = register_adapter(
+        session, path, parent, cycle_id, method=METHOD, base_model=meta["base_model"], status=STATUS,
+        hyperparams=meta["hyperparams"],
+        metrics={"train_first_loss": meta["first_loss"], "train_last_loss": meta["last_loss"]})
+    return DaptResult(version, path, meta["first_loss"], meta["last_loss"])

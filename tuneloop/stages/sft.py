@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from sqlalchemy import func, select
+from sqlalchemy import select
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -25,9 +25,9 @@ from tuneloop.metrics import is_yes_no_reference, yes_no_label
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.progress import Reporter
-from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.common import champion, register_adapter, run_name
 from tuneloop.stages.policy import load_policy
-from tuneloop.store import Artifact, Example, ModelVersion, Session
+from tuneloop.store import Example, ModelVersion, Session
 
 KIND = "adapters"
 
@@ -197,16 +197,8 @@ def train_sft(project: Project, session: Session, retriever: Retriever | None, r
 
 def _register(session: Session, path: Path, parent: ModelVersion, cycle_id: int | None) -> SFTResult:
     meta = read_meta(path)
-    existing = session.scalar(select(ModelVersion).where(ModelVersion.adapter_path == str(path)))
-    if existing is None:
-        n = session.scalar(select(func.count(ModelVersion.id))) or 0
-        existing = ModelVersion(
-            name=f"v{n}", parent_id=parent.id, base_model=meta["base_model"], adapter_path=str(path),
-            method="sft", training_example_ids=meta["example_ids"], hyperparams=meta["hyperparams"],
-            metrics={"train_first_loss": meta["first_loss"], "train_last_loss": meta["last_loss"]},
-            status="candidate", cycle_id=cycle_id,
-        )
-        session.add(existing)
-        session.add(Artifact(kind="adapter", path=str(path), meta={"stage": "sft", "cycle_id": cycle_id}))
-        session.flush()
-    return SFTResult(existing, path, meta["first_loss"], meta["last_loss"])
+    version = register_adapter(
+        session, path, parent, cycle_id, method="sft", base_model=meta["base_model"],
+        hyperparams=meta["hyperparams"], training_example_ids=meta["example_ids"],
+        metrics={"train_first_loss": meta["first_loss"], "train_last_loss": meta["last_loss"]})
+    return SFTResult(version, path, meta["first_loss"], meta["last_loss"])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from tuneloop import metrics
 from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
@@ -30,9 +30,9 @@ from tuneloop.models.defaults import resolve_model_path
 from tuneloop.models.registry import build_chat_model, generation_params
 from tuneloop.programs.rag import RagAnswerer, Retriever
 from tuneloop.progress import Reporter
-from tuneloop.stages.common import run_name
+from tuneloop.stages.common import register_adapter, run_name
 from tuneloop.stages.evaluate import references
-from tuneloop.store import Artifact, Example, ModelVersion, Session
+from tuneloop.store import Example, ModelVersion, Session
 
 KIND = "adapters"
 
@@ -150,19 +150,10 @@ def choose_alpha(project: Project, session: Session, champion: ModelVersion, can
 def _register(session: Session, path: Path, candidate: ModelVersion, cycle_id: int | None) -> WiseResult:
     meta = read_meta(path)
     scores = {float(a): s for a, s in meta["scores"].items()}
-    version = session.scalar(select(ModelVersion).where(ModelVersion.adapter_path == str(path)))
-    if version is None:
-        n = session.scalar(select(func.count(ModelVersion.id))) or 0
-        version = ModelVersion(
-            name=f"v{n}", parent_id=candidate.id, base_model=meta["base_model"], adapter_path=str(path),
-            method="wise", training_example_ids=[],
-            hyperparams={"alpha": meta["alpha"], "scores": meta["scores"], "champion": meta["champion"],
-                         "candidate": meta["candidate"]},
-            metrics={f"dev_{meta['primary_metric']}": s for a, s in scores.items() if a == meta["alpha"]
-                     and not math.isnan(s)},
-            status="candidate", cycle_id=cycle_id,
-        )
-        session.add(version)
-        session.add(Artifact(kind="adapter", path=str(path), meta={"stage": "wise", "cycle_id": cycle_id}))
-        session.flush()
+    version = register_adapter(
+        session, path, candidate, cycle_id, method="wise", base_model=meta["base_model"],
+        hyperparams={"alpha": meta["alpha"], "scores": meta["scores"], "champion": meta["champion"],
+                     "candidate": meta["candidate"]},
+        metrics={f"dev_{meta['primary_metric']}": s for a, s in scores.items() if a == meta["alpha"]
+                 and not math.isnan(s)})
     return WiseResult(meta["alpha"], scores, version, path)
