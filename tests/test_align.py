@@ -17,7 +17,7 @@ from tuneloop.progress import SilentReporter
 from tuneloop.stages import align as align_stage
 from tuneloop.stages.align import train_align
 from tuneloop.stages.evaluate import ensure_base_version
-from tuneloop.store import ModelVersion, PreferencePair, open_store
+from tuneloop.store import Example, ModelVersion, PreferencePair, open_store
 
 ALIGN = {"align": {"batch_size": 2, "max_length": 64, "max_completion_length": 6, "num_generations": 2,
                    "learning_rate": 5e-3, "save_steps": 1000, "replay_fraction": 0.0}}
@@ -200,6 +200,49 @@ def test_grpo_with_metric_reward_and_a_new_lora_on_the_base_champion(aligned_pro
     assert b and any(v.abs().max() > 0 for v in b.values())  # PEFT starts lora_B at zero
 
 
+def test_judge_reward_maps_rubric_scores_and_counts_unparsed_replies():
+    from tests.test_rlaif import FakeJudge
+    from tuneloop.models.base import GenerationParams
+    from tuneloop.programs.dspy_bridge import PlainChatAdapter
+    from tuneloop.stages.rewards import JudgeReward
+
+    judge = FakeJudge()  # "Yes": all criteria 5; "No": "2 - ..."; anything else: no score
+    reward = JudgeReward(judge, PlainChatAdapter(), GenerationParams(max_new_tokens=16, temperature=0.0))
+    completions = [[{"role": "assistant", "content": a}] for a in ("Yes", "No", "Maybe")]
+    out = reward(completions, question=["Is it renewable?"] * 3, excerpts=["[1] It renews each year."] * 3,
+                 reference=["Yes"] * 3)
+    assert out == [1.0, -0.5, 0.0]
+    assert reward.stats() == {"calls": 3, "unparsed": 1, "mean_score": 3.5}
+    assert all("[1] It renews each year." in c[-1]["content"] and "Is it renewable?" in c[-1]["content"]
+               for c in judge.sent)
+
+
+def test_grpo_with_the_judge_as_reward(aligned_project, monkeypatch):
+    import tuneloop.models.registry as registry
+    from tests.test_rlaif import FakeJudge, field
+
+    p, champ_path = aligned_project({"align": {"reward": "judge"}}, pairs=0)
+    retriever = ingest_project(p)
+    judge = FakeJudge(score=lambda answer: "4" if len(answer) % 2 else "no idea")
+    monkeypatch.setattr(registry, "build_chat_model", lambda project, role, adapter=None: judge)
+    with open_store(p.store_url)() as s:
+        result = train_align(p, s, retriever, SilentReporter(), method="grpo")
+        s.commit()
+        stats = result.version.hyperparams["judge_reward"]
+    sampled = 20 * 2  # 20 seed prompts x num_generations 2, one epoch
+    assert stats["judge"] == "fake-judge" and stats["calls"] == sampled == len(judge.sent)
+    assert 0 < stats["unparsed"] < sampled and stats["mean_score"] == 4.0
+    history = json.loads((result.artifact / "log_history.json").read_text())
+    assert any("rewards/judge_reward/mean" in h for h in history)
+    # the judge saw each prompt's own question and retrieved excerpts
+    with open_store(p.store_url)() as s:
+        questions = {e.question for e in s.scalars(select(Example).where(Example.kind == "seed"))}
+    asked = {field(c, "Question") for c in judge.sent}
+    assert asked <= questions and len(asked) > 1
+    assert all("[1]" in c[-1]["content"] for c in judge.sent)
+    assert_changed(adapter(champ_path), adapter(result.artifact))
+
+
 def test_interrupted_run_resumes_from_its_last_checkpoint(aligned_project, monkeypatch):
     p, _ = aligned_project({"align": {"save_steps": 1}}, pairs=6)
 
@@ -269,10 +312,6 @@ def test_errors_without_champion_data_or_method(project, aligned_project):
         add_pairs(s, 2, with_messages=False)
         with pytest.raises(StateError, match="ingest"):
             train_align(p, s, None, SilentReporter(), method="dpo")
-    p2, _ = aligned_project({"align": {"reward": "judge"}}, pairs=0)
-    with open_store(p2.store_url)() as s:
-        with pytest.raises(ConfigError, match="judge is not implemented"):
-            train_align(p2, s, None, SilentReporter(), method="grpo")
 
 
 def test_cli_train_align_dpo(project, monkeypatch):
@@ -382,3 +421,49 @@ def test_cycle_skips_align_without_preference_data(project, monkeypatch):
         step = s.scalar(select(CycleStep).where(CycleStep.cycle_id == cycle.id, CycleStep.name == "align"))
         assert step.status == "done" and "preference" in step.result["skipped"]
         assert {v.method for v in s.scalars(select(ModelVersion))} == {"base", "sft"}
+
+
+def test_cycle_runs_rlaif_on_the_sft_candidate_and_aligns_on_its_pairs(project, monkeypatch):
+    """sft -> rlaif -> align(dpo) in one cycle with no preference data beforehand: the judge's
+    consistent verdicts on the SFT candidate's own answers are what DPO trains on."""
+    from tests.helpers import FakeTeacher, use_teacher
+    from tests.test_rlaif import FakeJudge, FakeStudent
+    from tuneloop import loop
+    from tuneloop.feedback.rlaif import RlaifModels
+    from tuneloop.progress import SilentReporter
+    from tuneloop.store import CycleStep
+
+    p = project({"align": {"max_length": 1024, "save_steps": 50},  # the prompts carry retrieved passages
+                 "feedback": {"rlaif_prompts": 3, "rlaif_candidates": 3}})
+    use_teacher(monkeypatch, FakeTeacher())
+    students = []
+
+    def build(project_, session, student=None):
+        students.append(student.name)
+        return RlaifModels(FakeStudent(), FakeJudge())
+
+    monkeypatch.setattr(loop, "build_rlaif_models", build)
+    cycle = loop.run_cycle(p, SilentReporter(), trigger="test")
+    with open_store(p.store_url)() as s:
+        st = {x.name: x.result for x in s.scalars(select(CycleStep).where(CycleStep.cycle_id == cycle.id))}
+        assert students == ["v1"] and st["rlaif"]["student"] == "v1"
+        assert st["rlaif"]["prompts"] == 3 and st["rlaif"]["kept_pairs"] == 3 == st["rlaif"]["new_pairs"]
+        pairs = s.scalars(select(PreferencePair)).all()
+        assert len(pairs) == 3 and all(x.source == "ai" and x.meta["cycle_id"] == cycle.id for x in pairs)
+        assert {(x.chosen, x.rejected) for x in pairs} == {("Yes", "No")}  # what the scripted judge prefers
+        aligned = s.scalar(select(ModelVersion).where(ModelVersion.name == "v2"))
+        assert aligned.method == "dpo" and st["align"]["parent"] == "v1"
+        assert aligned.hyperparams["data"]["n_fresh"] == 3
+        assert sorted(aligned.hyperparams["data"]["pair_ids"]) == sorted(x.id for x in pairs)
+
+
+def test_prompts_longer_than_max_length_are_a_clear_error(aligned_project):
+    p, _ = aligned_project({"align": {"max_length": 32}}, pairs=0)
+    with open_store(p.store_url)() as s:
+        long_prompt = [{"role": "user", "content": "Read this contract clause carefully. " * 20}]
+        s.add(PreferencePair(prompt="q", chosen=CHOSEN, rejected=REJECTED, source="human",
+                             meta={"prompt_messages": long_prompt}))
+        s.commit()
+        with pytest.raises(ConfigError, match="longer than align.max_length"):
+            train_align(p, s, None, SilentReporter(), method="dpo")
+        assert s.scalar(select(ModelVersion).where(ModelVersion.method == "dpo")) is None

@@ -72,7 +72,11 @@ def test_one_full_cycle(project, fake_teacher, monkeypatch):
         syn = set(s.scalars(select(Example.id).where(Example.kind == "synthetic", Example.cycle_id == cycle.id)))
         assert syn and syn <= set(cand.training_example_ids)
         kinds = sorted(a.kind for a in s.scalars(select(Artifact)))
-    assert kinds == ["adapter", "dataset", "eval", "eval"]
+    # RLAIF sampled the SFT candidate's answers on this cycle's questions (the random-weight judge's
+    # verdicts do not parse, so no pair is kept and align is skipped with its reason)
+    assert st["rlaif"][1]["student"] == "v1" and st["rlaif"][1]["prompts"] > 0
+    assert st["rlaif"][1]["kept_pairs"] == 0 and "no preference" in st["align"][1]["skipped"]
+    assert kinds == ["adapter", "dataset", "dataset", "eval", "eval"]
     assert_no_duplicates(p)
 
 
@@ -172,7 +176,7 @@ def test_resume_after_a_failure_skips_done_steps(project, monkeypatch, where):
     counts = table_counts(p)
     assert counts["examples"] == counts_failed["examples"]
     assert counts["model_versions"] == 2 and counts["eval_runs"] == 2
-    assert counts["artifacts"] == 4 and counts["cycles"] == 1 and counts["cycle_steps"] == len(loop.STEPS)
+    assert counts["artifacts"] == 5 and counts["cycles"] == 1 and counts["cycle_steps"] == len(loop.STEPS)
     assert_no_duplicates(p)
     # a third call starts a new cycle rather than touching the finished one
     with open_store(p.store_url)() as s:
@@ -272,6 +276,6 @@ def test_resume_after_kill_9_during_training(project, tmp_path):
     assert all(status == "done" for status, _ in steps(p, cycle.id).values())
     counts = table_counts(p)
     assert counts["examples"] == counts_killed["examples"]
-    assert counts["model_versions"] == 2 and counts["eval_runs"] == 2 and counts["artifacts"] == 4
+    assert counts["model_versions"] == 2 and counts["eval_runs"] == 2 and counts["artifacts"] == 5
     assert not work.exists() or not any(work.iterdir())
     assert_no_duplicates(p)

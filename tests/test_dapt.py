@@ -97,6 +97,17 @@ def test_train_rows_are_the_chunks_plus_general_text(trained):
     assert result.version.hyperparams["n_general"] == n_general
 
 
+def test_max_chunks_samples_a_seeded_subset(trained):
+    project, _, _, _ = trained
+    with open_store(project.store_url)() as s:
+        every = dapt_stage.domain_chunks(s)
+        some = dapt_stage.domain_chunks(s, limit=3, seed=7)
+        assert len(some) == 3 and {c.id for c in some} < {c.id for c in every}
+        assert [c.id for c in some] == [c.id for c in every if c.id in {x.id for x in some}]  # document order
+        assert [c.id for c in dapt_stage.domain_chunks(s, limit=3, seed=7)] == [c.id for c in some]
+        assert dapt_stage.domain_chunks(s, limit=len(every) + 5) == every
+
+
 def _lm_loss(model, tokenizer, texts) -> float:
     losses = []
     with torch.no_grad():

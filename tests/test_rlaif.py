@@ -222,6 +222,15 @@ def test_prompts_interactions_first_then_synthetic(env):
         q, doc = "What is the term?", "01-master-services-agreement.md"
         assert prompts[2].info.messages == build_messages(q, retriever.retrieve(q, doc))
         assert len(collect_prompts(s, PromptBuilder(s, lambda: retriever), limit=1)) == 1
+        # then the training seeds' questions; held-out (eval) seeds are never used
+        for q, split in (("Who may terminate?", "train"), ("What law governs?", "eval"), ("What is the term?", "train")):
+            s.add(Example(kind="seed", split=split, question=q, answer="x", document="01-master-services-agreement.md",
+                          content_hash=example_hash(q, split, "seed")))
+        s.commit()
+        prompts = collect_prompts(s, PromptBuilder(s, lambda: retriever), limit=10)
+        assert [(x.origin, x.info.question) for x in prompts][4:] == [
+            ("seed", "Who may terminate?")]  # "What is the term?" is already there
+        assert prompts[-1].example_id is not None
 
 
 def test_no_prompts_is_a_clear_error(env):

@@ -96,6 +96,27 @@ def test_average_is_exact_in_delta_space(adapters, tiny_model_dir):
     assert json.loads((root / "avg-0.5" / "adapter_config.json").read_text())["r"] == 8  # ranks concatenated
 
 
+def test_max_rank_truncates_the_average_by_svd(adapters, tiny_model_dir):
+    """Ranks 4 + 4 = 8 > max_rank: the saved adapter has rank max_rank; at max_rank 8 (the delta's
+    true rank) it is still exact; at 2 it is the best rank-2 approximation of the same delta."""
+    root, champ, cand = adapters
+    w0 = merged_weights(tiny_model_dir, None)
+    d_ch, d_ca = deltas(champ), deltas(cand)
+    exact = {k: 0.5 * d_ch[k] + 0.5 * d_ca[k] for k in d_ch}
+    for max_rank in (8, 2):
+        out = wise.average_adapters(tiny_model_dir, champ, cand, 0.5, root / f"rank-{max_rank}", max_rank=max_rank)
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["r"] == max_rank
+        merged = merged_weights(tiny_model_dir, out)
+        for name, delta in exact.items():
+            got = merged[name] - w0[name]
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            best = u[:, :max_rank] @ torch.diag(s[:max_rank]) @ vh[:max_rank]
+            assert torch.allclose(got, best, atol=1e-4), (max_rank, name)
+            if max_rank == 2:
+                assert not torch.allclose(got, delta, atol=1e-3)  # truncation really dropped something
+
+
 def test_base_champion_scales_the_candidate_delta(adapters, tiny_model_dir):
     root, _, cand = adapters
     w0 = merged_weights(tiny_model_dir, None)

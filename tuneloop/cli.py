@@ -273,7 +273,7 @@ def cycle(
     trigger: Annotated[str, typer.Option(help="Why this cycle runs (recorded on the cycle).")] = "manual",
     project_dir: ProjectOpt = Path("."),
 ) -> None:
-    """Run one full cycle (ingest -> synth -> sft -> eval -> gate), resuming an unfinished one."""
+    """Run one full cycle (ingest -> synth -> sft -> rlaif -> align -> eval -> gate), resuming an unfinished one."""
     from tuneloop.loop import run_cycle
     from tuneloop.store import open_store
 
@@ -293,7 +293,9 @@ def rlaif(
     name: Annotated[Optional[str], typer.Option(help="Artifact name (default: timestamped).")] = None,
     project_dir: ProjectOpt = Path("."),
 ) -> None:
-    """AI feedback: sample champion answers, have the judge compare them in both orders (or score them)."""
+    """AI feedback: sample champion answers, have the judge compare them in both orders (or score them).
+
+    Prompts: recent interactions, then synthetic questions, then the training seeds' questions."""
     from tuneloop.feedback.rlaif import build_rlaif_models, rlaif as run_rlaif
     from tuneloop.feedback.routing import PromptBuilder
     from tuneloop.models.registry import build_embedder
@@ -318,8 +320,8 @@ def _print_rlaif_report(r) -> None:
     table.add_column("what")
     table.add_column("value", justify="right")
     p, c = rep["prompts"], rep["candidates"]
-    table.add_row("prompts (interactions + synthetic)",
-                  f"{p['total']} ({p['from_interactions']} + {p['from_synthetic']})")
+    table.add_row("prompts (interactions + synthetic + seeds)",
+                  f"{p['total']} ({p['from_interactions']} + {p['from_synthetic']} + {p.get('from_seeds', 0)})")
     table.add_row("distinct candidates", f"{c['distinct']} of {c['sampled']} sampled")
     if rep["mode"] == "pairwise":
         table.add_row("pairs judged (both orders)", str(rep["pairs_judged"]))

@@ -144,6 +144,7 @@ class AlignSettings(_Section):
 
     method: Literal["dpo", "orpo", "kto", "grpo", "rloo"] = "dpo"
     enabled: bool = True  # `tuneloop cycle` aligns after SFT when preference data exists
+    ai_feedback: bool = True  # cycle: RLAIF pairs on the SFT candidate's answers before aligning
     beta: float = Field(0.1, gt=0.0)  # DPO/KTO KL strength; ORPO's lambda (papers' defaults)
     learning_rate: float = Field(5e-5, gt=0)
     epochs: float = Field(1.0, gt=0)
@@ -164,11 +165,13 @@ class ContinualSettings(_Section):
 
     wise_ft: bool = False  # average champion and candidate weights (WiSE-FT); alpha picked on the dev set
     wise_alphas: list[float] = [0.25, 0.5, 0.75, 1.0]
+    wise_max_rank: int | None = Field(64, ge=1)  # averaged adapters above this rank are SVD-truncated to it
     anchor: bool = True  # evaluate the general-ability anchor set every cycle
     anchor_tolerance: float = Field(0.05, ge=0.0)  # the gate refuses a drop larger than this
     dapt: bool = False  # domain-adaptive pre-training on raw chunks before SFT
     dapt_epochs: float = Field(1.0, gt=0)
     dapt_general_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # general text mixed in
+    dapt_max_chunks: int | None = Field(None, ge=1)  # pre-train on a seeded sample of at most this many chunks
 
 
 class ServeSettings(_Section):
@@ -188,7 +191,7 @@ class ServeSettings(_Section):
 class FeedbackSettings(_Section):
     """Turning usage into training data: RLAIF and the routing of human feedback."""
 
-    rlaif_prompts: int = Field(32, ge=1)  # prompts per `tuneloop rlaif` run (interactions, then synthetic)
+    rlaif_prompts: int = Field(32, ge=1)  # prompts per RLAIF run (interactions, then synthetic, then seeds)
     rlaif_candidates: int = Field(4, ge=2, le=16)  # sampled answers per prompt
     rlaif_temperature: float = Field(0.8, gt=0.0, le=2.0)
     rlaif_mode: Literal["pairwise", "rubric"] = "pairwise"  # pairwise: both orders must agree
@@ -333,8 +336,9 @@ sft:
   precision: auto        # fp32 on CPU; bf16 on CUDA that supports it
 
 align:                   # preference alignment after SFT, when preference data exists
-  method: dpo            # dpo | orpo | kto | grpo
+  method: dpo            # dpo | orpo | kto | grpo | rloo
   enabled: true
+  ai_feedback: true      # the cycle runs RLAIF on the SFT candidate first (pairs for dpo/orpo/rloo)
   beta: 0.1              # DPO/KTO KL strength; ORPO's lambda
   learning_rate: 5.0e-5
   replay_fraction: 0.1   # earlier cycles' pairs mixed in
@@ -343,7 +347,9 @@ continual:
   anchor: true           # ask every version 30 everyday questions; forgetting shows up as a number
   anchor_tolerance: 0.05 # the gate refuses a candidate whose anchor score falls by more
   wise_ft: false         # average champion and candidate weights; alpha picked on a --split dev set
+  wise_max_rank: 64      # an averaged adapter above this LoRA rank is SVD-truncated to it
   dapt: false            # LoRA pre-training on the raw chunks (+20% general text) before SFT
+  # dapt_max_chunks: 2000  # pre-train on a seeded sample of at most this many chunks
 
 serve:                   # `tuneloop serve`: OpenAI-compatible API, feedback API, web page at /
   host: 127.0.0.1
@@ -354,7 +360,7 @@ serve:                   # `tuneloop serve`: OpenAI-compatible API, feedback API
   reload_seconds: 5      # how often to look for a newly promoted champion (no restart needed)
 
 feedback:
-  rlaif_prompts: 32      # prompts per `tuneloop rlaif` (recent interactions, then synthetic questions)
+  rlaif_prompts: 32      # prompts per RLAIF run (recent interactions, then synthetic, then seed questions)
   rlaif_candidates: 4    # sampled answers per prompt, compared pairwise by the judge in both orders
   rlaif_mode: pairwise   # or rubric: the judge scores each answer 1-5 (scalar rewards)
   contradiction_rule: majority  # thumbs that disagree on one answer: majority | latest | drop

@@ -1,4 +1,4 @@
-"""The cycle: ingest -> synth -> (dapt) -> sft -> align -> wise -> eval -> gate, as a resumable state machine.
+"""The cycle: ingest -> synth -> (dapt) -> sft -> rlaif -> align -> (wise) -> eval -> gate, resumable.
 
 Each step's outputs (artifact rows, examples, model versions) are committed in the same
 transaction that marks the step done, and artifacts are renamed into place only when complete.
@@ -16,6 +16,8 @@ from sqlalchemy import select
 from tuneloop.artifacts import artifact_path, clean_temporary, is_complete
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, StateError
+from tuneloop.feedback.rlaif import build_rlaif_models, rlaif
+from tuneloop.feedback.routing import PromptBuilder
 from tuneloop.models.registry import build_embedder
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
@@ -51,7 +53,8 @@ from tuneloop.store import (
     utcnow,
 )
 
-STEPS = ("ingest", "synth", "dapt", "sft", "align", "wise", "eval", "gate")
+STEPS = ("ingest", "synth", "dapt", "sft", "rlaif", "align", "wise", "eval", "gate")
+PAIR_METHODS = ("dpo", "orpo", "rloo")  # alignment methods trained on preference pairs
 
 
 @dataclass
@@ -111,12 +114,37 @@ def _step_sft(ctx: CycleContext, s: Session) -> dict:
             "last_loss": r.last_loss, "artifact": str(r.artifact)}
 
 
+def _sft_version(s: Session, cycle_id: int) -> ModelVersion | None:
+    return s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == cycle_id, ModelVersion.method == "sft"))
+
+
+def _step_rlaif(ctx: CycleContext, s: Session) -> dict:
+    """AI feedback on the SFT candidate's own answers (on-policy pairs for the align step)."""
+    settings = ctx.project.settings.align
+    if not (settings.enabled and settings.ai_feedback):
+        return {"skipped": "align.enabled or align.ai_feedback is false"}
+    if settings.method not in PAIR_METHODS:
+        return {"skipped": f"align.method {settings.method} does not train on preference pairs"}
+    sft = _sft_version(s, ctx.cycle_id)
+    builder = PromptBuilder(s, lambda: ctx.retriever(s))
+    try:
+        r = rlaif(ctx.project, s, lambda: build_rlaif_models(ctx.project, s, student=sft), builder, ctx.reporter,
+                  mode="pairwise", name=run_name("rlaif", ctx.cycle_id), cycle_id=ctx.cycle_id)
+    except StateError as err:  # no prompts at all
+        ctx.reporter.log(f"rlaif skipped: {err}")
+        return {"skipped": str(err)}
+    rep = r.report
+    return {"student": sft.name, "prompts": rep["prompts"]["total"], "pairs_judged": rep["pairs_judged"],
+            "kept_pairs": r.pairs, "new_pairs": r.added.get("pairs", 0),
+            "consistency_rate": rep["consistency_rate"], "artifact": str(r.artifact)}
+
+
 def _step_align(ctx: CycleContext, s: Session) -> dict:
     """Preference alignment of the SFT candidate when preference data exists (else skipped)."""
     settings = ctx.project.settings.align
     if not settings.enabled:
         return {"skipped": "align.enabled is false"}
-    sft = s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == ctx.cycle_id, ModelVersion.method == "sft"))
+    sft = _sft_version(s, ctx.cycle_id)
     try:
         r = train_align(ctx.project, s, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id,
                         name=run_name(f"align-{settings.method}", ctx.cycle_id), parent=sft)
@@ -180,7 +208,7 @@ def _step_gate(ctx: CycleContext, s: Session) -> dict:
 
 
 STEP_FUNCTIONS: dict[str, Callable[[CycleContext, Session], dict]] = {
-    "ingest": _step_ingest, "synth": _step_synth, "dapt": _step_dapt, "sft": _step_sft, "align": _step_align,
+    "ingest": _step_ingest, "synth": _step_synth, "dapt": _step_dapt, "sft": _step_sft, "rlaif": _step_rlaif, "align": _step_align,
     "wise": _step_wise, "eval": _step_eval, "gate": _step_gate,
 }
 

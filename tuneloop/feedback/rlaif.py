@@ -1,9 +1,9 @@
 """Stage: AI feedback (RLAIF). The judge turns sampled student answers into preferences or rewards.
 
 1. Prompts: the questions of the latest interactions (their serving prompt rebuilt from the
-   stored chunks), then synthetic examples' questions (retrieved as serving would), deduplicated,
-   up to `feedback.rlaif_prompts`.
-2. Candidates: the champion student answers each prompt `feedback.rlaif_candidates` times at
+   stored chunks), then synthetic examples' questions, then the experts' training seeds' questions
+   (both retrieved as serving would), deduplicated, up to `feedback.rlaif_prompts`.
+2. Candidates: the champion student (inside a cycle: the cycle's SFT candidate) answers each prompt `feedback.rlaif_candidates` times at
    `feedback.rlaif_temperature`, each round with its own seed; empty and duplicate answers dropped.
 3. `pairwise` mode: the judge compares every pair of candidates in both orders, (A, B) and (B, A),
    with the prompt's passages as context. Only a consistent verdict (the same answer wins in both
@@ -41,12 +41,12 @@ from tuneloop.feedback.routing import (
 from tuneloop.models.base import ChatModel
 from tuneloop.models.registry import generation_params
 from tuneloop.programs.dspy_bridge import make_adapter, predict_many
-from tuneloop.programs.judge import JudgePrograms, parse_choice, score_to_reward
+from tuneloop.programs.judge import JudgePrograms, parse_choice, parsed_score, score_to_reward
 from tuneloop.programs.rag import Passage
 from tuneloop.programs.synth import number_passages
 from tuneloop.progress import Reporter, batched_chat
 from tuneloop.stages.common import champion, run_name
-from tuneloop.store import Artifact, Example, Interaction, PreferencePair, Reward, Session
+from tuneloop.store import Artifact, Example, Interaction, ModelVersion, PreferencePair, Reward, Session
 
 KIND = "rlaif"
 MODES = ("pairwise", "rubric")
@@ -54,19 +54,19 @@ MODES = ("pairwise", "rubric")
 
 @dataclass
 class RlaifModels:
-    student: ChatModel  # the champion (its LoRA adapter applied)
+    student: ChatModel  # the champion, or the given version (its LoRA adapter applied)
     judge: ChatModel
 
 
-def build_rlaif_models(project: Project, session: Session) -> RlaifModels:
-    """The champion student and the judge role."""
+def build_rlaif_models(project: Project, session: Session, student: ModelVersion | None = None) -> RlaifModels:
+    """The student (the champion unless `student` is given) and the judge role."""
     from tuneloop.models.registry import build_chat_model
 
-    champ = champion(session)
-    if champ is None:
+    version = student or champion(session)
+    if version is None:
         raise StateError("no champion model yet: run `tuneloop eval` or `tuneloop cycle` first")
     m = project.settings.models
-    adapter = Path(champ.adapter_path) if champ.adapter_path else None
+    adapter = Path(version.adapter_path) if version.adapter_path else None
     return RlaifModels(build_chat_model(project, m.student, adapter), build_chat_model(project, m.judge))
 
 
@@ -85,7 +85,7 @@ class RlaifResult:
 @dataclass
 class RlaifPrompt:
     info: PromptInfo
-    origin: str  # interaction | synthetic
+    origin: str  # interaction | synthetic | seed
     interaction_id: int | None = None
     example_id: int | None = None
 
@@ -96,8 +96,8 @@ class RlaifPrompt:
 
 
 def collect_prompts(session: Session, builder: PromptBuilder, limit: int) -> list[RlaifPrompt]:
-    """Latest interactions' questions first, then synthetic examples' (newest first), one per
-    (question, document), at most `limit`."""
+    """Latest interactions' questions first, then synthetic examples' (newest first), then training
+    seeds', one per (question, document), at most `limit`."""
     seen: set[tuple[str, str]] = set()
     out: list[RlaifPrompt] = []
 
@@ -114,12 +114,14 @@ def collect_prompts(session: Session, builder: PromptBuilder, limit: int) -> lis
             return out
         if fresh(it.question, it.document):
             out.append(RlaifPrompt(builder.for_interaction(it), "interaction", interaction_id=it.id))
-    q = select(Example).where(Example.kind == "synthetic").order_by(Example.id.desc())
-    for e in session.scalars(q.execution_options(yield_per=256)):
-        if len(out) >= limit:
-            break
-        if fresh(e.question, e.document):
-            out.append(RlaifPrompt(builder.for_question(e.question, e.document), "synthetic", example_id=e.id))
+    for kind, q in (("synthetic", select(Example).where(Example.kind == "synthetic").order_by(Example.id.desc())),
+                    ("seed", select(Example).where(Example.kind == "seed", Example.split == "train")
+                     .order_by(Example.id))):
+        for e in session.scalars(q.execution_options(yield_per=256)):
+            if len(out) >= limit:
+                return out
+            if fresh(e.question, e.document):
+                out.append(RlaifPrompt(builder.for_question(e.question, e.document), kind, example_id=e.id))
     return out
 
 
@@ -298,7 +300,7 @@ class Run:
         scores, rewards = [], []
         for (i, c), (parsed, reply) in zip(index, results):
             p = prompts[i]
-            score = _score(parsed)
+            score = parsed_score(parsed)
             scores.append({"prompt_index": i, "question": p.info.question, "answer": c["text"], "reply": reply,
                            "score": score})
             if score is None:
@@ -325,16 +327,6 @@ class Run:
         return rows, calibration_report(judged, [p.source for p in human])
 
 
-def _score(parsed: dict | None) -> float | None:
-    if not parsed:
-        return None
-    try:
-        value = float(parsed.get("score"))
-    except (TypeError, ValueError):
-        return None
-    return value if 1.0 <= value <= 5.0 else None
-
-
 def rlaif(project: Project, session: Session, models: RlaifModels | Callable[[], RlaifModels] | None,
           builder: PromptBuilder, reporter: Reporter, mode: str | None = None, limit: int | None = None,
           name: str | None = None, cycle_id: int | None = None, calibrate: bool = True) -> RlaifResult:
@@ -352,8 +344,8 @@ def rlaif(project: Project, session: Session, models: RlaifModels | Callable[[],
     if not is_complete(path):
         prompts = collect_prompts(session, builder, limit or fs.rlaif_prompts)
         if not prompts:
-            raise StateError("no prompts for RLAIF: no interactions and no synthetic examples yet "
-                             "(serve the model, or run `tuneloop synth`)")
+            raise StateError("no prompts for RLAIF: no interactions, synthetic examples or training seeds yet "
+                             "(serve the model, run `tuneloop synth`, or `tuneloop seeds import`)")
         if models is None:
             models = build_rlaif_models(project, session)
         elif not isinstance(models, RlaifModels):
@@ -378,6 +370,7 @@ def rlaif(project: Project, session: Session, models: RlaifModels | Callable[[],
             "champion": champ.name if champ else None,
             "prompts": {"total": len(prompts), "from_interactions": sum(p.origin == "interaction" for p in prompts),
                         "from_synthetic": sum(p.origin == "synthetic" for p in prompts),
+                        "from_seeds": sum(p.origin == "seed" for p in prompts),
                         "prompt_source": dict(Counter(p.info.source for p in prompts))},
             "candidates": {"sampled": len(prompts) * fs.rlaif_candidates, "distinct": sum(sizes),
                            "per_prompt": round(sum(sizes) / len(sizes), 3),

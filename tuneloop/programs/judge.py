@@ -120,6 +120,17 @@ def parse_score(reply: str) -> tuple[float | None, dict[str, int]]:
     return (value if 1.0 <= value <= 5.0 else None), {}
 
 
+def parsed_score(parsed: dict | None) -> float | None:
+    """The 1-5 score of a parsed ScoreAnswer output (plain or DSPy adapter); None if absent or out of range."""
+    if not parsed:
+        return None
+    try:
+        value = float(parsed.get("score"))
+    except (TypeError, ValueError):
+        return None
+    return value if 1.0 <= value <= 5.0 else None
+
+
 def score_to_reward(score: float) -> float:
     """A 1-5 score (or rating) as a reward in [-1, 1]: (score - 3) / 2."""
     return max(-1.0, min(1.0, (float(score) - 3.0) / 2.0))

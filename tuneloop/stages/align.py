@@ -13,6 +13,10 @@ term is the previous champion, i.e. the model as it was before this run:
   pairs with TRL's RewardTrainer, then RLOOTrainer against it; its KL reference is the champion
   as above. TRL 1.x has no PPO trainer; RLOO is its maintained reward-model RL method.
 
+GRPO's reward (`align.reward`, see `stages/rewards`): token F1 against the example's reference
+answer ("metric"), or the AI judge's 1-5 rubric score of each sampled answer against the
+retrieved excerpts ("judge"), mapped to [-1, 1].
+
 Hyperparameters follow the papers: beta 0.1 for DPO/KTO and lambda 0.1 for ORPO
 (`align.beta`), the KL coefficient 0.04 for GRPO (DeepSeekMath). fp32 on CPU (`use_cpu=True`,
 bf16 off), bf16 on CUDA that has it. Checkpoints go to artifacts/.work/<run>; a killed run
@@ -34,9 +38,10 @@ from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
-from tuneloop.stages.align_data import AlignData, f1_reward, select_align_data
+from tuneloop.stages.align_data import AlignData, select_align_data
 from tuneloop.stages.common import champion, register_adapter, run_name
 from tuneloop.stages.policy import load_policy
+from tuneloop.stages.rewards import JudgeReward, f1_reward
 from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback
 from tuneloop.store import ModelVersion, Session
 
@@ -79,8 +84,20 @@ def _config(method: str, s: AlignSettings, work_dir: Path, device: str, dtype: t
                       max_completion_length=s.max_completion_length, **common)
 
 
+def grpo_reward(project: Project):
+    """GRPO's reward function (`align.reward`): token F1 vs the reference, or the judge's rubric."""
+    if project.settings.align.reward == "metric":
+        return f1_reward
+    from tuneloop.models.registry import build_chat_model, generation_params
+    from tuneloop.programs.dspy_bridge import make_adapter
+
+    role = project.settings.models.judge
+    return JudgeReward(build_chat_model(project, role), make_adapter(project.settings.synth.adapter, role.backend),
+                       generation_params(role, temperature=0.0), role.batch_size)
+
+
 def build_trainer(method: str, model_dir: Path, parent_adapter: Path | None, rows: list[dict],
-                  s: AlignSettings, lora: SFTSettings, work_dir: Path):
+                  s: AlignSettings, lora: SFTSettings, work_dir: Path, reward=None):
     """The TRL trainer of `method` on `rows`, its model continuing `parent_adapter` (see module doc)."""
     from datasets import Dataset
 
@@ -102,10 +119,21 @@ def build_trainer(method: str, model_dir: Path, parent_adapter: Path | None, row
         from trl import KTOTrainer as Trainer
     else:
         from trl import GRPOTrainer as Trainer
-        kw["reward_funcs"] = [f1_reward]
+        kw["reward_funcs"] = [reward or f1_reward]
     trainer = Trainer(**kw)
     trainer.remove_callback(PrinterCallback)
     return trainer, tokenizer
+
+
+def _check_lengths(trainer, n_rows: int, s: AlignSettings, reporter: Reporter) -> None:
+    """TRL drops rows whose prompt alone fills `max_length`; say so, and refuse when none is left."""
+    kept = len(trainer.train_dataset) if trainer.train_dataset is not None else n_rows
+    if kept == 0:
+        raise ConfigError(f"every one of the {n_rows} alignment prompts is longer than align.max_length "
+                          f"({s.max_length} tokens), so TRL dropped them all: raise align.max_length")
+    if kept < n_rows:
+        reporter.log(f"{n_rows - kept} of {n_rows} rows dropped: their prompt is longer than align.max_length "
+                     f"({s.max_length} tokens)")
 
 
 def _train(trainer, work_dir: Path, n_rows: int, s: AlignSettings, reporter: Reporter, method: str):
@@ -135,8 +163,6 @@ def train_align(project: Project, session: Session, retriever: Retriever | None,
     method = method or s.method
     if method not in METHODS:
         raise ConfigError(f"align method {method!r} is not implemented yet (use one of {', '.join(METHODS)})")
-    if method == "grpo" and s.reward == "judge":
-        raise ConfigError("align.reward: judge is not implemented yet for GRPO: use `reward: metric`")
     role = project.settings.models.student
     if role.backend != "local":
         raise ConfigError("models.student must be a local model to be aligned (backend: local)")
@@ -164,7 +190,10 @@ def _run(project: Project, method: str, data: AlignData, parent: ModelVersion, n
     parent_adapter = Path(parent.adapter_path) if parent.adapter_path else None
     work_dir = project.artifacts / ".work" / name
     rows = data.trl_rows()
-    trainer, tokenizer = build_trainer(method, model_dir, parent_adapter, rows, s, project.settings.sft, work_dir)
+    reward = grpo_reward(project) if method == "grpo" else None
+    trainer, tokenizer = build_trainer(method, model_dir, parent_adapter, rows, s, project.settings.sft, work_dir,
+                                       reward)
+    _check_lengths(trainer, len(rows), s, reporter)
     _train(trainer, work_dir, len(rows), s, reporter, method)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -178,6 +207,8 @@ def _run(project: Project, method: str, data: AlignData, parent: ModelVersion, n
     hyperparams = {**s.model_dump(), "method": method, "data": summary}
     if method == "grpo":
         hyperparams["kl_beta"] = GRPO_KL_BETA
+        if isinstance(reward, JudgeReward):
+            hyperparams["judge_reward"] = {"judge": reward.judge.name, **reward.stats()}
     meta = {"stage": "align", "method": method, "cycle_id": cycle_id, "base_model": role.model,
             "parent": parent.name, "parent_adapter": parent.adapter_path,
             "reference": "none (ORPO is reference-free)" if method == "orpo" else f"champion {parent.name}",

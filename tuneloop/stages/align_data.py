@@ -12,8 +12,9 @@ key as "old". A run trains on every *fresh* row plus a replay share of old rows
 * kto: rows `{"prompt", "completion", "label"}` from routed thumbs plus every preference pair
   unpaired (chosen -> desirable, rejected -> undesirable), or `kto.jsonl` (`--data`). Replay =
   earlier rows and the seeds as desirable examples.
-* grpo: rows `{"prompt", "reference"}` from the train split (seeds and synthetic examples), the
-  reward being token F1 of the sampled answer against `reference`. Replay = earlier prompts.
+* grpo: rows `{"prompt", "reference", "question", "excerpts"}` from the train split (seeds and
+  synthetic examples); the reward (`stages/rewards`) is token F1 of the sampled answer against
+  `reference`, or the judge's rubric score given `question` and `excerpts`. Replay = earlier prompts.
 
 The example ids / pair ids are kept in hyperparams too, never in `training_example_ids`: that
 column drives SFT's own replay selection (an example counted there is no longer "new" for SFT).
@@ -31,12 +32,14 @@ from sqlalchemy import select
 from tuneloop.artifacts import read_jsonl
 from tuneloop.errors import ConfigError, StateError
 from tuneloop.programs.rag import Retriever, build_messages
+from tuneloop.programs.synth import number_passages
 from tuneloop.store import Example, ModelVersion, PreferencePair, Session
 
 PAIRWISE = ("dpo", "orpo", "rloo")  # rloo: the pairs train its reward model; their prompts feed RLOO
 TRL_COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "orpo": ("prompt", "chosen", "rejected"),
                "rloo": ("prompt", "chosen", "rejected"),
-               "kto": ("prompt", "completion", "label"), "grpo": ("prompt", "reference")}
+               "kto": ("prompt", "completion", "label"), "grpo": ("prompt", "reference", "question", "excerpts")}
+KEY_COLUMNS = {**TRL_COLUMNS, "grpo": ("prompt", "reference")}  # what makes a row the same row
 
 
 @dataclass
@@ -65,7 +68,7 @@ class AlignData:
 
 
 def row_key(method: str, row: dict) -> str:
-    cols = TRL_COLUMNS[method]
+    cols = KEY_COLUMNS[method]
     payload = json.dumps([method] + [row[c] for c in cols], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
@@ -131,9 +134,11 @@ def kto_rows(session: Session, retriever: Retriever | None, data_dir: Path | Non
 def _example_rows(examples: list[Example], retriever: Retriever, method: str) -> list[dict]:
     rows = []
     for e in examples:
-        prompt = build_messages(e.question, retriever.retrieve(e.question, e.document))
-        if method == "grpo":
-            rows.append({"prompt": prompt, "reference": e.answer, "example_id": e.id, "origin": e.kind})
+        passages = retriever.retrieve(e.question, e.document)
+        prompt = build_messages(e.question, passages)
+        if method == "grpo":  # question and excerpts: what the judge reward reads
+            rows.append({"prompt": prompt, "reference": e.answer, "question": e.question,
+                         "excerpts": number_passages(passages), "example_id": e.id, "origin": e.kind})
         else:
             rows.append({"prompt": prompt, "completion": assistant(e.answer), "label": True, "example_id": e.id,
                          "origin": e.kind})
@@ -186,14 +191,3 @@ def select_align_data(session: Session, method: str, retriever: Retriever | None
     counts = {f"origin_{o}": sum(1 for r in fresh + replay if r.get("origin") == o)
               for o in sorted({r.get("origin") for r in fresh + replay})}
     return AlignData(method, str(data_dir) if data_dir is not None else "store", fresh, replay, counts)
-
-
-def f1_reward(completions, reference, **_) -> list[float]:
-    """GRPO reward: token F1 of each sampled answer against the example's reference answer."""
-    from tuneloop.metrics import token_f1
-
-    out = []
-    for completion, ref in zip(completions, reference):
-        text = completion[-1]["content"] if isinstance(completion, list) else str(completion)
-        out.append(float(token_f1(text, [ref])))
-    return out

@@ -2,7 +2,8 @@
 
 A LoRA causal-LM pass (loss on every token) over the text of the project's chunks, mixed with
 general everyday prose (`tuneloop/sample/general.txt`, written for tuneloop) so that general rows
-make up `continual.dapt_general_fraction` of the mix, which limits forgetting. It continues the
+make up `continual.dapt_general_fraction` of the mix, which limits forgetting. With
+`continual.dapt_max_chunks` set, a seeded random sample of that many chunks is used. It continues the
 champion's adapter (or starts a new LoRA with the SFT LoRA settings when the champion is the base
 model) and uses the SFT optimiser settings, for `continual.dapt_epochs` epochs.
 
@@ -75,8 +76,14 @@ def mix_rows(domain: list[str], general: list[str], fraction: float, seed: int) 
     return rows
 
 
-def domain_chunks(session: Session) -> list[Chunk]:
-    return list(session.scalars(select(Chunk).order_by(Chunk.document_id, Chunk.position)))
+def domain_chunks(session: Session, limit: int | None = None, seed: int = 0) -> list[Chunk]:
+    """The project's chunks in document order; at most `limit` of them, a seeded random sample
+    (a CPU cannot pre-train on a large corpus in one cycle: `continual.dapt_max_chunks`)."""
+    chunks = list(session.scalars(select(Chunk).order_by(Chunk.document_id, Chunk.position)))
+    if limit is not None and len(chunks) > limit:
+        keep = set(random.Random(seed).sample(range(len(chunks)), limit))
+        chunks = [c for i, c in enumerate(chunks) if i in keep]
+    return chunks
 
 
 def dapt_parent(session: Session, cycle_id: int | None) -> ModelVersion | None:
@@ -128,7 +135,7 @@ def train_dapt(project: Project, session: Session, reporter: Reporter, cycle_id:
     if not is_complete(path):
         s = project.settings.sft
         c = project.settings.continual
-        chunks = domain_chunks(session)
+        chunks = domain_chunks(session, c.dapt_max_chunks, s.seed + (cycle_id or 0))
         if not chunks:
             raise StateError("no document chunks to pre-train on: run `tuneloop ingest` first")
         rows = mix_rows([ch.text for ch in chunks], general_texts(), c.dapt_general_fraction,
@@ -157,6 +164,7 @@ def train_dapt(project: Project, session: Session, reporter: Reporter, cycle_id:
         chunk_ids = [ch.id for ch in chunks]
         n_general = sum(r["source"] == "general" for r in rows)
         hyperparams = {"n_domain": len(rows) - n_general, "n_general": n_general,
+                       "max_chunks": c.dapt_max_chunks,
                        "general_fraction": c.dapt_general_fraction, "epochs": c.dapt_epochs,
                        "chunk_ids_hash": text_hash(*map(str, chunk_ids))[:16], "sft": s.model_dump()}
         meta = {"stage": "dapt", "cycle_id": cycle_id, "base_model": role.model, "parent": parent.name,

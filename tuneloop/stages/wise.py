@@ -3,8 +3,10 @@
 The averaged model is W0 + (1 - alpha) * dW_champion + alpha * dW_candidate, built exactly in LoRA
 delta space with PEFT's `add_weighted_adapter(combination_type="cat")`: the LoRA factors are
 concatenated (A_i scaled by w_i * scaling_i, the new adapter's scaling is 1), so the delta is
-sum_i w_i * scaling_i * B_i A_i. Its rank is the sum of the two ranks. When the champion is the
-base model (no adapter) the delta is alpha * dW_candidate.
+sum_i w_i * scaling_i * B_i A_i. Its rank is the sum of the two ranks, so a chain of averaged
+champions would grow without bound: above `continual.wise_max_rank` the same delta is truncated to
+that rank by SVD (PEFT's "svd" combination). When the champion is the base model (no adapter) the
+delta is alpha * dW_candidate.
 
 Each alpha in `continual.wise_alphas` is scored on the dev split (never trained on, never the
 held-out eval set) with the retrieval-augmented answerer; the best wins, ties going to the smaller
@@ -46,9 +48,12 @@ class WiseResult:
 
 
 def average_adapters(base_model_dir: Path, champion_adapter: Path | None, candidate_adapter: Path,
-                     alpha: float, out: Path) -> Path:
+                     alpha: float, out: Path, max_rank: int | None = None) -> Path:
     """Save to `out` a PEFT adapter whose delta is (1 - alpha) * dW_champion + alpha * dW_candidate
-    (alpha * dW_candidate when `champion_adapter` is None, i.e. the champion is the base model)."""
+    (alpha * dW_candidate when `champion_adapter` is None, i.e. the champion is the base model).
+
+    With `max_rank` below the summed rank, PEFT's "svd" combination builds the same delta and keeps
+    its `max_rank` largest singular directions instead (exact whenever the delta's true rank fits)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -62,8 +67,12 @@ def average_adapters(base_model_dir: Path, champion_adapter: Path | None, candid
         if getattr(model.peft_config[name], "use_rslora", False):
             # "cat" gives the new adapter lora_alpha == r, a scaling of 1 only without rsLoRA
             raise ConfigError(f"WiSE-FT averaging does not support rsLoRA adapters ({name})")
-    # One adapter: PEFT switches to "linear", which is exact for one adapter (sqrt(w*s) on A and B).
-    model.add_weighted_adapter(adapters, weights, "default", combination_type="cat")
+    rank = sum(model.peft_config[name].r for name in adapters)
+    if max_rank is not None and rank > max_rank:
+        model.add_weighted_adapter(adapters, weights, "default", combination_type="svd", svd_rank=max_rank,
+                                   svd_full_matrices=False)
+    else:  # one adapter: PEFT switches to "linear", exact for one adapter (sqrt(w*s) on A and B)
+        model.add_weighted_adapter(adapters, weights, "default", combination_type="cat")
     model.set_adapter("default")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), selected_adapters=["default"])
@@ -127,7 +136,8 @@ def choose_alpha(project: Project, session: Session, champion: ModelVersion, can
         for alpha in alphas:
             out = work / f"alpha-{alpha:g}"
             shutil.rmtree(out, ignore_errors=True)
-            average_adapters(model_dir, champ_adapter, Path(candidate.adapter_path), alpha, out)
+            average_adapters(model_dir, champ_adapter, Path(candidate.adapter_path), alpha, out,
+                             project.settings.continual.wise_max_rank)
             reporter.log(f"WiSE-FT: scoring alpha {alpha:g} on {len(examples)} dev questions")
             scores[alpha] = score_adapter(project, out, examples, retriever, reporter)
         alpha = _best(scores)
