@@ -13,14 +13,13 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from sqlalchemy import select
 
-from tuneloop.artifacts import artifact_path, is_complete, read_jsonl, write_artifact, write_jsonl
 from tuneloop.config import Project
 from tuneloop.metrics import normalize_tokens, token_f1
 from tuneloop.models.registry import build_chat_model, generation_params
 from tuneloop.progress import Reporter, batched_chat
-from tuneloop.store import Artifact, EvalRun, ModelVersion, Session, text_hash
+from tuneloop.stages.evaluate import stored_eval_run
+from tuneloop.store import EvalRun, ModelVersion, Session, text_hash
 
 KIND = "anchor"
 
@@ -63,34 +62,17 @@ def evaluate_anchor(project: Project, session: Session, version: ModelVersion, r
     """Answer the anchor set with `version` (no retrieval) and store the run (once per version)."""
     items = anchor_items()
     set_hash = anchor_set_hash(items)
-    run = session.scalar(select(EvalRun).where(EvalRun.model_version_id == version.id,
-                                               EvalRun.eval_set_hash == set_hash))
-    if run is not None:
-        return run
-    path = artifact_path(project.artifacts, KIND, f"{version.name}-{set_hash[7:19]}")
-    if not is_complete(path):
+
+    def score() -> tuple[list[dict], dict]:
         role = project.settings.models.student
         model = build_chat_model(project, role, Path(version.adapter_path) if version.adapter_path else None)
         reporter.log(f"anchor set: {version.name} answers {len(items)} everyday questions")
         convs = [[{"role": "user", "content": i["instruction"]}] for i in items]
         preds = batched_chat(model, convs, generation_params(role), reporter, "anchor set", role.batch_size)
-        rows, summary = score_anchor(preds, items)
+        return score_anchor(preds, items)
 
-        def write(tmp: Path) -> None:
-            write_jsonl(tmp / "predictions.jsonl", rows)
-            (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
-
-        write_artifact(project.artifacts, KIND, path.name,
-                       {"stage": "anchor", "version": version.name, "eval_set_hash": set_hash, "metrics": summary},
-                       write)
-    summary = json.loads((path / "metrics.json").read_text())
-    run = EvalRun(model_version_id=version.id, eval_set_hash=set_hash, n=len(read_jsonl(path / "predictions.jsonl")),
-                  metrics=summary, artifact_path=str(path), cycle_id=cycle_id)
-    session.add(run)
-    session.add(Artifact(kind="eval", path=str(path), meta={"stage": "anchor", "version": version.name}))
-    version.metrics = {**(version.metrics or {}), **summary}
-    session.flush()
-    return run
+    return stored_eval_run(project, session, version, set_hash, KIND, f"{version.name}-{set_hash[7:19]}", "anchor",
+                           score, cycle_id)
 
 
 def anchor_guard(project: Project, candidate_score: float | None, champion_score: float | None) -> str | None:

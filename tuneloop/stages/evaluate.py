@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,52 @@ def ensure_base_version(project: Project, session: Session) -> ModelVersion:
     return base
 
 
+def stored_eval_run(project: Project, session: Session, version: ModelVersion, set_hash: str, kind: str,
+                    artifact_name: str, stage: str, score: Callable[[], tuple[list[dict], dict]],
+                    cycle_id: int | None = None) -> EvalRun:
+    """The EvalRun of `version` on the set `set_hash`: the stored one; else one recorded from the
+    complete artifact; else `score()` (rows, summary) is run and written as the artifact first.
+    So a version is scored once per set, even across a crash between artifact and row."""
+    run = session.scalar(select(EvalRun).where(EvalRun.model_version_id == version.id,
+                                               EvalRun.eval_set_hash == set_hash))
+    if run is not None:
+        return run
+    path = artifact_path(project.artifacts, kind, artifact_name)
+    if not is_complete(path):
+        rows, summary = score()
+
+        def write(tmp: Path) -> None:
+            write_jsonl(tmp / "predictions.jsonl", rows)
+            (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
+
+        write_artifact(project.artifacts, kind, path.name,
+                       {"stage": stage, "version": version.name, "eval_set_hash": set_hash, "n": len(rows),
+                        "metrics": summary}, write)
+    summary = json.loads((path / "metrics.json").read_text())
+    run = EvalRun(model_version_id=version.id, eval_set_hash=set_hash, n=len(read_jsonl(path / "predictions.jsonl")),
+                  metrics=summary, artifact_path=str(path), cycle_id=cycle_id)
+    session.add(run)
+    session.add(Artifact(kind="eval", path=str(path), meta={"stage": stage, "version": version.name}))
+    version.metrics = {**(version.metrics or {}), **{k: v for k, v in summary.items() if not _nan(v)}}
+    session.flush()
+    return run
+
+
+def score_examples(project: Project, adapter: Path | None, examples: list[Example], retriever: Retriever,
+                   reporter: Reporter) -> tuple[list[dict], dict]:
+    """Answer `examples` with the retrieval-augmented student (`adapter` applied): per-item rows
+    and the aggregate metrics. Shared by the held-out eval and WiSE-FT's dev-set scoring."""
+    role = project.settings.models.student
+    answerer = RagAnswerer(retriever, build_chat_model(project, role, adapter), generation_params(role))
+    answers = answerer.answer_many([(e.question, e.document) for e in examples], reporter, role.batch_size)
+    items = []
+    for e, a in zip(examples, answers):
+        refs = references(e)
+        items.append({"example_id": e.id, "question": e.question, "references": refs, "prediction": a.text,
+                      "chunk_ids": [p.chunk_id for p in a.passages], **metrics.score_item(a.text, refs)})
+    return items, metrics.aggregate(items)
+
+
 def evaluate_version(project: Project, session: Session, version: ModelVersion, retriever: Retriever,
                      reporter: Reporter, cycle_id: int | None = None) -> EvalRun:
     """Score `version` on the held-out set (reusing a stored run for the same set)."""
@@ -62,39 +109,14 @@ def evaluate_version(project: Project, session: Session, version: ModelVersion, 
     if not examples:
         raise StateError("no held-out questions: import some with `tuneloop seeds import FILE --split eval`")
     set_hash = eval_set_hash(examples)
-    run = session.scalar(select(EvalRun).where(EvalRun.model_version_id == version.id,
-                                               EvalRun.eval_set_hash == set_hash))
-    if run is not None:
-        return run
-    path = artifact_path(project.artifacts, KIND, f"{version.name}-{set_hash[:12]}")
-    if not is_complete(path):
-        role = project.settings.models.student
-        model = build_chat_model(project, role, Path(version.adapter_path) if version.adapter_path else None)
-        answerer = RagAnswerer(retriever, model, generation_params(role))
+
+    def score() -> tuple[list[dict], dict]:
         reporter.log(f"evaluating {version.name} on {len(examples)} held-out questions")
-        answers = answerer.answer_many([(e.question, e.document) for e in examples], reporter, role.batch_size)
-        items = []
-        for e, a in zip(examples, answers):
-            refs = references(e)
-            items.append({"example_id": e.id, "question": e.question, "references": refs, "prediction": a.text,
-                          "chunk_ids": [p.chunk_id for p in a.passages], **metrics.score_item(a.text, refs)})
-        summary = metrics.aggregate(items)
+        adapter = Path(version.adapter_path) if version.adapter_path else None
+        return score_examples(project, adapter, examples, retriever, reporter)
 
-        def write(tmp: Path) -> None:
-            write_jsonl(tmp / "predictions.jsonl", items)
-            (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
-
-        write_artifact(project.artifacts, KIND, path.name,
-                       {"stage": "eval", "version": version.name, "eval_set_hash": set_hash,
-                        "n": len(items), "metrics": summary}, write)
-    summary = json.loads((path / "metrics.json").read_text())
-    run = EvalRun(model_version_id=version.id, eval_set_hash=set_hash, n=len(read_jsonl(path / "predictions.jsonl")),
-                  metrics=summary, artifact_path=str(path), cycle_id=cycle_id)
-    session.add(run)
-    session.add(Artifact(kind="eval", path=str(path), meta={"stage": "eval", "version": version.name}))
-    version.metrics = {**(version.metrics or {}), **{k: v for k, v in summary.items() if not _nan(v)}}
-    session.flush()
-    return run
+    return stored_eval_run(project, session, version, set_hash, KIND, f"{version.name}-{set_hash[:12]}", "eval",
+                           score, cycle_id)
 
 
 def _nan(v) -> bool:

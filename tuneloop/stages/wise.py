@@ -24,16 +24,14 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from tuneloop import metrics
 from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.defaults import resolve_model_path
-from tuneloop.models.registry import build_chat_model, generation_params
-from tuneloop.programs.rag import RagAnswerer, Retriever
+from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
 from tuneloop.stages.common import register_adapter, run_name
-from tuneloop.stages.evaluate import references
+from tuneloop.stages.evaluate import score_examples
 from tuneloop.store import Example, ModelVersion, Session
 
 KIND = "adapters"
@@ -89,12 +87,8 @@ def dev_examples(project: Project, session: Session) -> list[Example]:
 def score_adapter(project: Project, adapter: Path, examples: list[Example], retriever: Retriever,
                   reporter: Reporter) -> float:
     """The primary metric of the student with `adapter` on `examples` (NaN when undefined)."""
-    role = project.settings.models.student
-    model = build_chat_model(project, role, adapter)
-    answerer = RagAnswerer(retriever, model, generation_params(role))
-    answers = answerer.answer_many([(e.question, e.document) for e in examples], reporter, role.batch_size)
-    items = [{"prediction": a.text, "references": references(e)} for e, a in zip(examples, answers)]
-    value = metrics.aggregate(items).get(project.settings.eval.primary_metric)
+    _, summary = score_examples(project, adapter, examples, retriever, reporter)
+    value = summary.get(project.settings.eval.primary_metric)
     return float("nan") if value is None else float(value)
 
 
