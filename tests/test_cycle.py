@@ -63,8 +63,8 @@ def test_one_full_cycle(project, fake_teacher, monkeypatch):
         assert all(r.n == p.settings.eval.limit == 6 for r in runs.values())
         metric = p.settings.eval.primary_metric
         c, b = runs[cand.id].metrics[metric], runs[base.id].metrics[metric]
-        promoted = c > b + p.settings.eval.min_improvement
-        assert st["gate"][1]["promoted"] == promoted
+        promoted = st["gate"][1]["promoted"]
+        assert not promoted or c > b + p.settings.eval.min_improvement  # and significantly so (test_gate)
         assert (cand.status, base.status) == (("champion", "retired") if promoted else ("rejected", "champion"))
         assert "gate" in cand.metrics
         assert s.get(Cycle, cycle.id).outcome.startswith("promoted" if promoted else "kept champion")

@@ -136,6 +136,9 @@ class EvalSettings(_Section):
         "extract_token_f1",
     ] = "macro_score"  # mean of yes/no balanced accuracy and extraction token F1
     min_improvement: float = Field(0.0, ge=0.0)  # candidate must beat champion by more than this
+    significance: Literal["bootstrap", "none"] = "bootstrap"  # paired bootstrap test of the gain, or none
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)  # the gain must be significant at this level
+    bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
     limit: int | None = Field(None, ge=1)  # evaluate only the first N held-out items
 
 
@@ -369,6 +372,8 @@ eval:
   primary_metric: macro_score  # mean of yes/no balanced accuracy and extraction F1; the gate
                               # promotes a candidate only if this improves
   min_improvement: 0.0
+  significance: bootstrap      # the gain must pass a paired bootstrap test over the questions
+  confidence: 0.95             # ... at this level (one-sided p < 0.05)
 """
 
 

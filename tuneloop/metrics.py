@@ -231,16 +231,23 @@ def aggregate(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
     Counts are ints; every mean over an empty subset is ``math.nan``.
     """
-    scored: list[dict[str, float]] = []
-    golds: list[str] = []
-    labels: list[str | None] = []
+    return summarize(score_items(items))
+
+
+def score_items(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per-item scores (:func:`score_item`); yes/no items also carry their "gold" and predicted "label"."""
+    scored: list[dict[str, Any]] = []
     for item in items:
         prediction, references = item["prediction"], item["references"]
-        scores = score_item(prediction, references)
-        scored.append(scores)
+        scores: dict[str, Any] = score_item(prediction, references)
         if "yes_no_correct" in scores:
-            golds.append(_gold_label(references[0]))
-            labels.append(yes_no_label(prediction))
+            scores = {**scores, "gold": _gold_label(references[0]), "label": yes_no_label(prediction)}
+        scored.append(scores)
+    return scored
+
+
+def summarize(scored: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The aggregates of :func:`aggregate` from already scored items (cheap: the bootstrap resamples these)."""
     yes_no = [s for s in scored if "yes_no_correct" in s]
     extract = [s for s in scored if "yes_no_correct" not in s]
     result: dict[str, float] = {"n": len(scored)}
@@ -248,7 +255,7 @@ def aggregate(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         result[name] = _mean([s[name] for s in scored])
     result["yes_no_n"] = len(yes_no)
     result["yes_no_accuracy"] = _mean([s["yes_no_correct"] for s in yes_no])
-    result["yes_no_balanced_accuracy"] = balanced_accuracy(golds, labels)
+    result["yes_no_balanced_accuracy"] = balanced_accuracy([s["gold"] for s in yes_no], [s["label"] for s in yes_no])
     result["extract_n"] = len(extract)
     result["extract_token_f1"] = _mean([s["token_f1"] for s in extract])
     result["extract_cuad_match"] = _mean([s["cuad_match"] for s in extract])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sqlalchemy import select
@@ -22,6 +22,7 @@ from tuneloop.models.registry import build_chat_model, generation_params
 from tuneloop.programs.rag import RagAnswerer, Retriever
 from tuneloop.progress import Reporter
 from tuneloop.stages.common import champion
+from tuneloop.stats import PairedTest, paired_bootstrap
 from tuneloop.store import Artifact, EvalRun, Example, ModelVersion, Session, text_hash, utcnow
 
 KIND = "evals"
@@ -131,21 +132,56 @@ class GateDecision:
     champion: str
 
 
+def significance_test(project: Project, cand_run: EvalRun, champ_run: EvalRun) -> PairedTest | None:
+    """Paired bootstrap of the primary metric, candidate minus champion, over the questions both
+    runs answered (their stored predictions); None when fewer than 2 are shared."""
+    s = project.settings.eval
+    cand, champ = _scored_by_example(cand_run), _scored_by_example(champ_run)
+    ids = sorted(set(cand) & set(champ))
+    if len(ids) < 2:
+        return None
+
+    def metric(scored: dict[int, dict]):
+        rows = [scored[i] for i in ids]
+        return lambda idx: metrics.summarize([rows[i] for i in idx]).get(s.primary_metric, math.nan)
+
+    return paired_bootstrap(len(ids), metric(cand), metric(champ), s.bootstrap_resamples, s.confidence)
+
+
+def _scored_by_example(run: EvalRun) -> dict[int, dict]:
+    items = read_jsonl(Path(run.artifact_path) / "predictions.jsonl")
+    return {item["example_id"]: scored for item, scored in zip(items, metrics.score_items(items))}
+
+
 def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: EvalRun,
          champ_run: EvalRun, guards: tuple[str, ...] = ()) -> GateDecision:
-    """Promote `candidate` only if its primary metric beats the champion's by more than min_improvement
-    and no guard objects (`guards`: reasons from guard metrics such as the anchor set)."""
+    """Promote `candidate` only if its primary metric beats the champion's by more than
+    min_improvement, the gain is significant (`eval.significance: bootstrap`: a one-sided paired
+    bootstrap p-value below 1 - `eval.confidence`), and no guard objects (`guards`: reasons from
+    guard metrics such as the anchor set). A rejected candidate keeps its eval runs and the reason."""
     s = project.settings.eval
     current = champion(session)
     if current is None:
         raise StateError("no champion to compare against")
     c, b = cand_run.metrics.get(s.primary_metric), champ_run.metrics.get(s.primary_metric)
+    test = None
     if c is None or b is None or _nan(c) or _nan(b):
         promoted, reason = False, f"{s.primary_metric} is undefined on this eval set"
     else:
         promoted = c > b + s.min_improvement
         verb = "beats" if promoted else "does not beat"
         reason = f"{s.primary_metric} {c:.4f} {verb} champion {b:.4f} (+{s.min_improvement} required)"
+        if promoted and s.significance == "bootstrap":
+            test = significance_test(project, cand_run, champ_run)
+            alpha = 1.0 - s.confidence
+            if test is None:
+                promoted, reason = False, reason + "; too few shared questions for a significance test"
+            else:
+                promoted = test.p_value < alpha
+                reason += (f"; paired bootstrap gain {test.diff:+.4f}, {s.confidence:.0%} CI "
+                           f"[{test.low:+.4f}, {test.high:+.4f}], p={test.p_value:.3f} "
+                           + ("<" if promoted else ">=") + f" {alpha:.2f}"
+                           + ("" if promoted else ": not significant"))
     if promoted and guards:
         promoted = False
         reason += "; refused by guard: " + "; ".join(guards)
@@ -154,6 +190,7 @@ def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: 
         candidate.status = "champion"
     else:
         candidate.status = "rejected"
-    candidate.metrics = {**(candidate.metrics or {}), "gate": reason, "gated_at": utcnow().isoformat()}
+    extra = {"gate_test": asdict(test)} if test is not None else {}
+    candidate.metrics = {**(candidate.metrics or {}), "gate": reason, "gated_at": utcnow().isoformat(), **extra}
     session.flush()
     return GateDecision(promoted, reason, candidate.name, current.name)

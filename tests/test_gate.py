@@ -1,0 +1,100 @@
+"""The promotion gate: a candidate must beat the champion significantly (paired bootstrap)."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from tuneloop.artifacts import write_jsonl
+from tuneloop.stages.evaluate import ensure_base_version, gate, significance_test
+from tuneloop.store import EvalRun, ModelVersion, open_store
+
+N = 60  # held-out questions: half yes/no, half extraction
+
+
+def references(i: int) -> list[str]:
+    return ["Yes" if i % 4 == 0 else "No"] if i % 2 == 0 else [f"clause {i} of the agreement"]
+
+
+def predictions(right: set[int]) -> list[dict]:
+    """Right answers on `right`, wrong ones elsewhere."""
+    rows = []
+    for i in range(N):
+        ref = references(i)
+        if i in right:
+            pred = ref[0]
+        else:
+            pred = {"Yes": "No", "No": "Yes"}.get(ref[0], "something else entirely")
+        rows.append({"example_id": i, "question": f"q{i}", "references": ref, "prediction": pred})
+    return rows
+
+
+def stored_run(tmp_path, s, version, rows, name) -> EvalRun:
+    from tuneloop import metrics
+
+    folder = tmp_path / name
+    folder.mkdir()
+    write_jsonl(folder / "predictions.jsonl", rows)
+    run = EvalRun(model_version_id=version.id, eval_set_hash="h", n=len(rows), metrics=metrics.aggregate(rows),
+                  artifact_path=str(folder))
+    s.add(run)
+    s.flush()
+    return run
+
+
+@pytest.fixture
+def setup(project, tmp_path):
+    def make(champ_right: set[int], cand_right: set[int], overrides=None):
+        p = project(overrides, pairs=False)
+        s = open_store(p.store_url)()
+        base = ensure_base_version(p, s)
+        cand = ModelVersion(name="v1", parent_id=base.id, base_model=base.base_model, method="sft",
+                            status="candidate", adapter_path=str(tmp_path / "adapter"))
+        s.add(cand)
+        s.flush()
+        runs = (stored_run(tmp_path, s, cand, predictions(cand_right), f"{p.root.name}-cand"),
+                stored_run(tmp_path, s, base, predictions(champ_right), f"{p.root.name}-champ"))
+        return p, s, cand, base, runs
+    return make
+
+
+BASE = set(range(0, N, 3))  # the champion gets a third right
+
+
+def test_a_clear_gain_is_promoted(setup):
+    p, s, cand, base, (cr, br) = setup(BASE, BASE | set(range(1, N, 3)))  # two thirds right
+    d = gate(p, s, cand, cr, br)
+    assert d.promoted and (cand.status, base.status) == ("champion", "retired")
+    assert "paired bootstrap" in d.reason and "p=0.000 < 0.05" in d.reason
+    t = cand.metrics["gate_test"]
+    assert t["diff"] > 0.2 and t["low"] > 0 and t["n"] == N
+
+
+def test_a_gain_on_two_questions_is_not_significant(setup):
+    p, s, cand, base, (cr, br) = setup(BASE, BASE | {1, 4})
+    assert cr.metrics["macro_score"] > br.metrics["macro_score"]
+    d = gate(p, s, cand, cr, br)
+    assert not d.promoted and (cand.status, base.status) == ("rejected", "champion")
+    assert "not significant" in d.reason and cand.metrics["gate_test"]["p_value"] >= 0.05
+    assert s.scalar(select(EvalRun).where(EvalRun.model_version_id == cand.id)) is not None  # eval kept
+
+
+def test_a_worse_candidate_is_refused_without_a_test(setup):
+    p, s, cand, base, (cr, br) = setup(BASE | {1, 4}, BASE)
+    d = gate(p, s, cand, cr, br)
+    assert not d.promoted and "does not beat" in d.reason and "gate_test" not in cand.metrics
+
+
+def test_without_the_test_any_gain_is_promoted(setup):
+    p, s, cand, base, (cr, br) = setup(BASE, BASE | {1, 4}, {"eval": {"significance": "none"}})
+    assert gate(p, s, cand, cr, br).promoted
+
+
+def test_stricter_confidence_needs_a_larger_gain(setup):
+    gain = BASE | set(range(1, 12, 3))  # 4 more questions right
+    p, s, cand, _, (cr, br) = setup(BASE, gain)
+    t = significance_test(p, cr, br)
+    p99, s99, cand99, _, (cr99, br99) = setup(BASE, gain, {"eval": {"confidence": 0.99}})
+    assert significance_test(p99, cr99, br99).p_value == pytest.approx(t.p_value)
+    decisions = gate(p, s, cand, cr, br), gate(p99, s99, cand99, cr99, br99)
+    assert 0.01 <= t.p_value < 0.05  # a gain significant at 95% but not at 99%
+    assert [d.promoted for d in decisions] == [True, False]
