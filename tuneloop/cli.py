@@ -286,6 +286,53 @@ def cycle(
 
 @app.command()
 @friendly_errors
+def watch(
+    once: Annotated[bool, typer.Option(help="Check the signals once (and run a cycle if one fires), then exit.")
+                    ] = False,
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Watch the monitoring signals and start a cycle when one fires (one at a time; resumes an
+    unfinished cycle first). Runs until Ctrl-C unless --once."""
+    from tuneloop.loop import run_cycle
+    from tuneloop.models.registry import build_embedder
+    from tuneloop.monitor.watch import watch as run_watch
+
+    project = load_project(project_dir)
+    m = project.settings.monitor
+    if not once:
+        console.print(f"watching {project.root} every {m.interval_seconds:g} s (cooldown {m.cooldown_seconds:g} s); "
+                      "Ctrl-C stops")
+    ticks = run_watch(project, RichReporter(), build_embedder(project), run_cycle, once=once)
+    _print_signals(ticks[-1].readings)
+
+
+@app.command()
+@friendly_errors
+def monitor(project_dir: ProjectOpt = Path(".")) -> None:
+    """Check and record every monitoring signal once, without starting a cycle."""
+    from tuneloop.models.registry import build_embedder
+    from tuneloop.monitor.signals import check_signals
+
+    project, sessions = _open(project_dir)
+    with sessions() as s:
+        readings = check_signals(project, s, build_embedder(project))
+        s.commit()
+    _print_signals(readings)
+
+
+def _print_signals(readings) -> None:
+    if not readings:
+        return
+    table = Table(title="monitoring signals")
+    for col in ("signal", "value", "fired", "why"):
+        table.add_column(col)
+    for r in readings:
+        table.add_row(r.signal, _fmt(r.value), "[bold red]yes[/bold red]" if r.fired else "no", r.reason)
+    console.print(table)
+
+
+@app.command()
+@friendly_errors
 def rlaif(
     mode: Annotated[Optional[str], typer.Option(help="pairwise or rubric (default: feedback.rlaif_mode).")] = None,
     prompts: Annotated[Optional[int], typer.Option(min=1, help="How many prompts (default: feedback.rlaif_prompts).")

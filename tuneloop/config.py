@@ -202,6 +202,24 @@ class FeedbackSettings(_Section):
     seed: int = 0
 
 
+class MonitorSettings(_Section):
+    """`tuneloop watch`: the signals that start a cycle by themselves."""
+
+    interval_seconds: float = Field(300.0, gt=0)  # how often the signals are checked
+    cooldown_seconds: float = Field(3600.0, ge=0)  # at least this long between two triggered cycles
+    satisfaction_window: int = Field(50, ge=1)  # latest human votes on the champion's answers
+    min_votes: int = Field(20, ge=1)  # no satisfaction verdict on fewer votes
+    satisfaction_floor: float = Field(0.6, ge=0.0, le=1.0)  # fire when the positive share falls below
+    change_detector: Literal["page_hinkley", "adwin", "none"] = "page_hinkley"  # on the vote stream
+    page_hinkley_threshold: float = Field(8.0, gt=0)
+    page_hinkley_delta: float = Field(0.05, ge=0)
+    drift_window: int = Field(100, ge=2)  # latest questions compared with the known ones
+    min_queries: int = Field(30, ge=2)  # no drift verdict on fewer new questions
+    drift_alpha: float = Field(0.01, gt=0.0, lt=1.0)  # fire when the MMD permutation p-value is below
+    drift_permutations: int = Field(500, ge=50)
+    documents: bool = True  # fire when a watched document is new or changed
+
+
 class Settings(_Section):
     """All settings of one project. Paths are relative to the project folder."""
 
@@ -219,6 +237,7 @@ class Settings(_Section):
     continual: ContinualSettings = ContinualSettings()
     serve: ServeSettings = ServeSettings()
     feedback: FeedbackSettings = FeedbackSettings()
+    monitor: MonitorSettings = MonitorSettings()
 
 
 class Project:
@@ -367,6 +386,15 @@ feedback:
   rlaif_candidates: 4    # sampled answers per prompt, compared pairwise by the judge in both orders
   rlaif_mode: pairwise   # or rubric: the judge scores each answer 1-5 (scalar rewards)
   contradiction_rule: majority  # thumbs that disagree on one answer: majority | latest | drop
+
+monitor:                 # `tuneloop watch`: a firing signal starts a cycle (one at a time)
+  interval_seconds: 300  # how often the signals are checked
+  cooldown_seconds: 3600 # at least this long between two triggered cycles
+  satisfaction_floor: 0.6  # positive share of the latest 50 human votes on the champion's answers
+  min_votes: 20
+  drift_alpha: 0.01      # MMD test of the latest 100 questions against the known ones
+  min_queries: 30
+  documents: true        # new or changed documents start a cycle
 
 eval:
   primary_metric: macro_score  # mean of yes/no balanced accuracy and extraction F1; the gate

@@ -17,6 +17,7 @@ from tuneloop.artifacts import artifact_path, clean_temporary, is_complete
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, StateError
 from tuneloop.feedback.rlaif import build_rlaif_models, rlaif
+from tuneloop.lock import cycle_lock
 from tuneloop.feedback.routing import PromptBuilder
 from tuneloop.models.registry import build_embedder
 from tuneloop.programs.rag import Retriever
@@ -227,7 +228,13 @@ def _open_cycle(sessions, trigger: str, reporter: Reporter) -> int:
 
 
 def run_cycle(project: Project, reporter: Reporter, trigger: str = "manual") -> Cycle:
-    """Run (or resume) one cycle to the end and return it."""
+    """Run (or resume) one cycle to the end and return it. Holds the project's cycle lock
+    (`lock.cycle_lock`): while another process runs a cycle this raises `CycleBusy`."""
+    with cycle_lock(project.root):
+        return _run_cycle(project, reporter, trigger)
+
+
+def _run_cycle(project: Project, reporter: Reporter, trigger: str) -> Cycle:
     sessions = open_store(project.store_url)
     clean_temporary(project.artifacts)
     cycle_id = _open_cycle(sessions, trigger, reporter)

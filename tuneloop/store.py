@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
-    JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
+    JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
     select,
 )
 from sqlalchemy.engine import Connection, Engine
@@ -203,6 +203,18 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class SignalValue(Base):
+    """One reading of a monitoring signal (`tuneloop watch` / `tuneloop monitor`)."""
+
+    __tablename__ = "signal_values"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    signal: Mapped[str] = mapped_column(String(50), index=True)  # satisfaction | query_drift | documents
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    fired: Mapped[bool] = mapped_column(Boolean, default=False)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 def _m001_initial(conn: Connection) -> None:
     Base.metadata.create_all(conn)
 
@@ -229,6 +241,7 @@ def _m002_serving(conn: Connection) -> None:
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _m001_initial),
     (2, "serving: interaction A/B and client columns, feedback choice/source, rewards", _m002_serving),
+    (3, "monitoring: signal values", lambda conn: SignalValue.__table__.create(conn, checkfirst=True)),
 ]
 
 

@@ -79,6 +79,19 @@ def ingest_paths(project: Project, session: Session, paths: list[Path], embedder
     return result
 
 
+def scan_documents(session: Session, paths: list[Path]) -> dict[str, list[str]]:
+    """Which documents under `paths` are new or changed against the store (nothing is written)."""
+    known = {d.name: d.sha256 for d in session.scalars(select(Document))}
+    out: dict[str, list[str]] = {"new": [], "changed": []}
+    for f in iter_files(paths):
+        for raw in load_file(f):
+            if raw.name not in known:
+                out["new"].append(raw.name)
+            elif known[raw.name] != _sha(raw.text):
+                out["changed"].append(raw.name)
+    return out
+
+
 def ensure_index(project: Project, session: Session, embedder: Embedder | None, reporter: Reporter,
                  force: bool = False) -> bool:
     """Rebuild the index when it is missing or does not hold exactly the stored chunks."""
