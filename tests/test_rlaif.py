@@ -349,3 +349,30 @@ def test_cli_rlaif(env, monkeypatch):
     with sessions() as s:
         assert s.scalar(select(func.count(PreferencePair.id))) == 6
         assert s.scalar(select(func.count(Reward.id))) == 4
+
+
+def test_seed_prompts_are_ranked_by_the_expert_answer_before_the_judge(env):
+    p, sessions, retriever, ids = env
+    with sessions() as s:
+        s.add(Example(kind="seed", split="train", question="Does the agreement renew automatically?", answer="Yes",
+                      document="01-master-services-agreement.md", content_hash=example_hash("r", "Yes", "seed")))
+        s.commit()
+        judge = FakeJudge()
+        r = run(p, s, retriever, judge=judge, name="ref")
+        # candidates "Yes", "No", DOES_NOT_SAY ("Yes." repeats "Yes"): against the expert's "Yes",
+        # Yes beats No and Yes beats DOES_NOT_SAY by the reference; No vs DOES_NOT_SAY (both 0) goes to the judge
+        assert r.report["reference_pairs"] == 2 and r.report["pairs_judged"] == 1
+        assert len(judge.sent) == 2  # one pair, both orders
+        assert {field(c, "Answer 1") for c in judge.sent} == {"No", DOES_NOT_SAY}
+        pairs = s.scalars(select(PreferencePair)).all()
+        by_judge = {(x.chosen, x.rejected): x.meta["judge"] for x in pairs}
+        assert by_judge == {("Yes", "No"): "reference", ("Yes", DOES_NOT_SAY): "reference",
+                            ("No", DOES_NOT_SAY): "fake-judge"}
+        assert "1.00 vs 0.00" in next(x for x in pairs if x.meta["judge"] == "reference").meta["rationale"]
+    # the same project with reference ranking off: every pair is judged
+    p2 = p.__class__(p.root, p.settings.model_copy(update={"feedback": p.settings.feedback.model_copy(
+        update={"rlaif_reference": False})}))
+    with sessions() as s:
+        judge = FakeJudge()
+        r = run(p2, s, retriever, judge=judge, name="no-ref")
+        assert r.report["reference_pairs"] == 0 and r.report["pairs_judged"] == 3 and len(judge.sent) == 6

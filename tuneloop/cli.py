@@ -375,6 +375,7 @@ def _print_rlaif_report(r) -> None:
         table.add_row("consistent / inconsistent / ties / unparsed",
                       f"{rep['consistent']} / {rep['inconsistent']} / {rep['ties']} / {rep['unparsed']}")
         table.add_row("kept preference pairs", f"{r.pairs} ({r.added.get('pairs', 0)} new in the store)")
+        table.add_row("of which decided by the expert's answer", str(rep.get("reference_pairs", 0)))
         table.add_row("first position wins", _fmt(rep["position_bias"]["first_position_rate"]))
     else:
         ru = rep["rubric"]

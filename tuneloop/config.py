@@ -198,6 +198,10 @@ class FeedbackSettings(_Section):
     rlaif_candidates: int = Field(4, ge=2, le=16)  # sampled answers per prompt
     rlaif_temperature: float = Field(0.8, gt=0.0, le=2.0)
     rlaif_mode: Literal["pairwise", "rubric"] = "pairwise"  # pairwise: both orders must agree
+    # pairwise, prompts from expert seeds: answers whose token F1 against the expert's answer differs
+    # by at least the margin become a pair without the judge (reference-guided feedback)
+    rlaif_reference: bool = True
+    rlaif_reference_margin: float = Field(0.5, gt=0.0, le=1.0)
     contradiction_rule: Literal["latest", "majority", "drop"] = "majority"  # votes that disagree on one answer
     seed: int = 0
 
@@ -385,6 +389,7 @@ feedback:
   rlaif_prompts: 32      # prompts per RLAIF run (recent interactions, then synthetic, then seed questions)
   rlaif_candidates: 4    # sampled answers per prompt, compared pairwise by the judge in both orders
   rlaif_mode: pairwise   # or rubric: the judge scores each answer 1-5 (scalar rewards)
+  rlaif_reference: true  # seed prompts: rank answers by token F1 against the expert's answer first
   contradiction_rule: majority  # thumbs that disagree on one answer: majority | latest | drop
 
 monitor:                 # `tuneloop watch`: a firing signal starts a cycle (one at a time)

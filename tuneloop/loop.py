@@ -136,7 +136,8 @@ def _step_rlaif(ctx: CycleContext, s: Session) -> dict:
         return {"skipped": str(err)}
     rep = r.report
     return {"student": sft.name, "prompts": rep["prompts"]["total"], "pairs_judged": rep["pairs_judged"],
-            "kept_pairs": r.pairs, "new_pairs": r.added.get("pairs", 0),
+            "kept_pairs": r.pairs, "reference_pairs": rep.get("reference_pairs", 0),
+            "new_pairs": r.added.get("pairs", 0),
             "consistency_rate": rep["consistency_rate"], "artifact": str(r.artifact)}
 
 

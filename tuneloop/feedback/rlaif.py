@@ -5,7 +5,10 @@
    (both retrieved as serving would), deduplicated, up to `feedback.rlaif_prompts`.
 2. Candidates: the champion student (inside a cycle: the cycle's SFT candidate) answers each prompt `feedback.rlaif_candidates` times at
    `feedback.rlaif_temperature`, each round with its own seed; empty and duplicate answers dropped.
-3. `pairwise` mode: the judge compares every pair of candidates in both orders, (A, B) and (B, A),
+3. `pairwise` mode: for a prompt from an expert seed, a pair of candidates whose token F1 against
+   the expert's answer differs by at least `feedback.rlaif_reference_margin` is decided by that
+   reference (judge "reference": no model call, no position bias). The judge compares every other
+   pair of candidates in both orders, (A, B) and (B, A),
    with the prompt's passages as context. Only a consistent verdict (the same answer wins in both
    orders) becomes a PreferencePair(source="ai") with the judge's rationale; ties, inconsistent
    and unparseable verdicts are recorded and dropped. A judge that always prefers whichever answer
@@ -39,6 +42,7 @@ from tuneloop.feedback.routing import (
     PromptBuilder, PromptInfo, assistant, completion_key, normalize_answer, pair_key, route_feedback,
 )
 from tuneloop.models.base import ChatModel
+from tuneloop.metrics import score_item
 from tuneloop.models.registry import generation_params
 from tuneloop.programs.dspy_bridge import make_adapter, predict_many
 from tuneloop.programs.judge import JudgePrograms, parse_choice, parsed_score, score_to_reward
@@ -46,6 +50,7 @@ from tuneloop.programs.rag import Passage
 from tuneloop.programs.synth import number_passages
 from tuneloop.progress import Reporter, batched_chat
 from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.evaluate import references
 from tuneloop.store import Artifact, Example, Interaction, ModelVersion, PreferencePair, Reward, Session
 
 KIND = "rlaif"
@@ -126,6 +131,11 @@ def collect_prompts(session: Session, builder: PromptBuilder, limit: int) -> lis
 
 
 # --------------------------------------------------------------------------- judging
+
+
+def token_f1_item(text: str, refs: list[str]) -> float:
+    """Token F1 against the references; on yes/no references, whether the yes/no label agrees."""
+    return score_item(text, refs)["token_f1"]
 
 
 def _choice(parsed: dict | None) -> str | None:
@@ -271,8 +281,35 @@ class Run:
                     out[i].append({"text": text, "round": k, "seed": params.seed})
         return out
 
-    def pairwise(self, prompts, cands) -> tuple[list[dict], list[dict], list[Judged]]:
+    def reference_pairs(self, prompts, cands) -> tuple[list[dict], list[tuple[int, int, int]]]:
+        """Seed prompts: a pair whose answers' token F1 against the expert answer differs by at least
+        `rlaif_reference_margin` is decided by the reference (no judge, no position bias); every
+        other pair is returned for the judge."""
         index = [(i, a, b) for i, cs in enumerate(cands) for a, b in combinations(range(len(cs)), 2)]
+        refs: dict[int, list[str]] = {}
+        if self.fs.rlaif_reference:
+            for i, p in enumerate(prompts):
+                if p.origin == "seed" and (e := self.session.get(Example, p.example_id)) is not None:
+                    refs[i] = references(e)
+        pairs, rest = [], []
+        for i, a, b in index:
+            if i in refs:
+                fa, fb = (token_f1_item(cands[i][k]["text"], refs[i]) for k in (a, b))
+                if abs(fa - fb) >= self.fs.rlaif_reference_margin:
+                    (chosen, fc), (rejected, fr) = sorted([(cands[i][a]["text"], fa), (cands[i][b]["text"], fb)],
+                                                          key=lambda x: -x[1])
+                    p = prompts[i]
+                    pairs.append({"prompt": p.info.messages, "chosen": assistant(chosen),
+                                  "rejected": assistant(rejected), "source": "ai",
+                                  "key": pair_key(p.info.messages, chosen, rejected),
+                                  "rationale": f"token F1 against the expert's answer: {fc:.2f} vs {fr:.2f}",
+                                  "judge": "reference", "verdicts": [], **p.row()})
+                    continue
+            rest.append((i, a, b))
+        return pairs, rest
+
+    def pairwise(self, prompts, cands) -> tuple[list[dict], list[dict], list[Judged]]:
+        ref_pairs, index = self.reference_pairs(prompts, cands)
         items = [(prompts[i].info.passages, prompts[i].info.question, cands[i][a]["text"], cands[i][b]["text"])
                  for i, a, b in index]
         judged = judge_both_orders(self.programs, self.adapter, self.models.judge, items, self.judge_params,
@@ -289,7 +326,7 @@ class Run:
                           "source": "ai", "key": pair_key(p.info.messages, chosen, rejected),
                           "rationale": j.rationale, "judge": self.models.judge.name, "verdicts": j.verdicts(),
                           **p.row()})
-        return judgments, pairs, judged
+        return judgments, ref_pairs + pairs, judged
 
     def rubric(self, prompts, cands) -> tuple[list[dict], list[dict]]:
         index = [(i, c) for i, cs in enumerate(cands) for c in cs]
@@ -379,6 +416,7 @@ def rlaif(project: Project, session: Session, models: RlaifModels | Callable[[],
             "pairs_judged": len(judged), "consistent": outcomes.get("consistent", 0),
             "inconsistent": outcomes.get("inconsistent", 0), "ties": outcomes.get("tie", 0),
             "unparsed": outcomes.get("unparsed", 0), "kept_pairs": len(pairs),
+            "reference_pairs": sum(1 for p in pairs if p["judge"] == "reference"),
             "consistency_rate": round(outcomes.get("consistent", 0) / len(judged), 4) if judged else None,
             "position_bias": position_stats(judged),
             "rubric": {"scored": len(scores), "unparsed": sum(1 for s in scores if s["score"] is None),
