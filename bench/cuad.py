@@ -89,10 +89,21 @@ def write_pairs(path: Path, rows: list[dict]) -> None:
 
 
 def make_project(args, work: Path, seeds, heldout, overrides: dict):
-    """A fresh project folder with the default settings plus `overrides`, seeds and held-out set."""
+    """A fresh project folder with the default settings plus `overrides`, seeds and held-out set.
+
+    An earlier run's reply cache (base-model replies keyed by the full request) is kept: a rerun
+    gets the same synthetic data and base answers without recomputing them."""
+    cache = work / "cache" / "replies"
+    kept = work.parent / f".{work.name}-replies"
+    if cache.is_dir():
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.move(str(cache), kept)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    if kept.is_dir():
+        (work / "cache").mkdir()
+        shutil.move(str(kept), cache)
     settings = yaml.safe_load(default_settings_yaml("cuad-bench", [str((args.data / "contracts").resolve())]))
     settings["synth"]["questions_per_cycle"] = args.synth_questions
     settings["sft"]["epochs"] = args.epochs
@@ -166,9 +177,10 @@ def markdown(result: dict, command: str) -> str:
                      f"{json.dumps(st['synth'].get('rejected', {}))}.")
     if "rlaif" in st:
         r = st["rlaif"]
-        lines.append(f"RLAIF on {r.get('student')}: {r.get('prompts')} prompts, {r.get('pairs_judged')} answer pairs "
-                     f"judged in both orders, {r.get('kept_pairs')} consistent pairs kept "
-                     f"(consistency rate {r.get('consistency_rate')}).")
+        lines.append(f"RLAIF on {r.get('student')}: {r.get('prompts')} prompts; {r.get('reference_pairs', 0)} pairs "
+                     f"decided by the expert's answer; {r.get('pairs_judged')} other pairs judged in both orders, "
+                     f"{r.get('kept_pairs', 0) - r.get('reference_pairs', 0)} consistent "
+                     f"(consistency rate {r.get('consistency_rate')}); {r.get('kept_pairs')} pairs in all.")
     if "align" in st:
         a = st["align"]
         lines.append(f"Align: {a.get('method', '')} {a.get('version', a.get('skipped', ''))}, "
@@ -227,7 +239,8 @@ def main() -> None:
         dapt_project = make_project(args, work, seeds, heldout,
                                     {"align": {"enabled": False},
                                      "continual": {"dapt": True, "dapt_max_chunks": args.dapt_chunks}})
-        shutil.copytree(reply_cache_dir(project), reply_cache_dir(dapt_project))  # same synth data, base answers
+        shutil.copytree(reply_cache_dir(project), reply_cache_dir(dapt_project),  # same synth data, base answers
+                        dirs_exist_ok=True)
         run_cycle(dapt_project, reporter, trigger="bench/cuad.py --dapt-chunks")
         result["dapt"] = collect(dapt_project)
         write_outputs(args, result, t0)

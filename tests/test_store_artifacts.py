@@ -39,8 +39,9 @@ def test_a_new_migration_runs_on_an_existing_database(tmp_path, monkeypatch):
     assert calls == [1]
 
 
-def test_migration_2_upgrades_a_version_1_database_without_losing_rows(tmp_path):
-    """A database made before serving existed (migration 1 only, old columns) gains the new ones."""
+def test_later_migrations_upgrade_a_version_1_database_without_losing_rows(tmp_path):
+    """A database made before serving existed (migration 1 only, old columns) gains the new
+    columns (migration 2) and the signal table (migration 3)."""
     from sqlalchemy import text
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
@@ -56,7 +57,9 @@ def test_migration_2_upgrades_a_version_1_database_without_losing_rows(tmp_path)
         st.Migration.__table__.create(conn)
         conn.execute(st.Migration.__table__.insert().values(version=1, name="initial schema",
                                                             applied_at=st.utcnow()))
-    assert st.migrate(engine) == [2]
+    assert st.migrate(engine) == [2, 3]
+    assert "signal_values" in inspect(engine).get_table_names()
+    assert st.migrate(engine) == []  # idempotent
     cols = {c["name"] for c in inspect(engine).get_columns("interactions")}
     assert {"document", "ab_pair", "arm", "client"} <= cols
     assert {"preferred_interaction_id", "source", "client"} <= {c["name"] for c in inspect(engine).get_columns("feedback")}
@@ -64,7 +67,9 @@ def test_migration_2_upgrades_a_version_1_database_without_losing_rows(tmp_path)
         fb = s.get(st.Feedback, 1)
         assert (fb.thumbs, fb.source) == (1, "human") and s.get(st.Interaction, 1).question == "q?"
         s.add(st.Reward(prompt="q?", completion="a", reward=0.5, source="ai"))
+        s.add(st.SignalValue(signal="satisfaction", value=0.5, fired=True, detail={"reason": "test"}))
         s.commit()
+        assert s.scalar(select(st.SignalValue)).fired is True
 
 
 def test_store_keeps_rows_and_enforces_unique_examples(tmp_path):
