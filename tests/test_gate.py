@@ -1,6 +1,8 @@
 """The promotion gate: a candidate must beat the champion significantly (paired bootstrap)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlalchemy import select
 
@@ -98,3 +100,30 @@ def test_stricter_confidence_needs_a_larger_gain(setup):
     decisions = gate(p, s, cand, cr, br), gate(p99, s99, cand99, cr99, br99)
     assert 0.01 <= t.p_value < 0.05  # a gain significant at 95% but not at 99%
     assert [d.promoted for d in decisions] == [True, False]
+
+
+def test_eval_runs_store_a_confidence_interval_and_a_per_category_breakdown(project, tmp_path):
+    import json
+
+    from tests.helpers import ingest_project
+    from tuneloop.progress import SilentReporter
+    from tuneloop.stages.evaluate import evaluate_version
+    from tuneloop.stages.seeds import import_pairs
+
+    p = project({"eval": {"limit": None}}, pairs=False)
+    rows = [{"question": "Is the distributor exclusive?", "answer": "Yes", "category": "Exclusivity"},
+            {"question": "Can the licence be assigned?", "answer": "No", "category": "Anti-Assignment"},
+            {"question": "Which law governs?", "answer": "Germany"},
+            {"question": "Who are the parties?", "answer": "Acme and Beta", "category": "Parties"}]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    retriever = ingest_project(p)
+    with open_store(p.store_url)() as s:
+        import_pairs(s, path, "eval")
+        run = evaluate_version(p, s, ensure_base_version(p, s), retriever, SilentReporter())
+        s.commit()
+    m = run.metrics
+    assert m["macro_score_ci_low"] <= m["macro_score"] <= m["macro_score_ci_high"]
+    cats = json.loads((Path(run.artifact_path) / "by_category.json").read_text())
+    assert set(cats) == {"Exclusivity", "Anti-Assignment", "extraction", "Parties"}
+    assert cats["Exclusivity"]["n"] == 1 and cats["Exclusivity"]["yes_no_n"] == 1

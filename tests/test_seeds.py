@@ -48,3 +48,17 @@ def test_references_must_be_a_list_of_strings(tmp_path):
     f = _write(tmp_path / "bad.jsonl", [{"question": "Who?", "answer": "Acme", "references": "Acme"}])
     with sessions() as s, pytest.raises(InputError, match=r"bad.jsonl line 1: 'references'"):
         import_pairs(s, f, "train")
+
+
+def test_category_is_kept_and_must_be_a_string(tmp_path):
+    sessions = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    f = _write(tmp_path / "cat.jsonl", [{"question": "Who?", "answer": "Acme", "category": " Parties "},
+                                        {"question": "What law?", "answer": "Delaware"}])
+    with sessions() as s:
+        import_pairs(s, f, "eval")
+        s.commit()
+        metas = {e.question: e.meta for e in s.scalars(select(Example))}
+        assert metas["Who?"]["category"] == "Parties" and "category" not in metas["What law?"]
+    bad = _write(tmp_path / "bad.jsonl", [{"question": "Who?", "answer": "Acme", "category": 3}])
+    with sessions() as s, pytest.raises(InputError, match=r"bad.jsonl line 1: 'category' must be a string"):
+        import_pairs(s, bad, "train")

@@ -22,7 +22,7 @@ from tuneloop.models.registry import build_chat_model, generation_params
 from tuneloop.programs.rag import RagAnswerer, Retriever
 from tuneloop.progress import Reporter
 from tuneloop.stages.common import champion
-from tuneloop.stats import PairedTest, paired_bootstrap
+from tuneloop.stats import PairedTest, bootstrap_ci, paired_bootstrap
 from tuneloop.store import Artifact, EvalRun, Example, ModelVersion, Session, text_hash, utcnow
 
 KIND = "evals"
@@ -74,6 +74,8 @@ def stored_eval_run(project: Project, session: Session, version: ModelVersion, s
         def write(tmp: Path) -> None:
             write_jsonl(tmp / "predictions.jsonl", rows)
             (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
+            if stage == "eval":
+                (tmp / "by_category.json").write_text(json.dumps(by_category(rows), indent=2))
 
         write_artifact(project.artifacts, kind, path.name,
                        {"stage": stage, "version": version.name, "eval_set_hash": set_hash, "n": len(rows),
@@ -99,8 +101,27 @@ def score_examples(project: Project, adapter: Path | None, examples: list[Exampl
     for e, a in zip(examples, answers):
         refs = references(e)
         items.append({"example_id": e.id, "question": e.question, "references": refs, "prediction": a.text,
+                      "category": (e.meta or {}).get("category") or ("yes/no" if metrics.is_yes_no_reference(
+                          refs[0]) else "extraction"),
                       "chunk_ids": [p.chunk_id for p in a.passages], **metrics.score_item(a.text, refs)})
-    return items, metrics.aggregate(items)
+    return items, {**metrics.aggregate(items), **intervals(project, items)}
+
+
+def intervals(project: Project, items: list[dict]) -> dict[str, float]:
+    """95% (`eval.confidence`) bootstrap interval of the primary metric over the questions."""
+    s = project.settings.eval
+    scored = metrics.score_items(items)
+    ci = bootstrap_ci(len(scored), lambda idx: metrics.summarize([scored[i] for i in idx]).get(s.primary_metric,
+                      math.nan), s.bootstrap_resamples, s.confidence)
+    return {f"{s.primary_metric}_ci_low": ci.low, f"{s.primary_metric}_ci_high": ci.high}
+
+
+def by_category(items: list[dict]) -> dict[str, dict[str, float]]:
+    """The aggregate metrics of each question category (the seed's `category`, else yes/no or extraction)."""
+    groups: dict[str, list[dict]] = {}
+    for item in items:
+        groups.setdefault(item.get("category") or "-", []).append(item)
+    return {name: metrics.aggregate(rows) for name, rows in sorted(groups.items())}
 
 
 def evaluate_version(project: Project, session: Session, version: ModelVersion, retriever: Retriever,

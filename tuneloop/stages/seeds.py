@@ -1,7 +1,8 @@
 """Import expert-written question/answer pairs (JSONL or CSV) as seed or held-out examples.
 
 Each row has `question`, `answer`, optionally the document it is about (`source`, `document` or
-`contract`: its file name) and, in JSONL, `references` (or `evidence`): other accepted answers.
+`contract`: its file name), optionally a `category` (the evaluation breaks scores down by it) and,
+in JSONL, `references` (or `evidence`): other accepted answers.
 """
 from __future__ import annotations
 
@@ -48,8 +49,11 @@ def read_pairs(path: Path) -> list[dict[str, str | None]]:
         refs = obj.get("references") or obj.get("evidence") or []
         if isinstance(refs, str) or not all(isinstance(r, str) for r in refs):
             raise InputError(f"{where}: 'references' must be a list of strings")
+        category = obj.get("category")
+        if category is not None and not isinstance(category, str):
+            raise InputError(f"{where}: 'category' must be a string")
         rows.append({"question": q.strip(), "answer": a.strip(), "document": str(doc) if doc else None,
-                     "references": [r for r in refs if r.strip()]})
+                     "references": [r for r in refs if r.strip()], "category": (category or "").strip() or None})
     if not rows:
         raise InputError(f"{path}: no question/answer pairs found")
     return rows
@@ -73,6 +77,8 @@ def import_pairs(session: Session, path: Path, split: str) -> ImportResult:
         existing.add((h, split))
         hashes.add(h)
         session.add(Example(kind="seed", split=split, question=row["question"], answer=row["answer"],
-                            document=row["document"], content_hash=h, meta={"imported_from": str(path), "references": row["references"]}))
+                            document=row["document"], content_hash=h,
+                            meta={"imported_from": str(path), "references": row["references"],
+                                  **({"category": row["category"]} if row["category"] else {})}))
         added += 1
     return ImportResult(added, dup, other)
