@@ -85,7 +85,7 @@ def write_pairs(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps({"question": r["question"], "answer": r["answer"], "source": r["contract"],
-                                "references": r["evidence"]}) + "\n")
+                                "references": r["evidence"], "category": r["category"]}) + "\n")
 
 
 def make_project(args, work: Path, seeds, heldout, overrides: dict):
