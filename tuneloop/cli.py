@@ -320,6 +320,21 @@ def monitor(project_dir: ProjectOpt = Path(".")) -> None:
     _print_signals(readings)
 
 
+@app.command()
+@friendly_errors
+def report(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("tuneloop-report.html"),
+    project_dir: ProjectOpt = Path("."),
+) -> None:
+    """Write one self-contained HTML report: versions with CIs, cycles, feedback, signals, gate reasons."""
+    from tuneloop.report import write_report
+
+    project, sessions = _open(project_dir)
+    with sessions() as s:
+        path = write_report(project, s, out)
+    console.print(f"report written to {path}")
+
+
 def _print_signals(readings) -> None:
     if not readings:
         return
