@@ -38,13 +38,16 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
+from tuneloop import metrics  # noqa: E402
+from tuneloop.artifacts import read_jsonl  # noqa: E402
 from tuneloop.cli import quiet_libraries  # noqa: E402
 from tuneloop.config import default_settings_yaml, load_project  # noqa: E402
 from tuneloop.loop import CycleContext, run_cycle  # noqa: E402
 from tuneloop.models.registry import reply_cache_dir  # noqa: E402
 from tuneloop.progress import RichReporter  # noqa: E402
 from tuneloop.stages.anchor import evaluate_anchor  # noqa: E402
-from tuneloop.stages.evaluate import evaluate_version  # noqa: E402
+from tuneloop.stages.evaluate import eval_examples, eval_set_hash, evaluate_version  # noqa: E402
+from tuneloop.stats import bootstrap_ci, paired_bootstrap  # noqa: E402
 from tuneloop.stages.seeds import import_pairs  # noqa: E402
 from tuneloop.store import CycleStep, EvalRun, ModelVersion, open_store  # noqa: E402
 
@@ -65,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rlaif-candidates", type=int, default=3)
     p.add_argument("--dapt-chunks", type=int, default=300, help="DAPT arm: chunks pre-trained on (0: no DAPT arm)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true",
+                   help="recompute intervals and comparisons from the existing projects and rewrite the outputs")
     p.add_argument("--json-out", type=Path, default=ROOT / "docs" / "benchmarks" / "cuad.json")
     p.add_argument("--md-out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     return p.parse_args()
@@ -147,6 +152,55 @@ def collect(project) -> dict:
     return {"evals": evals, "steps": steps}
 
 
+def _heldout_runs(project) -> dict[str, EvalRun]:
+    with open_store(project.store_url)() as s:
+        versions = {v.id: v.name for v in s.scalars(select(ModelVersion))}
+        held = eval_set_hash(eval_examples(project, s))
+        return {versions[r.model_version_id]: r for r in s.scalars(select(EvalRun).where(EvalRun.eval_set_hash == held))}
+
+
+def _scored(run: EvalRun) -> dict[str, dict]:
+    items = read_jsonl(Path(run.artifact_path) / "predictions.jsonl")
+    # both arms import the same seeds and held-out file in the same order, so example ids match
+    return {f"{it['example_id']}\x00{it['question']}": sc for it, sc in zip(items, metrics.score_items(items))}
+
+
+def analyse(project, primary: str, dapt_project=None) -> dict:
+    """95% bootstrap intervals per version, and paired bootstrap tests between the arms' versions
+    (matched by example id and question, so the DAPT arm's project can be compared with the main one)."""
+    runs = {("main", n): r for n, r in _heldout_runs(project).items()}
+    if dapt_project is not None:
+        runs.update({("dapt", n): r for n, r in _heldout_runs(dapt_project).items() if n != "base"})
+    scored = {k: _scored(r) for k, r in runs.items()}
+
+    def metric(rows):
+        return lambda idx: metrics.summarize([rows[i] for i in idx]).get(primary, float("nan"))
+
+    out = {"intervals": {}, "comparisons": []}
+    for (arm, name), sc in scored.items():
+        rows = list(sc.values())
+        ci = bootstrap_ci(len(rows), metric(rows))
+        out["intervals"][f"{arm}:{name}"] = [ci.low, ci.high]
+    methods = {}
+    for (arm, name), r in runs.items():
+        with open_store((dapt_project if arm == "dapt" else project).store_url)() as s:
+            methods[(arm, name)] = s.scalar(select(ModelVersion.method).where(ModelVersion.name == name))
+    keys = {("main", m): k for k in runs if k[0] == "main" for m in [methods[k]]}
+    dapt_sft = next((k for k in runs if k[0] == "dapt" and methods[k] == "sft"), None)
+    pairs = [(keys.get(("main", "sft")), keys.get(("main", "base")), "SFT vs base"),
+             (keys.get(("main", "dpo")), keys.get(("main", "sft")), "DPO vs SFT"),
+             (dapt_sft, keys.get(("main", "sft")), "DAPT -> SFT vs SFT")]
+    for a, b, label in pairs:
+        if a is None or b is None:
+            continue
+        common = sorted(set(scored[a]) & set(scored[b]))
+        rows_a, rows_b = [scored[a][q] for q in common], [scored[b][q] for q in common]
+        test = paired_bootstrap(len(common), metric(rows_a), metric(rows_b))
+        out["comparisons"].append({"what": label, "n": len(common), "diff": test.diff, "low": test.low,
+                                   "high": test.high, "p_value": test.p_value})
+    return out
+
+
 def fmt(m: dict, c: str) -> str:
     v = m.get(c)
     return "-" if v is None or v != v else f"{v:.3f}"
@@ -161,15 +215,28 @@ def markdown(result: dict, command: str) -> str:
              f"Held-out: {result['n_eval']} answered questions of the other contracts (random, seed "
              f"{result['seed']}). All 60 contracts ingested; retrieval restricted to the asked contract. "
              "anchor_score: the 30 everyday questions of the anchor set (general ability).", "",
-             "| version | what | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+             "| version | what | " + COLUMNS[0] + " (95% CI) | " + " | ".join(COLUMNS[1:]) + " |",
+             "|---" * (len(COLUMNS) + 2) + "|"]
+    intervals = result.get("analysis", {}).get("intervals", {})
+
+    def row(arm: str, name: str, m: dict, what: str) -> str:
+        lo, hi = intervals.get(f"{arm}:{name}", (None, None))
+        ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""
+        return (f"| {name}{' (DAPT arm)' if arm == 'dapt' else ''} | {what} | {fmt(m, COLUMNS[0])}{ci} | "
+                + " | ".join(fmt(m, c) for c in COLUMNS[1:]) + " |")
+
     for name, m in main["evals"].items():
-        lines.append(f"| {name} | {label.get(m['method'], m['method'])} | "
-                     + " | ".join(fmt(m, c) for c in COLUMNS) + " |")
+        lines.append(row("main", name, m, label.get(m["method"], m["method"])))
     if dapt:
         for name, m in dapt["evals"].items():
             if m["method"] != "base":
-                lines.append(f"| {name} (DAPT arm) | DAPT ({result['dapt_chunks']} chunks) -> SFT | "
-                             + " | ".join(fmt(m, c) for c in COLUMNS) + " |")
+                lines.append(row("dapt", name, m, f"DAPT ({result['dapt_chunks']} chunks) -> SFT"))
+    comps = result.get("analysis", {}).get("comparisons", [])
+    if comps:
+        lines += ["", "Paired bootstrap over the same held-out questions (1000 resamples; p: one-sided, the "
+                  "first version not better):", "", "| comparison | gain | 95% CI | p |", "|---|---|---|---|"]
+        lines += [f"| {c['what']} | {c['diff']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] | {c['p_value']:.3f} |"
+                  for c in comps]
     st = main["steps"]
     lines += ["", "Main arm, cycle steps (seconds): " + ", ".join(f"{k} {v['seconds']}" for k, v in st.items()), ""]
     if "synth" in st:
@@ -220,6 +287,20 @@ def main() -> None:
     result = {"machine": machine(), "seed": args.seed, "seed_contracts": seed_contracts, "n_seeds": len(seeds),
               "n_eval": len(heldout), "dapt_chunks": args.dapt_chunks}
 
+    if args.report_only:
+        project = load_project(args.workdir)
+        work = args.workdir.with_name(args.workdir.name + "-dapt")
+        dapt_project = load_project(work) if (work / "tuneloop.yaml").is_file() else None
+        old = json.loads(args.json_out.read_text()) if args.json_out.is_file() else {}
+        result.update({k: old[k] for k in ("minutes_main",) if k in old})
+        result["main"] = collect(project)
+        if dapt_project is not None:
+            result["dapt"] = collect(dapt_project)
+        result["analysis"] = analyse(project, project.settings.eval.primary_metric, dapt_project)
+        write_outputs(args, result, time.time() - 60 * old.get("minutes", 0))
+        print(json.dumps(result["analysis"], indent=2))
+        return
+
     # main arm: SFT -> RLAIF -> DPO in one cycle
     project = make_project(args, args.workdir, seeds, heldout, {"align": {"method": "dpo"}})
     run_cycle(project, reporter, trigger="bench/cuad.py")
@@ -243,7 +324,9 @@ def main() -> None:
                         dirs_exist_ok=True)
         run_cycle(dapt_project, reporter, trigger="bench/cuad.py --dapt-chunks")
         result["dapt"] = collect(dapt_project)
-        write_outputs(args, result, t0)
+    result["analysis"] = analyse(project, project.settings.eval.primary_metric,
+                                 dapt_project if args.dapt_chunks else None)
+    write_outputs(args, result, t0)
     print(json.dumps({k: result[k]["evals"] for k in ("main", "dapt") if k in result}, indent=2))
 
 
