@@ -127,3 +127,21 @@ def test_eval_runs_store_a_confidence_interval_and_a_per_category_breakdown(proj
     cats = json.loads((Path(run.artifact_path) / "by_category.json").read_text())
     assert set(cats) == {"Exclusivity", "Anti-Assignment", "extraction", "Parties"}
     assert cats["Exclusivity"]["n"] == 1 and cats["Exclusivity"]["yes_no_n"] == 1
+
+
+def test_evaluation_refuses_held_out_questions_that_were_trained_on(project):
+    from tuneloop.errors import StateError
+    from tuneloop.progress import SilentReporter
+    from tuneloop.stages.evaluate import evaluate_version
+    from tuneloop.store import Example, example_hash
+
+    p = project()  # the sample seeds (train) and held-out questions (eval)
+    with open_store(p.store_url)() as s:
+        held = s.scalar(select(Example).where(Example.split == "eval"))
+        # the same question about the same document, with another answer: a different content hash
+        s.add(Example(kind="synthetic", split="train", question=held.question.upper() + "  ", answer="other",
+                      document=held.document, content_hash=example_hash(held.question, "other", held.document)))
+        s.flush()
+        with pytest.raises(StateError, match=r"1 held-out question\(s\) are also training questions"):
+            evaluate_version(p, s, ensure_base_version(p, s), None, SilentReporter())
+        assert s.scalars(select(EvalRun)).all() == []

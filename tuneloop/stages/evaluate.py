@@ -124,12 +124,27 @@ def by_category(items: list[dict]) -> dict[str, dict[str, float]]:
     return {name: metrics.aggregate(rows) for name, rows in sorted(groups.items())}
 
 
+def check_no_overlap(session: Session, examples: list[Example]) -> None:
+    """Refuse a held-out set that shares a question (about the same document) with the training
+    split: checked on every evaluation, not assumed from how the data was imported."""
+    def key(e: Example) -> tuple[str, str]:
+        return " ".join(metrics.normalize_tokens(e.question)), e.document or ""
+
+    trained = {key(e): e for e in session.scalars(select(Example).where(Example.split == "train"))}
+    overlap = [e for e in examples if key(e) in trained]
+    if overlap:
+        raise StateError(f"{len(overlap)} held-out question(s) are also training questions (e.g. "
+                         f"{overlap[0].question!r}, example {overlap[0].id} and {trained[key(overlap[0])].id}): "
+                         "remove them from one of the splits")
+
+
 def evaluate_version(project: Project, session: Session, version: ModelVersion, retriever: Retriever,
                      reporter: Reporter, cycle_id: int | None = None) -> EvalRun:
     """Score `version` on the held-out set (reusing a stored run for the same set)."""
     examples = eval_examples(project, session)
     if not examples:
         raise StateError("no held-out questions: import some with `tuneloop seeds import FILE --split eval`")
+    check_no_overlap(session, examples)
     set_hash = eval_set_hash(examples)
 
     def score() -> tuple[list[dict], dict]:
