@@ -281,3 +281,45 @@ class RecordingReporter:
 
     def log(self, message: str) -> None:
         self.messages.append(message)
+
+
+KILLABLE_PROJECT = {"sft": {"epochs": 8, "save_steps": 1}, "synth": {"questions_per_cycle": 4},
+                    "models": {"teacher": {"max_new_tokens": 8}}}  # 20 seeds / batch 4 x 8 epochs: 40 short steps
+
+
+def kill_9_during_training(script: str, project: Project, tmp_path: Path, min_step: int = 3,
+                           timeout: float = 180) -> int:
+    """Run `script` (Python source) in a child process and SIGKILL it once training has written a
+    checkpoint of step >= `min_step` (so at least one complete checkpoint exists); its return code."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    env = {**os.environ, "TUNELOOP_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "killed-run.log"  # a file, not a pipe: a full pipe would stall the child
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT)
+    work = project.artifacts / ".work"
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            ckpts = list(work.glob("*/checkpoint-*")) if work.exists() else []
+            if max((int(c.name.split("-")[-1]) for c in ckpts), default=0) >= min_step:
+                break
+            if proc.poll() is not None:
+                pytest.fail("the run ended before it could be killed:\n" + log.read_text(errors="replace")[-3000:])
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint appeared:\n" + log.read_text(errors="replace")[-3000:])
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from tests.helpers import FakeTeacher, RecordingReporter, table_counts, use_teacher
+from tests.helpers import (
+    KILLABLE_PROJECT, FakeTeacher, RecordingReporter, kill_9_during_training, table_counts, use_teacher,
+)
 from tuneloop import loop
 from tuneloop.artifacts import TMP_PREFIX, read_meta
 from tuneloop.metrics import rouge_l
@@ -212,33 +210,10 @@ def test_resume_after_kill_9_during_training(project, tmp_path):
     """A real SIGKILL mid-training: the next run resumes the cycle and training from a checkpoint."""
     # 20 seeds (the random tiny teacher's examples rarely pass the filters) / batch 4 = 5 steps an
     # epoch: 40 steps of ~0.25 s with a checkpoint after each one.
-    p = project({"sft": {"epochs": 8, "save_steps": 1}, "synth": {"questions_per_cycle": 4},
-                 "models": {"teacher": {"max_new_tokens": 8}}})
-    env = {**os.environ, "TUNELOOP_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "killed-run.log"  # a file, not a pipe: a full pipe would stall the child
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=str(REPO), root=str(p.root))],
-                                env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    p = project(KILLABLE_PROJECT)
+    returncode = kill_9_during_training(KILL_SCRIPT.format(repo=str(REPO), root=str(p.root)), p, tmp_path)
     work = p.artifacts / ".work"
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline:
-            ckpts = list(work.glob("*/checkpoint-*")) if work.exists() else []
-            steps_done = max((int(c.name.split("-")[-1]) for c in ckpts), default=0)
-            if steps_done >= 3:
-                break
-            if proc.poll() is not None:
-                pytest.fail("the run ended before it could be killed:\n" + log.read_text(errors="replace")[-3000:])
-            time.sleep(0.05)
-        else:
-            pytest.fail("no checkpoint appeared:\n" + log.read_text(errors="replace")[-3000:])
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert returncode == -signal.SIGKILL
     with open_store(p.store_url)() as s:
         (cycle,) = s.scalars(select(Cycle)).all()
         assert cycle.status == "running"

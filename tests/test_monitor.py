@@ -4,9 +4,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
-import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from tests.helpers import RecordingReporter, ingest_project
+from tests.helpers import KILLABLE_PROJECT, RecordingReporter, ingest_project, kill_9_during_training
 from tuneloop.lock import CycleBusy, cycle_lock
 from tuneloop.monitor import signals
 from tuneloop.monitor.watch import tick
@@ -196,31 +193,8 @@ def test_watch_resumes_its_cycle_after_kill_9(project, tmp_path):
     """`watch` starts a cycle (new documents), is killed mid-training; the next tick resumes it."""
     from tuneloop import loop
 
-    p = project({"sft": {"epochs": 8, "save_steps": 1}, "synth": {"questions_per_cycle": 4},
-                 "models": {"teacher": {"max_new_tokens": 8}}})
-    env = {**os.environ, "TUNELOOP_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "watch.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", WATCH_SCRIPT.format(repo=str(REPO), root=str(p.root))],
-                                env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
-    work = p.artifacts / ".work"
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline:
-            ckpts = list(work.glob("*/checkpoint-*")) if work.exists() else []
-            if max((int(c.name.split("-")[-1]) for c in ckpts), default=0) >= 3:  # one complete at least
-                break
-            if proc.poll() is not None:
-                pytest.fail("watch ended before it could be killed:\n" + log.read_text(errors="replace")[-3000:])
-            time.sleep(0.05)
-        else:
-            pytest.fail("no checkpoint appeared:\n" + log.read_text(errors="replace")[-3000:])
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    p = project(KILLABLE_PROJECT)
+    assert kill_9_during_training(WATCH_SCRIPT.format(repo=str(REPO), root=str(p.root)), p, tmp_path) == -signal.SIGKILL
     with open_store(p.store_url)() as s:
         (cycle,) = s.scalars(select(Cycle)).all()
         assert cycle.status == "running" and cycle.trigger.startswith("watch: ") and "new" in cycle.trigger
