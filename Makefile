@@ -32,7 +32,7 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q --durations=10
 
-# The CUAD benchmark (../shared/data/cuad-dev): base model vs cycle-1 candidate, ~30 min on 2 cores.
+# The CUAD benchmark (../shared/data/cuad-dev): base vs SFT vs SFT -> RLAIF -> DPO, and a DAPT arm; ~65 min on 2 cores.
 bench-cuad: venv
 	$(BIN)/python bench/cuad.py
 
