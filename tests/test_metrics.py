@@ -191,3 +191,27 @@ def test_aggregate_empty_subsets_are_nan():
     for key in ("exact_match", "token_f1", "rouge_l", "cuad_match", "yes_no_accuracy",
                 "yes_no_balanced_accuracy", "extract_token_f1", "extract_cuad_match"):
         assert math.isnan(empty[key]), key
+
+
+def test_retrieval_hit_finds_the_reference_in_a_passage():
+    from tuneloop.metrics import retrieval_hit
+
+    passages = ["This Agreement is governed by the laws of the State of Delaware.", "Fees are due monthly."]
+    assert retrieval_hit(passages, ["Delaware"]) == 1.0
+    assert retrieval_hit(passages, ["New York"]) == 0.0
+    # a long evidence clause counts when one passage holds half of its distinct tokens
+    assert retrieval_hit(passages, ["governed by the laws of the State of Delaware, without regard to "
+                                    "conflicts of law principles"]) == 1.0
+    # yes/no: only the evidence references are looked for; none given -> undefined
+    assert retrieval_hit(passages, ["Yes"]) is None
+    assert retrieval_hit(passages, ["No", "Fees are due monthly"]) == 1.0
+    assert retrieval_hit([], ["Delaware"]) == 0.0
+
+
+def test_aggregate_averages_retrieval_hits_over_items_that_have_them():
+    items = [{"prediction": "Delaware", "references": ["Delaware"], "retrieval_hit": 1.0},
+             {"prediction": "No", "references": ["No"], "retrieval_hit": None},
+             {"prediction": "Ohio", "references": ["Texas"], "retrieval_hit": 0.0}]
+    result = aggregate(items)
+    assert result["retrieval_n"] == 2 and result["retrieval_hit"] == 0.5
+    assert math.isnan(aggregate(items[1:2])["retrieval_hit"])

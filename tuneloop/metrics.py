@@ -212,6 +212,27 @@ def score_item(prediction: str, references: Sequence[str]) -> dict[str, float]:
     }
 
 
+RETRIEVAL_RECALL = 0.5  # share of a reference's distinct tokens one passage must hold to count as found
+
+
+def retrieval_hit(passages: Sequence[str], references: Sequence[str]) -> float | None:
+    """1.0 when one of the retrieved `passages` holds a reference answer, else 0.0; None when the
+    item has no textual reference (a yes/no item whose evidence was not given).
+
+    The references checked are the answer itself, or for a yes/no item only its further references
+    (the evidence clause). A passage holds a reference when it contains at least half of the
+    reference's distinct normalised tokens: CUAD evidence clauses are often longer than one chunk.
+    """
+    _check_references(references)
+    refs = list(references[1:]) if is_yes_no_reference(references[0]) else list(references)
+    wanted = [set(normalize_tokens(r)) for r in refs]
+    wanted = [w for w in wanted if w]
+    if not wanted:
+        return None
+    have = [set(normalize_tokens(p)) for p in passages]
+    return 1.0 if any(len(w & h) / len(w) >= RETRIEVAL_RECALL for w in wanted for h in have) else 0.0
+
+
 def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values) if values else math.nan
 
@@ -225,6 +246,8 @@ def aggregate(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
       (yes/no items contribute their label correctness, see :func:`score_item`);
     - over yes/no items: "yes_no_n", "yes_no_accuracy", "yes_no_balanced_accuracy";
     - over the other (extraction) items: "extract_n", "extract_token_f1", "extract_cuad_match";
+    - "retrieval_n" and "retrieval_hit": over items carrying a "retrieval_hit" (see
+      :func:`retrieval_hit`), the share whose retrieved passages held the reference;
     - "macro_score": the mean of yes/no balanced accuracy and extraction token F1 (those defined).
       It is the default primary metric: on CUAD ~80% of yes/no answers are "No", so plain
       accuracy or F1 over all items would reward a model that always says No.
@@ -242,6 +265,8 @@ def score_items(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         scores: dict[str, Any] = score_item(prediction, references)
         if "yes_no_correct" in scores:
             scores = {**scores, "gold": _gold_label(references[0]), "label": yes_no_label(prediction)}
+        if item.get("retrieval_hit") is not None:
+            scores["retrieval_hit"] = item["retrieval_hit"]
         scored.append(scores)
     return scored
 
@@ -259,6 +284,9 @@ def summarize(scored: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     result["extract_n"] = len(extract)
     result["extract_token_f1"] = _mean([s["token_f1"] for s in extract])
     result["extract_cuad_match"] = _mean([s["cuad_match"] for s in extract])
+    hits = [s["retrieval_hit"] for s in scored if "retrieval_hit" in s]
+    result["retrieval_n"] = len(hits)
+    result["retrieval_hit"] = _mean(hits)
     parts = [v for v in (result["yes_no_balanced_accuracy"], result["extract_token_f1"]) if not math.isnan(v)]
     result["macro_score"] = _mean(parts)
     return result

@@ -103,7 +103,9 @@ def score_examples(project: Project, adapter: Path | None, examples: list[Exampl
         items.append({"example_id": e.id, "question": e.question, "references": refs, "prediction": a.text,
                       "category": (e.meta or {}).get("category") or ("yes/no" if metrics.is_yes_no_reference(
                           refs[0]) else "extraction"),
-                      "chunk_ids": [p.chunk_id for p in a.passages], **metrics.score_item(a.text, refs)})
+                      "chunk_ids": [p.chunk_id for p in a.passages],
+                      "retrieval_hit": metrics.retrieval_hit([p.text for p in a.passages], refs),
+                      **metrics.score_item(a.text, refs)})
     return items, {**metrics.aggregate(items), **intervals(project, items)}
 
 
