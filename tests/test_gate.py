@@ -145,3 +145,18 @@ def test_evaluation_refuses_held_out_questions_that_were_trained_on(project):
         with pytest.raises(StateError, match=r"1 held-out question\(s\) are also training questions"):
             evaluate_version(p, s, ensure_base_version(p, s), None, SilentReporter())
         assert s.scalars(select(EvalRun)).all() == []
+
+
+def test_semantic_similarity_rewards_a_paraphrase_over_a_wrong_answer(real_embedder):
+    from tuneloop import metrics
+    from tuneloop.stages.evaluate import add_semantic_similarity
+
+    items = [{"prediction": "the laws of the State of Delaware", "references": ["Delaware law"]},
+             {"prediction": "thirty days of written notice", "references": ["Delaware law"]},
+             {"prediction": "No", "references": ["No"]}]
+    add_semantic_similarity(items, real_embedder)
+    assert items[0]["semantic_similarity"] > items[1]["semantic_similarity"] + 0.2
+    assert "semantic_similarity" not in items[2]  # yes/no items are scored on their label
+    result = metrics.aggregate(items)
+    assert result["extract_semantic_similarity"] == pytest.approx(
+        (items[0]["semantic_similarity"] + items[1]["semantic_similarity"]) / 2)

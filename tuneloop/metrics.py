@@ -246,6 +246,8 @@ def aggregate(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
       (yes/no items contribute their label correctness, see :func:`score_item`);
     - over yes/no items: "yes_no_n", "yes_no_accuracy", "yes_no_balanced_accuracy";
     - over the other (extraction) items: "extract_n", "extract_token_f1", "extract_cuad_match";
+    - "extract_semantic_similarity": over extraction items carrying a "semantic_similarity"
+      (embedding cosine of prediction and reference, added by the evaluation stage);
     - "retrieval_n" and "retrieval_hit": over items carrying a "retrieval_hit" (see
       :func:`retrieval_hit`), the share whose retrieved passages held the reference;
     - "macro_score": the mean of yes/no balanced accuracy and extraction token F1 (those defined).
@@ -265,8 +267,9 @@ def score_items(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         scores: dict[str, Any] = score_item(prediction, references)
         if "yes_no_correct" in scores:
             scores = {**scores, "gold": _gold_label(references[0]), "label": yes_no_label(prediction)}
-        if item.get("retrieval_hit") is not None:
-            scores["retrieval_hit"] = item["retrieval_hit"]
+        for extra in ("retrieval_hit", "semantic_similarity"):  # computed by the caller (passages, embedder)
+            if item.get(extra) is not None:
+                scores[extra] = item[extra]
         scored.append(scores)
     return scored
 
@@ -284,6 +287,8 @@ def summarize(scored: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     result["extract_n"] = len(extract)
     result["extract_token_f1"] = _mean([s["token_f1"] for s in extract])
     result["extract_cuad_match"] = _mean([s["cuad_match"] for s in extract])
+    result["extract_semantic_similarity"] = _mean([s["semantic_similarity"] for s in extract
+                                                    if "semantic_similarity" in s])
     hits = [s["retrieval_hit"] for s in scored if "retrieval_hit" in s]
     result["retrieval_n"] = len(hits)
     result["retrieval_hit"] = _mean(hits)

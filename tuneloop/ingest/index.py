@@ -84,6 +84,10 @@ class HybridIndex:
         return self._embedder is not None
 
     @property
+    def embedder(self) -> Embedder | None:
+        return self._embedder
+
+    @property
     def embedder_name(self) -> str | None:
         return self._embedder.name if self._embedder is not None else None
 

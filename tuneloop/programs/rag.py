@@ -52,6 +52,11 @@ class Retriever:
         s = project.settings.ingest
         return cls(index, passages, s.top_k, s.rrf_k)
 
+    @property
+    def embedder(self) -> Embedder | None:
+        """The dense index's embedder (None for a BM25-only index)."""
+        return self.index.embedder
+
     def documents(self) -> set[str]:
         return {p.document for p in self.passages.values()}
 

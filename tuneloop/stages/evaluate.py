@@ -106,7 +106,33 @@ def score_examples(project: Project, adapter: Path | None, examples: list[Exampl
                       "chunk_ids": [p.chunk_id for p in a.passages],
                       "retrieval_hit": metrics.retrieval_hit([p.text for p in a.passages], refs),
                       **metrics.score_item(a.text, refs)})
+    embedder = getattr(retriever, "embedder", None)
+    if embedder is not None:
+        add_semantic_similarity(items, embedder)
     return items, {**metrics.aggregate(items), **intervals(project, items)}
+
+
+def add_semantic_similarity(items: list[dict], embedder) -> None:
+    """Extraction items get "semantic_similarity": the best cosine between the prediction's and a
+    reference's embedding (yes/no items are scored on their label instead)."""
+    import numpy as np
+
+    todo = [it for it in items if not metrics.is_yes_no_reference(it["references"][0])]
+    if not todo:
+        return
+    preds = embedder.embed([it["prediction"] for it in todo])
+    refs = [r for it in todo for r in it["references"]]
+    ref_vecs = embedder.embed(refs)
+
+    def unit(v):
+        return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+    preds, ref_vecs = unit(np.asarray(preds, dtype=float)), unit(np.asarray(ref_vecs, dtype=float))
+    start = 0
+    for it, p in zip(todo, preds):
+        n = len(it["references"])
+        it["semantic_similarity"] = float(max(ref_vecs[start:start + n] @ p))
+        start += n
 
 
 def intervals(project: Project, items: list[dict]) -> dict[str, float]:
