@@ -91,7 +91,7 @@ class FakeJudge:
 
 @pytest.fixture
 def env(project):
-    p = project(pairs=False)
+    p = project({"feedback": {"rlaif_candidates": 4}}, pairs=False)  # one round per FakeStudent answer
     retriever = ingest_project(p)
     sessions = open_store(p.store_url)
     with sessions() as s:

@@ -195,7 +195,7 @@ class FeedbackSettings(_Section):
     """Turning usage into training data: RLAIF and the routing of human feedback."""
 
     rlaif_prompts: int = Field(32, ge=1)  # prompts per RLAIF run (interactions, then synthetic, then seeds)
-    rlaif_candidates: int = Field(4, ge=2, le=16)  # sampled answers per prompt
+    rlaif_candidates: int = Field(3, ge=2, le=16)  # sampled answers per prompt (n*(n-1)/2 pairs each)
     rlaif_temperature: float = Field(0.8, gt=0.0, le=2.0)
     rlaif_mode: Literal["pairwise", "rubric"] = "pairwise"  # pairwise: both orders must agree
     # pairwise, prompts from expert seeds: answers whose token F1 against the expert's answer differs
@@ -387,7 +387,7 @@ serve:                   # `tuneloop serve`: OpenAI-compatible API, feedback API
 
 feedback:
   rlaif_prompts: 32      # prompts per RLAIF run (recent interactions, then synthetic, then seed questions)
-  rlaif_candidates: 4    # sampled answers per prompt, compared pairwise by the judge in both orders
+  rlaif_candidates: 3    # sampled answers per prompt, compared pairwise by the judge in both orders
   rlaif_mode: pairwise   # or rubric: the judge scores each answer 1-5 (scalar rewards)
   rlaif_reference: true  # seed prompts: rank answers by token F1 against the expert's answer first
   contradiction_rule: majority  # thumbs that disagree on one answer: majority | latest | drop
