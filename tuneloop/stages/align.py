@@ -24,7 +24,6 @@ resumes from its last complete checkpoint. Data and replay: see `align_data`.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +31,16 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback
 
-from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact, write_jsonl
+from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
 from tuneloop.config import AlignSettings, Project, SFTSettings
 from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
 from tuneloop.stages.align_data import AlignData, select_align_data
-from tuneloop.stages.common import champion, register_adapter, run_name
+from tuneloop.stages.common import (
+    champion, register_adapter, run_name, save_trained_adapter, train_losses,
+)
 from tuneloop.stages.policy import load_policy
 from tuneloop.stages.rewards import JudgeReward, f1_reward
 from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback
@@ -195,13 +196,10 @@ def _run(project: Project, method: str, data: AlignData, parent: ModelVersion, n
                                        reward)
     _check_lengths(trainer, len(rows), s, reporter)
     _train(trainer, work_dir, len(rows), s, reporter, method)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = train_losses(trainer)
 
     def write(tmp: Path) -> None:
-        trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])  # not TRL's frozen "ref" copy
-        tokenizer.save_pretrained(str(tmp))
-        write_jsonl(tmp / "train.jsonl", data.rows)
-        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        save_trained_adapter(tmp, trainer, tokenizer, data.rows)
 
     summary = data.summary()
     hyperparams = {**s.model_dump(), "method": method, "data": summary}

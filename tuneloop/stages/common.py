@@ -1,12 +1,14 @@
 """Small helpers shared by stages."""
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
+from tuneloop.artifacts import write_jsonl
 from tuneloop.store import Artifact, ModelVersion, Session
 
 
@@ -39,3 +41,17 @@ def register_adapter(session: Session, path: Path, parent: ModelVersion, cycle_i
                              meta={"stage": method, "cycle_id": cycle_id, **(artifact_meta or {})}))
         session.flush()
     return version
+
+
+def train_losses(trainer) -> list[float]:
+    """The logged training losses of a finished (TRL/transformers) trainer, in order."""
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def save_trained_adapter(tmp: Path, trainer, tokenizer, rows: list[dict]) -> None:
+    """The artifact files of a LoRA training run: the trained "default" adapter only (never a
+    frozen copy such as TRL's "ref"), the tokenizer, the training rows and the log history."""
+    trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])
+    tokenizer.save_pretrained(str(tmp))
+    write_jsonl(tmp / "train.jsonl", rows)
+    (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))

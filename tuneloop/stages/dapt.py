@@ -13,7 +13,6 @@ last checkpoint, like SFT.
 """
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from dataclasses import dataclass
@@ -24,12 +23,14 @@ import torch
 from sqlalchemy import select
 from transformers import PrinterCallback
 
-from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact, write_jsonl
+from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
 from tuneloop.config import Project, SFTSettings
 from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.progress import Reporter
-from tuneloop.stages.common import champion, register_adapter, run_name
+from tuneloop.stages.common import (
+    champion, register_adapter, run_name, save_trained_adapter, train_losses,
+)
 from tuneloop.stages.policy import load_policy
 from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback, _steps
 from tuneloop.store import Chunk, ModelVersion, Session, text_hash
@@ -153,13 +154,10 @@ def train_dapt(project: Project, session: Session, reporter: Reporter, cycle_id:
                 advance(int(Path(resume).name.split("-")[-1]))
             trainer.add_callback(_ProgressCallback(advance))
             trainer.train(resume_from_checkpoint=resume)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        losses = train_losses(trainer)
 
         def write(tmp: Path) -> None:
-            trainer.model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-            write_jsonl(tmp / "train.jsonl", rows)
-            (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+            save_trained_adapter(tmp, trainer, tokenizer, rows)
 
         chunk_ids = [ch.id for ch in chunks]
         n_general = sum(r["source"] == "general" for r in rows)

@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PrinterCallback
 
-from tuneloop.artifacts import write_artifact, write_jsonl
+from tuneloop.artifacts import write_artifact
 from tuneloop.config import AlignSettings, Project, SFTSettings
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
 from tuneloop.progress import Reporter
 from tuneloop.stages.align_data import AlignData
 from tuneloop.stages.policy import load_policy, lora_config
+from tuneloop.stages.common import save_trained_adapter, train_losses
 from tuneloop.store import ModelVersion
 
 RLOO_KL_BETA = 0.05  # TRL's RLOO default KL coefficient
@@ -134,7 +135,7 @@ def _reward_phase(model_dir: Path, rows: list[dict], s: AlignSettings, lora: SFT
     trainer, tokenizer = train_reward_model(model_dir, rows, s, lora, tmp, reporter)
     model = trainer.model.eval()
     accuracy = reward_accuracy(model, tokenizer, rows)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = train_losses(trainer)
     info = {"accuracy": accuracy, "n_pairs": len(rows), "global_step": trainer.state.global_step,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
     staging = work_dir / f"{REWARD_DIR}.tmp"
@@ -195,14 +196,11 @@ def run_rloo(project: Project, data: AlignData, parent: ModelVersion, name: str,
     trainer, tokenizer = build_rloo_trainer(model_dir, parent_adapter, prompts, reward_model, reward_tok, s,
                                             project.settings.sft, rl_dir)
     _train(trainer, rl_dir, len(prompts), s, reporter, "rloo")
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = train_losses(trainer)
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
 
     def write(tmp: Path) -> None:
-        trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])  # not TRL's frozen "ref" copy
-        tokenizer.save_pretrained(str(tmp))
-        write_jsonl(tmp / "train.jsonl", data.rows)
-        (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        save_trained_adapter(tmp, trainer, tokenizer, data.rows)
         shutil.copytree(work_dir / REWARD_DIR, tmp / REWARD_DIR)
 
     hyperparams = {**s.model_dump(), "method": "rloo", "data": data.summary(), "kl_beta": RLOO_KL_BETA,

@@ -18,14 +18,16 @@ from sqlalchemy import select
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact, write_jsonl
+from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
 from tuneloop.config import Project, SFTSettings
 from tuneloop.errors import ConfigError, StateError
 from tuneloop.metrics import is_yes_no_reference, yes_no_label
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.progress import Reporter
-from tuneloop.stages.common import champion, register_adapter, run_name
+from tuneloop.stages.common import (
+    champion, register_adapter, run_name, save_trained_adapter, train_losses,
+)
 from tuneloop.stages.policy import load_policy
 from tuneloop.store import Example, ModelVersion, Session
 
@@ -178,13 +180,10 @@ def train_sft(project: Project, session: Session, retriever: Retriever | None, r
         parent_adapter = Path(parent.adapter_path) if parent.adapter_path else None
         work_dir = project.artifacts / ".work" / name
         trainer, tokenizer = _train(model_dir, parent_adapter, rows, s, work_dir, reporter)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        losses = train_losses(trainer)
 
         def write(tmp: Path) -> None:
-            trainer.model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-            write_jsonl(tmp / "train.jsonl", rows)
-            (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+            save_trained_adapter(tmp, trainer, tokenizer, rows)
 
         meta = {"stage": "sft", "cycle_id": cycle_id, "base_model": role.model, "parent": parent.name,
                 "parent_adapter": parent.adapter_path, "example_ids": [r["example_id"] for r in rows],
