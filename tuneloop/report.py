@@ -36,7 +36,8 @@ class ReportData:
 def collect(project: Project, session: Session) -> ReportData:
     primary = project.settings.eval.primary_metric
     data = ReportData(project.settings.project, datetime.now().strftime("%Y-%m-%d %H:%M"), primary)
-    heldout = eval_set_hash(eval_examples(project, session)) if eval_examples(project, session) else None
+    examples = eval_examples(project, session)
+    heldout = eval_set_hash(examples) if examples else None
     anchor = anchor_set_hash(anchor_items())
     runs: dict[int, dict[str, dict]] = defaultdict(dict)
     for r in session.scalars(select(EvalRun).order_by(EvalRun.id)):

@@ -109,7 +109,7 @@ def score_examples(project: Project, adapter: Path | None, examples: list[Exampl
     embedder = getattr(retriever, "embedder", None)
     if embedder is not None:
         add_semantic_similarity(items, embedder)
-    return items, {**metrics.aggregate(items), **intervals(project, items)}
+    return items, metrics.aggregate(items)
 
 
 def add_semantic_similarity(items: list[dict], embedder) -> None:
@@ -178,7 +178,8 @@ def evaluate_version(project: Project, session: Session, version: ModelVersion, 
     def score() -> tuple[list[dict], dict]:
         reporter.log(f"evaluating {version.name} on {len(examples)} held-out questions")
         adapter = Path(version.adapter_path) if version.adapter_path else None
-        return score_examples(project, adapter, examples, retriever, reporter)
+        items, summary = score_examples(project, adapter, examples, retriever, reporter)
+        return items, {**summary, **intervals(project, items)}  # not in score_examples: WiSE-FT needs no CI
 
     return stored_eval_run(project, session, version, set_hash, KIND, f"{version.name}-{set_hash[:12]}", "eval",
                            score, cycle_id)
