@@ -33,13 +33,13 @@ from transformers import PrinterCallback
 
 from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
 from tuneloop.config import AlignSettings, Project, SFTSettings
-from tuneloop.errors import ConfigError, StateError
+from tuneloop.errors import ConfigError
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
 from tuneloop.stages.align_data import AlignData, select_align_data
 from tuneloop.stages.common import (
-    champion, register_adapter, run_name, save_trained_adapter, train_losses,
+    register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
 )
 from tuneloop.stages.policy import load_policy
 from tuneloop.stages.rewards import JudgeReward, f1_reward
@@ -164,12 +164,7 @@ def train_align(project: Project, session: Session, retriever: Retriever | None,
     method = method or s.method
     if method not in METHODS:
         raise ConfigError(f"align method {method!r} is not implemented yet (use one of {', '.join(METHODS)})")
-    role = project.settings.models.student
-    if role.backend != "local":
-        raise ConfigError("models.student must be a local model to be aligned (backend: local)")
-    parent = parent or champion(session)
-    if parent is None:
-        raise StateError("no champion model yet (run `tuneloop eval` or `tuneloop cycle` first)")
+    parent = training_parent(project, session, parent, "aligned")
     name = name or run_name(f"align-{method}", cycle_id)
     path = artifact_path(project.artifacts, KIND, name)
     if not is_complete(path):

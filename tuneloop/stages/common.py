@@ -4,12 +4,16 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
 from tuneloop.artifacts import write_jsonl
+from tuneloop.errors import ConfigError, StateError
 from tuneloop.store import Artifact, ModelVersion, Session
+
+if TYPE_CHECKING:
+    from tuneloop.config import Project
 
 
 def run_name(stage: str, cycle_id: int | None) -> str:
@@ -55,3 +59,14 @@ def save_trained_adapter(tmp: Path, trainer, tokenizer, rows: list[dict]) -> Non
     tokenizer.save_pretrained(str(tmp))
     write_jsonl(tmp / "train.jsonl", rows)
     (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+
+
+def training_parent(project: "Project", session: Session, parent: ModelVersion | None, purpose: str) -> ModelVersion:
+    """The version a training stage continues (`parent`, else the champion), after checking that
+    the student is a local model that can be trained at all (`purpose`: "fine-tuned", "aligned")."""
+    if project.settings.models.student.backend != "local":
+        raise ConfigError(f"models.student must be a local model to be {purpose} (backend: local)")
+    parent = parent or champion(session)
+    if parent is None:
+        raise StateError("no champion model yet (run `tuneloop eval` or `tuneloop cycle` first)")
+    return parent

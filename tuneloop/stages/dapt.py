@@ -29,7 +29,7 @@ from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.progress import Reporter
 from tuneloop.stages.common import (
-    champion, register_adapter, run_name, save_trained_adapter, train_losses,
+    register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
 )
 from tuneloop.stages.policy import load_policy
 from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback, _steps
@@ -126,11 +126,7 @@ def train_dapt(project: Project, session: Session, reporter: Reporter, cycle_id:
                name: str | None = None) -> DaptResult:
     """Run DAPT from the champion; write the adapter artifact; add an intermediate "dapt" version."""
     role = project.settings.models.student
-    if role.backend != "local":
-        raise ConfigError("models.student must be a local model to be fine-tuned (backend: local)")
-    parent = champion(session)
-    if parent is None:
-        raise StateError("no champion model yet (run `tuneloop eval` or `tuneloop cycle` first)")
+    parent = training_parent(project, session, None, "fine-tuned")
     name = name or run_name("dapt", cycle_id)
     path = artifact_path(project.artifacts, KIND, name)
     if not is_complete(path):

@@ -20,13 +20,13 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
 from tuneloop.config import Project, SFTSettings
-from tuneloop.errors import ConfigError, StateError
+from tuneloop.errors import StateError
 from tuneloop.metrics import is_yes_no_reference, yes_no_label
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.progress import Reporter
 from tuneloop.stages.common import (
-    champion, register_adapter, run_name, save_trained_adapter, train_losses,
+    register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
 )
 from tuneloop.stages.policy import load_policy
 from tuneloop.store import Example, ModelVersion, Session
@@ -161,11 +161,7 @@ def train_sft(project: Project, session: Session, retriever: Retriever | None, r
     """Train a LoRA candidate from the champion (or `parent`: the cycle's DAPT version); write the
     adapter artifact; add a candidate version."""
     role = project.settings.models.student
-    if role.backend != "local":
-        raise ConfigError("models.student must be a local model to be fine-tuned (backend: local)")
-    parent = parent or champion(session)
-    if parent is None:
-        raise StateError("no champion model yet (run `tuneloop eval` or `tuneloop cycle` first)")
+    parent = training_parent(project, session, parent, "fine-tuned")
     name = run_name("sft", cycle_id)
     path = artifact_path(project.artifacts, KIND, name)
     if not is_complete(path):
