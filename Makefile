@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-project
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-all venv bench-cuad bench-synth clean
+.PHONY: demo test test-all venv bench-cuad bench-continuous bench-synth clean
 
 venv: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ test: venv
 # The CUAD benchmark (../shared/data/cuad-dev): base vs SFT vs SFT -> RLAIF -> DPO, and a DAPT arm; ~65 min on 2 cores.
 bench-cuad: venv
 	$(BIN)/python bench/cuad.py
+
+# The continuous scenario (../shared/data/cuad-dev): new contract types arrive, a signal fires, a cycle runs.
+bench-continuous: venv
+	$(BIN)/python bench/continuous.py
 
 # teacher throughput (batched vs one-at-a-time), then the data engine on CUAD dev (~8 min)
 bench-synth: venv

@@ -89,3 +89,34 @@ def test_report_on_a_fresh_project_says_what_is_missing(project, tmp_path):
     assert "No human feedback yet." in html and "No signal checked yet" in html
     with open_store(p.store_url)() as s:
         assert s.scalars(select(ModelVersion)).all() == []  # writing a report changes nothing
+
+
+def test_report_plots_the_running_satisfaction_share(project):
+    from tuneloop.report import collect, plots
+
+    p = project(pairs=True)
+    history(p)
+    with open_store(p.store_url)() as s:
+        data = collect(p, s)
+    # the six thumbs of `history`, oldest first: down for k = 0 and 3, else up
+    assert [v for _, v in data.votes] == [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    assert [t for t, _ in data.votes] == sorted(t for t, _ in data.votes)
+    assert [cid for cid, _ in data.cycle_starts] == [1]
+    assert "<svg" in plots(data)["satisfaction"]
+
+
+def test_a_version_scored_only_on_an_earlier_held_out_set_is_still_shown(project, tmp_path):
+    from tuneloop.report import collect
+
+    p = project(pairs=True)
+    history(p)
+    with open_store(p.store_url)() as s:
+        base = s.scalars(select(ModelVersion).where(ModelVersion.name == "base")).one()
+        heldout = eval_set_hash(eval_examples(p, s))
+        run = s.scalars(select(EvalRun).where(EvalRun.model_version_id == base.id,
+                                              EvalRun.eval_set_hash == heldout)).one()
+        run.eval_set_hash, run.artifact_path = "an-earlier-set", str(tmp_path / "evals" / "base-earlier")
+        s.commit()
+        rows = {v["name"]: v for v in collect(p, s).versions}
+    assert rows["base"]["value"] == 0.30 and rows["base"]["earlier_set"] and rows["base"]["n"] == 6
+    assert rows["v1"]["value"] == 0.31 and not rows["v1"]["earlier_set"]

@@ -62,3 +62,43 @@ def test_category_is_kept_and_must_be_a_string(tmp_path):
     bad = _write(tmp_path / "bad.jsonl", [{"question": "Who?", "answer": "Acme", "category": 3}])
     with sessions() as s, pytest.raises(InputError, match=r"bad.jsonl line 1: 'category' must be a string"):
         import_pairs(s, bad, "train")
+
+
+def test_holdout_splits_seeds_stably_and_never_overlaps(tmp_path):
+    from tuneloop.splits import heldout_side, question_key
+    from tuneloop.stages.evaluate import check_no_overlap
+
+    rows = [{"question": f"What is the notice period in clause {i}?", "answer": f"{i} days", "source": "a.txt"}
+            for i in range(60)]
+    f = _write(tmp_path / "seeds.jsonl", rows)
+    sessions = open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with sessions() as s:
+        r = import_pairs(s, f, "train", holdout=0.25)
+        s.commit()
+        split = {e.question: e.split for e in s.scalars(select(Example))}
+        again = import_pairs(s, f, "train", holdout=0.25)  # the same file, split the same way
+        check_no_overlap(s, list(s.scalars(select(Example).where(Example.split == "eval"))))
+    assert r.added == 60 and r.held_out == list(split.values()).count("eval") and 5 <= r.held_out <= 25
+    assert all(split[q["question"]] == heldout_side(question_key(q["question"], "a.txt"), 0.25) for q in rows)
+    assert (again.added, again.duplicates) == (0, 60)
+    with sessions() as s, pytest.raises(InputError, match="--holdout"):
+        import_pairs(s, f, "eval", holdout=0.2)
+    with sessions() as s, pytest.raises(InputError, match="--holdout"):
+        import_pairs(s, f, "train", holdout=1.0)
+
+
+def test_cli_holdout_reports_both_splits(tmp_path, project):
+    from typer.testing import CliRunner
+
+    from tuneloop.cli import app
+
+    p = project(pairs=False)
+    rows = [{"question": f"Who signs annex {i}?", "answer": "The Supplier", "source": "a.txt"} for i in range(40)]
+    f = _write(tmp_path / "seeds.jsonl", rows)
+    result = CliRunner().invoke(app, ["seeds", "import", str(f), "--holdout", "0.3", "-p", str(p.root)])
+    assert result.exit_code == 0, result.output
+    with open_store(p.store_url)() as s:
+        n_eval = s.scalar(select(func.count(Example.id)).where(Example.split == "eval"))
+    assert 0 < n_eval < 40 and f"'eval' ({n_eval})" in result.output and f"'train' ({40 - n_eval})" in result.output
+    bad = CliRunner().invoke(app, ["seeds", "import", str(f), "--split", "eval", "--holdout", "0.3", "-p", str(p.root)])
+    assert bad.exit_code != 0 and "--holdout" in bad.output and "Traceback" not in bad.output

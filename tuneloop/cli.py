@@ -32,6 +32,7 @@ err_console = Console(stderr=True)
 ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="Project folder (holds tuneloop.yaml).")]
 METRIC_COLUMNS = {"macro_score": "macro", "token_f1": "F1", "exact_match": "EM", "rouge_l": "ROUGE-L", "cuad_match": "CUAD",
                   "yes_no_balanced_accuracy": "Y/N bal.acc", "extract_token_f1": "extract F1"}
+JUDGE_COLUMNS = {"judge_correctness": "judge correct", "judge_faithfulness": "judge faithful"}  # eval.judge_metrics
 
 
 def friendly_errors(fn):
@@ -111,6 +112,8 @@ def ingest(
 def seeds_import(
     file: Annotated[Path, typer.Argument(help="JSONL or CSV with question, answer, optional source.")],
     split: Annotated[str, typer.Option(help="train (seed examples), eval (held-out set) or dev (WiSE-FT mixing weight).")] = "train",
+    holdout: Annotated[float, typer.Option(help="with --split train: hold out this share (0-1) of the questions "
+                                           "as the eval set, by a stable hash of question and document.")] = 0.0,
     project_dir: ProjectOpt = Path("."),
 ) -> None:
     """Import expert question/answer pairs."""
@@ -120,9 +123,10 @@ def seeds_import(
         raise TuneloopError(f"--split must be 'train', 'eval' or 'dev', not '{split}'")
     project, sessions = _open(project_dir)
     with sessions() as s:
-        r = import_pairs(s, file, split)
+        r = import_pairs(s, file, split, holdout)
         s.commit()
-    msg = f"imported {r.added} pairs into split '{split}' ({r.duplicates} already there"
+    into = f"split '{split}'" if not r.held_out else f"split '{split}' ({r.added - r.held_out}) and 'eval' ({r.held_out})"
+    msg = f"imported {r.added} pairs into {into} ({r.duplicates} already there"
     console.print(msg + (f", {r.other_split} skipped: already in the other split)" if r.other_split else ")"))
 
 
@@ -255,10 +259,13 @@ def comparison_table(project: Project, session) -> Table:
     table = Table(title=f"held-out set ({rows[0][1].n if rows else 0} questions; primary metric: {primary})")
     table.add_column("version")
     table.add_column("status")
-    for label in METRIC_COLUMNS.values():
+    columns = dict(METRIC_COLUMNS)
+    if any(k in run.metrics for _, run in rows for k in JUDGE_COLUMNS):
+        columns.update(JUDGE_COLUMNS)
+    for label in columns.values():
         table.add_column(label, justify="right")
     for version, run in rows:
-        cells = [_fmt(run.metrics.get(c)) for c in METRIC_COLUMNS]
+        cells = [_fmt(run.metrics.get(c)) for c in columns]
         table.add_row(version.name, version.status, *cells)
     return table
 

@@ -140,6 +140,12 @@ class EvalSettings(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1.0)  # the gain must be significant at this level
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
     limit: int | None = Field(None, ge=1)  # evaluate only the first N held-out items
+    # judge_metrics: the judge also rates each held-out answer (correct against the reference?
+    # faithful to the retrieved passages?) and the gate records the candidate's pairwise win rate
+    # against the champion. Off by default: the default judge is a 135M model whose verdicts are
+    # close to noise; turn it on with a capable judge (an endpoint or a larger local model).
+    judge_metrics: bool = False
+    faithfulness_tolerance: float = Field(0.05, ge=0.0)  # the gate refuses a larger judge_faithfulness drop
 
 
 class AlignSettings(_Section):
@@ -203,6 +209,9 @@ class FeedbackSettings(_Section):
     rlaif_reference: bool = True
     rlaif_reference_margin: float = Field(0.5, gt=0.0, le=1.0)
     contradiction_rule: Literal["latest", "majority", "drop"] = "majority"  # votes that disagree on one answer
+    # cycle step "feedback": corrected answers become examples, this share of questions held out
+    corrections_to_examples: bool = True
+    heldout_fraction: float = Field(0.2, ge=0.0, le=1.0)
     seed: int = 0
 
 
@@ -222,6 +231,26 @@ class MonitorSettings(_Section):
     drift_alpha: float = Field(0.01, gt=0.0, lt=1.0)  # fire when the MMD permutation p-value is below
     drift_permutations: int = Field(500, ge=50)
     documents: bool = True  # fire when a watched document is new or changed
+    # live_judge: the judge grades (ScoreAnswer, 1-5) up to this many of the champion's new live
+    # answers per check. Off (0) by default: the default judge is a 135M model whose grades are
+    # close to noise; turn it on with a capable judge (an endpoint or a larger local model).
+    judge_sample: int = Field(0, ge=0)
+    judge_floor: float = Field(3.0, ge=1.0, le=5.0)  # fire when the mean grade falls below
+    # canary: every this many seconds (0: off) the champion answers the first `canary_questions`
+    # held-out questions again; fire when its primary metric falls more than `canary_tolerance`
+    # below its stored held-out run on the same questions (an index or serving regression)
+    canary_every_seconds: float = Field(0.0, ge=0)
+    canary_questions: int = Field(20, ge=1)
+    canary_tolerance: float = Field(0.1, ge=0.0)
+
+
+class PromptsSettings(_Section):
+    """Cycle step `prompts`: compile the student's RAG prompt with a DSPy optimiser (stages/prompts.py)."""
+
+    optimizer: Literal["none", "bootstrap", "mipro"] = "none"  # BootstrapFewShot | MIPROv2 auto=light (optuna)
+    max_bootstrapped_demos: int = Field(4, ge=0, le=16)  # the model's own correct answers kept as demos
+    max_labeled_demos: int = Field(4, ge=0, le=16)  # seed Q/A pairs shown as they are
+    allow_local: bool = False  # a local student too (only one that follows DSPy's [[ ## field ## ]] format)
 
 
 class Settings(_Section):
@@ -242,6 +271,7 @@ class Settings(_Section):
     serve: ServeSettings = ServeSettings()
     feedback: FeedbackSettings = FeedbackSettings()
     monitor: MonitorSettings = MonitorSettings()
+    prompts: PromptsSettings = PromptsSettings()
 
 
 class Project:
@@ -391,6 +421,8 @@ feedback:
   rlaif_mode: pairwise   # or rubric: the judge scores each answer 1-5 (scalar rewards)
   rlaif_reference: true  # seed prompts: rank answers by token F1 against the expert's answer first
   contradiction_rule: majority  # thumbs that disagree on one answer: majority | latest | drop
+  corrections_to_examples: true  # each cycle turns corrected answers into examples ...
+  heldout_fraction: 0.2  # ... this share of the corrected questions joins the held-out set, the rest trains
 
 monitor:                 # `tuneloop watch`: a firing signal starts a cycle (one at a time)
   interval_seconds: 300  # how often the signals are checked
@@ -400,6 +432,11 @@ monitor:                 # `tuneloop watch`: a firing signal starts a cycle (one
   drift_alpha: 0.01      # MMD test of the latest 100 questions against the known ones
   min_queries: 30
   documents: true        # new or changed documents start a cycle
+  judge_sample: 0        # >0: the judge grades that many new champion answers 1-5 (off: a 135M judge is noise)
+  judge_floor: 3.0       # ... and fires when their mean grade is below
+  canary_every_seconds: 0  # >0: re-answer the first canary_questions held-out questions this often
+  canary_questions: 20
+  canary_tolerance: 0.1  # ... and fire when the primary metric falls more than this below the stored run
 
 eval:
   primary_metric: macro_score  # mean of yes/no balanced accuracy and extraction F1; the gate
@@ -407,6 +444,14 @@ eval:
   min_improvement: 0.0
   significance: bootstrap      # the gain must pass a paired bootstrap test over the questions
   confidence: 0.95             # ... at this level (one-sided p < 0.05)
+  judge_metrics: false         # judge correctness/faithfulness + pairwise win rate (a 135M judge is noise)
+  faithfulness_tolerance: 0.05 # ... and the gate refuses a faithfulness drop larger than this
+
+prompts:                 # cycle step `prompts`: compile the student's RAG prompt with a DSPy optimiser
+  optimizer: none        # none | bootstrap (BootstrapFewShot) | mipro (MIPROv2 auto=light, needs optuna)
+  max_bootstrapped_demos: 4
+  max_labeled_demos: 4
+  allow_local: false     # endpoints only: small local models cannot follow DSPy's field format
 """
 
 

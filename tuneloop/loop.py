@@ -1,4 +1,6 @@
-"""The cycle: ingest -> synth -> (dapt) -> sft -> rlaif -> align -> (wise) -> eval -> gate, resumable.
+"""The cycle: ingest -> feedback -> synth -> (dapt) -> sft -> rlaif -> align -> select -> (wise) -> (prompts) -> eval -> gate.
+
+Every step is resumable.
 
 Each step's outputs (artifact rows, examples, model versions) are committed in the same
 transaction that marks the step done, and artifacts are renamed into place only when complete.
@@ -16,9 +18,10 @@ from sqlalchemy import select
 from tuneloop.artifacts import artifact_path, clean_temporary, is_complete
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, StateError
+from tuneloop.feedback.examples import corrections_to_examples
 from tuneloop.feedback.rlaif import build_rlaif_models, rlaif
 from tuneloop.lock import cycle_lock
-from tuneloop.feedback.routing import PromptBuilder
+from tuneloop.feedback.routing import PromptBuilder, route_feedback, store_human
 from tuneloop.models.registry import build_embedder
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
@@ -39,6 +42,9 @@ from tuneloop.stages.evaluate import (
     gate,
 )
 from tuneloop.stages.ingest import ensure_index, ingest_paths
+from tuneloop.stages.judge_eval import faithfulness_guard, record_pairwise
+from tuneloop.stages.prompts import compile_rag_program
+from tuneloop.stages.select import pick_on_dev
 from tuneloop.stages.sft import train_sft
 from tuneloop.stages.synthesize import KIND as SYNTH_KIND
 from tuneloop.stages.synthesize import build_synth_models, synthesize
@@ -48,13 +54,14 @@ from tuneloop.store import (
     Cycle,
     CycleStep,
     EvalRun,
+    Feedback,
     ModelVersion,
     Session,
     open_store,
     utcnow,
 )
 
-STEPS = ("ingest", "synth", "dapt", "sft", "rlaif", "align", "wise", "eval", "gate")
+STEPS = ("ingest", "feedback", "synth", "dapt", "sft", "rlaif", "align", "select", "wise", "prompts", "eval", "gate")
 PAIR_METHODS = ("dpo", "orpo", "rloo")  # alignment methods trained on preference pairs
 
 
@@ -87,6 +94,20 @@ def _step_ingest(ctx: CycleContext, s: Session) -> dict:
         result = {"index_rebuilt": ensure_index(ctx.project, s, ctx.embedder(), ctx.reporter)}
     if not s.scalar(select(Chunk.id).limit(1)):
         raise StateError("no documents: set `documents:` in tuneloop.yaml or run `tuneloop ingest PATH`")
+    return result
+
+
+def _step_feedback(ctx: CycleContext, s: Session) -> dict:
+    """People's feedback becomes training data: A/B choices and corrections -> preference pairs and
+    ratings -> rewards in the store (what `tuneloop feedback export` stores; align reads them), and
+    corrected answers -> examples (most train SFT, a share joins the held-out set)."""
+    settings = ctx.project.settings.feedback
+    if not s.scalar(select(Feedback.id).where(Feedback.source == "human").limit(1)):
+        return {"skipped": "no human feedback yet"}
+    routed = route_feedback(s, PromptBuilder(s, lambda: ctx.retriever(s)), settings.contradiction_rule)
+    result = {"routed": store_human(s, routed)}
+    if settings.corrections_to_examples:
+        result.update(corrections_to_examples(ctx.project, s, ctx.cycle_id).as_dict())
     return result
 
 
@@ -157,6 +178,18 @@ def _step_align(ctx: CycleContext, s: Session) -> dict:
             "last_loss": r.last_loss, "artifact": str(r.artifact)}
 
 
+def _step_select(ctx: CycleContext, s: Session) -> dict:
+    """When alignment ran: the better of the SFT and the aligned version on the dev set is the candidate."""
+    sft, candidate = _sft_version(s, ctx.cycle_id), _candidate(s, ctx.cycle_id)
+    if sft is None or candidate.id == sft.id:
+        return {"skipped": "no aligned version in this cycle", "candidate": candidate.name}
+    r = pick_on_dev(ctx.project, s, sft, candidate, ctx.retriever(s), ctx.reporter)
+    if r is None:
+        return {"skipped": "no dev set (tuneloop seeds import FILE --split dev): the aligned version is the candidate",
+                "candidate": candidate.name}
+    return {"candidate": r.chosen.name, "dev_scores": r.scores, "dev_n": r.n_dev}
+
+
 def _step_wise(ctx: CycleContext, s: Session) -> dict:
     """WiSE-FT: average champion and candidate weights, alpha chosen on the dev split (optional)."""
     if not ctx.project.settings.continual.wise_ft:
@@ -169,13 +202,23 @@ def _step_wise(ctx: CycleContext, s: Session) -> dict:
 
 
 def _candidate(s: Session, cycle_id: int) -> ModelVersion:
-    """The cycle's candidate: the aligned version when alignment ran, else the SFT one."""
+    """The cycle's candidate: its newest version not superseded (WiSE-FT's average, else the aligned
+    version unless the select step preferred the SFT one on the dev set, else the SFT one)."""
     cand = s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == cycle_id, ModelVersion.method != "base",
-                                               ModelVersion.status != "intermediate")
+                                               ModelVersion.status.not_in(("intermediate", "superseded")))
                     .order_by(ModelVersion.id.desc()))
     if cand is None:
         raise StateError(f"cycle {cycle_id} has no candidate model")
     return cand
+
+
+def _step_prompts(ctx: CycleContext, s: Session) -> dict:
+    """Compile the candidate's RAG program with a DSPy optimiser (optional); eval and gate judge the pair."""
+    if ctx.project.settings.prompts.optimizer == "none":
+        return {"skipped": "prompts.optimizer is none"}
+    candidate = _candidate(s, ctx.cycle_id)
+    r = compile_rag_program(ctx.project, s, candidate, ctx.retriever(s), ctx.reporter, ctx.cycle_id)
+    return {"version": candidate.name, **r.report, "program": str(r.program)}
 
 
 def _step_eval(ctx: CycleContext, s: Session) -> dict:
@@ -203,15 +246,20 @@ def _step_gate(ctx: CycleContext, s: Session) -> dict:
                   .metrics.get("anchor_score") for v in (cand, champ)]
         reason = anchor_guard(ctx.project, *scores)
         guards += [reason] if reason else []
+    faithful = faithfulness_guard(ctx.project, runs[cand.id], runs[champ.id])  # only if both runs were judged
+    guards += [faithful] if faithful else []
+    pairwise = record_pairwise(ctx.project, s, cand, runs[cand.id], runs[champ.id], ctx.reporter)  # eval.judge_metrics
     d = gate(ctx.project, s, cand, runs[cand.id], runs[champ.id], tuple(guards))
     cycle = s.get(Cycle, ctx.cycle_id)
     cycle.outcome = ("promoted " if d.promoted else "kept champion; rejected ") + f"{d.candidate}: {d.reason}"
-    return {"promoted": d.promoted, "reason": d.reason, "candidate": d.candidate, "champion_before": d.champion}
+    return {"promoted": d.promoted, "reason": d.reason, "candidate": d.candidate, "champion_before": d.champion,
+            **({"pairwise": pairwise} if pairwise else {})}
 
 
 STEP_FUNCTIONS: dict[str, Callable[[CycleContext, Session], dict]] = {
-    "ingest": _step_ingest, "synth": _step_synth, "dapt": _step_dapt, "sft": _step_sft, "rlaif": _step_rlaif, "align": _step_align,
-    "wise": _step_wise, "eval": _step_eval, "gate": _step_gate,
+    "ingest": _step_ingest, "feedback": _step_feedback, "synth": _step_synth, "dapt": _step_dapt, "sft": _step_sft,
+    "rlaif": _step_rlaif, "align": _step_align, "select": _step_select,
+    "wise": _step_wise, "prompts": _step_prompts, "eval": _step_eval, "gate": _step_gate,
 }
 
 

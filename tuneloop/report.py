@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from tuneloop.config import Project
 from tuneloop.stages.anchor import anchor_items, anchor_set_hash
+from tuneloop.stages.evaluate import KIND as EVAL_KIND
 from tuneloop.stages.evaluate import eval_examples, eval_set_hash
 from tuneloop.store import Cycle, CycleStep, EvalRun, Feedback, ModelVersion, Session, SignalValue
 
@@ -31,6 +32,8 @@ class ReportData:
     cycles: list[dict[str, Any]] = field(default_factory=list)
     feedback_days: list[dict[str, Any]] = field(default_factory=list)
     signals: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    votes: list[tuple[datetime, float]] = field(default_factory=list)  # (when, 1 up / 0 down), oldest first
+    cycle_starts: list[tuple[int, datetime]] = field(default_factory=list)
 
 
 def collect(project: Project, session: Session) -> ReportData:
@@ -43,14 +46,17 @@ def collect(project: Project, session: Session) -> ReportData:
     for r in session.scalars(select(EvalRun).order_by(EvalRun.id)):
         kind = "heldout" if r.eval_set_hash == heldout else "anchor" if r.eval_set_hash == anchor else None
         if kind:
-            runs[r.model_version_id][kind] = r.metrics
+            runs[r.model_version_id][kind] = {**r.metrics, "n": r.n}
+        elif Path(r.artifact_path).parent.name == EVAL_KIND:  # an earlier held-out set (it grows with corrections)
+            runs[r.model_version_id]["earlier"] = {**r.metrics, "n": r.n}
     names = {v.id: v.name for v in session.scalars(select(ModelVersion))}
     for v in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
-        h, a = runs[v.id].get("heldout", {}), runs[v.id].get("anchor", {})
+        h, a = runs[v.id].get("heldout") or runs[v.id].get("earlier", {}), runs[v.id].get("anchor", {})
         data.versions.append({
             "name": v.name, "method": v.method, "status": v.status, "parent": names.get(v.parent_id),
             "cycle": v.cycle_id, "value": h.get(primary), "low": h.get(f"{primary}_ci_low"),
-            "high": h.get(f"{primary}_ci_high"), "anchor": a.get("anchor_score"),
+            "high": h.get(f"{primary}_ci_high"), "anchor": a.get("anchor_score"), "n": h.get("n"),
+            "earlier_set": "heldout" not in runs[v.id] and bool(h),
             "gate": (v.metrics or {}).get("gate")})
     for c in session.scalars(select(Cycle).order_by(Cycle.id)):
         steps = {st.name: st.result or {} for st in session.scalars(select(CycleStep).where(CycleStep.cycle_id == c.id))}
@@ -59,12 +65,15 @@ def collect(project: Project, session: Session) -> ReportData:
             "started": c.started_at.strftime("%Y-%m-%d %H:%M"),
             "synthetic": steps.get("synth", {}).get("kept"), "generated": steps.get("synth", {}).get("generated"),
             "pairs": steps.get("rlaif", {}).get("kept_pairs")})
+        data.cycle_starts.append((c.id, c.started_at))
     days: dict[str, Counter] = defaultdict(Counter)
     for fb in session.scalars(select(Feedback).where(Feedback.source == "human").order_by(Feedback.created_at)):
         day = fb.created_at.strftime("%Y-%m-%d")
         up = (fb.thumbs or 0) > 0 or (fb.rating or 0) >= 4
         down = (fb.thumbs or 0) < 0 or 0 < (fb.rating or 0) <= 2
         days[day].update({"up": int(up), "down": int(down), "all": 1})
+        if up or down:
+            data.votes.append((fb.created_at, 1.0 if up else 0.0))
     data.feedback_days = [{"day": d, **c} for d, c in sorted(days.items())]
     for sv in session.scalars(select(SignalValue).order_by(SignalValue.created_at, SignalValue.id)):
         data.signals.setdefault(sv.signal, []).append({
@@ -106,9 +115,10 @@ def plots(data: ReportData) -> dict[str, str]:
         if anchors:
             ax.plot([i for i, _ in anchors], [a for _, a in anchors], "ko--", label="anchor score")
             ax.legend(loc="upper left")
-        ax.set_xticks(list(xs), [f"{v['name']}\n{v['method']}" for v in scored])
+        ax.set_xticks(list(xs), [f"{v['name']}{'*' if v.get('earlier_set') else ''}\n{v['method']}" for v in scored])
         ax.set_ylabel(data.primary)
-        ax.set_title("held-out score per version (95% bootstrap CI); green = champion, red = rejected")
+        ax.set_title("held-out score per version (95% bootstrap CI); green = champion, red = rejected"
+                     + ("\n* scored on an earlier held-out set" if any(v.get("earlier_set") for v in scored) else ""))
         out["versions"] = _svg(fig)
     if data.feedback_days:
         fig, ax = plt.subplots(figsize=(7, 2.6))
@@ -120,6 +130,8 @@ def plots(data: ReportData) -> dict[str, str]:
         ax.legend(loc="upper left")
         ax.tick_params(axis="x", rotation=45)
         out["feedback"] = _svg(fig)
+    if len(data.votes) >= 2:
+        out["satisfaction"] = _satisfaction_plot(data, plt)
     for name, rows in data.signals.items():
         pts = [(i, r["value"], r["fired"]) for i, r in enumerate(rows) if r["value"] is not None]
         if not pts:
@@ -144,6 +156,27 @@ def plots(data: ReportData) -> dict[str, str]:
     return out
 
 
+SATISFACTION_WINDOW = 20  # votes in the running positive share of the satisfaction plot
+
+
+def _satisfaction_plot(data: ReportData, plt) -> str:
+    """The positive share of the latest votes after each vote, over time, with the cycles' starts."""
+    fig, ax = plt.subplots(figsize=(7, 2.6))
+    times = [t for t, _ in data.votes]
+    values = [v for _, v in data.votes]
+    rolling = [sum(values[max(0, i + 1 - SATISFACTION_WINDOW):i + 1]) / min(i + 1, SATISFACTION_WINDOW)
+               for i in range(len(values))]
+    ax.plot(times, rolling, "-", color="#2a7")
+    for cid, start in data.cycle_starts:
+        if times[0] <= start <= times[-1]:
+            ax.axvline(start, color="#a5a", ls="--", lw=1)
+            ax.annotate(f"cycle {cid}", (start, 1.0), fontsize=8, color="#a5a", ha="left", va="top")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"satisfaction: positive share of the latest {SATISFACTION_WINDOW} human votes")
+    ax.tick_params(axis="x", rotation=30)
+    return _svg(fig)
+
+
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tuneloop report: {{ d.project }}</title>
 <style>
@@ -159,7 +192,8 @@ th { background: #f3f3f3; } .champion { color: #172; font-weight: bold; } .rejec
 <table><tr><th>version</th><th>method</th><th>parent</th><th>cycle</th><th>status</th><th>{{ d.primary }}</th>
 <th>95% CI</th><th>anchor</th><th>gate decision</th></tr>
 {% for v in d.versions %}<tr><td>{{ v.name }}</td><td>{{ v.method }}</td><td>{{ v.parent or "" }}</td>
-<td>{{ v.cycle or "" }}</td><td class="{{ v.status }}">{{ v.status }}</td><td>{{ fmt(v.value) }}</td>
+<td>{{ v.cycle or "" }}</td><td class="{{ v.status }}">{{ v.status }}</td><td>{{ fmt(v.value) }}{% if v.n %}
+<small>(n={{ v.n }}{% if v.earlier_set %}, an earlier held-out set{% endif %})</small>{% endif %}</td>
 <td>{% if v.low is not none %}[{{ fmt(v.low) }}, {{ fmt(v.high) }}]{% endif %}</td><td>{{ fmt(v.anchor) }}</td>
 <td>{{ v.gate or "" }}</td></tr>{% endfor %}</table>
 <h2 id="cycles">Cycles</h2>
@@ -171,6 +205,7 @@ th { background: #f3f3f3; } .champion { color: #172; font-weight: bold; } .rejec
 <td>{{ c.outcome }}</td></tr>{% endfor %}</table>
 <h2 id="feedback">Feedback</h2>
 {% if p.feedback %}<figure>{{ p.feedback | safe }}</figure>{% else %}<p>No human feedback yet.</p>{% endif %}
+{% if p.satisfaction %}<figure>{{ p.satisfaction | safe }}</figure>{% endif %}
 <h2 id="signals">Monitoring signals</h2>
 {% for name, rows in d.signals.items() %}<h3>{{ name }}</h3>
 {% if p["signal-" ~ name] %}<figure>{{ p["signal-" ~ name] | safe }}</figure>{% endif %}

@@ -8,20 +8,40 @@ caller records as a SignalValue row, so every signal's history is in the store.
   (training examples and the questions asked before that cycle), by an MMD permutation test on
   their embeddings; fires when p < `monitor.drift_alpha`.
 * documents: watched documents that are new or changed since the last ingest.
+* live_judge (`monitor.judge_sample` > 0): the judge grades the champion's new live answers 1-5
+  (ScoreAnswer over the passages each interaction stored); fires when the mean is below
+  `monitor.judge_floor`, or when the change detector sees a drop in the recorded means.
+  Unparseable replies are counted and left out.
+* canary (`monitor.canary_every_seconds` > 0): when due, the champion answers the first
+  `monitor.canary_questions` held-out questions through the eval's RAG path; fires when the
+  primary metric falls more than `monitor.canary_tolerance` below the champion's stored held-out
+  run on the same questions (an index or serving regression, e.g. after a re-ingest).
 """
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
+from tuneloop import metrics
+from tuneloop.artifacts import read_jsonl
 from tuneloop.config import Project
-from tuneloop.models.base import Embedder
+from tuneloop.ingest.index import IndexNotFoundError
+from tuneloop.models.base import ChatModel, Embedder
 from tuneloop.monitor.drift import change_points, mmd_test
+from tuneloop.programs.rag import Retriever
+from tuneloop.progress import Reporter, SilentReporter
 from tuneloop.stages.common import champion
+from tuneloop.stages.evaluate import KIND as EVAL_KIND
+from tuneloop.stages.evaluate import eval_examples, score_examples
 from tuneloop.stages.ingest import scan_documents
-from tuneloop.store import Cycle, Example, Feedback, Interaction, Session, SignalValue
+from tuneloop.store import Cycle, EvalRun, Example, Feedback, Interaction, Session, SignalValue, utcnow
 
 
 @dataclass
@@ -104,12 +124,164 @@ def documents(project: Project, session: Session) -> Reading:
                    "documents", found)
 
 
-def check_signals(project: Project, session: Session, embedder: Embedder | None) -> list[Reading]:
-    """Every signal's reading, recorded in the session (caller commits)."""
+def _latest(session: Session, signal: str) -> SignalValue | None:
+    q = select(SignalValue).where(SignalValue.signal == signal)
+    return session.scalar(q.order_by(SignalValue.created_at.desc(), SignalValue.id.desc()))
+
+
+def _built(obj: Any, attr: str) -> Any:
+    """`obj` itself when it already has `attr` (a model, a retriever), else the factory's result."""
+    return obj if hasattr(obj, attr) else obj()
+
+
+def _dropped(m, values: list[float]) -> list[int]:
+    """The change detector's change points on `values` (falling values for Page-Hinkley)."""
+    params = ({"threshold": m.page_hinkley_threshold, "delta": m.page_hinkley_delta, "mode": "down"}
+              if m.change_detector == "page_hinkley" else {})
+    return change_points(values, m.change_detector, **params)
+
+
+def grade_answers(project: Project, session: Session, interactions: list[Interaction],
+                  judge: ChatModel | Callable[[], ChatModel], retriever: Any = None,
+                  reporter: Reporter | None = None) -> list[float | None]:
+    """The judge's 1-5 ScoreAnswer grade of each interaction's answer over the passages it stored
+    (retrieved again, as in routing, when a re-ingest deleted them); None when unparseable."""
+    from tuneloop.feedback.routing import PromptBuilder
+    from tuneloop.models.registry import generation_params
+    from tuneloop.programs.dspy_bridge import make_adapter, predict_many
+    from tuneloop.programs.judge import JudgePrograms, parsed_score
+    from tuneloop.programs.synth import number_passages
+
+    role = project.settings.models.judge
+    builder = PromptBuilder(session, retriever)
+    inputs = [{"excerpts": number_passages(builder.for_interaction(it).passages), "question": it.question,
+               "answer": it.answer} for it in interactions]
+    results = predict_many(JudgePrograms().score, make_adapter(project.settings.synth.adapter, role.backend),
+                           _built(judge, "chat"), inputs, generation_params(role, temperature=0.0), reporter,
+                           "judging live answers", role.batch_size)
+    return [parsed_score(parsed) for parsed, _ in results]
+
+
+def live_judge(project: Project, session: Session, judge: ChatModel | Callable[[], ChatModel],
+               retriever: Any = None, reporter: Reporter | None = None) -> Reading:
+    """The judge's mean grade of the champion's latest `judge_sample` answers after those judged at
+    the previous check; fires below `judge_floor` or on a change-detector drop of the means."""
+    m = project.settings.monitor
+    champ = champion(session)
+    last = _latest(session, "live_judge")
+    after = int(((last.detail or {}) if last else {}).get("last_interaction_id") or 0)
+    q = (select(Interaction).where(Interaction.model_version_id == (champ.id if champ else -1),
+                                   Interaction.id > after).order_by(Interaction.id.desc()).limit(m.judge_sample))
+    its = list(session.scalars(q))[::-1]
+    if not its:
+        return Reading("live_judge", None, False, "no new answers of the champion since the last check",
+                       {"last_interaction_id": after})
+    scores = grade_answers(project, session, its, judge, retriever, reporter)
+    valid = [x for x in scores if x is not None]
+    detail: dict[str, Any] = {"interaction_ids": [it.id for it in its], "scores": scores, "n": len(valid),
+                              "unparsed": len(scores) - len(valid), "last_interaction_id": its[-1].id}
+    if not valid:
+        return Reading("live_judge", None, False, f"no parseable grade in the judge's {len(its)} replies", detail)
+    mean = detail["mean"] = sum(valid) / len(valid)
+    what = f"judge's mean grade {mean:.2f} of {len(valid)} new champion answers ({detail['unparsed']} unparsed)"
+    if mean < m.judge_floor:
+        return Reading("live_judge", mean, True, f"{what} < {m.judge_floor}", detail)
+    if m.change_detector != "none":
+        history = list(session.scalars(select(SignalValue.value).where(
+            SignalValue.signal == "live_judge", SignalValue.value.is_not(None))
+            .order_by(SignalValue.created_at, SignalValue.id))) + [mean]
+        points = detail["change_points"] = _dropped(m, history)
+        if points and points[-1] == len(history) - 1:
+            return Reading("live_judge", mean, True, f"{what}: dropped ({m.change_detector})", detail)
+    return Reading("live_judge", mean, False, what, detail)
+
+
+def canary_due(project: Project, session: Session, now: datetime | None = None) -> bool:
+    """True when the canary is on and no canary reading is younger than `canary_every_seconds`
+    (read from the store, so a restarted watcher keeps the schedule)."""
+    every = project.settings.monitor.canary_every_seconds
+    last = _latest(session, "canary")
+    return every > 0 and (last is None or (now or utcnow()) - last.created_at >= timedelta(seconds=every))
+
+
+def stored_predictions(project: Project, session: Session, version) -> tuple[EvalRun | None, dict[int, dict]]:
+    """The version's latest held-out EvalRun (not the anchor set's) and its predictions by example id."""
+    runs = session.scalars(select(EvalRun).where(EvalRun.model_version_id == version.id).order_by(EvalRun.id.desc()))
+    for run in runs:
+        path = Path(run.artifact_path)
+        if path.parent.name == EVAL_KIND and (path / "predictions.jsonl").is_file():
+            return run, {row["example_id"]: row for row in read_jsonl(path / "predictions.jsonl")}
+    return None, {}
+
+
+def _primary(project: Project, items: list[dict]) -> float | None:
+    value = metrics.summarize(metrics.score_items(items)).get(project.settings.eval.primary_metric, math.nan)
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def canary(project: Project, session: Session, retriever: Retriever | Callable[[], Retriever],
+           reporter: Reporter | None = None) -> Reading:
+    """The champion answers the canary questions (`score_examples`, the eval's RAG path); fires when
+    the primary metric falls more than `canary_tolerance` below its stored held-out run on them."""
+    m, metric = project.settings.monitor, project.settings.eval.primary_metric
+    champ = champion(session)
+    examples = eval_examples(project, session)[: m.canary_questions]
+    if champ is None or not examples:
+        return Reading("canary", None, False, "no champion or no held-out questions to ask")
+    run, stored = stored_predictions(project, session, champ)
+    shared = [e for e in examples if e.id in stored]
+    asked = shared or examples
+    detail: dict[str, Any] = {"version": champ.name, "example_ids": [e.id for e in asked],
+                              "eval_run_id": run.id if run else None}
+    try:
+        retriever = _built(retriever, "retrieve")
+    except IndexNotFoundError:
+        return Reading("canary", None, bool(shared), "no retrieval index: the champion cannot answer with "
+                       "retrieval", detail)
+    adapter = Path(champ.adapter_path) if champ.adapter_path else None
+    items, _ = score_examples(project, adapter, asked, retriever, reporter or SilentReporter())
+    fresh = detail["now"] = _primary(project, items)
+    what = f"{metric} {'undefined' if fresh is None else f'{fresh:.4f}'} on {len(asked)} canary questions"
+    if not shared:
+        return Reading("canary", fresh, False, f"{what}; no stored held-out run of {champ.name} on them to "
+                       "compare with", detail)
+    before = detail["stored"] = _primary(project, [stored[e.id] for e in shared])
+    detail["changed_answers"] = sum(it["prediction"] != stored[it["example_id"]]["prediction"] for it in items)
+    if fresh is None or before is None:
+        return Reading("canary", fresh, False, f"{what}; {metric} undefined on them", detail)
+    drop = detail["drop"] = before - fresh
+    fired = drop > m.canary_tolerance
+    return Reading("canary", fresh, fired, f"{what} vs {before:.4f} in {champ.name}'s stored run (drop {drop:+.4f} "
+                   + (">" if fired else "<=") + f" {m.canary_tolerance})", detail)
+
+
+def check_signals(project: Project, session: Session, embedder: Embedder | None,
+                  judge: ChatModel | Callable[[], ChatModel] | None = None,
+                  retriever: Retriever | Callable[[], Retriever] | None = None,
+                  reporter: Reporter | None = None) -> list[Reading]:
+    """Every signal's reading, recorded in the session (caller commits).
+
+    `judge` and `retriever` (objects or factories) are built only when live_judge or a due canary
+    needs them; by default the judge role and the project's index (`embedder` for its dense half).
+    """
+    m = project.settings.monitor
     readings = [satisfaction(project, session), documents(project, session)]
     if embedder is not None:
         readings.append(query_drift(project, session, embedder))
+    retriever = retriever if retriever is not None else functools.cache(
+        lambda: Retriever.load(project, session, embedder))
+    if m.judge_sample:
+        readings.append(live_judge(project, session, judge if judge is not None else functools.cache(
+            lambda: _judge_model(project)), retriever, reporter))
+    if canary_due(project, session):
+        readings.append(canary(project, session, retriever, reporter))
     for r in readings:
         session.add(r.row())
     session.flush()
     return readings
+
+
+def _judge_model(project: Project) -> ChatModel:
+    from tuneloop.models.registry import build_chat_model
+
+    return build_chat_model(project, project.settings.models.judge)

@@ -9,6 +9,9 @@ hands it to the signature's `parse_plain`; capable endpoints use DSPy's own adap
   same answer wins in both orders (a judge that always prefers the first position keeps nothing).
 * `ScoreAnswer`: a 1-5 grade on correctness, faithfulness to the passages and brevity, turned
   into a reward in [-1, 1] by `score_to_reward`.
+* `JudgeCorrect`: the evaluation's yes/no verdict (`stages/judge_eval.py`): does the answer agree
+  with the expert's reference. Faithfulness (is every claim supported by the passages) reuses the
+  data engine's grounding judge, `programs.synth.JudgeGrounding`: the same question, one prompt.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from typing import Literal
 
 import dspy
 
+from tuneloop.programs.synth import JudgeGrounding
+
 COMPARE_INSTRUCTIONS = (
     "You compare two answers to a question about a document. The better answer is correct, "
     "supported by the excerpts and brief. Reply 1 or 2 (or Tie), then one short reason."
@@ -24,6 +29,10 @@ COMPARE_INSTRUCTIONS = (
 SCORE_INSTRUCTIONS = (
     "You grade an answer to a question about a document from 1 (bad) to 5 (excellent) on correctness, "
     "faithfulness to the excerpts (no unsupported claims) and brevity. Reply with the score, then one short reason."
+)
+CORRECT_INSTRUCTIONS = (
+    "You check an answer to a question about a document against the expert's reference answer. Say whether "
+    "the answer agrees with the reference (same meaning; wording may differ). Reply Yes or No, then one short reason."
 )
 
 
@@ -63,13 +72,33 @@ class ScoreAnswer(dspy.Signature):
         return {"score": score, "criteria": criteria, "rationale": rationale_of(reply)}
 
 
+class JudgeCorrect(dspy.Signature):
+    __doc__ = CORRECT_INSTRUCTIONS
+
+    question: str = dspy.InputField()
+    reference: str = dspy.InputField(desc="the expert's answer; other accepted answers on further lines")
+    answer: str = dspy.InputField()
+    correct: bool = dspy.OutputField(
+        desc="Does the answer agree with the reference? Reply Yes or No, then one short reason.")
+    rationale: str = dspy.OutputField(desc="one short reason")
+
+    @staticmethod
+    def parse_plain(reply: str) -> dict:
+        verdict = parse_yes_no(reply)
+        if verdict is None:
+            raise ValueError(f"no Yes/No verdict in {reply[:60]!r}")
+        return {"correct": verdict, "rationale": yes_no_rationale(reply)}
+
+
 class JudgePrograms(dspy.Module):
-    """The judge's two predictors (saved and loaded together with `save`/`load`)."""
+    """The judge's predictors (saved and loaded together with `save`/`load`)."""
 
     def __init__(self):
         super().__init__()
         self.compare = dspy.Predict(ComparePair)
         self.score = dspy.Predict(ScoreAnswer)
+        self.correct = dspy.Predict(JudgeCorrect)
+        self.faithful = dspy.Predict(JudgeGrounding)
 
     def forward(self, excerpts: str, question: str, answer_1: str, answer_2: str):
         return self.compare(excerpts=excerpts, question=question, answer_1=answer_1, answer_2=answer_2)
@@ -129,6 +158,34 @@ def parsed_score(parsed: dict | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if 1.0 <= value <= 5.0 else None
+
+
+_YES_NO = re.compile(
+    r"^\W*(?:(?:verdict|correct|supported|faithful)\s*[:\-]\s*)?"
+    r"(yes|no|true|false|correct|incorrect|wrong|supported|unsupported|not\s+supported)\b", re.IGNORECASE)
+_YES = {"yes", "true", "correct", "supported"}
+
+
+def parse_yes_no(reply: str) -> bool | None:
+    """True / False from a reply that opens with its verdict ("Yes.", "No - ...", "Supported: no",
+    "Incorrect"); None when it opens with none."""
+    m = _YES_NO.match(reply.strip())
+    return None if m is None else m.group(1).lower() in _YES
+
+
+def parsed_yes_no(parsed: dict | None, key: str) -> bool | None:
+    """The yes/no field `key` of a parsed JudgeCorrect / JudgeGrounding output (plain or DSPy adapter)."""
+    value = (parsed or {}).get(key)
+    if isinstance(value, bool) or value is None:
+        return value
+    return parse_yes_no(str(value))
+
+
+def yes_no_rationale(reply: str) -> str:
+    """The reason after a yes/no verdict."""
+    m = _YES_NO.match(reply.strip())
+    rest = reply.strip()[m.end():] if m else reply.strip()
+    return re.sub(r"^\W*", "", rest).strip()[:500]
 
 
 def score_to_reward(score: float) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -87,3 +88,12 @@ class RagAnswerer:
         convs = [build_messages(q, ctx) for (q, _), ctx in zip(questions, contexts)]
         replies = batched_chat(self.model, convs, self.params, reporter or SilentReporter(), "answering", batch)
         return [Answer(r, ctx) for r, ctx in zip(replies, contexts)]
+
+
+PROGRAM_KEY = "rag_program"  # ModelVersion.hyperparams key: the version's compiled DSPy program (stages/prompts.py)
+
+
+def rag_program_path(version) -> Path | None:
+    """The compiled RAG program a model version answers with, or None (the plain `build_messages` prompt)."""
+    path = (getattr(version, "hyperparams", None) or {}).get(PROGRAM_KEY)
+    return Path(path) if path else None

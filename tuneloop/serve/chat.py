@@ -1,9 +1,9 @@
 """POST /v1/chat/completions: retrieve, answer (one model, or an A/B pair), store, respond.
 
 The prompt is the student's training prompt (`build_messages`) built from the last user message
-and the retrieved passages. Each answer is stored as an Interaction once it is complete; its id
-comes back in the body (`interaction_id`, and `chatcmpl-<id>` for non-streamed answers) and in the
-`X-Interaction-Id` header.
+and the retrieved passages, or the version's compiled DSPy program (`LoadedModel.conversation`).
+Each answer is stored as an Interaction once it is complete; its id comes back in the body
+(`interaction_id`, and `chatcmpl-<id>` for non-streamed answers) and in the `X-Interaction-Id` header.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tuneloop.config import Project
 from tuneloop.models.base import GenerationParams
-from tuneloop.programs.rag import Passage, build_messages
+from tuneloop.programs.rag import Passage
 from tuneloop.serve.errors import INTERNAL_MESSAGE, ApiError, error_body
 from tuneloop.serve.schemas import CHAMPION_ALIASES, ChatRequest, check_question
 from tuneloop.serve.state import LoadedModel, Served, Usage
@@ -117,13 +117,12 @@ class ChatHandler:
         start = time.perf_counter()
         passages = served.retrieve(question, document)
         retrieval_ms = (time.perf_counter() - start) * 1000
-        conversation = build_messages(question, passages)
         params = generation_params(req, self.project)
         if req.stream:
-            return self._stream(question, document, passages, conversation, params, arms, retrieval_ms, client)
+            return self._stream(question, document, passages, params, arms, retrieval_ms, client)
         for arm in arms:
             t = time.perf_counter()
-            arm.answer, arm.usage = arm.model.chat(conversation, params)
+            arm.answer, arm.usage = arm.model.chat(arm.model.conversation(question, passages), params)
             arm.latency_ms = retrieval_ms + (time.perf_counter() - t) * 1000
         ids, ab_pair = store_interactions(self.sessions, question, passages, arms, document, client)
         body = {
@@ -136,7 +135,7 @@ class ChatHandler:
         }
         return JSONResponse(body, headers={"X-Interaction-Id": str(ids[0])})
 
-    def _stream(self, question: str, document: str | None, passages: list[Passage], conversation, params,
+    def _stream(self, question: str, document: str | None, passages: list[Passage], params,
                 arms: list[Arm], retrieval_ms: float, client: str) -> Iterator[str]:
         """Server-sent `chat.completion.chunk` events; A/B arms are streamed one after the other."""
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
@@ -149,7 +148,7 @@ class ChatHandler:
             for index, arm in enumerate(arms):
                 yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
                 t, usage, parts = time.perf_counter(), Usage(), []
-                for piece in arm.model.stream(conversation, params, usage):
+                for piece in arm.model.stream(arm.model.conversation(question, passages), params, usage):
                     parts.append(piece)
                     yield chunk([{"index": index, "delta": {"content": piece}, "finish_reason": None}])
                 arm.answer, arm.usage = "".join(parts), usage

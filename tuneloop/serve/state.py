@@ -15,8 +15,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tuneloop.config import Project
 from tuneloop.errors import StateError
 from tuneloop.models.base import ChatModel, Embedder, GenerationParams, Message
-from tuneloop.programs.rag import Passage, Retriever
+from tuneloop.programs.rag import Passage, Retriever, build_messages, rag_program_path
 from tuneloop.stages.common import champion
 from tuneloop.store import ModelVersion
 
@@ -86,11 +87,23 @@ class LoadedModel:
     name: str
     model: ChatModel
     lock: threading.Lock = field(default_factory=threading.Lock)
+    program: Any = None  # the version's compiled RAG program (programs/rag_dspy.CompiledRag), if it has one
+
+    def conversation(self, question: str, passages: list[Passage]) -> list[Message]:
+        """The prompt: the compiled program's when the version has one, else the student's `build_messages`."""
+        return build_messages(question, passages) if self.program is None else self.program.messages(question, passages)
 
     def chat(self, conversation: list[Message], params: GenerationParams) -> tuple[str, Usage]:
         with self.lock:
             reply = self.model.chat([conversation], params)[0]
-            return reply, count_usage(self.model, conversation, reply)
+            usage = count_usage(self.model, conversation, reply)
+        return (reply if self.program is None else self.program.parse(reply)), usage
+
+    def _pieces(self, conversation: list[Message], params: GenerationParams) -> Iterator[str]:
+        """Streamed pieces; a compiled program's reply is parsed first, so its answer is one piece."""
+        if self.program is None:
+            return stream_reply(self.model, conversation, params)
+        return iter([self.program.parse(self.model.chat([conversation], params)[0])])
 
     def stream(self, conversation: list[Message], params: GenerationParams, usage: Usage) -> Iterator[str]:
         """Reply pieces as they are generated; `usage` is filled in when the reply is complete.
@@ -104,7 +117,7 @@ class LoadedModel:
             try:
                 with self.lock:
                     parts = []
-                    for piece in stream_reply(self.model, conversation, params):
+                    for piece in self._pieces(conversation, params):
                         parts.append(piece)
                         pieces.put(("piece", piece))
                     done = count_usage(self.model, conversation, "".join(parts))
@@ -137,6 +150,26 @@ class Served:
     def retrieve(self, question: str, document: str | None) -> list[Passage]:
         with self.retriever_lock:  # tokenizers and embedders are not safe to share across threads
             return self.retriever.retrieve(question, document)
+
+
+def _load_program(path: Path | None):
+    """A version's compiled RAG program (imports DSPy only when there is one)."""
+    if path is None:
+        return None
+    from tuneloop.programs.rag_dspy import CompiledRag
+
+    return CompiledRag(path)
+
+
+def _loaded_key(m: LoadedModel | None) -> tuple[int, str | None] | None:
+    return None if m is None else (m.version_id, m.program and str(m.program.path))
+
+
+def _version_key(v: ModelVersion | None) -> tuple[int, str | None] | None:
+    if v is None:
+        return None
+    path = rag_program_path(v)
+    return v.id, path and str(path)
 
 
 class ModelState:
@@ -220,8 +253,8 @@ class ModelState:
         if challenger is not None and self._failed_recently(challenger.id):
             challenger = None
         stamp = self._index_stamp()
-        if old is not None and (old.champion.version_id, old.challenger and old.challenger.version_id,
-                                old.index_stamp) == (champ.id, challenger and challenger.id, stamp):
+        if old is not None and (_loaded_key(old.champion), _loaded_key(old.challenger), old.index_stamp) == (
+                _version_key(champ), _version_key(challenger), stamp):
             return True
         self._served = self._build(old, champ, challenger, stamp, initial)  # the swap: one assignment
         if old is not None and old.champion.version_id != champ.id:
@@ -233,16 +266,19 @@ class ModelState:
         loaded = {m.version_id: m for m in (old.champion, old.challenger) if m is not None} if old else {}
 
         def get(version: ModelVersion) -> LoadedModel:
-            if version.id in loaded:
+            if version.id in loaded and _loaded_key(loaded[version.id]) == _version_key(version):
                 return loaded[version.id]
             log.info("loading model version %s", version.name)
             try:
+                program = _load_program(rag_program_path(version))
+                if version.id in loaded:  # same model, newly compiled program: keep the model (and its lock)
+                    return replace(loaded[version.id], program=program)
                 model = self.model_factory(self.project, version)
             except Exception:
                 self._failed[version.id] = time.monotonic()
                 raise
             self._failed.pop(version.id, None)
-            return LoadedModel(version.id, version.name, model)
+            return LoadedModel(version.id, version.name, model, program=program)
 
         if old is not None and old.index_stamp == stamp:
             retriever, retriever_lock = old.retriever, old.retriever_lock

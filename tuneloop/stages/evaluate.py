@@ -19,7 +19,8 @@ from tuneloop.artifacts import artifact_path, is_complete, read_jsonl, write_art
 from tuneloop.config import Project
 from tuneloop.errors import StateError
 from tuneloop.models.registry import build_chat_model, generation_params
-from tuneloop.programs.rag import RagAnswerer, Retriever
+from tuneloop.programs.rag import Retriever, rag_program_path
+from tuneloop.programs.rag_dspy import make_answerer
 from tuneloop.progress import Reporter
 from tuneloop.stages.common import champion
 from tuneloop.stats import PairedTest, bootstrap_ci, paired_bootstrap
@@ -91,11 +92,12 @@ def stored_eval_run(project: Project, session: Session, version: ModelVersion, s
 
 
 def score_examples(project: Project, adapter: Path | None, examples: list[Example], retriever: Retriever,
-                   reporter: Reporter) -> tuple[list[dict], dict]:
-    """Answer `examples` with the retrieval-augmented student (`adapter` applied): per-item rows
-    and the aggregate metrics. Shared by the held-out eval and WiSE-FT's dev-set scoring."""
+                   reporter: Reporter, program: Path | None = None) -> tuple[list[dict], dict]:
+    """Answer `examples` with the retrieval-augmented student (`adapter` applied; `program`: a
+    compiled DSPy RAG program, else the plain prompt): per-item rows and the aggregate metrics.
+    Shared by the held-out eval and WiSE-FT's dev-set scoring."""
     role = project.settings.models.student
-    answerer = RagAnswerer(retriever, build_chat_model(project, role, adapter), generation_params(role))
+    answerer = make_answerer(retriever, build_chat_model(project, role, adapter), generation_params(role), program)
     answers = answerer.answer_many([(e.question, e.document) for e in examples], reporter, role.batch_size)
     items = []
     for e, a in zip(examples, answers):
@@ -167,8 +169,11 @@ def check_no_overlap(session: Session, examples: list[Example]) -> None:
 
 
 def evaluate_version(project: Project, session: Session, version: ModelVersion, retriever: Retriever,
-                     reporter: Reporter, cycle_id: int | None = None) -> EvalRun:
-    """Score `version` on the held-out set (reusing a stored run for the same set)."""
+                     reporter: Reporter, cycle_id: int | None = None, judge=None) -> EvalRun:
+    """Score `version` on the held-out set (reusing a stored run for the same set).
+
+    With `eval.judge_metrics` the judge also rates each answer (`stages/judge_eval.py`); `judge`
+    (an EvalJudge or a factory; default: the judge role) is built only when a run is scored."""
     examples = eval_examples(project, session)
     if not examples:
         raise StateError("no held-out questions: import some with `tuneloop seeds import FILE --split eval`")
@@ -178,8 +183,14 @@ def evaluate_version(project: Project, session: Session, version: ModelVersion, 
     def score() -> tuple[list[dict], dict]:
         reporter.log(f"evaluating {version.name} on {len(examples)} held-out questions")
         adapter = Path(version.adapter_path) if version.adapter_path else None
-        items, summary = score_examples(project, adapter, examples, retriever, reporter)
-        return items, {**summary, **intervals(project, items)}  # not in score_examples: WiSE-FT needs no CI
+        program = rag_program_path(version)  # the (model, program) pair the gate judges
+        items, summary = score_examples(project, adapter, examples, retriever, reporter, program)
+        summary = {**summary, **intervals(project, items)}  # not in score_examples: WiSE-FT needs no CI
+        if project.settings.eval.judge_metrics:
+            from tuneloop.stages.judge_eval import judge_items  # lazy: judge_eval imports feedback.rlaif -> here
+
+            summary.update(judge_items(project, session, items, judge, reporter))
+        return items, summary
 
     return stored_eval_run(project, session, version, set_hash, KIND, f"{version.name}-{set_hash[:12]}", "eval",
                            score, cycle_id)

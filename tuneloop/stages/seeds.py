@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from tuneloop.errors import InputError
 from tuneloop.jsonl import json_objects
+from tuneloop.splits import heldout_side, question_key
 from tuneloop.store import Example, Session, example_hash
 
 _DOC_KEYS = ("source", "document", "contract")
@@ -24,6 +25,7 @@ class ImportResult:
     added: int
     duplicates: int
     other_split: int
+    held_out: int = 0  # of `added`, put into split "eval" by `holdout`
 
 
 def read_pairs(path: Path) -> list[dict[str, str | None]]:
@@ -59,26 +61,37 @@ def read_pairs(path: Path) -> list[dict[str, str | None]]:
     return rows
 
 
-def import_pairs(session: Session, path: Path, split: str) -> ImportResult:
+def import_pairs(session: Session, path: Path, split: str, holdout: float = 0.0) -> ImportResult:
     """Add pairs to the session as seeds (split train), held-out items (split eval) or dev items (split
-    dev: only used to pick the WiSE-FT mixing weight)."""
+    dev: only used to pick the WiSE-FT mixing weight). With split train, `holdout` (0-1) sends about
+    that share of the questions to the held-out set instead, by a stable hash of the question and
+    its document (`tuneloop.splits`): re-importing the file splits it the same way."""
+    if not 0.0 <= holdout < 1.0:
+        raise InputError(f"--holdout must be at least 0 and below 1, not {holdout}")
+    if holdout and split != "train":
+        raise InputError("--holdout splits seeds (split train) into train and eval; it does not apply to "
+                         f"split '{split}'")
     rows = read_pairs(path)
     existing = {(h, s) for h, s in session.execute(select(Example.content_hash, Example.split))}
     hashes = {h for h, _ in existing}
-    added = dup = other = 0
+    added = dup = other = held = 0
     for row in rows:
         h = example_hash(row["question"], row["answer"], row["document"])
-        if (h, split) in existing:
+        row_split = split
+        if holdout and heldout_side(question_key(row["question"], row["document"]), holdout) == "eval":
+            row_split = "eval"
+        if (h, row_split) in existing:
             dup += 1
             continue
         if h in hashes:  # never let one item be both trained on and evaluated
             other += 1
             continue
-        existing.add((h, split))
+        existing.add((h, row_split))
         hashes.add(h)
-        session.add(Example(kind="seed", split=split, question=row["question"], answer=row["answer"],
+        held += row_split != split
+        session.add(Example(kind="seed", split=row_split, question=row["question"], answer=row["answer"],
                             document=row["document"], content_hash=h,
                             meta={"imported_from": str(path), "references": row["references"],
                                   **({"category": row["category"]} if row["category"] else {})}))
         added += 1
-    return ImportResult(added, dup, other)
+    return ImportResult(added, dup, other, held)

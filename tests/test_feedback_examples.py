@@ -1,0 +1,131 @@
+"""Corrected answers become examples: the split is stable and held out, a question already in one
+split stays there, the latest correction wins, and SFT trains on the training side."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+
+from tuneloop.feedback.examples import corrections_to_examples
+from tuneloop.splits import heldout_side, question_key
+from tuneloop.stages.evaluate import check_no_overlap, eval_examples
+from tuneloop.stages.sft import select_examples
+from tuneloop.store import CycleStep, Example, Feedback, Interaction, ModelVersion, PreferencePair, open_store
+
+T0 = datetime(2025, 1, 1, 12, 0, 0)
+
+
+def correct(s, question, wrong, right, document="01-master-services-agreement.md", minutes=0, source="human"):
+    it = Interaction(question=question, answer=wrong, chunk_ids=[], document=document)
+    s.add(it)
+    s.flush()
+    s.add(Feedback(interaction_id=it.id, corrected_answer=right, thumbs=-1, source=source,
+                   created_at=T0 + timedelta(minutes=minutes)))
+    s.flush()
+    return it
+
+
+def questions(n):
+    return [f"What does clause {i} of the agreement require from the supplier?" for i in range(n)]
+
+
+def test_split_is_stable_and_near_the_fraction():
+    keys = [question_key(q, "doc.md") for q in questions(400)]
+    sides = [heldout_side(k, 0.2) for k in keys]
+    assert sides == [heldout_side(k, 0.2) for k in keys]  # same key, same side
+    assert 0.12 < sides.count("eval") / len(sides) < 0.28
+    assert {heldout_side(k, 0.0) for k in keys} == {"train"} and {heldout_side(k, 1.0) for k in keys} == {"eval"}
+    # the key ignores case and punctuation, not the document
+    assert question_key("Who may TERMINATE?", "a") == question_key("who may terminate", "a")
+    assert question_key("Who may terminate?", "a") != question_key("Who may terminate?", "b")
+
+
+def test_corrections_become_examples_on_both_sides(project):
+    p = project({"feedback": {"heldout_fraction": 0.5}}, pairs=False)
+    sessions = open_store(p.store_url)
+    with sessions() as s:
+        for q in questions(20):
+            correct(s, q, "No.", f"The supplier must deliver ({q[-30:]}).")
+        correct(s, "Is this a thumbs-only question?", "Yes.", "")  # blank correction: not an example
+        correct(s, "Did an AI correct this answer?", "No.", "Yes.", source="ai")  # only people's corrections
+        r = corrections_to_examples(p, s, cycle_id=None)
+        s.commit()
+        rows = list(s.scalars(select(Example).where(Example.kind == "feedback")))
+    assert r.corrections == 20 and r.added["train"] + r.added["eval"] == 20
+    assert r.added["train"] >= 3 and r.added["eval"] >= 3  # both sides at 0.5 of 20
+    assert {e.split for e in rows} == {"train", "eval"}
+    assert all(e.answer.startswith("The supplier must deliver") and e.meta["original_answer"] == "No." for e in rows)
+    assert all(e.split == heldout_side(question_key(e.question, e.document), 0.5) for e in rows)
+    with sessions() as s:  # a second run adds nothing
+        again = corrections_to_examples(p, s)
+        s.commit()
+        assert again.added == {"train": 0, "eval": 0} and again.already == 20
+        assert len(list(s.scalars(select(Example)))) == 20
+
+
+def test_latest_correction_wins_and_existing_questions_keep_their_split(project):
+    p = project({"feedback": {"heldout_fraction": 1.0}})  # sample seeds (train) and held-out set imported
+    sessions = open_store(p.store_url)
+    with sessions() as s:
+        seed = s.scalars(select(Example).where(Example.split == "train")).first()
+        held = s.scalars(select(Example).where(Example.split == "eval")).first()
+        n_before = len(list(s.scalars(select(Example))))
+        correct(s, seed.question, "wrong", "a correction of a training question", document=seed.document)
+        correct(s, held.question, "wrong", "a correction of a held-out question", document=held.document)
+        correct(s, "Which court hears disputes?", "London.", "The courts of Paris.", minutes=1)
+        correct(s, "which court hears disputes", "London.", "The courts of Lyon.", minutes=5)
+        r = corrections_to_examples(p, s)
+        s.commit()
+        new = list(s.scalars(select(Example).where(Example.kind == "feedback")))
+        assert r.already == 2 and len(new) == 1 and len(list(s.scalars(select(Example)))) == n_before + 1
+        assert new[0].answer == "The courts of Lyon." and new[0].split == "eval"
+        check_no_overlap(s, eval_examples(p, s))  # no held-out question is a training question
+
+
+def test_sft_trains_on_the_training_side_only(project):
+    p = project({"feedback": {"heldout_fraction": 0.5}}, pairs=False)
+    sessions = open_store(p.store_url)
+    with sessions() as s:
+        for q in questions(12):
+            correct(s, q, "No.", "Within thirty days of the order.")
+        corrections_to_examples(p, s)
+        s.commit()
+        fresh, _ = select_examples(s, p.settings.sft, seed=0)
+        train_ids = {e.id for e in s.scalars(select(Example).where(Example.split == "train"))}
+        eval_ids = {e.id for e in s.scalars(select(Example).where(Example.split == "eval"))}
+    assert train_ids and eval_ids
+    assert {e.id for e in fresh} == train_ids and not ({e.id for e in fresh} & eval_ids)
+
+
+def test_a_cycle_trains_on_corrections_and_evaluates_on_the_held_out_side(project, fake_teacher, monkeypatch):
+    from tests.helpers import use_teacher
+    from tuneloop import loop
+    from tuneloop.progress import SilentReporter
+
+    p = project({"feedback": {"heldout_fraction": 0.5}, "align": {"method": "dpo", "ai_feedback": False},
+                 "continual": {"anchor": False}, "synth": {"questions_per_cycle": 2}})
+    use_teacher(monkeypatch, fake_teacher)
+    sessions = open_store(p.store_url)
+    with sessions() as s:
+        n_eval_before = len(list(s.scalars(select(Example).where(Example.split == "eval"))))
+        for q in questions(10):
+            correct(s, q, "No.", "Within thirty days of the order.")
+        s.commit()
+    cycle = loop.run_cycle(p, SilentReporter(), trigger="test")
+    with sessions() as s:
+        step = s.scalars(select(CycleStep).where(CycleStep.cycle_id == cycle.id,
+                                            CycleStep.name == "feedback")).one()
+        fb = {e.id: e for e in s.scalars(select(Example).where(Example.kind == "feedback"))}
+        v1 = s.scalars(select(ModelVersion).where(ModelVersion.name == "v1")).one()
+        v2 = s.scalars(select(ModelVersion).where(ModelVersion.name == "v2")).one()
+        pairs = list(s.scalars(select(PreferencePair).where(PreferencePair.source == "correction")))
+        n_eval_after = len(list(s.scalars(select(Example).where(Example.split == "eval"))))
+    assert step.result["added_train"] + step.result["added_eval"] == 10 and step.result["added_eval"] >= 1
+    trained = set(v1.training_example_ids)
+    assert {i for i, e in fb.items() if e.split == "train"} <= trained  # SFT trained on the training side
+    assert not {i for i, e in fb.items() if e.split == "eval"} & trained  # never on the held-out side
+    assert n_eval_after == n_eval_before + step.result["added_eval"]  # the held-out set grew
+    # the corrections were also routed to preference pairs, and DPO trained the candidate on them
+    assert step.result["routed"]["pairs_added"] == 10 and len(pairs) == 10
+    assert {pp.chosen for pp in pairs} == {"Within thirty days of the order."}
+    assert v2.method == "dpo" and v2.parent_id == v1.id and v2.hyperparams["data"]["n_fresh"] == 10
