@@ -1,8 +1,9 @@
-"""Compiled prompts: the RAG program compiled with DSPy's BootstrapFewShot for a model version, saved
-and linked to it; evaluation, gate and serving use the (model, program) pair; the cycle step."""
+"""Compiled prompts: the RAG program compiled with DSPy's BootstrapFewShot (or MIPROv2) for a model
+version, saved and linked to it; evaluation, gate and serving use the (model, program) pair; the cycle step."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -56,13 +57,47 @@ class DemoLearner:
         return [self.reply(c) for c in conversations]
 
 
-@pytest.fixture
-def student(monkeypatch):
-    """The student role (compile and eval) is the DemoLearner; other roles are untouched."""
+class FormatFollower(DemoLearner):
+    """A capable student for *any* DSPy signature (MIPROv2's proposer asks for a dataset summary, a
+    program description and instructions): it reads the output fields from ChatAdapter's system
+    message ("Your output fields are: 1. `name` ...") and answers each in `[[ ## name ## ]]` format.
+    A proposed instruction carries PROPOSED; the RAG `answer` is right only when the prompt holds
+    demos or a proposed instruction, so a right answer shows the optimiser's result was used."""
+
+    def __init__(self):
+        super().__init__()
+        self.proposals = 0
+
+    def reply(self, conv) -> str:
+        system = conv[0]["content"]
+        if system == SYSTEM_PROMPT:  # build_messages: no DSPy format, no demos
+            return NOT_SURE
+        block = system.split("Your output fields are:\n", 1)[1].split("\nAll interactions", 1)[0]
+        names = re.findall(r"^\d+\. `(\w+)`", block, re.M)
+        assert names, system[:300]
+        return "".join(f"[[ ## {n} ## ]]\n{self.value(n, conv)}\n\n" for n in names) + "[[ ## completed ## ]]"
+
+    def value(self, name: str, conv) -> str:
+        if name == "answer":
+            assert "[[ ## excerpts ## ]]" in conv[0]["content"], conv[0]["content"][:200]
+            demos = any(m["role"] == "assistant" for m in conv)
+            told = PROPOSED in conv[0]["content"]
+            return GOLD[field(conv[-1]["content"], "question")] if demos or told else NOT_SURE
+        if name == "proposed_instruction":
+            self.proposals += 1
+            return f"{PROPOSED} (proposal {self.proposals})"
+        return f"Some {name.replace('_', ' ')} of this task."
+
+
+PROPOSED = "Quote the exact words of the excerpts that answer the question"
+
+
+def use_as_student(monkeypatch, fake):
+    """The student role (compile and eval) is `fake`; other roles are untouched."""
     import tuneloop.models.registry as registry
     import tuneloop.stages.evaluate as evaluate
 
-    fake, real = DemoLearner(), registry.build_chat_model
+    real = registry.build_chat_model
 
     def build(project, role, adapter=None):
         return fake if role is project.settings.models.student else real(project, role, adapter)
@@ -70,6 +105,12 @@ def student(monkeypatch):
     monkeypatch.setattr(registry, "build_chat_model", build)
     monkeypatch.setattr(evaluate, "build_chat_model", build)
     return fake
+
+
+@pytest.fixture
+def student(monkeypatch):
+    """The student role (compile and eval) is the DemoLearner; other roles are untouched."""
+    return use_as_student(monkeypatch, DemoLearner())
 
 
 def setup(project, overrides: dict | None = None):
@@ -229,3 +270,55 @@ def test_a_served_challenger_picks_up_its_new_program_without_reloading_the_mode
     assert after is not before and after.challenger.program is not None
     assert after.challenger.lock is before.challenger.lock and built == ["base", "v1"]  # the model is reused
     assert state.check() and state.current() is after  # nothing changed since: no new snapshot
+
+
+def test_mipro_compiles_instructions_and_demos_and_eval_uses_them(project, monkeypatch):
+    fake = use_as_student(monkeypatch, FormatFollower())
+    p, sessions, ctx = setup(project, {"prompts": {"optimizer": "mipro"}})
+    with sessions() as s:
+        r = compile_rag_program(p, s, version(s, "v1"), ctx.retriever(s), SilentReporter(), ctx.cycle_id)
+        s.commit()
+    assert r.report["optimizer"] == "MIPROv2" and r.report["trainset"] == 20
+    outputs = {re.findall(r"output fields are:\n1\. `(\w+)`", c[0]["content"])[0] for c in fake.sent}
+    assert {"observations", "summary", "program_description", "module_description",
+            "proposed_instruction", "answer"} <= outputs  # the proposer ran on the same LM
+    assert fake.proposals >= 1
+    saved = json.loads(r.program.read_text())["respond"]
+    instructions, demos = saved["signature"]["instructions"], saved["demos"]
+    assert demos or PROPOSED in instructions  # the optimiser's pick, not the plain program
+    assert r.report["demos"] == len(demos) and r.report["instructions_changed"] == (instructions != SYSTEM_PROMPT)
+    assert all(d["answer"] == GOLD[d["question"]] for d in demos)
+    assert read_meta(r.artifact)["version"] == "v1" and r.artifact.parent.name == "programs"
+    with sessions() as s:
+        assert version(s, "v1").hyperparams[PROGRAM_KEY] == str(r.program)
+        assert [a.kind for a in s.scalars(select(Artifact))] == ["program"]
+    compiled = CompiledRag(r.program).program.respond
+    assert compiled.signature.instructions == instructions and len(compiled.demos) == len(demos)
+    # eval and gate answer through the saved program: right answers for v1, "not sure" for base
+    fake.sent.clear()
+    for name in ("eval", "gate"):
+        loop._run_step(sessions, ctx, name)
+    with sessions() as s:
+        cand, base = version(s, "v1"), version(s, "base")
+        runs = {run.model_version_id: run for run in s.scalars(select(EvalRun))}
+        preds = read_jsonl(Path(runs[cand.id].artifact_path) / "predictions.jsonl")
+        assert preds and all(row["prediction"] == GOLD[row["question"]] for row in preds)
+        assert runs[cand.id].metrics["macro_score"] == 1.0 and runs[base.id].metrics["macro_score"] == 0.0
+        assert cand.status == "champion"
+    program_prompts = [c for c in fake.sent if c[0]["content"] != SYSTEM_PROMPT]
+    assert len(program_prompts) == len(preds)
+    assert all(instructions in c[0]["content"] and sum(m["role"] == "assistant" for m in c) == len(demos)
+               for c in program_prompts)
+
+
+def test_mipro_needs_two_seeds(project, monkeypatch):
+    import tuneloop.stages.prompts as prompts
+
+    fake = use_as_student(monkeypatch, FormatFollower())
+    p, sessions, ctx = setup(project, {"prompts": {"optimizer": "mipro"}})
+    real = prompts.build_trainset
+    monkeypatch.setattr(prompts, "build_trainset", lambda session, retriever: real(session, retriever)[:1])
+    with sessions() as s:
+        with pytest.raises(StateError, match="at least 2 training seeds, found 1"):
+            compile_rag_program(p, s, version(s, "v1"), ctx.retriever(s), SilentReporter())
+    assert fake.sent == []

@@ -88,6 +88,11 @@ def _compile(project: Project, session: Session, version: ModelVersion, retrieve
     trainset = build_trainset(session, retriever)
     if not trainset:
         raise StateError("no training seeds to compile the RAG program on: run `tuneloop seeds import FILE` first")
+    if project.settings.prompts.optimizer == "mipro" and len(trainset) < 2:
+        # MIPROv2 (auto=light, no valset) keeps 80% of the seeds to score candidates, the rest to bootstrap
+        # demos from, and refuses fewer than 2; say so in our terms rather than as DSPy's ValueError
+        raise StateError(f"prompts.optimizer: mipro needs at least 2 training seeds, found {len(trainset)}: "
+                         "import more (`tuneloop seeds import FILE`) or use prompts.optimizer: bootstrap")
     role = project.settings.models.student
     adapter = Path(version.adapter_path) if version.adapter_path else None
     lm = dspy_lm(registry.build_chat_model(project, role, adapter), registry.generation_params(role))
@@ -96,8 +101,10 @@ def _compile(project: Project, session: Session, version: ModelVersion, retrieve
             dspy.context(lm=lm, adapter=dspy.ChatAdapter()):
         compiled = optimizer.compile(RagProgram(), trainset=trainset)
     demos = compiled.respond.demos
+    changed = compiled.respond.signature.instructions != RagProgram().respond.signature.instructions
     return compiled, {"optimizer": type(optimizer).__name__, "trainset": len(trainset), "demos": len(demos),
-                      "bootstrapped_demos": sum(1 for d in demos if d.get("augmented"))}
+                      "bootstrapped_demos": sum(1 for d in demos if d.get("augmented")),
+                      "instructions_changed": changed}  # MIPROv2 picked a proposed instruction
 
 
 def compile_rag_program(project: Project, session: Session, version: ModelVersion, retriever: Retriever,
