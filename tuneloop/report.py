@@ -64,7 +64,9 @@ def collect(project: Project, session: Session) -> ReportData:
             "id": c.id, "trigger": c.trigger, "status": c.status, "outcome": c.outcome or "",
             "started": c.started_at.strftime("%Y-%m-%d %H:%M"),
             "synthetic": steps.get("synth", {}).get("kept"), "generated": steps.get("synth", {}).get("generated"),
-            "pairs": steps.get("rlaif", {}).get("kept_pairs")})
+            "pairs": steps.get("rlaif", {}).get("kept_pairs"),
+            "human_pairs": (steps.get("feedback", {}).get("routed") or {}).get("pairs_added"),
+            "corrected": _sum_or_none(steps.get("feedback", {}), ("added_train", "added_eval"))})
         data.cycle_starts.append((c.id, c.started_at))
     days: dict[str, Counter] = defaultdict(Counter)
     for fb in session.scalars(select(Feedback).where(Feedback.source == "human").order_by(Feedback.created_at)):
@@ -80,6 +82,11 @@ def collect(project: Project, session: Session) -> ReportData:
             "at": sv.created_at.strftime("%Y-%m-%d %H:%M"), "value": sv.value, "fired": bool(sv.fired),
             "reason": (sv.detail or {}).get("reason", "")})
     return data
+
+
+def _sum_or_none(result: dict, keys: tuple[str, ...]) -> int | None:
+    values = [result[k] for k in keys if result.get(k) is not None]
+    return sum(values) if values else None
 
 
 def _svg(fig) -> str:
@@ -149,6 +156,9 @@ def plots(data: ReportData) -> dict[str, str]:
         ids = [str(c["id"]) for c in data.cycles]
         ax.bar(ids, [c["synthetic"] or 0 for c in data.cycles], color="#58a", label="synthetic examples kept")
         ax.plot(ids, [c["pairs"] or 0 for c in data.cycles], "o-", color="#a5a", label="preference pairs (RLAIF)")
+        ax.plot(ids, [c["human_pairs"] or 0 for c in data.cycles], "s-", color="#c84", label="new human pairs")
+        ax.plot(ids, [c["corrected"] or 0 for c in data.cycles], "^-", color="#2a7",
+                label="examples from corrections")
         ax.set_xlabel("cycle")
         ax.set_title("data per cycle")
         ax.legend(loc="upper left")
@@ -199,9 +209,10 @@ th { background: #f3f3f3; } .champion { color: #172; font-weight: bold; } .rejec
 <h2 id="cycles">Cycles</h2>
 {% if p.data %}<figure>{{ p.data | safe }}</figure>{% endif %}
 <table><tr><th>cycle</th><th>started</th><th>trigger</th><th>status</th><th>synthetic kept</th>
-<th>preference pairs</th><th>outcome</th></tr>
+<th>RLAIF pairs</th><th>new human pairs</th><th>examples from corrections</th><th>outcome</th></tr>
 {% for c in d.cycles %}<tr><td>{{ c.id }}</td><td>{{ c.started }}</td><td>{{ c.trigger }}</td><td>{{ c.status }}</td>
 <td>{{ c.synthetic if c.synthetic is not none else "" }}</td><td>{{ c.pairs if c.pairs is not none else "" }}</td>
+<td>{{ c.human_pairs if c.human_pairs is not none else "" }}</td><td>{{ c.corrected if c.corrected is not none else "" }}</td>
 <td>{{ c.outcome }}</td></tr>{% endfor %}</table>
 <h2 id="feedback">Feedback</h2>
 {% if p.feedback %}<figure>{{ p.feedback | safe }}</figure>{% else %}<p>No human feedback yet.</p>{% endif %}
