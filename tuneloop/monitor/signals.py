@@ -30,7 +30,6 @@ from typing import Any
 from sqlalchemy import select
 
 from tuneloop import metrics
-from tuneloop.artifacts import read_jsonl
 from tuneloop.config import Project
 from tuneloop.ingest.index import IndexNotFoundError
 from tuneloop.models.base import ChatModel, Embedder
@@ -39,7 +38,7 @@ from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter, SilentReporter
 from tuneloop.stages.common import champion
 from tuneloop.stages.evaluate import KIND as EVAL_KIND
-from tuneloop.stages.evaluate import eval_examples, score_examples
+from tuneloop.stages.evaluate import eval_examples, predictions_by_example, score_examples
 from tuneloop.stages.ingest import scan_documents
 from tuneloop.store import Cycle, EvalRun, Example, Feedback, Interaction, Session, SignalValue, utcnow
 
@@ -210,7 +209,7 @@ def stored_predictions(project: Project, session: Session, version) -> tuple[Eva
     for run in runs:
         path = Path(run.artifact_path)
         if path.parent.name == EVAL_KIND and (path / "predictions.jsonl").is_file():
-            return run, {row["example_id"]: row for row in read_jsonl(path / "predictions.jsonl")}
+            return run, predictions_by_example(run)
     return None, {}
 
 

@@ -18,7 +18,7 @@ from tuneloop.config import Project
 from tuneloop.metrics import normalize_tokens, token_f1
 from tuneloop.models.registry import build_chat_model, generation_params
 from tuneloop.progress import Reporter, batched_chat
-from tuneloop.stages.evaluate import stored_eval_run
+from tuneloop.stages.evaluate import drop_guard, stored_eval_run
 from tuneloop.store import EvalRun, ModelVersion, Session, text_hash
 
 KIND = "anchor"
@@ -77,10 +77,4 @@ def evaluate_anchor(project: Project, session: Session, version: ModelVersion, r
 
 def anchor_guard(project: Project, candidate_score: float | None, champion_score: float | None) -> str | None:
     """Why the candidate must not be promoted on anchor grounds, or None."""
-    if candidate_score is None or champion_score is None:
-        return None
-    tol = project.settings.continual.anchor_tolerance
-    if candidate_score < champion_score - tol:
-        return (f"anchor_score fell from {champion_score:.3f} to {candidate_score:.3f} "
-                f"(more than the {tol} tolerance)")
-    return None
+    return drop_guard("anchor_score", candidate_score, champion_score, project.settings.continual.anchor_tolerance)

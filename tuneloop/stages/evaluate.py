@@ -224,9 +224,24 @@ def significance_test(project: Project, cand_run: EvalRun, champ_run: EvalRun) -
     return paired_bootstrap(len(ids), metric(cand), metric(champ), s.bootstrap_resamples, s.confidence)
 
 
+def predictions_by_example(run: EvalRun) -> dict[int, dict]:
+    """The stored per-question rows of an eval run (its predictions.jsonl), by example id."""
+    return {row["example_id"]: row for row in read_jsonl(Path(run.artifact_path) / "predictions.jsonl")}
+
+
 def _scored_by_example(run: EvalRun) -> dict[int, dict]:
-    items = read_jsonl(Path(run.artifact_path) / "predictions.jsonl")
-    return {item["example_id"]: scored for item, scored in zip(items, metrics.score_items(items))}
+    rows = predictions_by_example(run)
+    return dict(zip(rows, metrics.score_items(list(rows.values()))))
+
+
+def drop_guard(metric: str, candidate: float | None, champion: float | None, tolerance: float) -> str | None:
+    """Why the candidate must not be promoted: `metric` fell more than `tolerance` below the
+    champion's (the gate's guards: anchor set, judge faithfulness); None when it did not or a value is missing."""
+    if candidate is None or champion is None or _nan(candidate) or _nan(champion):
+        return None
+    if candidate < champion - tolerance:
+        return f"{metric} fell from {champion:.3f} to {candidate:.3f} (more than the {tolerance} tolerance)"
+    return None
 
 
 def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: EvalRun,

@@ -22,13 +22,11 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import dspy
 from sqlalchemy import select
 
-from tuneloop.artifacts import read_jsonl
 from tuneloop.config import Project
 from tuneloop.feedback.rlaif import Judged, judge_both_orders, position_stats
 from tuneloop.feedback.routing import normalize_answer
@@ -39,6 +37,7 @@ from tuneloop.programs.judge import JudgePrograms, parsed_yes_no
 from tuneloop.programs.rag import Passage
 from tuneloop.programs.synth import number_passages
 from tuneloop.progress import Reporter
+from tuneloop.stages.evaluate import drop_guard, predictions_by_example
 from tuneloop.store import Chunk, EvalRun, ModelVersion, Session
 
 
@@ -124,35 +123,24 @@ def judge_summary(items: Sequence[dict]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- gate guard
 
 
-def _value(run: EvalRun | None, key: str) -> float | None:
-    v = (run.metrics or {}).get(key) if run is not None else None
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-
-
 def faithfulness_guard(project: Project, cand_run: EvalRun | None, champ_run: EvalRun | None) -> str | None:
     """Why the candidate must not be promoted on faithfulness grounds, or None (also when either
     run has no `judge_faithfulness`)."""
-    c, b = _value(cand_run, "judge_faithfulness"), _value(champ_run, "judge_faithfulness")
-    if c is None or b is None:
-        return None
-    tol = project.settings.eval.faithfulness_tolerance
-    if c < b - tol:
-        return f"judge_faithfulness fell from {b:.3f} to {c:.3f} (more than the {tol} tolerance)"
-    return None
+    def value(run: EvalRun | None) -> float | None:
+        return (run.metrics or {}).get("judge_faithfulness") if run is not None else None
+
+    return drop_guard("judge_faithfulness", value(cand_run), value(champ_run),
+                      project.settings.eval.faithfulness_tolerance)
 
 
 # --------------------------------------------------------------------------- pairwise win rate
-
-
-def _predictions(run: EvalRun) -> dict[int, dict]:
-    return {row["example_id"]: row for row in read_jsonl(Path(run.artifact_path) / "predictions.jsonl")}
 
 
 def pairwise_win_rate(session: Session, cand_run: EvalRun, champ_run: EvalRun, judge: EvalJudge,
                       reporter: Reporter) -> dict[str, Any]:
     """Candidate vs champion on the questions both runs answered, each pair judged in both orders
     (candidate first, then second); identical answers are ties without a judge call."""
-    cand, champ = _predictions(cand_run), _predictions(champ_run)
+    cand, champ = predictions_by_example(cand_run), predictions_by_example(champ_run)
     ids = sorted(set(cand) & set(champ))
     todo = [i for i in ids if normalize_answer(cand[i]["prediction"]) != normalize_answer(champ[i]["prediction"])]
     items = [(passages_of(session, [*(cand[i].get("chunk_ids") or []), *(champ[i].get("chunk_ids") or [])]),
