@@ -81,7 +81,8 @@ class PromptBuilder:
             self._retriever = self._retriever()
         return self._retriever
 
-    def _passages(self, ids: Sequence[int]) -> list[Passage | None]:
+    def stored_passages(self, ids: Sequence[int]) -> list[Passage | None]:
+        """The stored chunks `ids` as passages, in order; None for a chunk no longer stored (cached)."""
         missing = [i for i in ids if i not in self._chunks]
         if missing:
             rows = self.session.execute(select(Chunk.id, Document.name, Chunk.text).join(Document)
@@ -94,7 +95,7 @@ class PromptBuilder:
     def for_interaction(self, it: Interaction) -> PromptInfo:
         """`build_messages(question, the interaction's stored chunks)`, in their stored order."""
         ids = [int(c) for c in (it.chunk_ids or [])]
-        passages = self._passages(ids)
+        passages = self.stored_passages(ids)
         if all(p is not None for p in passages):
             self.sources["stored"] += 1
             kept = [p for p in passages if p is not None]

@@ -81,10 +81,7 @@ def satisfaction(project: Project, session: Session) -> Reading:
         return Reading("satisfaction", rate, True, f"satisfaction {rate:.2f} < {m.satisfaction_floor} over the "
                        f"latest {len(recent)} votes", detail)
     if m.change_detector != "none":
-        params = ({"threshold": m.page_hinkley_threshold, "delta": m.page_hinkley_delta, "mode": "down"}
-                  if m.change_detector == "page_hinkley" else {})
-        points = change_points(votes, m.change_detector, **params)
-        detail["change_points"] = points
+        points = detail["change_points"] = _dropped(m, votes)
         if points and points[-1] >= len(votes) - len(recent):
             return Reading("satisfaction", rate, True, f"satisfaction dropped ({m.change_detector} change at vote "
                            f"{points[-1] + 1} of {len(votes)}; now {rate:.2f})", detail)
@@ -146,18 +143,17 @@ def grade_answers(project: Project, session: Session, interactions: list[Interac
     """The judge's 1-5 ScoreAnswer grade of each interaction's answer over the passages it stored
     (retrieved again, as in routing, when a re-ingest deleted them); None when unparseable."""
     from tuneloop.feedback.routing import PromptBuilder
-    from tuneloop.models.registry import generation_params
-    from tuneloop.programs.dspy_bridge import make_adapter, predict_many
-    from tuneloop.programs.judge import JudgePrograms, parsed_score
+    from tuneloop.programs.dspy_bridge import predict_many
+    from tuneloop.programs.judge import parsed_score
     from tuneloop.programs.synth import number_passages
+    from tuneloop.stages.judge_eval import build_judge  # the judge role's adapter and greedy decoding
 
-    role = project.settings.models.judge
+    j = build_judge(project, _built(judge, "chat"))
     builder = PromptBuilder(session, retriever)
     inputs = [{"excerpts": number_passages(builder.for_interaction(it).passages), "question": it.question,
                "answer": it.answer} for it in interactions]
-    results = predict_many(JudgePrograms().score, make_adapter(project.settings.synth.adapter, role.backend),
-                           _built(judge, "chat"), inputs, generation_params(role, temperature=0.0), reporter,
-                           "judging live answers", role.batch_size)
+    results = predict_many(j.programs.score, j.adapter, j.model, inputs, j.params, reporter, "judging live answers",
+                           j.batch)
     return [parsed_score(parsed) for parsed, _ in results]
 
 

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
-from sqlalchemy import select
 
 from tuneloop.config import Project
 from tuneloop.feedback.rlaif import Judged, judge_both_orders, position_stats
-from tuneloop.feedback.routing import normalize_answer
+from tuneloop.feedback.routing import PromptBuilder, normalize_answer
 from tuneloop.models.base import ChatModel, GenerationParams
 from tuneloop.models.registry import generation_params
 from tuneloop.programs.dspy_bridge import make_adapter, predict_many
@@ -38,7 +37,7 @@ from tuneloop.programs.rag import Passage
 from tuneloop.programs.synth import number_passages
 from tuneloop.progress import Reporter
 from tuneloop.stages.evaluate import drop_guard, predictions_by_example
-from tuneloop.store import Chunk, EvalRun, ModelVersion, Session
+from tuneloop.store import EvalRun, ModelVersion, Session
 
 
 @dataclass
@@ -72,11 +71,11 @@ def resolve_judge(project: Project, judge: JudgeSource) -> EvalJudge:
     return judge if isinstance(judge, EvalJudge) else judge()
 
 
-def passages_of(session: Session, chunk_ids: Sequence[int]) -> list[Passage]:
-    """The stored chunks `chunk_ids`, in order, as passages (ids no longer stored are left out)."""
+def passages_of(builder: PromptBuilder, chunk_ids: Sequence[int]) -> list[Passage]:
+    """The stored chunks `chunk_ids`, in order and without repeats, as passages (ids no longer
+    stored are left out); `builder` caches the chunks across items."""
     ids = list(dict.fromkeys(int(i) for i in chunk_ids))
-    chunks = {c.id: c for c in session.scalars(select(Chunk).where(Chunk.id.in_(ids)))} if ids else {}
-    return [Passage(i, "", chunks[i].text) for i in ids if i in chunks]
+    return [p for p in builder.stored_passages(ids) if p is not None]
 
 
 def _flag(verdict: bool | None) -> int | None:
@@ -92,10 +91,10 @@ def judge_items(project: Project, session: Session, items: list[dict], judge: Ju
     `score_examples`) and return their aggregates (`judge_summary`). The judge is built only here."""
     if not items:
         return judge_summary(items)
-    j = resolve_judge(project, judge)
+    j, builder = resolve_judge(project, judge), PromptBuilder(session)
     correct_in = [{"question": it["question"], "reference": "\n".join(it["references"]),
                    "answer": it["prediction"]} for it in items]
-    faithful_in = [{"excerpts": number_passages(passages_of(session, it.get("chunk_ids") or [])),
+    faithful_in = [{"excerpts": number_passages(passages_of(builder, it.get("chunk_ids") or [])),
                     "question": it["question"], "answer": it["prediction"]} for it in items]
     correct = predict_many(j.programs.correct, j.adapter, j.model, correct_in, j.params, reporter,
                            "judge: correct against the reference", j.batch)
@@ -143,7 +142,8 @@ def pairwise_win_rate(session: Session, cand_run: EvalRun, champ_run: EvalRun, j
     cand, champ = predictions_by_example(cand_run), predictions_by_example(champ_run)
     ids = sorted(set(cand) & set(champ))
     todo = [i for i in ids if normalize_answer(cand[i]["prediction"]) != normalize_answer(champ[i]["prediction"])]
-    items = [(passages_of(session, [*(cand[i].get("chunk_ids") or []), *(champ[i].get("chunk_ids") or [])]),
+    builder = PromptBuilder(session)
+    items = [(passages_of(builder, [*(cand[i].get("chunk_ids") or []), *(champ[i].get("chunk_ids") or [])]),
               cand[i]["question"], cand[i]["prediction"], champ[i]["prediction"]) for i in todo]
     judged = judge_both_orders(judge.programs, judge.adapter, judge.model, items, judge.params, reporter,
                                "judge: candidate vs champion (both orders)", judge.batch)
