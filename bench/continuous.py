@@ -46,12 +46,12 @@ from fastapi.testclient import TestClient  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuad import machine, update_markdown, write_pairs  # noqa: E402
+from cuad import machine, update_markdown, write_project  # noqa: E402
 
 from tuneloop import metrics  # noqa: E402
 from tuneloop.artifacts import read_jsonl  # noqa: E402
 from tuneloop.cli import quiet_libraries  # noqa: E402
-from tuneloop.config import default_settings_yaml, load_project  # noqa: E402
+from tuneloop.config import default_settings_yaml  # noqa: E402
 from tuneloop.loop import CycleContext, run_cycle  # noqa: E402
 from tuneloop.models.registry import build_embedder  # noqa: E402
 from tuneloop.monitor.signals import check_signals  # noqa: E402
@@ -63,7 +63,6 @@ from tuneloop.stages.anchor import anchor_items, anchor_set_hash  # noqa: E402
 from tuneloop.stages.common import champion  # noqa: E402
 from tuneloop.stages.evaluate import score_examples  # noqa: E402
 from tuneloop.stages.ingest import ingest_paths  # noqa: E402
-from tuneloop.stages.seeds import import_pairs  # noqa: E402
 from tuneloop.stats import bootstrap_ci, paired_bootstrap  # noqa: E402
 from tuneloop.store import Cycle, CycleStep, EvalRun, Example, ModelVersion, SignalValue, open_store  # noqa: E402
 
@@ -154,15 +153,7 @@ def make_project(args, p: dict):
     settings["align"].update({"method": "dpo", "ai_feedback": False})  # human corrections are the pairs
     settings["monitor"].update({"cooldown_seconds": 0, "satisfaction_floor": args.satisfaction_floor,
                                 "min_votes": 20, "min_queries": 30})
-    (work / "tuneloop.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
-    write_pairs(work / "seeds.jsonl", p["seeds"])
-    write_pairs(work / "heldout.jsonl", p["heldout"])
-    project = load_project(work)
-    with open_store(project.store_url)() as s:
-        import_pairs(s, work / "seeds.jsonl", "train")
-        import_pairs(s, work / "heldout.jsonl", "eval")
-        s.commit()
-    return project
+    return write_project(work, settings, p["seeds"], p["heldout"])
 
 
 # --------------------------------------------------------------------------- simulated users

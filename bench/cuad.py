@@ -116,6 +116,11 @@ def make_project(args, work: Path, seeds, heldout, overrides: dict):
     settings["feedback"]["rlaif_candidates"] = args.rlaif_candidates
     for section, values in overrides.items():
         settings[section].update(values)
+    return write_project(work, settings, seeds, heldout)
+
+
+def write_project(work: Path, settings: dict, seeds: list[dict], heldout: list[dict]):
+    """Write `settings` as the project's tuneloop.yaml and import `seeds` (train) and `heldout` (eval)."""
     (work / "tuneloop.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     write_pairs(work / "seeds.jsonl", seeds)
     write_pairs(work / "heldout.jsonl", heldout)
