@@ -14,9 +14,11 @@ Data: ../shared/data/cuad-dev (CUAD v1 slice by The Atticus Project, CC BY 4.0).
 * Phase 2: the 13 licence-like contracts arrive in the watched folder and are ingested at once
   (`tuneloop ingest`: users want to ask about them now), and users ask the 10 licence/IP
   categories about them. The next watch tick sees query drift and/or a satisfaction drop and
-  starts cycle 2 by itself: ingest (nothing new) -> corrected answers
-  become examples (80% train, 20% held out) -> synth -> SFT -> DPO on the correction pairs ->
-  eval (old held-out + the new held-out items) -> gate.
+  starts cycle 2 by itself: ingest (nothing new) -> corrected and approved (thumbs-up) answers
+  become examples (75% train, 25% held out) -> synth -> SFT -> DPO on the correction pairs
+  (balanced by the chosen Yes/No) -> eval (old held-out + the new held-out items) -> gate, with
+  `eval.gate_average: sources` (the new held-out items weigh as much as the old set, and
+  neither may fall past `eval.source_tolerance`).
 * Measured: a probe set of licence questions no user asked (new score before and after), the old
   held-out questions and the anchor set (must not fall past tolerance), satisfaction per phase.
 * Phase 3: users ask licence questions of the new champion; a last signal check is recorded.
@@ -82,11 +84,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed-contracts", type=int, default=2)
     p.add_argument("--eval-questions", type=int, default=50, help="old-category held-out questions")
     p.add_argument("--phase1", type=int, default=30, help="old questions asked by users in phase 1")
-    p.add_argument("--phase2", type=int, default=60, help="licence questions asked by users in phase 2")
+    p.add_argument("--phase2", type=int, default=80, help="licence questions asked by users in phase 2")
     p.add_argument("--probe", type=int, default=50, help="licence questions no user asks: the recovery probe")
     p.add_argument("--phase3", type=int, default=30, help="probe questions asked of the new champion afterwards")
     p.add_argument("--synth-questions", type=int, default=8)
     p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--heldout-fraction", type=float, default=0.25, help="share of feedback questions held out")
     # below the old world's level (SFT on CUAD: ~0.3 of answers match), so the floor alone does not fire
     p.add_argument("--satisfaction-floor", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0)
@@ -151,6 +154,8 @@ def make_project(args, p: dict):
     settings["synth"]["questions_per_cycle"] = args.synth_questions
     settings["sft"]["epochs"] = args.epochs
     settings["align"].update({"method": "dpo", "ai_feedback": False})  # human corrections are the pairs
+    settings["feedback"]["heldout_fraction"] = args.heldout_fraction
+    settings["eval"]["gate_average"] = "sources"  # the new traffic's held-out items weigh as much as the old set
     settings["monitor"].update({"cooldown_seconds": 0, "satisfaction_floor": args.satisfaction_floor,
                                 "min_votes": 20, "min_queries": 30})
     return write_project(work, settings, p["seeds"], p["heldout"])
@@ -321,8 +326,14 @@ def main() -> None:
     with open_store(project.store_url)() as s:
         cands = [v.name for v in s.scalars(select(ModelVersion).where(ModelVersion.cycle_id == t2.started)
                                            .order_by(ModelVersion.id))] if t2.started else []
-    candidate = cands[-1] if cands else v_new
-    names = list(dict.fromkeys(["base", v_old, candidate]))
+    with open_store(project.store_url)() as s:
+        gated = [v.name for v in s.scalars(select(ModelVersion).where(ModelVersion.name.in_(cands)))
+                 if v.status in ("champion", "rejected", "retired")]
+    candidate = gated[-1] if gated else (cands[-1] if cands else v_new)
+    names = list(dict.fromkeys(["base", v_old, *cands]))
+    with open_store(project.store_url)() as s:
+        result["versions"] = {v.name: f"{v.method}, {v.status}" for v in s.scalars(
+            select(ModelVersion).where(ModelVersion.name.in_(names)))}
     probe = probe_scores(project, names, p["probe"], reporter)
     result["probe"] = {n: summary_with_ci(items, primary) for n, items in probe.items()}
     if candidate != v_old:
@@ -340,7 +351,7 @@ def main() -> None:
         old = [it for it in items if it["example_id"] in old_ids]
         new = [it for it in items if it["example_id"] not in old_ids]
         result["heldout"][n] = {"n": len(items), "old": summary_with_ci(old, primary) if old else None,
-                                "new_from_corrections": summary_with_ci(new, primary) if new else None,
+                                "new_from_feedback": summary_with_ci(new, primary) if new else None,
                                 "anchor_score": anchor_score(project, n)}
     mark("held-out and anchor read back")
 
@@ -364,7 +375,7 @@ def write_outputs(args, project, result: dict) -> None:
     command = "python bench/continuous.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k in ("seed_contracts", "eval_questions", "phase1", "phase2", "probe", "phase3", "synth_questions",
-                 "epochs", "satisfaction_floor", "seed", "docs_limit") and v is not None)
+                 "epochs", "heldout_fraction", "satisfaction_floor", "seed", "docs_limit") and v is not None)
     result["command"] = command
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(result, indent=2, default=str))
@@ -406,12 +417,13 @@ def markdown(result: dict) -> str:
     lines += ["", f"**Scores** ({primary}, 95% bootstrap CI; yes/no balanced accuracy for the licence questions, "
               "which are all yes/no)", "",
               "| version | probe: licence questions no user asked | probe Y/N bal. acc. | old held-out | "
-              "new held-out (from corrections) | anchor |", "|---|---|---|---|---|---|"]
+              "new held-out (from feedback) | anchor |", "|---|---|---|---|---|---|"]
     for name, pr in result["probe"].items():
         h = result["heldout"].get(name, {})
         role = {result["champion_before"]: " (champion before)", result["candidate"]: " (cycle 2 candidate)"}
-        lines.append(f"| {name}{role.get(name, '')} | {_ci(pr, primary)} | {_f(pr.get('yes_no_balanced_accuracy'))} "
-                     f"| {_ci(h.get('old'), primary)} | {_ci(h.get('new_from_corrections'), primary)} | "
+        what = result.get("versions", {}).get(name, "")
+        lines.append(f"| {name}{role.get(name, '')}{f' ({what})' if what else ''} | {_ci(pr, primary)} | {_f(pr.get('yes_no_balanced_accuracy'))} "
+                     f"| {_ci(h.get('old'), primary)} | {_ci(h.get('new_from_feedback') or h.get('new_from_corrections'), primary)} | "
                      f"{_f(h.get('anchor_score'))} |")
     g = result.get("probe_gain")
     if g:

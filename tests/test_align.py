@@ -297,6 +297,27 @@ def test_replay_mixes_earlier_pairs_and_refuses_when_nothing_is_new(aligned_proj
         assert second.replay[0]["key"] in set(first.summary()["keys"])
 
 
+def test_pairs_are_balanced_by_the_chosen_yes_no_label(aligned_project):
+    from tuneloop.stages.align_data import select_align_data
+
+    p, _ = aligned_project({}, pairs=0)
+    with open_store(p.store_url)() as s:
+        for i in range(9):  # nine corrections to "No", two to "Yes", one extraction pair
+            s.add(PreferencePair(prompt=f"n{i}", chosen="No", rejected="Yes", source="correction",
+                                 meta={"prompt_messages": prompt(f"Is clause {i} exclusive?")}))
+        for i in range(2):
+            s.add(PreferencePair(prompt=f"y{i}", chosen="Yes.", rejected="No.", source="correction",
+                                 meta={"prompt_messages": prompt(f"Is licence {i} perpetual?")}))
+        s.add(PreferencePair(prompt="x", chosen="The courts of Paris.", rejected="Yes", source="correction",
+                             meta={"prompt_messages": prompt("Which court hears disputes?")}))
+        s.flush()
+        balanced = select_align_data(s, "dpo", None, None, 0.0, 0, balance_yes_no=True)
+        plain = select_align_data(s, "dpo", None, None, 0.0, 0, balance_yes_no=False)
+    chosen = [r["chosen"][-1]["content"] for r in balanced.fresh]
+    assert sorted(chosen) == ["No", "No", "The courts of Paris.", "Yes.", "Yes."]
+    assert len(plain.fresh) == 12
+
+
 def test_errors_without_champion_data_or_method(project, aligned_project):
     p = project(ALIGN, pairs=False)
     with open_store(p.store_url)() as s:

@@ -1,12 +1,12 @@
-"""Corrected answers become examples: the split is stable and held out, a question already in one
-split stays there, the latest correction wins, and SFT trains on the training side."""
+"""Corrected and approved answers become examples: the split is stable and held out, a question
+already in one split stays there, the latest verdict wins, and SFT trains on the training side."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
-from tuneloop.feedback.examples import corrections_to_examples
+from tuneloop.feedback.examples import feedback_to_examples
 from tuneloop.splits import heldout_side, question_key
 from tuneloop.stages.evaluate import check_no_overlap, eval_examples
 from tuneloop.stages.sft import select_examples
@@ -20,6 +20,16 @@ def correct(s, question, wrong, right, document="01-master-services-agreement.md
     s.add(it)
     s.flush()
     s.add(Feedback(interaction_id=it.id, corrected_answer=right, thumbs=-1, source=source,
+                   created_at=T0 + timedelta(minutes=minutes)))
+    s.flush()
+    return it
+
+
+def vote(s, question, answer, thumbs=None, rating=None, document="01-master-services-agreement.md", minutes=0):
+    it = Interaction(question=question, answer=answer, chunk_ids=[], document=document)
+    s.add(it)
+    s.flush()
+    s.add(Feedback(interaction_id=it.id, thumbs=thumbs, rating=rating, source="human",
                    created_at=T0 + timedelta(minutes=minutes)))
     s.flush()
     return it
@@ -48,7 +58,7 @@ def test_corrections_become_examples_on_both_sides(project):
             correct(s, q, "No.", f"The supplier must deliver ({q[-30:]}).")
         correct(s, "Is this a thumbs-only question?", "Yes.", "")  # blank correction: not an example
         correct(s, "Did an AI correct this answer?", "No.", "Yes.", source="ai")  # only people's corrections
-        r = corrections_to_examples(p, s, cycle_id=None)
+        r = feedback_to_examples(p, s, cycle_id=None)
         s.commit()
         rows = list(s.scalars(select(Example).where(Example.kind == "feedback")))
     assert r.corrections == 20 and r.added["train"] + r.added["eval"] == 20
@@ -57,7 +67,7 @@ def test_corrections_become_examples_on_both_sides(project):
     assert all(e.answer.startswith("The supplier must deliver") and e.meta["original_answer"] == "No." for e in rows)
     assert all(e.split == heldout_side(question_key(e.question, e.document), 0.5) for e in rows)
     with sessions() as s:  # a second run adds nothing
-        again = corrections_to_examples(p, s)
+        again = feedback_to_examples(p, s)
         s.commit()
         assert again.added == {"train": 0, "eval": 0} and again.already == 20
         assert len(list(s.scalars(select(Example)))) == 20
@@ -74,7 +84,7 @@ def test_latest_correction_wins_and_existing_questions_keep_their_split(project)
         correct(s, held.question, "wrong", "a correction of a held-out question", document=held.document)
         correct(s, "Which court hears disputes?", "London.", "The courts of Paris.", minutes=1)
         correct(s, "which court hears disputes", "London.", "The courts of Lyon.", minutes=5)
-        r = corrections_to_examples(p, s)
+        r = feedback_to_examples(p, s)
         s.commit()
         new = list(s.scalars(select(Example).where(Example.kind == "feedback")))
         assert r.already == 2 and len(new) == 1 and len(list(s.scalars(select(Example)))) == n_before + 1
@@ -88,7 +98,7 @@ def test_sft_trains_on_the_training_side_only(project):
     with sessions() as s:
         for q in questions(12):
             correct(s, q, "No.", "Within thirty days of the order.")
-        corrections_to_examples(p, s)
+        feedback_to_examples(p, s)
         s.commit()
         fresh, _ = select_examples(s, p.settings.sft, seed=0)
         train_ids = {e.id for e in s.scalars(select(Example).where(Example.split == "train"))}
@@ -129,3 +139,37 @@ def test_a_cycle_trains_on_corrections_and_evaluates_on_the_held_out_side(projec
     assert step.result["routed"]["pairs_added"] == 10 and len(pairs) == 10
     assert {pp.chosen for pp in pairs} == {"Within thirty days of the order."}
     assert v2.method == "dpo" and v2.parent_id == v1.id and v2.hyperparams["data"]["n_fresh"] == 10
+
+
+def test_approved_answers_become_examples_and_a_later_verdict_overrides(project):
+    p = project({"feedback": {"heldout_fraction": 0.0}}, pairs=False)
+    sessions = open_store(p.store_url)
+    with sessions() as s:
+        vote(s, "Does the licence survive termination?", "Yes", thumbs=1)  # approved: an example
+        vote(s, "Is the licence exclusive?", "No", rating=5)  # a rating at the threshold or above approves
+        vote(s, "Is the licence transferable?", "Yes", rating=3)  # below approved_rating: wrong, no example
+        vote(s, "Is there a source code escrow?", "Yes", thumbs=1, minutes=0)
+        vote(s, "is there a source code escrow", "Yes", thumbs=-1, minutes=3)  # later thumbs down: no answer known
+        correct(s, "Who owns the improvements?", "The licensee.", "The licensor.", minutes=0)
+        vote(s, "Who owns the improvements?", "Both parties jointly.", thumbs=1, minutes=9)  # later approval wins
+        r = feedback_to_examples(p, s)
+        s.commit()
+        rows = {e.question: e for e in s.scalars(select(Example).where(Example.kind == "feedback"))}
+    assert set(rows) == {"Does the licence survive termination?", "Is the licence exclusive?",
+                         "Who owns the improvements?"}
+    assert rows["Does the licence survive termination?"].answer == "Yes"
+    assert rows["Does the licence survive termination?"].meta["from"] == "approval"
+    assert rows["Who owns the improvements?"].answer == "Both parties jointly."
+    assert r.approvals == 3 and r.corrections == 0 and r.added == {"train": 3, "eval": 0}
+
+
+def test_approvals_can_be_turned_off(project):
+    p = project({"feedback": {"approved_to_examples": False}}, pairs=False)
+    sessions = open_store(p.store_url)
+    with sessions() as s:
+        vote(s, "Does the licence survive termination?", "Yes", thumbs=1)
+        correct(s, "Who owns the improvements?", "The licensee.", "The licensor.")
+        r = feedback_to_examples(p, s)
+        s.commit()
+        answers = [e.answer for e in s.scalars(select(Example).where(Example.kind == "feedback"))]
+    assert answers == ["The licensor."] and r.approvals == 0 and r.corrections == 1

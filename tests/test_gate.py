@@ -94,9 +94,9 @@ def test_without_the_test_any_gain_is_promoted(setup):
 def test_stricter_confidence_needs_a_larger_gain(setup):
     gain = BASE | set(range(1, 12, 3))  # 4 more questions right
     p, s, cand, _, (cr, br) = setup(BASE, gain)
-    t = significance_test(p, cr, br)
+    t = significance_test(p, s, cr, br)
     p99, s99, cand99, _, (cr99, br99) = setup(BASE, gain, {"eval": {"confidence": 0.99}})
-    assert significance_test(p99, cr99, br99).p_value == pytest.approx(t.p_value)
+    assert significance_test(p99, s99, cr99, br99).p_value == pytest.approx(t.p_value)
     decisions = gate(p, s, cand, cr, br), gate(p99, s99, cand99, cr99, br99)
     assert 0.01 <= t.p_value < 0.05  # a gain significant at 95% but not at 99%
     assert [d.promoted for d in decisions] == [True, False]
@@ -160,3 +160,61 @@ def test_semantic_similarity_rewards_a_paraphrase_over_a_wrong_answer(real_embed
     result = metrics.aggregate(items)
     assert result["extract_semantic_similarity"] == pytest.approx(
         (items[0]["semantic_similarity"] + items[1]["semantic_similarity"]) / 2)
+
+
+def sourced_runs(project, tmp_path, overrides, champ_right, cand_right, n_old=48, n_new=12):
+    """Held-out examples from two sources (imported "seed", "feedback" from use) and stored runs."""
+    from tuneloop.store import Example, example_hash
+
+    p = project(overrides, pairs=False)
+    s = open_store(p.store_url)()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for i in range(n_old + n_new):
+        kind = "seed" if i < n_old else "feedback"
+        ref = references(i)[0]
+        e = Example(kind=kind, split="eval", question=f"question {i}?", answer=ref,
+                    content_hash=example_hash(f"question {i}?", ref, None))
+        s.add(e)
+        s.flush()
+        rows[i] = e.id
+    base = ensure_base_version(p, s)
+    cand = ModelVersion(name="v1", parent_id=base.id, base_model=base.base_model, method="sft",
+                        status="candidate", adapter_path=str(tmp_path / "adapter"))
+    s.add(cand)
+    s.flush()
+
+    def preds(right):
+        out = []
+        for r in predictions(right)[: n_old + n_new]:
+            out.append({**r, "example_id": rows[r["example_id"]]})
+        return out
+
+    runs = (stored_run(tmp_path, s, cand, preds(cand_right), f"{p.root.name}-cand"),
+            stored_run(tmp_path, s, base, preds(champ_right), f"{p.root.name}-champ"))
+    return p, s, cand, runs
+
+
+NEW = set(range(48, 60))
+
+
+def test_averaging_over_sources_weighs_the_new_traffic_as_much_as_the_imported_set(project, tmp_path):
+    champ_right = set(range(0, 48, 2))  # half of the old questions, none of the new
+    cand_right = champ_right | NEW  # the same old ones, and every new question
+    items = sourced_runs(project, tmp_path / "a", {}, champ_right, cand_right)
+    sources = sourced_runs(project, tmp_path / "b", {"eval": {"gate_average": "sources"}}, champ_right, cand_right)
+    t_items = significance_test(items[0], items[1], *items[3])
+    t_sources = significance_test(sources[0], sources[1], *sources[3])
+    assert t_sources.diff > t_items.diff + 0.1  # the 12 new questions count for half, not a fifth
+    d = gate(sources[0], sources[1], sources[2], *sources[3])
+    assert d.promoted and "mean over held-out sources" in d.reason
+
+
+def test_a_gain_on_new_traffic_bought_with_the_old_questions_is_refused(project, tmp_path):
+    champ_right = set(range(0, 48))  # every old question, none of the new
+    cand_right = set(range(0, 36)) | NEW  # a quarter of the old ones lost, every new one right
+    p, s, cand, (cr, br) = sourced_runs(project, tmp_path, {"eval": {"gate_average": "sources"}},
+                                         champ_right, cand_right)
+    d = gate(p, s, cand, cr, br)
+    assert not d.promoted and "refused by guard" in d.reason and "'seed' held-out questions (48)" in d.reason
+    assert cand.status == "rejected"

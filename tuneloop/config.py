@@ -136,6 +136,11 @@ class EvalSettings(_Section):
         "extract_token_f1",
     ] = "macro_score"  # mean of yes/no balanced accuracy and extraction token F1
     min_improvement: float = Field(0.0, ge=0.0)  # candidate must beat champion by more than this
+    # gate_average: "items": the primary metric over all held-out items; "sources": its mean over
+    # the held-out sources (imported "seed" questions, "feedback" questions from use), so new
+    # traffic weighs as much as the imported set, and no source may fall by more than source_tolerance
+    gate_average: Literal["items", "sources"] = "items"
+    source_tolerance: float = Field(0.05, ge=0.0)
     significance: Literal["bootstrap", "none"] = "bootstrap"  # paired bootstrap test of the gain, or none
     confidence: float = Field(0.95, gt=0.5, lt=1.0)  # the gain must be significant at this level
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
@@ -164,6 +169,7 @@ class AlignSettings(_Section):
     num_generations: int = Field(4, ge=2)  # GRPO/RLOO group size
     reward: Literal["judge", "metric"] = "metric"  # GRPO: the judge's rubric or token F1 vs reference
     replay_fraction: float = Field(0.1, ge=0.0, le=1.0)  # earlier cycles' data + seeds mixed in
+    balance_yes_no: bool = True  # dpo/orpo: down-sample pairs whose chosen answer is the majority Yes/No
     save_steps: int = Field(10, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
@@ -209,8 +215,11 @@ class FeedbackSettings(_Section):
     rlaif_reference: bool = True
     rlaif_reference_margin: float = Field(0.5, gt=0.0, le=1.0)
     contradiction_rule: Literal["latest", "majority", "drop"] = "majority"  # votes that disagree on one answer
-    # cycle step "feedback": corrected answers become examples, this share of questions held out
+    # cycle step "feedback": corrected answers (and, with approved_to_examples, answers people
+    # approved: thumbs up or a rating >= approved_rating) become examples, this share of questions held out
     corrections_to_examples: bool = True
+    approved_to_examples: bool = True  # without them the examples from use hold only the model's mistakes
+    approved_rating: int = Field(4, ge=1, le=5)
     heldout_fraction: float = Field(0.2, ge=0.0, le=1.0)
     seed: int = 0
 
@@ -398,6 +407,7 @@ align:                   # preference alignment after SFT, when preference data 
   beta: 0.1              # DPO/KTO KL strength; ORPO's lambda
   learning_rate: 5.0e-5
   replay_fraction: 0.1   # earlier cycles' pairs mixed in
+  balance_yes_no: true   # dpo/orpo: as many pairs choosing "Yes" as choosing "No" (the rest wait)
 
 continual:
   anchor: true           # ask every version 30 everyday questions; forgetting shows up as a number
@@ -422,7 +432,8 @@ feedback:
   rlaif_reference: true  # seed prompts: rank answers by token F1 against the expert's answer first
   contradiction_rule: majority  # thumbs that disagree on one answer: majority | latest | drop
   corrections_to_examples: true  # each cycle turns corrected answers into examples ...
-  heldout_fraction: 0.2  # ... this share of the corrected questions joins the held-out set, the rest trains
+  approved_to_examples: true     # ... and approved ones (thumbs up, or a rating >= approved_rating: 4)
+  heldout_fraction: 0.2  # ... this share of those questions joins the held-out set, the rest trains
 
 monitor:                 # `tuneloop watch`: a firing signal starts a cycle (one at a time)
   interval_seconds: 300  # how often the signals are checked
@@ -444,6 +455,8 @@ eval:
   min_improvement: 0.0
   significance: bootstrap      # the gain must pass a paired bootstrap test over the questions
   confidence: 0.95             # ... at this level (one-sided p < 0.05)
+  gate_average: items          # or sources: mean over held-out sources (imported / from feedback), so new
+                               # traffic weighs as much as the imported set; no source may fall > source_tolerance
   judge_metrics: false         # judge correctness/faithfulness + pairwise win rate (a 135M judge is noise)
   faithfulness_tolerance: 0.05 # ... and the gate refuses a faithfulness drop larger than this
 

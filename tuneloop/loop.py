@@ -18,7 +18,7 @@ from sqlalchemy import select
 from tuneloop.artifacts import artifact_path, clean_temporary, is_complete
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, StateError
-from tuneloop.feedback.examples import corrections_to_examples
+from tuneloop.feedback.examples import feedback_to_examples
 from tuneloop.feedback.rlaif import build_rlaif_models, rlaif
 from tuneloop.lock import cycle_lock
 from tuneloop.feedback.routing import PromptBuilder, route_feedback, store_human
@@ -100,14 +100,14 @@ def _step_ingest(ctx: CycleContext, s: Session) -> dict:
 def _step_feedback(ctx: CycleContext, s: Session) -> dict:
     """People's feedback becomes training data: A/B choices and corrections -> preference pairs and
     ratings -> rewards in the store (what `tuneloop feedback export` stores; align reads them), and
-    corrected answers -> examples (most train SFT, a share joins the held-out set)."""
+    corrected and approved answers -> examples (most train SFT, a share joins the held-out set)."""
     settings = ctx.project.settings.feedback
     if not s.scalar(select(Feedback.id).where(Feedback.source == "human").limit(1)):
         return {"skipped": "no human feedback yet"}
     routed = route_feedback(s, PromptBuilder(s, lambda: ctx.retriever(s)), settings.contradiction_rule)
     result = {"routed": store_human(s, routed)}
     if settings.corrections_to_examples:
-        result.update(corrections_to_examples(ctx.project, s, ctx.cycle_id).as_dict())
+        result.update(feedback_to_examples(ctx.project, s, ctx.cycle_id).as_dict())
     return result
 
 

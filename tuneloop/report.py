@@ -47,7 +47,7 @@ def collect(project: Project, session: Session) -> ReportData:
         kind = "heldout" if r.eval_set_hash == heldout else "anchor" if r.eval_set_hash == anchor else None
         if kind:
             runs[r.model_version_id][kind] = {**r.metrics, "n": r.n}
-        elif Path(r.artifact_path).parent.name == EVAL_KIND:  # an earlier held-out set (it grows with corrections)
+        elif Path(r.artifact_path).parent.name == EVAL_KIND:  # an earlier held-out set (it grows with feedback)
             runs[r.model_version_id]["earlier"] = {**r.metrics, "n": r.n}
     names = {v.id: v.name for v in session.scalars(select(ModelVersion))}
     for v in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
@@ -158,7 +158,7 @@ def plots(data: ReportData) -> dict[str, str]:
         ax.plot(ids, [c["pairs"] or 0 for c in data.cycles], "o-", color="#a5a", label="preference pairs (RLAIF)")
         ax.plot(ids, [c["human_pairs"] or 0 for c in data.cycles], "s-", color="#c84", label="new human pairs")
         ax.plot(ids, [c["corrected"] or 0 for c in data.cycles], "^-", color="#2a7",
-                label="examples from corrections")
+                label="examples from feedback")
         ax.set_xlabel("cycle")
         ax.set_title("data per cycle")
         ax.legend(loc="upper left")
@@ -209,7 +209,7 @@ th { background: #f3f3f3; } .champion { color: #172; font-weight: bold; } .rejec
 <h2 id="cycles">Cycles</h2>
 {% if p.data %}<figure>{{ p.data | safe }}</figure>{% endif %}
 <table><tr><th>cycle</th><th>started</th><th>trigger</th><th>status</th><th>synthetic kept</th>
-<th>RLAIF pairs</th><th>new human pairs</th><th>examples from corrections</th><th>outcome</th></tr>
+<th>RLAIF pairs</th><th>new human pairs</th><th>examples from feedback</th><th>outcome</th></tr>
 {% for c in d.cycles %}<tr><td>{{ c.id }}</td><td>{{ c.started }}</td><td>{{ c.trigger }}</td><td>{{ c.status }}</td>
 <td>{{ c.synthetic if c.synthetic is not none else "" }}</td><td>{{ c.pairs if c.pairs is not none else "" }}</td>
 <td>{{ c.human_pairs if c.human_pairs is not none else "" }}</td><td>{{ c.corrected if c.corrected is not none else "" }}</td>

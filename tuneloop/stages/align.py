@@ -170,7 +170,7 @@ def train_align(project: Project, session: Session, retriever: Retriever | None,
     if not is_complete(path):
         data = select_align_data(session, method, retriever, Path(data_dir) if data_dir else None,
                                  s.replay_fraction, s.seed + (cycle_id or 0),
-                                 project.settings.feedback.contradiction_rule)
+                                 project.settings.feedback.contradiction_rule, s.balance_yes_no)
         path = _run(project, method, data, parent, name, cycle_id, reporter)
     return _register(session, path, parent, cycle_id)
 

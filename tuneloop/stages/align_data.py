@@ -8,7 +8,9 @@ key as "old". A run trains on every *fresh* row plus a replay share of old rows
 * dpo / orpo: rows `{"prompt", "chosen", "rejected"}` from the store's PreferencePair rows (human A/B
   choices, corrections and the AI judge's pairs; superseded rows skipped) or from a feedback export
   folder's `preferences.jsonl` (`--data`). Replay = earlier cycles' pairs (seed Q/A pairs have no
-  rejected answer, so they cannot anchor a pairwise loss).
+  rejected answer, so they cannot anchor a pairwise loss). With `align.balance_yes_no`, fresh
+  pairs whose chosen answer is a bare Yes or No are down-sampled to equal counts (corrections
+  of a model that says "Yes" too often are nearly all "No"; DPO on them teaches "always No").
 * kto: rows `{"prompt", "completion", "label"}` from routed thumbs plus every preference pair
   unpaired (chosen -> desirable, rejected -> undesirable), or `kto.jsonl` (`--data`). Replay =
   earlier rows and the seeds as desirable examples.
@@ -31,8 +33,10 @@ from sqlalchemy import select
 
 from tuneloop.artifacts import read_jsonl
 from tuneloop.errors import ConfigError, StateError
+from tuneloop.metrics import is_yes_no_reference, yes_no_label
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.programs.synth import number_passages
+from tuneloop.stages.common import balance_labels
 from tuneloop.store import Example, ModelVersion, PreferencePair, Session
 
 PAIRWISE = ("dpo", "orpo", "rloo")  # rloo: the pairs train its reward model; their prompts feed RLOO
@@ -150,8 +154,15 @@ def _train_examples(session: Session, kinds: tuple[str, ...]) -> list[Example]:
                                 .order_by(Example.id)))
 
 
+def chosen_label(row: dict) -> str | None:
+    """"yes"/"no" when a pair's chosen answer is a bare Yes or No (the label balancing looks at), else None."""
+    text = row["chosen"][-1]["content"] if isinstance(row["chosen"], list) else str(row["chosen"])
+    return yes_no_label(text) if is_yes_no_reference(text) else None
+
+
 def select_align_data(session: Session, method: str, retriever: Retriever | None, data_dir: Path | None,
-                      replay_fraction: float, seed: int, contradiction_rule: str = "majority") -> AlignData:
+                      replay_fraction: float, seed: int, contradiction_rule: str = "majority",
+                      balance_yes_no: bool = False) -> AlignData:
     """The fresh rows and the replay rows of one alignment run (see the module docstring)."""
     anchors: list[dict] = []
     if method in PAIRWISE:
@@ -185,6 +196,8 @@ def select_align_data(session: Session, method: str, retriever: Retriever | None
     fresh = [r for r in rows if r["key"] not in done]
     if not fresh:
         raise StateError(f"no new {method} training data: every row was used by an earlier alignment run")
+    if balance_yes_no and method in PAIRWISE:  # the rows left out stay fresh for a later run
+        fresh = balance_labels(fresh, chosen_label, random.Random(seed))
     pool = [r for r in rows if r["key"] in done] + [a for a in anchors if a["key"] not in unique]
     n_replay = min(len(pool), round(replay_fraction * len(fresh)))
     replay = random.Random(seed).sample(pool, n_replay)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import func, select
 
@@ -14,6 +16,25 @@ from tuneloop.store import Artifact, ModelVersion, Session
 
 if TYPE_CHECKING:
     from tuneloop.config import Project
+
+
+T = TypeVar("T")
+
+
+def balance_labels(items: list[T], label: Callable[[T], str | None], rng: random.Random) -> list[T]:
+    """Down-sample the majority "yes"/"no" label to the minority's count (at least one of each kept);
+    items whose label is None (extraction answers) are all kept, and the order is preserved.
+
+    Contract questions are mostly answered "No" (about 80% in CUAD); trained on that mix, a small
+    model learns to say "No" to everything. Used by SFT (examples) and DPO/ORPO (the chosen answer)."""
+    by_label: dict[str, list[int]] = {"yes": [], "no": []}
+    for i, item in enumerate(items):
+        lab = label(item)
+        if lab in by_label:
+            by_label[lab].append(i)
+    cap = max(1, min(len(v) for v in by_label.values()))
+    drop = {i for v in by_label.values() if len(v) > cap for i in rng.sample(v, len(v) - cap)}
+    return [item for i, item in enumerate(items) if i not in drop]
 
 
 def run_name(stage: str, cycle_id: int | None) -> str:

@@ -208,20 +208,73 @@ class GateDecision:
     champion: str
 
 
-def significance_test(project: Project, cand_run: EvalRun, champ_run: EvalRun) -> PairedTest | None:
-    """Paired bootstrap of the primary metric, candidate minus champion, over the questions both
-    runs answered (their stored predictions); None when fewer than 2 are shared."""
+def gate_metric(project: Project, session: Session, scored: dict[int, dict], ids: list[int]) -> Callable:
+    """items (indices into `ids`) -> the gate's primary value on them.
+
+    `eval.gate_average: items` (default): the primary metric over all the items. `sources`: the
+    mean of the primary metric over the held-out sources (example kinds: the imported set "seed",
+    the "feedback" questions from use, ...), each computed on its own items, so the questions of
+    new traffic weigh as much as the imported set however few they are (a drift scenario's gain
+    on them is not diluted by a larger set of old questions). A source with no item in a
+    bootstrap resample is left out of that resample's mean."""
     s = project.settings.eval
+    rows = [scored[i] for i in ids]
+    if s.gate_average == "items":
+        return lambda idx: metrics.summarize([rows[i] for i in idx]).get(s.primary_metric, math.nan)
+    kinds = example_sources(session, ids)
+    source_of = [kinds.get(i, "-") for i in ids]
+
+    def mean_over_sources(idx) -> float:
+        groups: dict[str, list[dict]] = {}
+        for i in idx:
+            groups.setdefault(source_of[i], []).append(rows[i])
+        values = [metrics.summarize(g).get(s.primary_metric, math.nan) for g in groups.values()]
+        values = [v for v in values if not _nan(v)]
+        return sum(values) / len(values) if values else math.nan
+
+    return mean_over_sources
+
+
+def example_sources(session: Session, ids: list[int]) -> dict[int, str]:
+    """Example id -> its kind (where the held-out question came from)."""
+    if not ids:
+        return {}
+    return dict(session.execute(select(Example.id, Example.kind).where(Example.id.in_(ids))).all())
+
+
+def _shared(cand_run: EvalRun, champ_run: EvalRun) -> tuple[dict[int, dict], dict[int, dict], list[int]]:
     cand, champ = _scored_by_example(cand_run), _scored_by_example(champ_run)
-    ids = sorted(set(cand) & set(champ))
+    return cand, champ, sorted(set(cand) & set(champ))
+
+
+def significance_test(project: Project, session: Session, cand_run: EvalRun, champ_run: EvalRun) -> PairedTest | None:
+    """Paired bootstrap of the gate's primary value (`gate_metric`), candidate minus champion,
+    over the questions both runs answered (their stored predictions); None when fewer than 2 are shared."""
+    s = project.settings.eval
+    cand, champ, ids = _shared(cand_run, champ_run)
     if len(ids) < 2:
         return None
+    return paired_bootstrap(len(ids), gate_metric(project, session, cand, ids),
+                            gate_metric(project, session, champ, ids), s.bootstrap_resamples, s.confidence)
 
-    def metric(scored: dict[int, dict]):
-        rows = [scored[i] for i in ids]
-        return lambda idx: metrics.summarize([rows[i] for i in idx]).get(s.primary_metric, math.nan)
 
-    return paired_bootstrap(len(ids), metric(cand), metric(champ), s.bootstrap_resamples, s.confidence)
+def source_guards(project: Project, session: Session, cand_run: EvalRun, champ_run: EvalRun) -> list[str]:
+    """`eval.gate_average: sources`: why the candidate must not be promoted because its primary
+    metric on one held-out source fell more than `eval.source_tolerance` below the champion's
+    (a gain on new traffic must not be bought with the old questions); [] with one source."""
+    s = project.settings.eval
+    if s.gate_average != "sources":
+        return []
+    cand, champ, ids = _shared(cand_run, champ_run)
+    kinds = example_sources(session, ids)
+    reasons = []
+    for kind in sorted(set(kinds.values())) if len(set(kinds.values())) > 1 else []:
+        part = [i for i in ids if kinds.get(i) == kind]
+        c, b = (metrics.summarize([run[i] for i in part]).get(s.primary_metric) for run in (cand, champ))
+        reason = drop_guard(f"{s.primary_metric} on the {kind!r} held-out questions ({len(part)})", c, b,
+                            s.source_tolerance)
+        reasons += [reason] if reason else []
+    return reasons
 
 
 def predictions_by_example(run: EvalRun) -> dict[int, dict]:
@@ -255,15 +308,20 @@ def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: 
     if current is None:
         raise StateError("no champion to compare against")
     c, b = cand_run.metrics.get(s.primary_metric), champ_run.metrics.get(s.primary_metric)
+    what = s.primary_metric
+    if s.gate_average == "sources" and c is not None and b is not None:
+        cand, champ, ids = _shared(cand_run, champ_run)
+        c, b = (float(gate_metric(project, session, run, ids)(range(len(ids)))) for run in (cand, champ))
+        what = f"{s.primary_metric} (mean over held-out sources)"
     test = None
     if c is None or b is None or _nan(c) or _nan(b):
         promoted, reason = False, f"{s.primary_metric} is undefined on this eval set"
     else:
         promoted = c > b + s.min_improvement
         verb = "beats" if promoted else "does not beat"
-        reason = f"{s.primary_metric} {c:.4f} {verb} champion {b:.4f} (+{s.min_improvement} required)"
+        reason = f"{what} {c:.4f} {verb} champion {b:.4f} (+{s.min_improvement} required)"
         if promoted and s.significance == "bootstrap":
-            test = significance_test(project, cand_run, champ_run)
+            test = significance_test(project, session, cand_run, champ_run)
             alpha = 1.0 - s.confidence
             if test is None:
                 promoted, reason = False, reason + "; too few shared questions for a significance test"
@@ -273,6 +331,7 @@ def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: 
                            f"[{test.low:+.4f}, {test.high:+.4f}], p={test.p_value:.3f} "
                            + ("<" if promoted else ">=") + f" {alpha:.2f}"
                            + ("" if promoted else ": not significant"))
+    guards = (*guards, *source_guards(project, session, cand_run, champ_run))
     if promoted and guards:
         promoted = False
         reason += "; refused by guard: " + "; ".join(guards)

@@ -26,7 +26,7 @@ from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.progress import Reporter
 from tuneloop.stages.common import (
-    register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
+    balance_labels, register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
 )
 from tuneloop.stages.policy import load_policy
 from tuneloop.store import Example, ModelVersion, Session
@@ -62,19 +62,9 @@ def select_examples(session: Session, settings: SFTSettings, seed: int) -> tuple
 
 
 def balance_yes_no(examples: list[Example], rng: random.Random) -> list[Example]:
-    """Down-sample the majority yes/no answer to the minority's count (at least one kept).
-
-    Contract questions are mostly answered "No" (about 80% in CUAD); trained on that mix, a small
-    model learns to say "No" to everything, even to "who are the parties?". Extraction examples
-    are all kept.
-    """
-    by_label: dict[str, list[Example]] = {"yes": [], "no": []}
-    for e in examples:
-        if is_yes_no_reference(e.answer):
-            by_label[yes_no_label(e.answer)].append(e)
-    cap = max(1, min(len(v) for v in by_label.values()))
-    drop = {e.id for v in by_label.values() if len(v) > cap for e in rng.sample(v, len(v) - cap)}
-    return [e for e in examples if e.id not in drop]
+    """Down-sample the majority yes/no answer to the minority's count (`stages.common.balance_labels`);
+    extraction examples are all kept."""
+    return balance_labels(examples, lambda e: yes_no_label(e.answer) if is_yes_no_reference(e.answer) else None, rng)
 
 
 def training_rows(examples: list[Example], retriever: Retriever) -> list[dict]:
