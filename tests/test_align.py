@@ -315,7 +315,8 @@ def test_pairs_are_balanced_by_the_chosen_yes_no_label(aligned_project):
         plain = select_align_data(s, "dpo", None, None, 0.0, 0, balance_yes_no=False)
     chosen = [r["chosen"][-1]["content"] for r in balanced.fresh]
     assert sorted(chosen) == ["No", "No", "The courts of Paris.", "Yes.", "Yes."]
-    assert len(plain.fresh) == 12
+    assert balanced.counts["left_out_by_yes_no_balance"] == 7
+    assert len(plain.fresh) == 12 and "left_out_by_yes_no_balance" not in plain.counts
 
 
 def test_errors_without_champion_data_or_method(project, aligned_project):

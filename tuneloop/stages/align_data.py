@@ -196,11 +196,15 @@ def select_align_data(session: Session, method: str, retriever: Retriever | None
     fresh = [r for r in rows if r["key"] not in done]
     if not fresh:
         raise StateError(f"no new {method} training data: every row was used by an earlier alignment run")
+    left_out = 0
     if balance_yes_no and method in PAIRWISE:  # the rows left out stay fresh for a later run
-        fresh = balance_labels(fresh, chosen_label, random.Random(seed))
+        balanced = balance_labels(fresh, chosen_label, random.Random(seed))
+        fresh, left_out = balanced, len(fresh) - len(balanced)
     pool = [r for r in rows if r["key"] in done] + [a for a in anchors if a["key"] not in unique]
     n_replay = min(len(pool), round(replay_fraction * len(fresh)))
     replay = random.Random(seed).sample(pool, n_replay)
     counts = {f"origin_{o}": sum(1 for r in fresh + replay if r.get("origin") == o)
               for o in sorted({r.get("origin") for r in fresh + replay})}
+    if left_out:
+        counts["left_out_by_yes_no_balance"] = left_out
     return AlignData(method, str(data_dir) if data_dir is not None else "store", fresh, replay, counts)
