@@ -395,6 +395,30 @@ def _ci(m: dict | None, primary: str) -> str:
     return f"{_f(m.get(primary))} [{_f(lo)}, {_f(hi)}]"
 
 
+def checks(result: dict, primary: str, tolerance: float = 0.05) -> list[str]:
+    """The scenario's three claims, each read off the measured numbers: the new questions' score
+    recovers (probe gain significant), the old questions and the anchor set do not fall past the tolerance."""
+    cand, old = result["candidate"], result["champion_before"]
+    if cand == old:
+        return []
+    out = ["", "**Checks** (candidate " + cand + " vs champion before " + old + f", tolerance {tolerance}):", ""]
+    g = result.get("probe_gain")
+    if g:
+        ok = g["p_value"] < 0.05 and g["diff"] > 0
+        out.append(f"- new questions (probe) recover: {g['diff']:+.3f}, p = {g['p_value']:.3f} -> "
+                   + ("**yes**" if ok else "**no**"))
+    h = result["heldout"]
+    for label, get in (("old held-out questions", lambda n: (h.get(n, {}).get("old") or {}).get(primary)),
+                       ("anchor set", lambda n: h.get(n, {}).get("anchor_score"))):
+        c, b = get(cand), get(old)
+        if c is not None and b is not None:
+            out.append(f"- {label} within the tolerance: {b:.3f} -> {c:.3f} ({c - b:+.3f}) -> "
+                       + ("**yes**" if c >= b - tolerance else "**no**"))
+    out.append(f"- promoted: {'**yes**' if result['champion_after'] == cand else '**no**'} "
+               f"(champion after the scenario: {result['champion_after']})")
+    return out + [""]
+
+
 def markdown(result: dict) -> str:
     """The `continuous` section of docs/benchmarks.md."""
     primary = "macro_score"
@@ -429,6 +453,7 @@ def markdown(result: dict) -> str:
     if g:
         lines += ["", f"Probe gain, candidate vs champion before (paired bootstrap over {g['n']} questions): "
                   f"{g['diff']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}], p = {g['p_value']:.3f}."]
+    lines += checks(result, primary)
     for key in ("phase1", "phase2", "phase3"):
         if key in result:
             ph = result[key]
