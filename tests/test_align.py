@@ -319,6 +319,25 @@ def test_pairs_are_balanced_by_the_chosen_yes_no_label(aligned_project):
     assert len(plain.fresh) == 12 and "left_out_by_yes_no_balance" not in plain.counts
 
 
+def test_pairs_about_held_out_questions_are_never_trained_on(aligned_project):
+    from tuneloop.stages.align_data import select_align_data
+    from tuneloop.store import Example
+
+    p, _ = aligned_project({}, pairs=3)
+    with open_store(p.store_url)() as s:
+        held = s.scalars(select(Example).where(Example.split == "eval")).first()
+        s.add(PreferencePair(prompt=held.question.upper(), chosen="the right answer", rejected="a wrong one",
+                             source="correction", meta={"document": held.document,
+                                                        "prompt_messages": prompt(held.question)}))
+        s.flush()
+        data = select_align_data(s, "dpo", None, None, 0.0, 0)
+        kto = select_align_data(s, "kto", None, None, 0.0, 0)
+    assert len(data.fresh) == 3 and data.counts["left_out_held_out_questions"] == 1
+    assert all(r["chosen"][-1]["content"] != "the right answer" for r in data.fresh)
+    assert kto.counts["left_out_held_out_questions"] == 2  # the pair's two unpaired rows
+    assert all(r["completion"][-1]["content"] not in ("the right answer", "a wrong one") for r in kto.fresh)
+
+
 def test_errors_without_champion_data_or_method(project, aligned_project):
     p = project(ALIGN, pairs=False)
     with open_store(p.store_url)() as s:

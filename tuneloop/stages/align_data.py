@@ -5,6 +5,10 @@ the keys it was trained on in `hyperparams["data"]["keys"]`; later runs treat ro
 key as "old". A run trains on every *fresh* row plus a replay share of old rows
 (`align.replay_fraction` x the fresh count, sampled with the run's seed):
 
+Rows whose question (with its document) is a held-out or dev example are left out, counted in
+the run's data summary: a correction of a held-out question must not train the candidate the
+held-out set judges.
+
 * dpo / orpo: rows `{"prompt", "chosen", "rejected"}` from the store's PreferencePair rows (human A/B
   choices, corrections and the AI judge's pairs; superseded rows skipped) or from a feedback export
   folder's `preferences.jsonl` (`--data`). Replay = earlier cycles' pairs (seed Q/A pairs have no
@@ -36,6 +40,7 @@ from tuneloop.errors import ConfigError, StateError
 from tuneloop.metrics import is_yes_no_reference, yes_no_label
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.programs.synth import number_passages
+from tuneloop.splits import question_key
 from tuneloop.stages.common import balance_labels
 from tuneloop.store import Example, ModelVersion, PreferencePair, Session
 
@@ -104,19 +109,27 @@ def _read_export(data_dir: Path, name: str) -> list[dict]:
     return read_jsonl(path)
 
 
+def heldout_keys(session: Session) -> set[tuple[str, str]]:
+    """The question keys (`splits.question_key`) of every example not in the train split (the
+    held-out and dev sets): alignment never trains on them, whatever produced the pair."""
+    return {question_key(e.question, e.document)
+            for e in session.scalars(select(Example).where(Example.split != "train"))}
+
+
 def preference_rows(session: Session, retriever: Retriever | None, data_dir: Path | None) -> list[dict]:
     if data_dir is not None:
         return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
                  "pair_ids": r.get("preference_pair_ids") or [], "origin": r.get("source", "export")}
                 for r in _read_export(data_dir, "preferences")]
-    rows = []
+    rows, held = [], heldout_keys(session)
     for p in session.scalars(select(PreferencePair).order_by(PreferencePair.id)):
         meta = p.meta or {}
         if meta.get("superseded") or p.chosen == p.rejected:
             continue
         rows.append({"prompt": _prompt(p.prompt, meta.get("document"), meta, retriever),
                      "chosen": assistant(p.chosen), "rejected": assistant(p.rejected),
-                     "pair_ids": [p.id], "origin": p.source})
+                     "pair_ids": [p.id], "origin": p.source,
+                     "held_out": question_key(p.prompt, meta.get("document")) in held})
     return rows
 
 
@@ -126,12 +139,14 @@ def kto_rows(session: Session, retriever: Retriever | None, data_dir: Path | Non
                  "origin": r.get("source", "export")} for r in _read_export(data_dir, "kto")]
     from tuneloop.feedback.routing import PromptBuilder, route_feedback
 
-    rows = [{"prompt": k.prompt, "completion": assistant(k.completion), "label": bool(k.label), "origin": "thumbs"}
+    held = heldout_keys(session)
+    rows = [{"prompt": k.prompt, "completion": assistant(k.completion), "label": bool(k.label), "origin": "thumbs",
+             "held_out": question_key(k.question, k.document) in held}
             for k in route_feedback(session, PromptBuilder(session, retriever), rule).kto]
     for p in preference_rows(session, retriever, None):  # a pair, unpaired: one good and one bad answer
         for label, side in ((True, "chosen"), (False, "rejected")):
             rows.append({"prompt": p["prompt"], "completion": p[side], "label": label, "pair_ids": p["pair_ids"],
-                         "origin": f"{p['origin']}-pair"})
+                         "origin": f"{p['origin']}-pair", "held_out": p["held_out"]})
     return rows
 
 
@@ -186,6 +201,13 @@ def select_align_data(session: Session, method: str, retriever: Retriever | None
                              "or run `tuneloop synth`")
     else:
         raise ConfigError(f"align method {method!r} is not implemented yet (use dpo, orpo, kto or grpo)")
+    # a question of the held-out (or dev) set is never trained on: corrections and RLAIF pairs
+    # come from live questions, and some of those are held out (`feedback.heldout_fraction`)
+    kept = [r for r in rows if not r.pop("held_out", False)]
+    held_out, rows = len(rows) - len(kept), kept
+    if not rows:
+        raise StateError(f"all {held_out} {method} training rows are about held-out questions: "
+                         "collect feedback on other questions")
     for r in rows + anchors:
         r["key"] = row_key(method, r)
     unique: dict[str, dict] = {}
@@ -207,4 +229,6 @@ def select_align_data(session: Session, method: str, retriever: Retriever | None
               for o in sorted({r.get("origin") for r in fresh + replay})}
     if left_out:
         counts["left_out_by_yes_no_balance"] = left_out
+    if held_out:
+        counts["left_out_held_out_questions"] = held_out
     return AlignData(method, str(data_dir) if data_dir is not None else "store", fresh, replay, counts)
