@@ -474,7 +474,9 @@ def test_cycle_runs_rlaif_on_the_sft_candidate_and_aligns_on_its_pairs(project, 
     from tuneloop.progress import SilentReporter
     from tuneloop.store import CycleStep
 
-    p = project({"align": {"max_length": 1024, "save_steps": 50},  # the prompts carry retrieved passages
+    # the prompts carry retrieved passages; every scripted verdict chooses "Yes", which the Yes/No
+    # balance would cut to one pair (tested on its own above)
+    p = project({"align": {"max_length": 1024, "save_steps": 50, "balance_yes_no": False},
                  "feedback": {"rlaif_prompts": 3, "rlaif_candidates": 3}})
     use_teacher(monkeypatch, FakeTeacher())
     students = []

@@ -138,7 +138,10 @@ def test_a_cycle_trains_on_corrections_and_evaluates_on_the_held_out_side(projec
     # the corrections were also routed to preference pairs, and DPO trained the candidate on them
     assert step.result["routed"]["pairs_added"] == 10 and len(pairs) == 10
     assert {pp.chosen for pp in pairs} == {"Within thirty days of the order."}
-    assert v2.method == "dpo" and v2.parent_id == v1.id and v2.hyperparams["data"]["n_fresh"] == 10
+    # ... on those of the training side only: a held-out question's correction never trains the candidate
+    data = v2.hyperparams["data"]
+    assert v2.method == "dpo" and v2.parent_id == v1.id and data["n_fresh"] == step.result["added_train"]
+    assert data["counts"]["left_out_held_out_questions"] == step.result["added_eval"]
 
 
 def test_approved_answers_become_examples_and_a_later_verdict_overrides(project):
