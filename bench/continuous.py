@@ -441,12 +441,12 @@ def markdown(result: dict) -> str:
     lines += ["", f"**Scores** ({primary}, 95% bootstrap CI; yes/no balanced accuracy for the licence questions, "
               "which are all yes/no)", "",
               "| version | probe: licence questions no user asked | probe Y/N bal. acc. | old held-out | "
-              "new held-out (from feedback) | anchor |", "|---|---|---|---|---|---|"]
+              "held-out from feedback (phase 1 + 2 questions) | anchor |", "|---|---|---|---|---|---|"]
     for name, pr in result["probe"].items():
         h = result["heldout"].get(name, {})
-        role = {result["champion_before"]: " (champion before)", result["candidate"]: " (cycle 2 candidate)"}
-        what = result.get("versions", {}).get(name, "")
-        lines.append(f"| {name}{role.get(name, '')}{f' ({what})' if what else ''} | {_ci(pr, primary)} | {_f(pr.get('yes_no_balanced_accuracy'))} "
+        role = {result["champion_before"]: "champion before", result["candidate"]: "cycle 2 candidate"}
+        what = "; ".join(x for x in (result.get("versions", {}).get(name), role.get(name)) if x)
+        lines.append(f"| {name}{f' ({what})' if what else ''} | {_ci(pr, primary)} | {_f(pr.get('yes_no_balanced_accuracy'))} "
                      f"| {_ci(h.get('old'), primary)} | {_ci(h.get('new_from_feedback') or h.get('new_from_corrections'), primary)} | "
                      f"{_f(h.get('anchor_score'))} |")
     g = result.get("probe_gain")
