@@ -497,6 +497,9 @@ def test_cycle_runs_rlaif_on_the_sft_candidate_and_aligns_on_its_pairs(project, 
         aligned = s.scalar(select(ModelVersion).where(ModelVersion.name == "v2"))
         assert aligned.method == "dpo" and st["align"]["parent"] == "v1"
         assert aligned.hyperparams["data"]["n_fresh"] == 3
+        # no dev set: the aligned version was gated, the SFT one it grew from is an intermediate step
+        sft = s.scalar(select(ModelVersion).where(ModelVersion.name == "v1"))
+        assert sft.status == "intermediate" and aligned.status in ("champion", "rejected")
         assert sorted(aligned.hyperparams["data"]["pair_ids"]) == sorted(x.id for x in pairs)
 
 

@@ -82,9 +82,10 @@ def test_nan_dev_score_never_wins(cycle, monkeypatch):
     assert candidate == "v1"
 
 
-def test_without_a_dev_set_the_aligned_version_stays_and_nothing_is_scored(cycle, monkeypatch):
+def test_without_a_dev_set_the_aligned_version_is_the_candidate_and_nothing_is_scored(cycle, monkeypatch):
     p, sessions = cycle
     calls = scripted_scores(monkeypatch, {})
     result, candidate, status = run_select(p, sessions)
     assert calls == [] and candidate == "v2" and "no dev set" in result["skipped"]
-    assert status == {"base": "champion", "v1": "candidate", "v2": "candidate"}
+    # the SFT version v1 is a step on the way to v2, never gated on its own
+    assert status == {"base": "champion", "v1": "intermediate", "v2": "candidate"}

@@ -184,7 +184,8 @@ def _step_select(ctx: CycleContext, s: Session) -> dict:
     if sft is None or candidate.id == sft.id:
         return {"skipped": "no aligned version in this cycle", "candidate": candidate.name}
     r = pick_on_dev(ctx.project, s, sft, candidate, ctx.retriever(s), ctx.reporter)
-    if r is None:
+    if r is None:  # the SFT version is a step on the way, like a DAPT version: never gated on its own
+        sft.status = "intermediate"
         return {"skipped": "no dev set (tuneloop seeds import FILE --split dev): the aligned version is the candidate",
                 "candidate": candidate.name}
     return {"candidate": r.chosen.name, "dev_scores": r.scores, "dev_n": r.n_dev}

@@ -4,7 +4,8 @@ Alignment on a few preference pairs can help or hurt; which one is not known in 
 dev split exists (`tuneloop seeds import FILE --split dev`: never trained on, never the held-out
 set), both versions answer it and the better primary metric becomes the candidate the gate judges;
 a tie keeps the aligned version. The loser is marked "superseded" and keeps its dev score.
-Without a dev set the aligned version is the candidate, and the step says so.
+Without a dev set the aligned version is the candidate, the SFT version is marked "intermediate"
+(a step on the way, never gated on its own), and the step says so.
 """
 from __future__ import annotations
 
