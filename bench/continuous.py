@@ -194,12 +194,17 @@ def readings(tick_or_list) -> list[dict]:
 # --------------------------------------------------------------------------- measurements
 
 
+def probe_examples(probe: list[dict]) -> list[Example]:
+    """The probe questions as unsaved examples (never stored: no version trains or is gated on them)."""
+    return [Example(id=i + 1, kind="probe", split="probe", question=r["question"], answer=r["answer"],
+                    document=r["contract"], content_hash="", meta={"references": r["evidence"],
+                                                                  "category": r["category"]})
+            for i, r in enumerate(probe)]
+
+
 def probe_scores(project, names: list[str], probe: list[dict], reporter) -> dict[str, list[dict]]:
     """Per version: the scored answers to the probe questions (not stored as an eval set)."""
-    examples = [Example(id=i + 1, kind="probe", split="probe", question=r["question"], answer=r["answer"],
-                        document=r["contract"], content_hash="", meta={"references": r["evidence"],
-                                                                      "category": r["category"]})
-                for i, r in enumerate(probe)]
+    examples = probe_examples(probe)
     out = {}
     with open_store(project.store_url)() as s:
         retriever = CycleContext(project, reporter, cycle_id=0).retriever(s)

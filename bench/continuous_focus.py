@@ -59,11 +59,7 @@ def main() -> None:
         trainer.model.save_pretrained(adapter)
         tok.save_pretrained(adapter)
         train_seconds = time.time() - t0
-        probe = [Example(id=i + 1, kind="probe", split="probe", question=r["question"], answer=r["answer"],
-                         document=r["contract"], content_hash="",
-                         meta={"references": r["evidence"], "category": r["category"]})
-                 for i, r in enumerate(plan["probe"])]
-        items, _ = score_examples(project, adapter, probe, retriever, rep)
+        items, _ = score_examples(project, adapter, continuous.probe_examples(plan["probe"]), retriever, rep)
     labels = [metrics.yes_no_label(e.answer) for e in train]
     answers = [metrics.yes_no_label(it["prediction"]) for it in items]
     result = {"epochs": a.epochs, "n_train": len(train), "train_labels": {x: labels.count(x) for x in ("yes", "no")},

@@ -163,6 +163,11 @@ def is_yes_no_reference(answer: str) -> bool:
     return len(tokens) == 1 and tokens[0] in _YES_NO
 
 
+def yes_no_reference_label(answer: str) -> str | None:
+    """"yes"/"no" when ``answer`` is a bare Yes or No (:func:`is_yes_no_reference`), else None."""
+    return yes_no_label(answer) if is_yes_no_reference(answer) else None
+
+
 def _gold_label(answer: str) -> str:
     """The label of a yes/no reference (see :func:`is_yes_no_reference`)."""
     return normalize_tokens(answer)[0]

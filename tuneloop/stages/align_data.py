@@ -5,10 +5,6 @@ the keys it was trained on in `hyperparams["data"]["keys"]`; later runs treat ro
 key as "old". A run trains on every *fresh* row plus a replay share of old rows
 (`align.replay_fraction` x the fresh count, sampled with the run's seed):
 
-Rows whose question (with its document) is a held-out or dev example are left out, counted in
-the run's data summary: a correction of a held-out question must not train the candidate the
-held-out set judges.
-
 * dpo / orpo: rows `{"prompt", "chosen", "rejected"}` from the store's PreferencePair rows (human A/B
   choices, corrections and the AI judge's pairs; superseded rows skipped) or from a feedback export
   folder's `preferences.jsonl` (`--data`). Replay = earlier cycles' pairs (seed Q/A pairs have no
@@ -24,6 +20,10 @@ held-out set judges.
 
 The example ids / pair ids are kept in hyperparams too, never in `training_example_ids`: that
 column drives SFT's own replay selection (an example counted there is no longer "new" for SFT).
+
+Rows whose question (with its document) is a held-out or dev example are left out, counted in
+the run's data summary: a correction of a held-out question must not train the candidate the
+held-out set judges.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from sqlalchemy import select
 
 from tuneloop.artifacts import read_jsonl
 from tuneloop.errors import ConfigError, StateError
-from tuneloop.metrics import is_yes_no_reference, yes_no_label
+from tuneloop.metrics import yes_no_reference_label
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.programs.synth import number_passages
 from tuneloop.splits import question_key
@@ -116,12 +116,14 @@ def heldout_keys(session: Session) -> set[tuple[str, str]]:
             for e in session.scalars(select(Example).where(Example.split != "train"))}
 
 
-def preference_rows(session: Session, retriever: Retriever | None, data_dir: Path | None) -> list[dict]:
+def preference_rows(session: Session, retriever: Retriever | None, data_dir: Path | None,
+                    held: set[tuple[str, str]] | None = None) -> list[dict]:
+    """DPO/ORPO rows; `held`: the held-out question keys (`heldout_keys`, read here when not given)."""
     if data_dir is not None:
         return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
                  "pair_ids": r.get("preference_pair_ids") or [], "origin": r.get("source", "export")}
                 for r in _read_export(data_dir, "preferences")]
-    rows, held = [], heldout_keys(session)
+    rows, held = [], heldout_keys(session) if held is None else held
     for p in session.scalars(select(PreferencePair).order_by(PreferencePair.id)):
         meta = p.meta or {}
         if meta.get("superseded") or p.chosen == p.rejected:
@@ -143,7 +145,7 @@ def kto_rows(session: Session, retriever: Retriever | None, data_dir: Path | Non
     rows = [{"prompt": k.prompt, "completion": assistant(k.completion), "label": bool(k.label), "origin": "thumbs",
              "held_out": question_key(k.question, k.document) in held}
             for k in route_feedback(session, PromptBuilder(session, retriever), rule).kto]
-    for p in preference_rows(session, retriever, None):  # a pair, unpaired: one good and one bad answer
+    for p in preference_rows(session, retriever, None, held):  # a pair, unpaired: one good and one bad answer
         for label, side in ((True, "chosen"), (False, "rejected")):
             rows.append({"prompt": p["prompt"], "completion": p[side], "label": label, "pair_ids": p["pair_ids"],
                          "origin": f"{p['origin']}-pair", "held_out": p["held_out"]})
@@ -172,7 +174,7 @@ def _train_examples(session: Session, kinds: tuple[str, ...]) -> list[Example]:
 def chosen_label(row: dict) -> str | None:
     """"yes"/"no" when a pair's chosen answer is a bare Yes or No (the label balancing looks at), else None."""
     text = row["chosen"][-1]["content"] if isinstance(row["chosen"], list) else str(row["chosen"])
-    return yes_no_label(text) if is_yes_no_reference(text) else None
+    return yes_no_reference_label(text)
 
 
 def select_align_data(session: Session, method: str, retriever: Retriever | None, data_dir: Path | None,

@@ -22,6 +22,7 @@ from tuneloop.models.registry import build_chat_model, generation_params
 from tuneloop.programs.rag import Retriever, rag_program_path
 from tuneloop.programs.rag_dspy import make_answerer
 from tuneloop.progress import Reporter
+from tuneloop.splits import question_key
 from tuneloop.stages.common import champion
 from tuneloop.stats import PairedTest, bootstrap_ci, paired_bootstrap
 from tuneloop.store import Artifact, EvalRun, Example, ModelVersion, Session, text_hash, utcnow
@@ -158,7 +159,7 @@ def check_no_overlap(session: Session, examples: list[Example]) -> None:
     """Refuse a held-out set that shares a question (about the same document) with the training
     split: checked on every evaluation, not assumed from how the data was imported."""
     def key(e: Example) -> tuple[str, str]:
-        return " ".join(metrics.normalize_tokens(e.question)), e.document or ""
+        return question_key(e.question, e.document)
 
     trained = {key(e): e for e in session.scalars(select(Example).where(Example.split == "train"))}
     overlap = [e for e in examples if key(e) in trained]
@@ -208,8 +209,34 @@ class GateDecision:
     champion: str
 
 
-def gate_metric(project: Project, session: Session, scored: dict[int, dict], ids: list[int]) -> Callable:
-    """items (indices into `ids`) -> the gate's primary value on them.
+@dataclass
+class PairedRuns:
+    """The scored predictions of two eval runs on the questions both answered, read once per gate
+    decision; `sources[i]`: where question `ids[i]` came from (its example kind)."""
+
+    cand: list[dict]
+    champ: list[dict]
+    ids: list[int]
+    sources: list[str]
+
+    @classmethod
+    def read(cls, session: Session, cand_run: EvalRun, champ_run: EvalRun) -> PairedRuns:
+        cand, champ = _scored_by_example(cand_run), _scored_by_example(champ_run)
+        ids = sorted(set(cand) & set(champ))
+        kinds = example_sources(session, ids)
+        return cls([cand[i] for i in ids], [champ[i] for i in ids], ids, [kinds.get(i, "-") for i in ids])
+
+
+def by_source(rows: list[dict], sources: list[str], idx, primary: str) -> dict[str, float]:
+    """The primary metric of each held-out source, on the items `idx` (indices into rows/sources)."""
+    groups: dict[str, list[dict]] = {}
+    for i in idx:
+        groups.setdefault(sources[i], []).append(rows[i])
+    return {kind: metrics.summarize(g).get(primary, math.nan) for kind, g in sorted(groups.items())}
+
+
+def gate_metric(project: Project, rows: list[dict], sources: list[str]) -> Callable:
+    """items (indices into `rows`) -> the gate's primary value on them.
 
     `eval.gate_average: items` (default): the primary metric over all the items. `sources`: the
     mean of the primary metric over the held-out sources (example kinds: the imported set "seed",
@@ -218,18 +245,11 @@ def gate_metric(project: Project, session: Session, scored: dict[int, dict], ids
     on them is not diluted by a larger set of old questions). A source with no item in a
     bootstrap resample is left out of that resample's mean."""
     s = project.settings.eval
-    rows = [scored[i] for i in ids]
     if s.gate_average == "items":
         return lambda idx: metrics.summarize([rows[i] for i in idx]).get(s.primary_metric, math.nan)
-    kinds = example_sources(session, ids)
-    source_of = [kinds.get(i, "-") for i in ids]
 
     def mean_over_sources(idx) -> float:
-        groups: dict[str, list[dict]] = {}
-        for i in idx:
-            groups.setdefault(source_of[i], []).append(rows[i])
-        values = [metrics.summarize(g).get(s.primary_metric, math.nan) for g in groups.values()]
-        values = [v for v in values if not _nan(v)]
+        values = [v for v in by_source(rows, sources, idx, s.primary_metric).values() if not _nan(v)]
         return sum(values) / len(values) if values else math.nan
 
     return mean_over_sources
@@ -242,37 +262,31 @@ def example_sources(session: Session, ids: list[int]) -> dict[int, str]:
     return dict(session.execute(select(Example.id, Example.kind).where(Example.id.in_(ids))).all())
 
 
-def _shared(cand_run: EvalRun, champ_run: EvalRun) -> tuple[dict[int, dict], dict[int, dict], list[int]]:
-    cand, champ = _scored_by_example(cand_run), _scored_by_example(champ_run)
-    return cand, champ, sorted(set(cand) & set(champ))
-
-
-def significance_test(project: Project, session: Session, cand_run: EvalRun, champ_run: EvalRun) -> PairedTest | None:
+def significance_test(project: Project, session: Session, cand_run: EvalRun, champ_run: EvalRun,
+                      paired: PairedRuns | None = None) -> PairedTest | None:
     """Paired bootstrap of the gate's primary value (`gate_metric`), candidate minus champion,
     over the questions both runs answered (their stored predictions); None when fewer than 2 are shared."""
     s = project.settings.eval
-    cand, champ, ids = _shared(cand_run, champ_run)
-    if len(ids) < 2:
+    p = paired or PairedRuns.read(session, cand_run, champ_run)
+    if len(p.ids) < 2:
         return None
-    return paired_bootstrap(len(ids), gate_metric(project, session, cand, ids),
-                            gate_metric(project, session, champ, ids), s.bootstrap_resamples, s.confidence)
+    return paired_bootstrap(len(p.ids), gate_metric(project, p.cand, p.sources),
+                            gate_metric(project, p.champ, p.sources), s.bootstrap_resamples, s.confidence)
 
 
-def source_guards(project: Project, session: Session, cand_run: EvalRun, champ_run: EvalRun) -> list[str]:
-    """`eval.gate_average: sources`: why the candidate must not be promoted because its primary
+def source_guards(project: Project, paired: PairedRuns) -> list[str]:
+    """With `eval.gate_average: sources`: why the candidate must not be promoted because its primary
     metric on one held-out source fell more than `eval.source_tolerance` below the champion's
     (a gain on new traffic must not be bought with the old questions); [] with one source."""
     s = project.settings.eval
-    if s.gate_average != "sources":
+    if len(set(paired.sources)) < 2:
         return []
-    cand, champ, ids = _shared(cand_run, champ_run)
-    kinds = example_sources(session, ids)
+    everything = range(len(paired.ids))
+    cand, champ = (by_source(rows, paired.sources, everything, s.primary_metric) for rows in (paired.cand, paired.champ))
     reasons = []
-    for kind in sorted(set(kinds.values())) if len(set(kinds.values())) > 1 else []:
-        part = [i for i in ids if kinds.get(i) == kind]
-        c, b = (metrics.summarize([run[i] for i in part]).get(s.primary_metric) for run in (cand, champ))
-        reason = drop_guard(f"{s.primary_metric} on the {kind!r} held-out questions ({len(part)})", c, b,
-                            s.source_tolerance)
+    for kind in cand:
+        reason = drop_guard(f"{s.primary_metric} on the {kind!r} held-out questions ({paired.sources.count(kind)})",
+                            cand[kind], champ[kind], s.source_tolerance)
         reasons += [reason] if reason else []
     return reasons
 
@@ -309,9 +323,10 @@ def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: 
         raise StateError("no champion to compare against")
     c, b = cand_run.metrics.get(s.primary_metric), champ_run.metrics.get(s.primary_metric)
     what = s.primary_metric
-    if s.gate_average == "sources" and c is not None and b is not None:
-        cand, champ, ids = _shared(cand_run, champ_run)
-        c, b = (float(gate_metric(project, session, run, ids)(range(len(ids)))) for run in (cand, champ))
+    paired = PairedRuns.read(session, cand_run, champ_run) if s.gate_average == "sources" else None
+    if paired is not None and c is not None and b is not None:
+        c, b = (float(gate_metric(project, rows, paired.sources)(range(len(paired.ids))))
+                for rows in (paired.cand, paired.champ))
         what = f"{s.primary_metric} (mean over held-out sources)"
     test = None
     if c is None or b is None or _nan(c) or _nan(b):
@@ -321,7 +336,7 @@ def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: 
         verb = "beats" if promoted else "does not beat"
         reason = f"{what} {c:.4f} {verb} champion {b:.4f} (+{s.min_improvement} required)"
         if promoted and s.significance == "bootstrap":
-            test = significance_test(project, session, cand_run, champ_run)
+            test = significance_test(project, session, cand_run, champ_run, paired)
             alpha = 1.0 - s.confidence
             if test is None:
                 promoted, reason = False, reason + "; too few shared questions for a significance test"
@@ -331,7 +346,7 @@ def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: 
                            f"[{test.low:+.4f}, {test.high:+.4f}], p={test.p_value:.3f} "
                            + ("<" if promoted else ">=") + f" {alpha:.2f}"
                            + ("" if promoted else ": not significant"))
-    guards = (*guards, *source_guards(project, session, cand_run, champ_run))
+    guards = (*guards, *(source_guards(project, paired) if paired is not None else ()))
     if promoted and guards:
         promoted = False
         reason += "; refused by guard: " + "; ".join(guards)

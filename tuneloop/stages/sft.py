@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
 from tuneloop.config import Project, SFTSettings
 from tuneloop.errors import StateError
-from tuneloop.metrics import is_yes_no_reference, yes_no_label
+from tuneloop.metrics import yes_no_reference_label
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.progress import Reporter
@@ -64,7 +64,7 @@ def select_examples(session: Session, settings: SFTSettings, seed: int) -> tuple
 def balance_yes_no(examples: list[Example], rng: random.Random) -> list[Example]:
     """Down-sample the majority yes/no answer to the minority's count (`stages.common.balance_labels`);
     extraction examples are all kept."""
-    return balance_labels(examples, lambda e: yes_no_label(e.answer) if is_yes_no_reference(e.answer) else None, rng)
+    return balance_labels(examples, lambda e: yes_no_reference_label(e.answer), rng)
 
 
 def training_rows(examples: list[Example], retriever: Retriever) -> list[dict]:
