@@ -15,7 +15,8 @@ Data: ../shared/data/cuad-dev (CUAD v1 slice by The Atticus Project, CC BY 4.0).
   (`tuneloop ingest`: users want to ask about them now), and users ask the 10 licence/IP
   categories about them. The next watch tick sees query drift and/or a satisfaction drop and
   starts cycle 2 by itself: ingest (nothing new) -> corrected and approved (thumbs-up) answers
-  become examples (75% train, 25% held out) -> synth -> SFT -> DPO on the correction pairs
+  become examples (75% train, 25% held out) -> synth -> SFT on what is new plus a replay share
+  of the seeds (`sft.seeds_every_cycle: false`) -> DPO on the correction pairs
   (balanced by the chosen Yes/No) -> eval (old held-out + the new held-out items) -> gate, with
   `eval.gate_average: sources` (the new held-out items weigh as much as the old set, and
   neither may fall past `eval.source_tolerance`).
@@ -88,7 +89,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--probe", type=int, default=50, help="licence questions no user asks: the recovery probe")
     p.add_argument("--phase3", type=int, default=30, help="probe questions asked of the new champion afterwards")
     p.add_argument("--synth-questions", type=int, default=8)
-    p.add_argument("--epochs", type=float, default=1.0)
+    # The update cycle trains the champion on what is new (feedback, fresh synthetic data) plus a
+    # replay share of 25% (`sft.seeds_every_cycle: false`), hard enough to move a 135M student: a focused
+    # run (bench/continuous_focus.py) learned the licence categories at 1e-3 x 4 epochs, not at
+    # 3e-4 x 2.
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="sft.learning_rate")
     p.add_argument("--heldout-fraction", type=float, default=0.25, help="share of feedback questions held out")
     # below the old world's level (SFT on CUAD: ~0.3 of answers match), so the floor alone does not fire
     p.add_argument("--satisfaction-floor", type=float, default=0.15)
@@ -152,7 +158,8 @@ def make_project(args, p: dict):
     link_documents(work / "documents", args.data, p["old_docs"])
     settings = yaml.safe_load(default_settings_yaml("continuous-bench", ["documents"]))
     settings["synth"]["questions_per_cycle"] = args.synth_questions
-    settings["sft"]["epochs"] = args.epochs
+    settings["sft"].update({"epochs": args.epochs, "learning_rate": args.learning_rate,
+                            "seeds_every_cycle": False, "replay_fraction": 0.25})
     settings["align"].update({"method": "dpo", "ai_feedback": False})  # human corrections are the pairs
     settings["feedback"]["heldout_fraction"] = args.heldout_fraction
     settings["eval"]["gate_average"] = "sources"  # the new traffic's held-out items weigh as much as the old set
@@ -380,7 +387,7 @@ def write_outputs(args, project, result: dict) -> None:
     command = "python bench/continuous.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k in ("seed_contracts", "eval_questions", "phase1", "phase2", "probe", "phase3", "synth_questions",
-                 "epochs", "heldout_fraction", "satisfaction_floor", "seed", "docs_limit") and v is not None)
+                 "epochs", "learning_rate", "heldout_fraction", "satisfaction_floor", "seed", "docs_limit") and v is not None)
     result["command"] = command
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(result, indent=2, default=str))

@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cuad-dev")
     ap.add_argument("--project", type=Path, default=ROOT / "bench-runs" / "continuous")
     ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--learning-rate", type=float, default=None, help="default: the project's sft.learning_rate")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "bench-runs" / "continuous-focus")
     a = ap.parse_args()
     t0 = time.time()
@@ -51,7 +52,8 @@ def main() -> None:
                     if (e.question, e.document) in licence]
         train = balance_yes_no(examples, random.Random(0))
         v1 = s.scalar(select(ModelVersion).where(ModelVersion.name == "v1"))
-        settings = project.settings.sft.model_copy(update={"epochs": a.epochs})
+        update = {"epochs": a.epochs} | ({"learning_rate": a.learning_rate} if a.learning_rate else {})
+        settings = project.settings.sft.model_copy(update=update)
         model_dir = resolve_model_path(project.settings.models.student.model, project.cache)
         trainer, tok = _train(model_dir, Path(v1.adapter_path), training_rows(train, retriever), settings,
                               a.out_dir / "work", rep)
@@ -62,11 +64,11 @@ def main() -> None:
         items, _ = score_examples(project, adapter, continuous.probe_examples(plan["probe"]), retriever, rep)
     labels = [metrics.yes_no_label(e.answer) for e in train]
     answers = [metrics.yes_no_label(it["prediction"]) for it in items]
-    result = {"epochs": a.epochs, "n_train": len(train), "train_labels": {x: labels.count(x) for x in ("yes", "no")},
+    result = {"epochs": a.epochs, "learning_rate": settings.learning_rate, "n_train": len(train), "train_labels": {x: labels.count(x) for x in ("yes", "no")},
               "probe": continuous.summary_with_ci(items, "macro_score"),
               "probe_answers": {str(x): answers.count(x) for x in set(answers)},
               "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - t0, 1),
-              "command": f"python bench/continuous_focus.py --epochs {a.epochs}"}
+              "command": f"python bench/continuous_focus.py --epochs {a.epochs} --learning-rate {settings.learning_rate}"}
     (a.out_dir / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -176,3 +176,26 @@ def test_approvals_can_be_turned_off(project):
         s.commit()
         answers = [e.answer for e in s.scalars(select(Example).where(Example.kind == "feedback"))]
     assert answers == ["The licensor."] and r.approvals == 0 and r.corrections == 1
+
+
+def test_seeds_join_the_replay_pool_once_trained_on_unless_seeds_every_cycle(project):
+    """Cycle 2 after a version trained on the seeds: by default every seed is trained on again;
+    with `sft.seeds_every_cycle: false` the fresh data is only what is new, and seeds are replayed."""
+    p = project({"feedback": {"heldout_fraction": 0.0}, "sft": {"balance_yes_no": False, "replay_fraction": 0.5}})
+    sessions = open_store(p.store_url)
+    with sessions() as s:
+        seed_ids = set(s.scalars(select(Example.id).where(Example.kind == "seed", Example.split == "train")))
+        s.add(ModelVersion(name="v1", base_model="tiny", method="sft", status="champion",
+                            training_example_ids=sorted(seed_ids)))
+        for q in questions(4):
+            correct(s, q, "No.", "Within thirty days of the order.")
+        feedback_to_examples(p, s)
+        s.commit()
+        new_ids = set(s.scalars(select(Example.id).where(Example.kind == "feedback")))
+        fresh, replay = select_examples(s, p.settings.sft, seed=0)
+        assert {e.id for e in fresh} == seed_ids | new_ids and not replay
+        only_new = p.settings.sft.model_copy(update={"seeds_every_cycle": False})
+        fresh, replay = select_examples(s, only_new, seed=0)
+    assert len(seed_ids) > 2 and len(new_ids) == 4
+    assert {e.id for e in fresh} == new_ids
+    assert len(replay) == 2 and {e.id for e in replay} <= seed_ids  # replay_fraction 0.5 of the 4 new

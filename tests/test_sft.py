@@ -118,3 +118,15 @@ def test_balance_yes_no_caps_the_majority_answer_and_keeps_extractions():
     assert "the laws of Ontario" in answers and "30 days" in answers
     only_no = [e for e in rows if e.answer == "No"]
     assert [e.answer for e in balance_yes_no(only_no, random.Random(0))] == ["No"]
+
+
+def test_activation_checkpointing_only_on_cuda():
+    """TRL checkpoints activations by default; on CPU that recomputes every forward pass for no
+    memory the run needs, so the trainers' arguments turn it off there."""
+    import torch
+
+    from tuneloop.stages.policy import device_args
+
+    cpu, cuda = device_args("cpu", torch.float32), device_args("cuda", torch.bfloat16)
+    assert cpu["gradient_checkpointing"] is False and cpu["use_cpu"] and not cpu["bf16"]
+    assert cuda["gradient_checkpointing"] is True and cuda["bf16"] and not cuda["use_cpu"]

@@ -124,6 +124,10 @@ class SFTSettings(_Section):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     replay_fraction: float = Field(0.1, ge=0.0, le=1.0)  # earlier cycles' data mixed in
+    # seeds_every_cycle: every cycle trains on all the seeds again (with what is new). False: a
+    # seed a version already trained on joins the replay pool like any other example, so a cycle's
+    # steps go to what is new (feedback from use, fresh synthetic data) plus the replay share.
+    seeds_every_cycle: bool = True
     balance_yes_no: bool = True  # down-sample the majority Yes/No answer in training data
     save_steps: int = Field(10, ge=1)  # checkpoint interval; a killed run resumes from the last one
     seed: int = 0

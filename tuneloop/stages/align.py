@@ -41,7 +41,7 @@ from tuneloop.stages.align_data import AlignData, select_align_data
 from tuneloop.stages.common import (
     register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
 )
-from tuneloop.stages.policy import load_policy
+from tuneloop.stages.policy import device_args, load_policy
 from tuneloop.stages.rewards import JudgeReward, f1_reward
 from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback
 from tuneloop.store import ModelVersion, Session
@@ -65,8 +65,7 @@ def _config(method: str, s: AlignSettings, work_dir: Path, device: str, dtype: t
         "output_dir": str(work_dir), "num_train_epochs": s.epochs, "learning_rate": s.learning_rate,
         "per_device_train_batch_size": s.batch_size, "gradient_accumulation_steps": s.grad_accum, "seed": s.seed,
         "logging_steps": 1, "report_to": [], "save_strategy": "steps", "save_steps": s.save_steps,
-        "save_total_limit": 1, "use_cpu": device == "cpu", "bf16": dtype == torch.bfloat16, "fp16": False,
-        "disable_tqdm": True,
+        "save_total_limit": 1, "disable_tqdm": True, **device_args(device, dtype),
     }
     if method == "dpo":
         from trl import DPOConfig

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import torch
 from sqlalchemy import select
 from transformers import PrinterCallback
 
@@ -31,7 +30,7 @@ from tuneloop.progress import Reporter
 from tuneloop.stages.common import (
     register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
 )
-from tuneloop.stages.policy import load_policy
+from tuneloop.stages.policy import device_args, load_policy
 from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback, _steps
 from tuneloop.store import Chunk, ModelVersion, Session, text_hash
 
@@ -110,8 +109,7 @@ def build_trainer(model_dir: Path, parent_adapter: Path | None, rows: list[dict]
         per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
         max_length=s.max_length, seed=s.seed, logging_steps=1, report_to=[],
         save_strategy="steps", save_steps=s.save_steps, save_total_limit=1,
-        use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, fp16=False,
-        disable_tqdm=True, lr_scheduler_type="cosine", warmup_steps=0.03,
+        disable_tqdm=True, lr_scheduler_type="cosine", warmup_steps=0.03, **device_args(device, dtype),
         dataset_num_proc=None, dataset_text_field="text", packing=False,
         completion_only_loss=False, assistant_only_loss=False,
     )

@@ -32,7 +32,7 @@ from tuneloop.models.defaults import resolve_model_path
 from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
 from tuneloop.progress import Reporter
 from tuneloop.stages.align_data import AlignData
-from tuneloop.stages.policy import load_policy, lora_config
+from tuneloop.stages.policy import device_args, load_policy, lora_config
 from tuneloop.stages.common import save_trained_adapter, train_losses
 from tuneloop.store import ModelVersion
 
@@ -44,8 +44,7 @@ def _common(s: AlignSettings, out: Path, device: str, dtype: torch.dtype) -> dic
     return {"output_dir": str(out), "num_train_epochs": s.epochs, "learning_rate": s.learning_rate,
             "per_device_train_batch_size": s.batch_size, "gradient_accumulation_steps": s.grad_accum,
             "seed": s.seed, "logging_steps": 1, "report_to": [], "save_strategy": "steps",
-            "save_steps": s.save_steps, "save_total_limit": 1, "use_cpu": device == "cpu",
-            "bf16": dtype == torch.bfloat16, "fp16": False, "disable_tqdm": True}
+            "save_steps": s.save_steps, "save_total_limit": 1, "disable_tqdm": True, **device_args(device, dtype)}
 
 
 def _lora(lora: SFTSettings, task_type: str):

@@ -13,7 +13,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from sqlalchemy import select
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -28,7 +27,7 @@ from tuneloop.progress import Reporter
 from tuneloop.stages.common import (
     balance_labels, register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
 )
-from tuneloop.stages.policy import load_policy
+from tuneloop.stages.policy import device_args, load_policy
 from tuneloop.store import Example, ModelVersion, Session
 
 KIND = "adapters"
@@ -43,15 +42,20 @@ class SFTResult:
 
 
 def select_examples(session: Session, settings: SFTSettings, seed: int) -> tuple[list[Example], list[Example]]:
-    """(new, replay): seeds + examples no model was trained on yet (yes/no answers balanced when
-    `balance_yes_no`), and a replay share of the examples earlier versions were trained on."""
+    """(new, replay): the seeds (all of them when `seeds_every_cycle`, else those no model was
+    trained on yet) + the other examples no model was trained on yet, yes/no answers balanced when
+    `balance_yes_no`; and a replay share of the examples earlier versions were trained on."""
     trained_on: set[int] = set()
     for ids in session.scalars(select(ModelVersion.training_example_ids)):
         trained_on.update(ids or [])
     train = session.scalars(select(Example).where(Example.split == "train").order_by(Example.id)).all()
-    seeds = [e for e in train if e.kind == "seed"]
-    new = [e for e in train if e.kind != "seed" and e.id not in trained_on]
-    old = [e for e in train if e.kind != "seed" and e.id in trained_on]
+
+    def always(e: Example) -> bool:  # trained on in every cycle, never replayed
+        return e.kind == "seed" and settings.seeds_every_cycle
+
+    seeds = [e for e in train if always(e)]
+    new = [e for e in train if not always(e) and e.id not in trained_on]
+    old = [e for e in train if not always(e) and e.id in trained_on]
     n_replay = min(len(old), round(settings.replay_fraction * max(1, len(new))))
     rng = random.Random(seed)
     replay = rng.sample(old, n_replay)
@@ -102,9 +106,8 @@ def _train(model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: SF
         per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
         max_length=s.max_length, seed=s.seed, logging_steps=1, report_to=[],
         save_strategy="steps", save_steps=s.save_steps, save_total_limit=1,
-        use_cpu=device == "cpu", bf16=dtype == torch.bfloat16, fp16=False,
         disable_tqdm=True, lr_scheduler_type="cosine", warmup_steps=0.03,
-        dataset_num_proc=None,
+        dataset_num_proc=None, **device_args(device, dtype),
     )
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
