@@ -325,8 +325,9 @@ def main() -> None:
     v_old = champion_name(project)
     mark(f"cycle 1 done: champion {v_old}", outcome=result["cycle1"]["outcome"])
     project = set_update_recipe(args)
-    mark(f"the update cycles' SFT recipe is set: {args.update_learning_rate:g} x {args.update_epochs:g} epochs "
-         "on what is new + 25% replay")
+    sft = project.settings.sft
+    mark(f"the update cycles' SFT recipe is set: {sft.learning_rate:g} x {sft.epochs:g} epochs "
+         f"on what is new + {sft.replay_fraction:.0%} replay")
 
     result["phase1"] = ask_and_vote(project, p["phase1"], "phase 1", reporter)
     mark("phase 1: users asked old-category questions", **result["phase1"])
@@ -402,7 +403,8 @@ def write_outputs(args, project, result: dict) -> None:
     command = "python bench/continuous.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k in ("seed_contracts", "eval_questions", "phase1", "phase2", "probe", "phase3", "synth_questions",
-                 "epochs", "learning_rate", "update_epochs", "update_learning_rate", "heldout_fraction", "satisfaction_floor", "seed", "docs_limit") and v is not None)
+                 "epochs", "learning_rate", "update_epochs", "update_learning_rate", "heldout_fraction",
+                 "satisfaction_floor", "seed", "docs_limit") and v is not None)
     result["command"] = command
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(result, indent=2, default=str))
