@@ -15,9 +15,11 @@ Data: ../shared/data/cuad-dev (CUAD v1 slice by The Atticus Project, CC BY 4.0).
   (`tuneloop ingest`: users want to ask about them now), and users ask the 10 licence/IP
   categories about them. The next watch tick sees query drift and/or a satisfaction drop and
   starts cycle 2 by itself: ingest (nothing new) -> corrected and approved (thumbs-up) answers
-  become examples (75% train, 25% held out) -> synth -> SFT on what is new plus a replay share
-  of the seeds (`sft.seeds_every_cycle: false`) -> DPO on the correction pairs
-  (balanced by the chosen Yes/No) -> eval (old held-out + the new held-out items) -> gate, with
+  become examples (60% train, 25% held out, 15% dev) -> synth -> SFT on what is new plus a
+  replay share of the seeds (`sft.seeds_every_cycle: false`) -> DPO on the correction pairs
+  (balanced by the chosen Yes/No) -> select (SFT or DPO, on the dev questions) -> WiSE-FT (the
+  champion's and the candidate's weights averaged, alpha chosen on the dev questions among those
+  that keep the anchor set within tolerance) -> eval (old held-out + the new held-out items) -> gate, with
   `eval.gate_average: sources` (the new held-out items weigh as much as the old set, and
   neither may fall past `eval.source_tolerance`).
 * Measured: a probe set of licence questions no user asked (new score before and after), the old
@@ -98,6 +100,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--update-epochs", type=float, default=3.0, help="sft.epochs from cycle 2 on")
     p.add_argument("--update-learning-rate", type=float, default=1e-3, help="sft.learning_rate from cycle 2 on")
     p.add_argument("--heldout-fraction", type=float, default=0.25, help="share of feedback questions held out")
+    p.add_argument("--dev-fraction", type=float, default=0.15, help="share of feedback questions in the dev split")
+    p.add_argument("--wise-ft", action=argparse.BooleanOptionalAction, default=True,
+                   help="continual.wise_ft: average the update's candidate with the champion (alpha on dev)")
     # below the old world's level (SFT on CUAD: ~0.3 of answers match), so the floor alone does not fire
     p.add_argument("--satisfaction-floor", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0)
@@ -163,7 +168,10 @@ def make_project(args, p: dict):
     settings["sft"].update({"epochs": args.epochs, "learning_rate": args.learning_rate,
                             "seeds_every_cycle": False, "replay_fraction": 0.25})
     settings["align"].update({"method": "dpo", "ai_feedback": False})  # human corrections are the pairs
-    settings["feedback"]["heldout_fraction"] = args.heldout_fraction
+    settings["feedback"].update({"heldout_fraction": args.heldout_fraction, "dev_fraction": args.dev_fraction})
+    # WiSE-FT: the update cycle's candidate is averaged with the champion, alpha chosen on the dev
+    # questions from feedback among those that keep the anchor (cycle 1 has no dev set: skipped)
+    settings["continual"]["wise_ft"] = args.wise_ft
     settings["eval"]["gate_average"] = "sources"  # the new traffic's held-out items weigh as much as the old set
     settings["monitor"].update({"cooldown_seconds": 0, "satisfaction_floor": args.satisfaction_floor,
                                 "min_votes": 20, "min_queries": 30})
@@ -492,8 +500,12 @@ def markdown(result: dict) -> str:
     if c2:
         lines += ["", f"Cycle 2 trigger: {c2['trigger']}", "",
                   "Cycle 2 steps (seconds): " + ", ".join(f"{k} {v['seconds']}" for k, v in c2["steps"].items()),
-                  "", f"Cycle 2 feedback step: {json.dumps(c2['steps'].get('feedback', {}))}", "",
-                  f"Gate: {c2['outcome']}"]
+                  "", f"Cycle 2 feedback step: {json.dumps(c2['steps'].get('feedback', {}))}", ""]
+        for step in ("select", "wise"):
+            if step in c2["steps"]:
+                info = {k: v for k, v in c2["steps"][step].items() if k != "seconds"}
+                lines += [f"Cycle 2 {step} step: {json.dumps(info, default=str)}", ""]
+        lines += [f"Gate: {c2['outcome']}"]
     lines += ["", "The report of this run: `docs/benchmarks/continuous-report.html` (`tuneloop report`).", "",
               "Data: CUAD v1 (The Atticus Project), CC BY 4.0.", "<!-- continuous:end -->"]
     return "\n".join(lines)

@@ -199,3 +199,44 @@ def test_seeds_join_the_replay_pool_once_trained_on_unless_seeds_every_cycle(pro
     assert len(seed_ids) > 2 and len(new_ids) == 4
     assert {e.id for e in fresh} == new_ids
     assert len(replay) == 2 and {e.id for e in replay} <= seed_ids  # replay_fraction 0.5 of the 4 new
+
+
+def test_a_dev_share_follows_the_held_out_share_without_moving_it():
+    keys = [question_key(q, "doc.md") for q in questions(400)]
+    sides = [heldout_side(k, 0.2, 0.15) for k in keys]
+    assert sides == [heldout_side(k, 0.2, 0.15) for k in keys]
+    assert 0.08 < sides.count("dev") / len(sides) < 0.22 and 0.12 < sides.count("eval") / len(sides) < 0.28
+    # turning the dev share on moves training questions only: the held-out set stays as it was
+    assert [s == "eval" for s in sides] == [heldout_side(k, 0.2) == "eval" for k in keys]
+    assert "dev" not in {heldout_side(k, 0.2) for k in keys}
+
+
+def test_dev_fraction_routes_feedback_to_the_dev_split_never_trained_on(project):
+    from tuneloop.stages.wise import dev_examples
+
+    p = project({"feedback": {"heldout_fraction": 0.3, "dev_fraction": 0.3}}, pairs=False)
+    sessions = open_store(p.store_url)
+    with sessions() as s:
+        for q in questions(30):
+            correct(s, q, "No.", "Within thirty days of the order.")
+        r = feedback_to_examples(p, s)
+        s.commit()
+        rows = list(s.scalars(select(Example).where(Example.kind == "feedback")))
+        fresh, _ = select_examples(s, p.settings.sft, seed=0)
+        dev = dev_examples(p, s)
+    assert r.added["dev"] >= 3 and r.as_dict()["added_dev"] == r.added["dev"]
+    assert sum(r.added.values()) == 30 and {e.split for e in rows} == {"train", "eval", "dev"}
+    assert all(e.split == heldout_side(question_key(e.question, e.document), 0.3, 0.3) for e in rows)
+    assert {e.id for e in dev} == {e.id for e in rows if e.split == "dev"}
+    assert not ({e.id for e in fresh} & {e.id for e in dev})  # SFT never sees a dev question
+
+
+def test_held_out_and_dev_shares_must_fit(tmp_path):
+    import pytest
+
+    from tuneloop.config import parse_settings
+    from tuneloop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"heldout_fraction \(0.7\) \+ feedback.dev_fraction \(0.4\)") as err:
+        parse_settings({"feedback": {"heldout_fraction": 0.7, "dev_fraction": 0.4}}, tmp_path / "tuneloop.yaml")
+    assert "Traceback" not in str(err.value)

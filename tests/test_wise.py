@@ -210,12 +210,16 @@ def test_choose_alpha_picks_the_best_dev_score_and_registers_a_wise_version(tmp_
 def test_choose_alpha_scores_with_the_real_answerer(tmp_path, tiny_model_dir, adapters):
     _, _, cand_adapter = adapters
     project = _wise_project(tmp_path, tiny_model_dir, [0.5, 1.0])
+    project.settings.continual.anchor = True  # the averages answer the real anchor set too
     retriever = ingest_project(project)
     with open_store(project.store_url)() as s:
         champ, cand = _setup_versions(project, s, None, cand_adapter)  # champion: the base model
         r = wise.choose_alpha(project, s, champ, cand, retriever, SilentReporter())
         s.commit()
-        assert set(r.scores) == {0.5, 1.0}
+        assert set(r.scores) == {0.5, 1.0} and set(r.anchor) == {0.5, 1.0}
+        assert all(0.0 <= v <= 1.0 for v in r.anchor.values())
+        from tuneloop.store import EvalRun  # the champion's anchor run is stored for the gate; the averages' are not
+        assert [run.model_version_id for run in s.scalars(select(EvalRun))] == [champ.id]
         assert all(0.0 <= v <= 1.0 for v in r.scores.values() if not math.isnan(v))
         assert r.alpha in (0.5, 1.0) and r.version.method == "wise" and r.version.hyperparams["champion"] == "base"
         assert r.version.name == "v2" and r.version.hyperparams["candidate"] == "v1"
@@ -276,3 +280,77 @@ def test_cycle_runs_wise_and_gates_the_averaged_version(project, monkeypatch):
         step = s.scalar(select(CycleStep).where(CycleStep.cycle_id == cycle.id, CycleStep.name == "wise"))
         assert step.result["version"] == "v2" and step.result["alpha"] == 0.5
         assert avg.id in {r.model_version_id for r in s.scalars(select(EvalRun))}
+
+
+class _Run:
+    def __init__(self, score):
+        self.metrics = {"anchor_score": score}
+
+
+def _screened(tmp_path, tiny_model_dir, adapters, monkeypatch, dev, anchor, champion_anchor=0.667):
+    """choose_alpha with the anchor screen on, dev and anchor scores scripted per alpha."""
+    _, champ_adapter, cand_adapter = adapters
+    project = _wise_project(tmp_path, tiny_model_dir, sorted(dev))
+    project.settings.continual.anchor = True
+    screened = []
+    monkeypatch.setattr(wise, "score_adapter",
+                        lambda proj, adapter, *a: dev[float(adapter.name.removeprefix("alpha-"))])
+
+    def fake_anchor(proj, adapter, reporter, label):
+        alpha = float(adapter.name.removeprefix("alpha-"))
+        assert (adapter / "adapter_model.safetensors").is_file()  # the average itself answers
+        screened.append(alpha)
+        return anchor[alpha]
+
+    monkeypatch.setattr(wise, "screen_anchor", fake_anchor)
+    monkeypatch.setattr(wise, "evaluate_anchor", lambda proj, s, version, *a: _Run(champion_anchor))
+    with open_store(project.store_url)() as s:
+        champ, cand = _setup_versions(project, s, champ_adapter, cand_adapter)
+        r = wise.choose_alpha(project, s, champ, cand, None, SilentReporter())
+        s.commit()
+        return r, screened
+
+
+def test_choose_alpha_passes_over_alphas_that_lose_the_anchor(tmp_path, tiny_model_dir, adapters, monkeypatch):
+    dev = {0.25: 0.1, 0.5: 0.4, 0.75: 0.6, 1.0: 0.7}  # the dev set alone would take 1.0
+    anchor = {0.25: 0.7, 0.5: 0.633, 0.75: 0.6, 1.0: 0.55}  # champion 0.667, tolerance 0.05: 0.25 and 0.5 keep it
+    r, screened = _screened(tmp_path, tiny_model_dir, adapters, monkeypatch, dev, anchor)
+    assert screened == [0.25, 0.5, 0.75, 1.0]
+    assert r.alpha == 0.5 and r.anchor == anchor
+    assert r.version.hyperparams["anchor_scores"]["0.75"] == 0.6 and r.version.hyperparams["champion_anchor"] == 0.667
+
+
+def test_choose_alpha_keeps_the_best_dev_score_when_no_alpha_keeps_the_anchor(tmp_path, tiny_model_dir, adapters,
+                                                                              monkeypatch):
+    dev = {0.5: 0.4, 1.0: 0.7}
+    r, _ = _screened(tmp_path, tiny_model_dir, adapters, monkeypatch, dev, {0.5: 0.5, 1.0: 0.4})
+    assert r.alpha == 1.0  # the gate refuses it on the anchor; the choice is still the best on dev
+
+
+def test_choose_alpha_without_the_anchor_guard_ranks_on_dev_only(tmp_path, tiny_model_dir, adapters, monkeypatch):
+    _, champ_adapter, cand_adapter = adapters
+    project = _wise_project(tmp_path, tiny_model_dir, [0.5, 1.0])
+    project.settings.continual.anchor = True
+    project.settings.continual.wise_anchor_guard = False
+    monkeypatch.setattr(wise, "score_adapter", lambda proj, adapter, *a: {"alpha-0.5": 0.2}.get(adapter.name, 0.9))
+    monkeypatch.setattr(wise, "screen_anchor", lambda *a: pytest.fail("the anchor screen is off"))
+    with open_store(project.store_url)() as s:
+        champ, cand = _setup_versions(project, s, champ_adapter, cand_adapter)
+        r = wise.choose_alpha(project, s, champ, cand, None, SilentReporter())
+    assert r.alpha == 1.0 and r.anchor == {} and "anchor_scores" not in r.version.hyperparams
+
+
+def test_cycle_skips_wise_until_there_is_a_dev_set(project, monkeypatch):
+    from tests.helpers import FakeTeacher, use_teacher
+    from tuneloop import loop
+    from tuneloop.store import CycleStep
+
+    p = project({"continual": {"wise_ft": True, "wise_alphas": [0.5, 1.0]}})
+    use_teacher(monkeypatch, FakeTeacher())
+    monkeypatch.setattr(wise, "score_adapter", lambda *a: pytest.fail("no dev set: nothing to score"))
+    cycle = loop.run_cycle(p, SilentReporter(), trigger="test")
+    with open_store(p.store_url)() as s:
+        step = s.scalar(select(CycleStep).where(CycleStep.cycle_id == cycle.id, CycleStep.name == "wise"))
+        assert "no dev set" in step.result["skipped"] and "feedback.dev_fraction" in step.result["skipped"]
+        assert s.scalars(select(ModelVersion).where(ModelVersion.method == "wise")).all() == []
+        assert {v.method for v in s.scalars(select(ModelVersion))} >= {"sft"}

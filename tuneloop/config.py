@@ -185,6 +185,9 @@ class ContinualSettings(_Section):
     wise_ft: bool = False  # average champion and candidate weights (WiSE-FT); alpha picked on the dev set
     wise_alphas: list[float] = [0.25, 0.5, 0.75, 1.0]
     wise_max_rank: int | None = Field(64, ge=1)  # averaged adapters above this rank are SVD-truncated to it
+    # with `anchor`: an alpha whose anchor score falls past `anchor_tolerance` below the champion's
+    # is not chosen (the gate would refuse it); the best dev score among the others wins
+    wise_anchor_guard: bool = True
     anchor: bool = True  # evaluate the general-ability anchor set every cycle
     anchor_tolerance: float = Field(0.05, ge=0.0)  # the gate refuses a drop larger than this
     dapt: bool = False  # domain-adaptive pre-training on raw chunks before SFT
@@ -225,7 +228,17 @@ class FeedbackSettings(_Section):
     approved_to_examples: bool = True  # without them the examples from use hold only the model's mistakes
     approved_rating: int = Field(4, ge=1, le=5)
     heldout_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    # ... and this share joins the dev split (never trained on, never gated on): what the select
+    # step and WiSE-FT's alpha are chosen on, so the dev set follows the traffic like the held-out set
+    dev_fraction: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _shares_fit(self):
+        if self.heldout_fraction + self.dev_fraction > 1.0:
+            raise ValueError(f"feedback.heldout_fraction ({self.heldout_fraction}) + feedback.dev_fraction "
+                             f"({self.dev_fraction}) is more than 1")
+        return self
 
 
 class MonitorSettings(_Section):
@@ -416,7 +429,8 @@ align:                   # preference alignment after SFT, when preference data 
 continual:
   anchor: true           # ask every version 30 everyday questions; forgetting shows up as a number
   anchor_tolerance: 0.05 # the gate refuses a candidate whose anchor score falls by more
-  wise_ft: false         # average champion and candidate weights; alpha picked on a --split dev set
+  wise_ft: false         # average champion and candidate weights; alpha picked on the dev split
+  wise_anchor_guard: true  # ... among the alphas whose anchor score stays within anchor_tolerance
   wise_max_rank: 64      # an averaged adapter above this LoRA rank is SVD-truncated to it
   dapt: false            # LoRA pre-training on the raw chunks (+20% general text) before SFT
   # dapt_max_chunks: 2000  # pre-train on a seeded sample of at most this many chunks
@@ -438,6 +452,7 @@ feedback:
   corrections_to_examples: true  # each cycle turns corrected answers into examples ...
   approved_to_examples: true     # ... and approved ones (thumbs up, or a rating >= approved_rating: 4)
   heldout_fraction: 0.2  # ... this share of those questions joins the held-out set, the rest trains
+  dev_fraction: 0.0      # ... and this share the dev split (select step, WiSE-FT alpha)
 
 monitor:                 # `tuneloop watch`: a firing signal starts a cycle (one at a time)
   interval_seconds: 300  # how often the signals are checked

@@ -48,7 +48,7 @@ from tuneloop.stages.select import pick_on_dev
 from tuneloop.stages.sft import train_sft
 from tuneloop.stages.synthesize import KIND as SYNTH_KIND
 from tuneloop.stages.synthesize import build_synth_models, synthesize
-from tuneloop.stages.wise import choose_alpha
+from tuneloop.stages.wise import choose_alpha, dev_examples
 from tuneloop.store import (
     Chunk,
     Cycle,
@@ -195,10 +195,15 @@ def _step_wise(ctx: CycleContext, s: Session) -> dict:
     """WiSE-FT: average champion and candidate weights, alpha chosen on the dev split (optional)."""
     if not ctx.project.settings.continual.wise_ft:
         return {"skipped": "continual.wise_ft is false"}
+    if not dev_examples(ctx.project, s):  # e.g. cycle 1, before feedback.dev_fraction has routed any
+        ctx.reporter.log("WiSE-FT skipped: no dev questions yet (feedback.dev_fraction, or "
+                         "tuneloop seeds import FILE --split dev)")
+        return {"skipped": "no dev set (feedback.dev_fraction, or tuneloop seeds import FILE --split dev)"}
     candidate = _candidate(s, ctx.cycle_id)
     r = choose_alpha(ctx.project, s, champion(s), candidate, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
     candidate.status = "superseded"  # the averaged version is what the gate judges
     return {"version": r.version.name, "alpha": r.alpha, "dev_scores": {str(a): v for a, v in r.scores.items()},
+            **({"anchor_scores": {str(a): v for a, v in r.anchor.items()}} if r.anchor else {}),
             "averaged": candidate.name}
 
 

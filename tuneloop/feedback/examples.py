@@ -19,6 +19,8 @@ without a correction, or a low rating, means there is no known right answer, so 
 * split "eval" for a fixed share of questions (`feedback.heldout_fraction`), chosen by a hash of
   the normalised question and its document (`tuneloop.splits`), so a question always lands on the
   same side, however often it is asked and whichever run sees it first;
+* split "dev" for a further share (`feedback.dev_fraction`, default 0), by the same hash: what
+  the select step and WiSE-FT choose on, never trained on and never gated on;
 * split "train" for the rest: SFT trains on them in the next cycle (as new data, then as replay).
 
 A question that is already an example keeps the split it has (a correction of a held-out question
@@ -47,7 +49,8 @@ class FeedbackExamples:
 
     def as_dict(self) -> dict:
         return {"corrections": self.corrections, "approvals": self.approvals, "added_train": self.added["train"],
-                "added_eval": self.added["eval"], "already_examples": self.already}
+                "added_eval": self.added["eval"], **({"added_dev": self.added["dev"]} if "dev" in self.added else {}),
+                "already_examples": self.already}
 
 
 @dataclass(frozen=True)
@@ -96,13 +99,13 @@ def feedback_to_examples(project: Project, session: Session, cycle_id: int | Non
         if key in existing:
             result.already += 1
             continue
-        split = heldout_side(key, s.heldout_fraction)
+        split = heldout_side(key, s.heldout_fraction, s.dev_fraction)
         it = known.interaction
         session.add(Example(kind=KIND, split=split, question=it.question, answer=known.answer, document=it.document,
                             content_hash=example_hash(it.question, known.answer, it.document), cycle_id=cycle_id,
                             meta={"feedback_id": known.feedback.id, "interaction_id": it.id, "from": known.how,
                                   "original_answer": it.answer}))
         existing.add(key)
-        result.added[split] += 1
+        result.added[split] = result.added.get(split, 0) + 1
     session.flush()
     return result

@@ -57,6 +57,18 @@ def score_anchor(predictions: list[str], items: list[dict]) -> tuple[list[dict],
                   "anchor_token_f1": sum(r["token_f1"] for r in rows) / n, "anchor_n": len(rows)}
 
 
+def answer_anchor(project: Project, adapter: Path | None, items: list[dict], reporter: Reporter,
+                  label: str) -> tuple[list[dict], dict]:
+    """The student with `adapter` (None: the base model) answers `items`; the scored rows and metrics
+    (nothing stored: WiSE-FT screens its unsaved averages with this)."""
+    role = project.settings.models.student
+    model = build_chat_model(project, role, adapter)
+    reporter.log(f"anchor set: {label} answers {len(items)} everyday questions")
+    convs = [[{"role": "user", "content": i["instruction"]}] for i in items]
+    preds = batched_chat(model, convs, generation_params(role), reporter, "anchor set", role.batch_size)
+    return score_anchor(preds, items)
+
+
 def evaluate_anchor(project: Project, session: Session, version: ModelVersion, reporter: Reporter,
                     cycle_id: int | None = None) -> EvalRun:
     """Answer the anchor set with `version` (no retrieval) and store the run (once per version)."""
@@ -64,12 +76,8 @@ def evaluate_anchor(project: Project, session: Session, version: ModelVersion, r
     set_hash = anchor_set_hash(items)
 
     def score() -> tuple[list[dict], dict]:
-        role = project.settings.models.student
-        model = build_chat_model(project, role, Path(version.adapter_path) if version.adapter_path else None)
-        reporter.log(f"anchor set: {version.name} answers {len(items)} everyday questions")
-        convs = [[{"role": "user", "content": i["instruction"]}] for i in items]
-        preds = batched_chat(model, convs, generation_params(role), reporter, "anchor set", role.batch_size)
-        return score_anchor(preds, items)
+        return answer_anchor(project, Path(version.adapter_path) if version.adapter_path else None, items,
+                             reporter, version.name)
 
     return stored_eval_run(project, session, version, set_hash, KIND, f"{version.name}-{set_hash[7:19]}", "anchor",
                            score, cycle_id)

@@ -10,8 +10,14 @@ delta is alpha * dW_candidate.
 
 Each alpha in `continual.wise_alphas` is scored on the dev split (never trained on, never the
 held-out eval set) with the retrieval-augmented answerer; the best wins, ties going to the smaller
-alpha (closer to the champion). The winner is registered as a new candidate version (method
-"wise", parent: the candidate).
+alpha (closer to the champion). With `continual.anchor` and `continual.wise_anchor_guard` each
+alpha also answers the anchor set, and an alpha whose anchor score falls past
+`continual.anchor_tolerance` below the champion's is passed over (the gate would refuse it): the
+dev split measures the domain, the anchor what fine-tuning may erase, and interpolating towards
+the champion trades one for the other. (The gate then checks the same 30 anchor questions the
+alpha was screened on; the held-out questions stay untouched by the choice.) When no alpha keeps
+the anchor, the best dev score is kept anyway and the gate refuses it. The winner is registered
+as a new candidate version (method "wise", parent: the candidate).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
+from tuneloop.stages.anchor import anchor_guard, anchor_items, answer_anchor, evaluate_anchor
 from tuneloop.stages.common import register_adapter, run_name
 from tuneloop.stages.evaluate import score_examples
 from tuneloop.store import Example, ModelVersion, Session
@@ -41,6 +48,7 @@ KIND = "adapters"
 class WiseResult:
     alpha: float
     scores: dict[float, float]  # primary dev metric per alpha
+    anchor: dict[float, float]  # anchor score per alpha (empty without the anchor screen)
     version: ModelVersion
     artifact: Path
 
@@ -92,12 +100,18 @@ def score_adapter(project: Project, adapter: Path, examples: list[Example], retr
     return float("nan") if value is None else float(value)
 
 
-def _best(scores: dict[float, float]) -> float:
-    """The alpha with the highest score; ties (and NaN scores) go to the smaller alpha."""
+def screen_anchor(project: Project, adapter: Path, reporter: Reporter, label: str) -> float:
+    """The anchor score of the student with `adapter` (not stored: the average is not a version yet)."""
+    return float(answer_anchor(project, adapter, anchor_items(), reporter, label)[1]["anchor_score"])
+
+
+def _best(scores: dict[float, float], eligible: set[float] | None = None) -> float:
+    """The alpha with the highest score among `eligible` (all when None or when none is);
+    ties (and NaN scores) go to the smaller alpha."""
     def value(a: float) -> float:
         return -math.inf if math.isnan(scores[a]) else scores[a]
 
-    alphas = sorted(scores)
+    alphas = sorted(a for a in scores if not eligible or a in eligible)
     best = alphas[0]
     for alpha in alphas[1:]:
         if value(alpha) > value(best):
@@ -126,15 +140,26 @@ def choose_alpha(project: Project, session: Session, champion: ModelVersion, can
         model_dir = resolve_model_path(role.model, project.cache)
         champ_adapter = Path(champion.adapter_path) if champion.adapter_path else None
         work = project.artifacts / ".work" / name
+        cont = project.settings.continual
+        champ_anchor = None
+        if cont.anchor and cont.wise_anchor_guard:  # stored: the gate reads the same run
+            champ_anchor = evaluate_anchor(project, session, champion, reporter, cycle_id).metrics.get("anchor_score")
         scores: dict[float, float] = {}
+        anchor: dict[float, float] = {}
         for alpha in alphas:
             out = work / f"alpha-{alpha:g}"
             shutil.rmtree(out, ignore_errors=True)
             average_adapters(model_dir, champ_adapter, Path(candidate.adapter_path), alpha, out,
-                             project.settings.continual.wise_max_rank)
+                             cont.wise_max_rank)
             reporter.log(f"WiSE-FT: scoring alpha {alpha:g} on {len(examples)} dev questions")
             scores[alpha] = score_adapter(project, out, examples, retriever, reporter)
-        alpha = _best(scores)
+            if champ_anchor is not None:
+                anchor[alpha] = screen_anchor(project, out, reporter, f"WiSE-FT alpha {alpha:g}")
+        eligible = {a for a, v in anchor.items() if anchor_guard(project, v, champ_anchor) is None}
+        if anchor and not eligible:
+            reporter.log(f"WiSE-FT: no alpha keeps the anchor score within {cont.anchor_tolerance} of the "
+                         f"champion's {champ_anchor:.3f}; the best dev score is kept (the gate will refuse it)")
+        alpha = _best(scores, eligible if anchor else None)
         chosen = work / f"alpha-{alpha:g}"
 
         def write(tmp: Path) -> None:
@@ -144,6 +169,7 @@ def choose_alpha(project: Project, session: Session, champion: ModelVersion, can
 
         meta = {"stage": "wise", "cycle_id": cycle_id, "base_model": role.model, "alpha": alpha,
                 "scores": {f"{a:g}": s for a, s in scores.items()}, "champion": champion.name,
+                "anchor_scores": {f"{a:g}": v for a, v in anchor.items()}, "champion_anchor": champ_anchor,
                 "candidate": candidate.name, "primary_metric": project.settings.eval.primary_metric,
                 "dev_example_ids": [e.id for e in examples]}
         path = write_artifact(project.artifacts, KIND, name, meta, write)
@@ -154,10 +180,13 @@ def choose_alpha(project: Project, session: Session, champion: ModelVersion, can
 def _register(session: Session, path: Path, candidate: ModelVersion, cycle_id: int | None) -> WiseResult:
     meta = read_meta(path)
     scores = {float(a): s for a, s in meta["scores"].items()}
+    anchor = {float(a): v for a, v in (meta.get("anchor_scores") or {}).items()}
     version = register_adapter(
         session, path, candidate, cycle_id, method="wise", base_model=meta["base_model"],
         hyperparams={"alpha": meta["alpha"], "scores": meta["scores"], "champion": meta["champion"],
-                     "candidate": meta["candidate"]},
+                     "candidate": meta["candidate"],
+                     **({"anchor_scores": meta["anchor_scores"], "champion_anchor": meta["champion_anchor"]}
+                        if anchor else {})},
         metrics={f"dev_{meta['primary_metric']}": s for a, s in scores.items() if a == meta["alpha"]
                  and not math.isnan(s)})
-    return WiseResult(meta["alpha"], scores, version, path)
+    return WiseResult(meta["alpha"], scores, anchor, version, path)
