@@ -97,7 +97,7 @@ def parse_args() -> argparse.Namespace:
     # 25% replay share (`sft.seeds_every_cycle: false`), and harder than cycle 1: a focused run
     # (bench/continuous_focus.py) learned the licence categories at 1e-3 x 4 epochs, not at 3e-4 x 2;
     # cycle 1 at 1e-3 x 3 epochs on the seeds dropped the anchor past its tolerance.
-    p.add_argument("--update-epochs", type=float, default=3.0, help="sft.epochs from cycle 2 on")
+    p.add_argument("--update-epochs", type=float, default=4.0, help="sft.epochs from cycle 2 on")
     p.add_argument("--update-learning-rate", type=float, default=1e-3, help="sft.learning_rate from cycle 2 on")
     p.add_argument("--heldout-fraction", type=float, default=0.25, help="share of feedback questions held out")
     p.add_argument("--dev-fraction", type=float, default=0.15, help="share of feedback questions in the dev split")

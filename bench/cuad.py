@@ -219,7 +219,7 @@ def markdown(result: dict, command: str) -> str:
              f"Seeds: {result['n_seeds']} answered questions of {len(result['seed_contracts'])} contracts. "
              f"Held-out: {result['n_eval']} answered questions of the other contracts (random, seed "
              f"{result['seed']}). All 60 contracts ingested; retrieval restricted to the asked contract. "
-             "anchor_score: the 30 everyday questions of the anchor set (general ability).", "",
+             "anchor_score: the everyday questions of the anchor set (general ability).", "",
              "| version | what | " + COLUMNS[0] + " (95% CI) | " + " | ".join(COLUMNS[1:]) + " |",
              "|---" * (len(COLUMNS) + 2) + "|"]
     intervals = result.get("analysis", {}).get("intervals", {})

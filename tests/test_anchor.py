@@ -35,6 +35,8 @@ def test_the_anchor_set_is_well_formed():
     assert len({i["instruction"] for i in items}) == len(items)
     assert all(i["instruction"].strip() and i["references"] and all(r.strip() for r in i["references"])
                for i in items)
+    # every reference survives normalisation (a bare "A" would be dropped as an article: never matched)
+    assert all(contains_reference(r, [r]) for i in items for r in i["references"])
 
 
 @pytest.mark.parametrize("prediction, refs, expected", [

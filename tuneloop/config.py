@@ -427,7 +427,7 @@ align:                   # preference alignment after SFT, when preference data 
   balance_yes_no: true   # dpo/orpo: as many pairs choosing "Yes" as choosing "No" (the rest wait)
 
 continual:
-  anchor: true           # ask every version 30 everyday questions; forgetting shows up as a number
+  anchor: true           # ask every version 120 everyday questions; forgetting shows up as a number
   anchor_tolerance: 0.05 # the gate refuses a candidate whose anchor score falls by more
   wise_ft: false         # average champion and candidate weights; alpha picked on the dev split
   wise_anchor_guard: true  # ... among the alphas whose anchor score stays within anchor_tolerance

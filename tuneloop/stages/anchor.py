@@ -2,10 +2,16 @@
 shows up as a number.
 
 Fine-tuning a small model on contracts can erode what it knew before (catastrophic forgetting).
-The anchor set (`tuneloop/sample/anchor.jsonl`, written for tuneloop: 30 everyday questions with
-short references) is asked without retrieval, as a plain chat message. An answer counts when it
+The anchor set (`tuneloop/sample/anchor.jsonl`, written for tuneloop: 120 everyday questions with
+short references: capitals, arithmetic, science, animals, words, translations) is asked without retrieval, as a plain chat message. An answer counts when it
 contains one of its references as whole words (`anchor_score`, the share of such answers); token
 F1 is kept too. Each version's run is stored once per anchor set, like held-out eval runs.
+
+Why 120 and not 30: greedy answers of a 135M model flip under small weight changes, and on 30
+questions one flip is 0.033, so a 0.05 tolerance refused on two flips. In the continuous bench a
+WiSE-FT average 10% of the way from the champion to the candidate already lost 2 of 30 (and the
+champion itself had answered 5 more than the base model). On 120 the same tolerance is 6 flips
+net.
 """
 from __future__ import annotations
 

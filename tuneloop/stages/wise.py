@@ -14,7 +14,7 @@ alpha (closer to the champion). With `continual.anchor` and `continual.wise_anch
 alpha also answers the anchor set, and an alpha whose anchor score falls past
 `continual.anchor_tolerance` below the champion's is passed over (the gate would refuse it): the
 dev split measures the domain, the anchor what fine-tuning may erase, and interpolating towards
-the champion trades one for the other. (The gate then checks the same 30 anchor questions the
+the champion trades one for the other. (The gate then checks the same anchor questions the
 alpha was screened on; the held-out questions stay untouched by the choice.) When no alpha keeps
 the anchor, the best dev score is kept anyway and the gate refuses it. The winner is registered
 as a new candidate version (method "wise", parent: the candidate).
