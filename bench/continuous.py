@@ -412,7 +412,8 @@ def write_outputs(args, project, result: dict) -> None:
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k in ("seed_contracts", "eval_questions", "phase1", "phase2", "probe", "phase3", "synth_questions",
                  "epochs", "learning_rate", "update_epochs", "update_learning_rate", "heldout_fraction",
-                 "satisfaction_floor", "seed", "docs_limit") and v is not None)
+                 "dev_fraction", "satisfaction_floor", "seed", "docs_limit") and v is not None)
+    command += " --wise-ft" if args.wise_ft else " --no-wise-ft"
     result["command"] = command
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(result, indent=2, default=str))

@@ -27,7 +27,7 @@ def history(p):
         s.add(CycleStep(cycle_id=cycle.id, name="synth", status="done", result={"kept": 7, "generated": 24}))
         s.add(CycleStep(cycle_id=cycle.id, name="rlaif", status="done", result={"kept_pairs": 5}))
         s.add(CycleStep(cycle_id=cycle.id, name="feedback", status="done",
-                        result={"routed": {"pairs_added": 9}, "added_train": 3, "added_eval": 1}))
+                        result={"routed": {"pairs_added": 9}, "added_train": 3, "added_eval": 1, "added_dev": 2}))
         v1 = ModelVersion(name="v1", parent_id=base.id, base_model="m", method="dpo", status="rejected",
                           cycle_id=cycle.id, metrics={"gate": "macro_score 0.31 beats 0.30; not significant"})
         s.add(v1)
@@ -104,7 +104,7 @@ def test_report_plots_the_running_satisfaction_share(project):
     assert [v for _, v in data.votes] == [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
     assert [t for t, _ in data.votes] == sorted(t for t, _ in data.votes)
     assert [cid for cid, _ in data.cycle_starts] == [1]
-    assert (data.cycles[0]["pairs"], data.cycles[0]["human_pairs"], data.cycles[0]["corrected"]) == (5, 9, 4)
+    assert (data.cycles[0]["pairs"], data.cycles[0]["human_pairs"], data.cycles[0]["corrected"]) == (5, 9, 6)
     assert "<svg" in plots(data)["satisfaction"]
 
 

@@ -66,7 +66,7 @@ def collect(project: Project, session: Session) -> ReportData:
             "synthetic": steps.get("synth", {}).get("kept"), "generated": steps.get("synth", {}).get("generated"),
             "pairs": steps.get("rlaif", {}).get("kept_pairs"),
             "human_pairs": (steps.get("feedback", {}).get("routed") or {}).get("pairs_added"),
-            "corrected": _sum_or_none(steps.get("feedback", {}), ("added_train", "added_eval"))})
+            "corrected": _sum_or_none(steps.get("feedback", {}), ("added_train", "added_eval", "added_dev"))})
         data.cycle_starts.append((c.id, c.started_at))
     days: dict[str, Counter] = defaultdict(Counter)
     for fb in session.scalars(select(Feedback).where(Feedback.source == "human").order_by(Feedback.created_at)):
