@@ -37,7 +37,7 @@ bench-cuad: venv
 	$(BIN)/python bench/cuad.py
 
 # The continuous scenario (../shared/data/cuad-dev): new contract types arrive, a signal fires, a cycle
-# runs (~71 min on 2 cores); then the focus diagnostic on its project (SFT on the new questions alone, ~18 min).
+# runs (30-55 min on 2 cores, 53.5 in the last run); then the focus diagnostic on its project (SFT on the new questions alone, ~18 min).
 bench-continuous: venv
 	$(BIN)/python bench/continuous.py
 	$(BIN)/python bench/continuous_focus.py
