@@ -61,6 +61,8 @@ from tuneloop.store import (
     utcnow,
 )
 
+# where a dev split comes from, for the steps that skip without one (select, wise)
+NO_DEV_SET = "no dev set (feedback.dev_fraction, or tuneloop seeds import FILE --split dev)"
 STEPS = ("ingest", "feedback", "synth", "dapt", "sft", "rlaif", "align", "select", "wise", "prompts", "eval", "gate")
 PAIR_METHODS = ("dpo", "orpo", "rloo")  # alignment methods trained on preference pairs
 
@@ -186,8 +188,7 @@ def _step_select(ctx: CycleContext, s: Session) -> dict:
     r = pick_on_dev(ctx.project, s, sft, candidate, ctx.retriever(s), ctx.reporter)
     if r is None:  # the SFT version is a step on the way, like a DAPT version: never gated on its own
         sft.status = "intermediate"
-        return {"skipped": "no dev set (tuneloop seeds import FILE --split dev): the aligned version is the candidate",
-                "candidate": candidate.name}
+        return {"skipped": f"{NO_DEV_SET}: the aligned version is the candidate", "candidate": candidate.name}
     return {"candidate": r.chosen.name, "dev_scores": r.scores, "dev_n": r.n_dev}
 
 
@@ -196,9 +197,8 @@ def _step_wise(ctx: CycleContext, s: Session) -> dict:
     if not ctx.project.settings.continual.wise_ft:
         return {"skipped": "continual.wise_ft is false"}
     if not dev_examples(ctx.project, s):  # e.g. cycle 1, before feedback.dev_fraction has routed any
-        ctx.reporter.log("WiSE-FT skipped: no dev questions yet (feedback.dev_fraction, or "
-                         "tuneloop seeds import FILE --split dev)")
-        return {"skipped": "no dev set (feedback.dev_fraction, or tuneloop seeds import FILE --split dev)"}
+        ctx.reporter.log(f"WiSE-FT skipped: {NO_DEV_SET}")
+        return {"skipped": NO_DEV_SET}
     candidate = _candidate(s, ctx.cycle_id)
     r = choose_alpha(ctx.project, s, champion(s), candidate, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
     candidate.status = "superseded"  # the averaged version is what the gate judges

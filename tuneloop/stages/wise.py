@@ -106,7 +106,7 @@ def screen_anchor(project: Project, adapter: Path, reporter: Reporter, label: st
 
 
 def _best(scores: dict[float, float], eligible: set[float] | None = None) -> float:
-    """The alpha with the highest score among `eligible` (all when None or when none is);
+    """The alpha with the highest score among `eligible` (all when it is None or empty);
     ties (and NaN scores) go to the smaller alpha."""
     def value(a: float) -> float:
         return -math.inf if math.isnan(scores[a]) else scores[a]
@@ -159,7 +159,7 @@ def choose_alpha(project: Project, session: Session, champion: ModelVersion, can
         if anchor and not eligible:
             reporter.log(f"WiSE-FT: no alpha keeps the anchor score within {cont.anchor_tolerance} of the "
                          f"champion's {champ_anchor:.3f}; the best dev score is kept (the gate will refuse it)")
-        alpha = _best(scores, eligible if anchor else None)
+        alpha = _best(scores, eligible)  # no screen: eligible is empty, every alpha competes
         chosen = work / f"alpha-{alpha:g}"
 
         def write(tmp: Path) -> None:
