@@ -7,6 +7,7 @@ databases and is a no-op where the column already exists (fresh databases get it
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -268,10 +269,28 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _make_private(engine: Engine) -> None:
+    """Make a SQLite store file owner-only (0600) whatever the umask: it holds every user's
+    questions. The file is created 0600 before SQLite opens it, and SQLite gives its -wal, -shm
+    and -journal side files the database file's mode; files an older version made are chmodded."""
+    db = engine.url.database
+    if engine.dialect.name != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+        return
+    if os.path.isdir(os.path.dirname(os.path.abspath(db))):  # else SQLite reports the missing folder
+        os.close(os.open(db, os.O_RDWR | os.O_CREAT, 0o600))
+    for path in (db, *(db + suffix for suffix in SIDE_FILES)):
+        if os.path.isfile(path):
+            os.chmod(path, 0o600)
+
+
 def open_store(url: str) -> sessionmaker[Session]:
     """Connect, migrate to the latest schema, and return a session factory."""
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    _make_private(engine)
     migrate(engine)
     return sessionmaker(engine, expire_on_commit=False)
