@@ -165,6 +165,14 @@ def test_export_force_never_deletes_the_project(project, runner, tmp_path, where
     assert (proj.root / "documents").is_dir() and (proj.artifacts / "keep.txt").is_file()
 
 
+def test_export_never_writes_over_the_projects_own_folders(project, runner):
+    proj = project(pairs=False)
+    register(proj, None)
+    assert not proj.artifacts.exists()
+    one_line_error(invoke(runner, "export", "base", proj.artifacts, "-p", proj.root), "refusing to replace")
+    assert not proj.artifacts.exists()
+
+
 def test_export_base_version_without_adapter(project, runner, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, InputError, StateError
 from tuneloop.safety import holds_project, safe_rmtree
@@ -61,26 +63,26 @@ def base_model_dir(project: Project, version: ModelVersion) -> Path:
 def protected_paths(project: Project) -> list[Path]:
     """Folders an export must never replace nor sit above: the project's, its artifacts', its store's."""
     paths = [project.root, project.artifacts, project.index_dir]
-    url = project.store_url
-    if url.startswith("sqlite:///"):
-        paths.append(Path(url.removeprefix("sqlite:///")).parent)
+    url = make_url(project.store_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        paths.append(Path(url.database).parent)
     return [p.resolve() for p in paths]
 
 
 def check_out(out: Path, force: bool, project: Project) -> None:
-    """Raise InputError (deleting nothing) unless `out` may receive an export: it is missing or
-    empty, or `force` is given and it is an earlier export (it holds MARKER_FILE) that holds no
-    project and is not the project folder, its artifacts, its store's folder or above one."""
+    """Raise InputError (deleting nothing) unless `out` may receive an export: it is not the
+    project folder, its artifacts, index or store folder, nor above one; and it is missing or
+    empty, or `force` is given and it is an earlier export (it holds MARKER_FILE) holding no project."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a folder")
+    real = out.resolve()
+    for p in protected_paths(project):
+        if real == p or real in p.parents:
+            raise InputError(f"refusing to replace {out} with an export: it is or contains the project's folder {p}")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not force:
         raise InputError(f"{out} is not empty (use --force to replace it)")
-    real = out.resolve()
-    for p in protected_paths(project):
-        if real == p or real in p.parents:
-            raise InputError(f"refusing to replace {out}: it is or contains the project's folder {p}")
     if not (out / MARKER_FILE).is_file():
         raise InputError(f"refusing to replace {out}: it is not a tuneloop export (no {MARKER_FILE}); "
                          "remove it yourself or choose another folder")
