@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from tuneloop.artifacts import read_jsonl, write_artifact, write_jsonl
 from tuneloop.ingest.chunking import word_offsets
@@ -27,7 +28,7 @@ from tuneloop.programs.rag import Retriever
 from tuneloop.progress import SilentReporter
 from tuneloop.stages.ingest import ingest_paths
 from tuneloop.stages.synthesize import KIND, synthesize
-from tuneloop.store import Artifact, Example, Feedback, Interaction, open_store
+from tuneloop.store import Artifact, Chunk, Document, Example, Feedback, Interaction, open_store
 
 EMBED_SECONDS = 2.0
 
@@ -39,8 +40,10 @@ class SlowEmbedder:
 
     def __init__(self) -> None:
         self.started = threading.Event()
+        self.calls = 0
 
     def embed(self, texts) -> np.ndarray:
+        self.calls += 1
         self.started.set()
         time.sleep(EMBED_SECONDS)
         rng = np.random.default_rng(len(texts))
@@ -94,7 +97,44 @@ def test_a_concurrent_write_does_not_wait_for_the_ingests_embedding(project):
     assert still_embedding  # the writes above really overlapped the embedding
     assert max(waits) < EMBED_SECONDS / 4, waits
     with sessions() as s:
-        assert s.query(Feedback).count() == 3
+        assert s.query(Feedback).count() == 3 and s.query(Document).count() == 6
+    assert embedder.calls == 1  # embedded once, before the write; the index build reused the vectors
+    assert HybridIndex.load(p.index_dir, embedder).has_dense
+
+
+class TextSeededEmbedder:
+    """A deterministic vector per text, counting the texts it embeds."""
+
+    name = "text-seeded"
+
+    def __init__(self) -> None:
+        self.embedded = 0
+
+    def embed(self, texts) -> np.ndarray:
+        self.embedded += len(texts)
+        rows = [np.random.default_rng(list(t.encode())).normal(size=8) for t in texts]
+        out = np.asarray(rows, dtype=np.float32).reshape(len(texts), 8)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def token_offsets(self, text: str):
+        return word_offsets(text)
+
+
+def test_the_index_built_from_vectors_embedded_before_the_write_matches_a_fresh_build(project):
+    p = project(pairs=False)
+    embedder = TextSeededEmbedder()
+    ingest(p, embedder)
+    target = sorted((p.root / "documents").iterdir())[2]
+    target.write_text(target.read_text() + "\n\nA new clause about zeppelins on the roof.\n")
+    before = embedder.embedded
+    assert ingest(p, embedder).changed == [target.name]
+    with open_store(p.store_url)() as s:
+        rows = s.execute(select(Chunk.id, Chunk.text, Document.name).join(Document).order_by(Chunk.id)).all()
+    assert embedder.embedded - before == len({r[1] for r in rows})  # each text once, none twice
+    fresh = HybridIndex.build([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], TextSeededEmbedder())
+    saved = np.load(p.index_dir / "embeddings.npy")
+    assert HybridIndex.load(p.index_dir, embedder).chunk_ids == fresh.chunk_ids
+    assert np.allclose(saved, fresh._embeddings)
 
 
 def test_an_index_left_stale_by_a_kill_is_rebuilt_by_the_next_ingest(project):

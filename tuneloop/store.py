@@ -265,6 +265,9 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA journal_mode=WAL")  # readers (the server) do not block the writer (a cycle)
+    # A writer waits up to 30 s for another's write lock. pysqlite opens the transaction at the first
+    # INSERT/UPDATE/DELETE, not at a SELECT, so this wait applies (no read-to-write upgrade, which
+    # SQLite would fail at once); writers keep their transactions short (ingest: rows only).
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
 

@@ -77,10 +77,24 @@ def ingest_paths(project: Project, session: Session, paths: list[Path], embedder
                 (result.changed if old is not None else result.added).append(raw.name)
                 result.chunks += len(pieces)
             advance(1)
+    vectors = _embed_new_state(session, planned, embedder, reporter) if planned and embedder is not None else None
     if planned:
         _write(session, planned)
-    result.index_rebuilt = ensure_index(project, session, embedder, reporter)
+    result.index_rebuilt = ensure_index(project, session, embedder, reporter, vectors)
     return result
+
+
+def _embed_new_state(session: Session, planned: list[_Planned], embedder: Embedder,
+                     reporter: Reporter) -> dict[str, np.ndarray]:
+    """Embed every chunk text the store will hold once `planned` is written, before the write
+    transaction opens: the index built after the commit then needs no model calls, so the
+    window in which the committed store and the old index differ stays short."""
+    replaced = {p.old_id for p in planned if p.old_id is not None}
+    kept = [text for text, doc_id in session.execute(select(Chunk.text, Chunk.document_id)) if doc_id not in replaced]
+    texts = list(dict.fromkeys(kept + [c.text for p in planned for c in p.pieces]))
+    with reporter.task(f"embedding {len(texts)} chunks", len(texts)) as advance:
+        vectors = _CountingEmbedder(embedder, advance).embed(texts) if texts else []
+    return dict(zip(texts, vectors))
 
 
 def _write(session: Session, planned: list[_Planned]) -> None:
@@ -113,9 +127,11 @@ def scan_documents(session: Session, paths: list[Path]) -> dict[str, list[str]]:
     return out
 
 
-def ensure_index(project: Project, session: Session, embedder: Embedder | None, reporter: Reporter) -> bool:
+def ensure_index(project: Project, session: Session, embedder: Embedder | None, reporter: Reporter,
+                 vectors: dict[str, np.ndarray] | None = None) -> bool:
     """Rebuild the index when it is missing, unreadable, built with another embedder, or built
     from chunks other than the stored ones (its content hash differs); return whether it was.
+    `vectors` (chunk text -> embedding) are used instead of embedding those texts again.
 
     Removes what a killed index build left beside the index first, and keeps the index folder
     private (0700)."""
@@ -132,7 +148,7 @@ def ensure_index(project: Project, session: Session, embedder: Embedder | None, 
             pass
     kind = "BM25 + dense" if embedder is not None else "BM25"
     with reporter.task(f"indexing {len(ids)} chunks ({kind})", len(ids)) as advance:
-        counted = _CountingEmbedder(embedder, advance) if embedder is not None else None
+        counted = _CountingEmbedder(embedder, advance, vectors) if embedder is not None else None
         index = HybridIndex.build(ids, texts, [r[2] for r in rows], counted)
         index.save(project.index_dir)
         if counted is None:
@@ -141,18 +157,24 @@ def ensure_index(project: Project, session: Session, embedder: Embedder | None, 
 
 
 class _CountingEmbedder:
-    """Embeds in slices so the progress bar moves while a large corpus is embedded."""
+    """Embeds in slices so the progress bar moves while a large corpus is embedded; texts in
+    `known` (already embedded) are not embedded again."""
 
-    def __init__(self, inner: Embedder, advance, slice_size: int = 256):
+    def __init__(self, inner: Embedder, advance, known: dict[str, np.ndarray] | None = None,
+                 slice_size: int = 256):
         self.inner, self.advance, self.slice_size, self.name = inner, advance, slice_size, inner.name
+        self.known = dict(known or {})
 
     def embed(self, texts):
-        parts = []
-        for start in range(0, len(texts), self.slice_size):
-            part = texts[start : start + self.slice_size]
-            parts.append(self.inner.embed(part))
+        todo = [t for t in dict.fromkeys(texts) if t not in self.known]
+        for start in range(0, len(todo), self.slice_size):
+            part = todo[start : start + self.slice_size]
+            self.known.update(zip(part, self.inner.embed(part)))
             self.advance(len(part))
-        return np.concatenate(parts) if parts else self.inner.embed(texts)
+        self.advance(len(texts) - len(todo))
+        if not texts:
+            return self.inner.embed(texts)
+        return np.stack([np.asarray(self.known[t], dtype=np.float32) for t in texts])
 
     def token_offsets(self, text: str):
         return self.inner.token_offsets(text)
