@@ -4,11 +4,11 @@ All files are read and chunked before anything is written, so a bad file stops t
 with nothing changed. An unchanged file (same name, same content hash) is skipped; a changed one
 has its chunks replaced.
 
-The store's write transaction is short: it only inserts and deletes rows, then commits; parsing
-and chunking come before it, and embedding (the slow part) comes after it, while the index is
-built. So a running server's writes (feedback, interactions) wait milliseconds, not the whole
-ingest. The store is committed before the index is swapped in: a kill in between leaves an index
-whose recorded content hash differs from the store's chunks, and the next ingest rebuilds it.
+The store's write transaction is short: parsing, chunking and embedding (the slow part) come
+before it, and it only inserts and deletes rows, then commits. So a running server's writes
+(feedback, interactions) wait milliseconds, not the whole ingest. The store is committed before
+the index is built (from the vectors already computed) and swapped in: a kill in between leaves
+an index whose recorded content hash differs from the store's chunks; the next ingest rebuilds it.
 """
 from __future__ import annotations
 
@@ -64,22 +64,23 @@ def ingest_paths(project: Project, session: Session, paths: list[Path], embedder
     known = {name: (doc_id, sha) for doc_id, name, sha in session.execute(
         select(Document.id, Document.name, Document.sha256))}
     result = IngestResult()
-    planned: list[_Planned] = []
+    planned: dict[str, _Planned] = {}
     with reporter.task("chunking documents", len(docs)) as advance:
         for raw in docs:
             sha = _sha(raw.text)
-            old = known.get(raw.name)
-            if old is not None and old[1] == sha:
+            old, earlier = known.get(raw.name), planned.get(raw.name)
+            if (earlier.sha if earlier else old[1] if old else None) == sha:
                 result.unchanged.append(raw.name)
-            else:
+            else:  # a later file of the same name replaces an earlier one, as a changed file does
                 pieces = chunk_text(raw.text, offsets, s.chunk_tokens, s.overlap_tokens)
-                planned.append(_Planned(raw, sha, pieces, old[0] if old is not None else None))
-                (result.changed if old is not None else result.added).append(raw.name)
+                planned[raw.name] = _Planned(raw, sha, pieces, old[0] if old is not None else None)
+                (result.changed if old is not None or earlier else result.added).append(raw.name)
                 result.chunks += len(pieces)
             advance(1)
-    vectors = _embed_new_state(session, planned, embedder, reporter) if planned and embedder is not None else None
-    if planned:
-        _write(session, planned)
+    todo = list(planned.values())
+    vectors = _embed_new_state(session, todo, embedder, reporter) if todo and embedder is not None else None
+    if todo:
+        _write(session, todo)
     result.index_rebuilt = ensure_index(project, session, embedder, reporter, vectors)
     return result
 
