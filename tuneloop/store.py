@@ -282,10 +282,10 @@ def _make_private(engine: Engine) -> None:
     db = engine.url.database
     if engine.dialect.name != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
         return
-    if os.path.isdir(os.path.dirname(os.path.abspath(db))):  # else SQLite reports the missing folder
-        os.close(os.open(db, os.O_RDWR | os.O_CREAT, 0o600))
+    if not os.path.exists(db) and os.path.isdir(os.path.dirname(os.path.abspath(db))):
+        os.close(os.open(db, os.O_RDWR | os.O_CREAT, 0o600))  # (no folder: SQLite says so)
     for path in (db, *(db + suffix for suffix in SIDE_FILES)):
-        if os.path.isfile(path):
+        if os.path.isfile(path) and os.stat(path).st_uid == os.getuid():  # another user's file: theirs to set
             os.chmod(path, 0o600)
 
 
