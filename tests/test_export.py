@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from tests.helpers import sample_texts
 from tuneloop.cli import app
+from tuneloop.export import MARKER_FILE
 from tuneloop.models.base import GenerationParams
 from tuneloop.store import ModelVersion, open_store
 
@@ -112,17 +113,64 @@ def test_export_merged_folder_matches_the_adapter_model(project, runner, tiny_mo
 def test_export_refuses_non_empty_out_unless_forced(project, runner, adapter_dir, tmp_path):
     proj = project(pairs=False)
     register(proj, adapter_dir)
-    out = tmp_path / "busy"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    out = tmp_path / "exported"
+    ok(invoke(runner, "export", "v1", out, "-p", proj.root))
+    assert (out / MARKER_FILE).is_file()
+    (out / "stray.txt").write_text("left over")
     one_line_error(invoke(runner, "export", "v1", out, "-p", proj.root), "not empty", "--force")
-    assert (out / "keep.txt").read_text() == "mine"
-    ok(invoke(runner, "export", "v1", out, "--force", "-p", proj.root))
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "stray.txt").is_file()
+    ok(invoke(runner, "export", "v1", out, "--force", "-p", proj.root))  # an earlier export: replaced
+    assert not (out / "stray.txt").exists() and (out / "model.safetensors").is_file() and (out / MARKER_FILE).is_file()
     assert not list(tmp_path.glob(".old-export-*")) and not list(tmp_path.glob(".tmp-export-*"))
     empty = tmp_path / "empty"
     empty.mkdir()
     ok(invoke(runner, "export", "v1", empty, "-p", proj.root))  # an existing empty folder is fine
+
+
+def test_export_force_never_replaces_a_folder_it_did_not_export(project, runner, tmp_path):
+    proj = project(pairs=False)
+    register(proj, None)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    one_line_error(invoke(runner, "export", "base", mine, "--force", "-p", proj.root),
+                   "not a tuneloop export", MARKER_FILE)
+    assert (mine / "keep.txt").read_text() == "mine"
+
+
+def _other_project(tmp_path: Path) -> Path:
+    """A folder with an export marker (copied there by hand) that holds another project below it."""
+    folder = tmp_path / "holds-project"
+    (folder / "deep" / "proj").mkdir(parents=True)
+    (folder / MARKER_FILE).write_text("")
+    (folder / "deep" / "proj" / "tuneloop.db").write_text("a store")
+    return folder
+
+
+@pytest.mark.parametrize("where", ["project", "parent", "artifacts", "store-holder"])
+def test_export_force_never_deletes_the_project(project, runner, tmp_path, where):
+    """`export --force` with OUT = the project folder or one above it deleted the whole project."""
+    proj = project(pairs=False)
+    register(proj, None)
+    proj.artifacts.mkdir(parents=True, exist_ok=True)
+    (proj.artifacts / "keep.txt").write_text("an artifact")
+    out = {"project": proj.root, "parent": proj.root.parent, "artifacts": proj.artifacts,
+           "store-holder": _other_project(tmp_path) if where == "store-holder" else None}[where]
+    if where != "store-holder":
+        (out / MARKER_FILE).write_text("")  # even a marker does not make the project replaceable
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    one_line_error(invoke(runner, "export", "base", out, "--force", "-p", proj.root), "refusing to replace")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (proj.root / "tuneloop.db").is_file() and (proj.root / "tuneloop.yaml").is_file()
+    assert (proj.root / "documents").is_dir() and (proj.artifacts / "keep.txt").is_file()
+
+
+def test_export_never_writes_over_the_projects_own_folders(project, runner):
+    proj = project(pairs=False)
+    register(proj, None)
+    assert not proj.artifacts.exists()
+    one_line_error(invoke(runner, "export", "base", proj.artifacts, "-p", proj.root), "refusing to replace")
+    assert not proj.artifacts.exists()
 
 
 def test_export_base_version_without_adapter(project, runner, tiny_model_dir, tmp_path):

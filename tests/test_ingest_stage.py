@@ -159,3 +159,19 @@ def test_ingest_reports_progress_per_document(project):
         ingest_paths(p, s, [p.root / "documents"], None, rep)
     chunking = [t for t in rep.tasks if t[0] == "chunking documents"]
     assert chunking and chunking[0][1] == 6 and sum(chunking[0][2]) == 6
+
+
+def test_two_files_of_the_same_name_make_one_document_the_later_one_wins(project, tmp_path):
+    """Documents are keyed by file name; the short write transaction must not insert it twice."""
+    from tuneloop.ingest.loaders import iter_files
+
+    p = project(pairs=False)
+    for folder, text in (("a", "Alpha clause: the rent is ten."), ("b", "Beta clause: the rent is twenty.")):
+        (tmp_path / "dup" / folder).mkdir(parents=True)
+        (tmp_path / "dup" / folder / "notes.md").write_text(text)
+    r = ingest(p, [tmp_path / "dup"])
+    assert r.added == ["notes.md"] and r.changed == ["notes.md"]
+    later = iter_files([tmp_path / "dup"])[-1].read_text()
+    with open_store(p.store_url)() as s:
+        assert [d.name for d in s.scalars(select(Document))] == ["notes.md"]
+        assert [c.text for c in s.scalars(select(Chunk))] == [later]

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,8 @@ from sqlalchemy import create_engine, func, inspect, select
 
 from tuneloop import store as st
 from tuneloop.artifacts import (
-    META_FILE, TMP_PREFIX, clean_temporary, is_complete, read_jsonl, read_meta, write_artifact, write_jsonl,
+    META_FILE, TMP_PREFIX, clean_leftovers, clean_temporary, is_complete, read_jsonl, read_meta, write_artifact,
+    write_jsonl,
 )
 
 
@@ -154,3 +158,74 @@ def test_clean_temporary_removes_only_temp_folders(tmp_path):
 def test_meta_is_json_serialisable_with_paths(tmp_path):
     path = write_artifact(tmp_path, "reports", "r", {"source": tmp_path / "x"}, lambda t: None)
     assert json.loads((path / META_FILE).read_text())["source"] == str(tmp_path / "x")
+
+
+def _artifact(root: Path, kind: str, name: str, age_s: float = 0.0) -> Path:
+    path = write_artifact(root, kind, name, {}, lambda t: (t / "data.jsonl").write_text("{}\n"))
+    if age_s:
+        old = time.time() - age_s
+        os.utime(path, (old, old))
+    return path
+
+
+def test_clean_leftovers_removes_a_killed_runs_temp_and_unrecorded_artifacts_only(tmp_path):
+    """A synth killed before its commit left `.tmp-datasets-*` and a dataset no row knows."""
+    root = tmp_path / "artifacts"
+    sessions = st.open_store(f"sqlite:///{tmp_path / 'tuneloop.db'}")
+    orphan = _artifact(root, "datasets", "synth-20250101-120000-000001", age_s=3600)
+    recorded = _artifact(root, "datasets", "synth-20250101-120000-000002", age_s=3600)
+    fresh = _artifact(root, "datasets", "synth-20250101-120000-000003")  # may be committing right now
+    cycle = _artifact(root, "datasets", "cycle-0001-synth", age_s=3600)  # a resumed cycle reuses it
+    other_stage = _artifact(root, "datasets", "rlaif-20250101-120000-000004", age_s=3600)
+    adapter = _artifact(root, "adapters", "synth-20250101-120000-000005", age_s=3600)  # another kind
+    (root / f"{TMP_PREFIX}datasets-synth-x-1234" / "sub").mkdir(parents=True)
+    (root / f"{TMP_PREFIX}adapters-sft-y-5678").mkdir()
+    (root / ".work" / "sft-1").mkdir(parents=True)
+    with sessions() as s:
+        s.add(st.Artifact(kind="dataset", path=str(recorded)))
+        s.commit()
+        assert clean_leftovers(s, root, "datasets", "synth") == 2
+        assert clean_leftovers(s, root, "datasets", "synth") == 0
+    assert not orphan.exists() and not (root / f"{TMP_PREFIX}datasets-synth-x-1234").exists()
+    for kept in (recorded, fresh, cycle, other_stage, adapter, root / f"{TMP_PREFIX}adapters-sft-y-5678",
+                 root / ".work" / "sft-1"):
+        assert kept.is_dir(), kept
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+def test_the_store_and_its_side_files_are_private_whatever_the_umask(tmp_path, umask):
+    db = tmp_path / "tuneloop.db"
+    previous = os.umask(umask)
+    try:
+        sessions = st.open_store(f"sqlite:///{db}")
+        with sessions() as s:  # a write: SQLite creates the -wal and -shm files
+            s.add(st.Document(name="d", source="d", sha256="0", n_chars=0))
+            s.commit()
+            side = [Path(f"{db}{suffix}") for suffix in ("-wal", "-shm")]
+            assert all(p.is_file() for p in side)
+            assert [_mode(p) for p in (db, *side)] == [0o600] * 3
+    finally:
+        os.umask(previous)
+
+
+def test_opening_a_store_an_older_version_made_world_readable_makes_it_private(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "tuneloop.db"
+    previous = os.umask(0o022)
+    try:
+        old = sqlite3.connect(db)  # as an older version (or its running server) left it: 0644
+        old.execute("PRAGMA journal_mode=WAL")
+        old.execute("CREATE TABLE t (x)")
+        old.commit()
+        side = [Path(f"{db}{suffix}") for suffix in ("-wal", "-shm")]
+        assert [_mode(p) for p in (db, *side)] == [0o644] * 3
+        st.open_store(f"sqlite:///{db}")
+        assert [_mode(p) for p in (db, *side)] == [0o600] * 3
+        old.close()
+    finally:
+        os.umask(previous)

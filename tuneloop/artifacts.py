@@ -3,21 +3,32 @@
 Each artifact is written into a temporary folder and renamed into place only when complete, so a
 crash never leaves a half-written artifact under its final name. Every artifact has a `meta.json`
 that says what produced it from what (lineage).
+
+A killed run can leave a temporary folder (`.tmp-KIND-NAME-*`) or, killed between writing an
+artifact and committing its store row, a complete standalone artifact that nothing records (its
+timestamped name is never reused). The next run of the same stage removes both
+(`clean_leftovers`); everything is removed with `safety.safe_rmtree`, inside the artifacts folder.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tuneloop.store import utcnow
+from sqlalchemy import select
+
+from tuneloop.safety import safe_rmtree
+from tuneloop.store import Artifact, EvalRun, ModelVersion, Session, utcnow
 
 META_FILE = "meta.json"
 TMP_PREFIX = ".tmp-"
+# An orphan younger than this may belong to a run that is committing its row right now.
+ORPHAN_GRACE_S = 600.0
 
 
 def artifact_path(root: Path, kind: str, name: str) -> Path:
@@ -48,10 +59,10 @@ def write_artifact(
         full_meta = {"kind": kind, "name": name, "created_at": utcnow().isoformat(), **meta}
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, default=str), encoding="utf-8")
         if final.exists():  # an incomplete leftover (no meta.json) from a crash
-            shutil.rmtree(final)
+            safe_rmtree(final, inside=root)
         os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        safe_rmtree(tmp, inside=root, ignore_errors=True)
         raise
     return final
 
@@ -60,14 +71,51 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((path / META_FILE).read_text(encoding="utf-8"))
 
 
-def clean_temporary(root: Path) -> int:
-    """Remove temp folders left behind by a crash; return how many were removed."""
+def clean_temporary(root: Path, kind: str | None = None) -> int:
+    """Remove temp folders a crash left behind (all, or only `kind`'s); return how many."""
     if not root.is_dir():
         return 0
-    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(TMP_PREFIX)]
+    prefix = TMP_PREFIX + (f"{kind}-" if kind else "")
+    stale = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name.startswith(prefix)]
     for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
+        safe_rmtree(p, inside=root, ignore_errors=True)
     return len(stale)
+
+
+def standalone_name(stage: str) -> re.Pattern[str]:
+    """The names `stages.common.run_name(stage, None)` gives: `STAGE-YYYYmmdd-HHMMSS-ffffff`."""
+    return re.compile(rf"{re.escape(stage)}-\d{{8}}-\d{{6}}-\d{{6}}")
+
+
+def known_paths(session: Session) -> set[str]:
+    """Every artifact path a store row names (resolved)."""
+    rows = [*session.scalars(select(Artifact.path)), *session.scalars(select(ModelVersion.adapter_path)),
+            *session.scalars(select(EvalRun.artifact_path))]
+    return {str(Path(p).resolve()) for p in rows if p}
+
+
+def remove_orphans(session: Session, root: Path, kind: str, stage: str, grace_s: float = ORPHAN_GRACE_S) -> int:
+    """Remove `stage`'s standalone artifacts under root/kind that no store row names; return how many.
+
+    Only timestamped standalone names qualify: a cycle's artifacts (`cycle-NNNN-STAGE`) are reused
+    when the cycle resumes. An artifact written less than `grace_s` seconds ago is kept.
+    """
+    folder = root / kind
+    if not folder.is_dir():
+        return 0
+    pattern, known, now = standalone_name(stage), known_paths(session), time.time()
+    removed = 0
+    for p in folder.iterdir():
+        if (p.is_dir() and not p.is_symlink() and pattern.fullmatch(p.name) and str(p.resolve()) not in known
+                and now - p.stat().st_mtime >= grace_s):
+            safe_rmtree(p, inside=root, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def clean_leftovers(session: Session, root: Path, kind: str, stage: str) -> int:
+    """What a killed run of `stage` left under root: its temp folders and unrecorded artifacts."""
+    return clean_temporary(root, kind) + remove_orphans(session, root, kind, stage)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -646,7 +646,8 @@ def export_cmd(
     gguf: Annotated[bool, typer.Option("--gguf", help=(
         "Also write OUT/model.gguf (f32/f16, Llama-architecture models with a byte-level BPE tokenizer, via "
         "the `gguf` package). Otherwise run llama.cpp's convert_hf_to_gguf.py on OUT."))] = False,
-    force: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an earlier tuneloop export at OUT (one holding "
+                                            ".tuneloop-export); any other non-empty folder is refused.")] = False,
     project_dir: ProjectOpt = Path("."),
 ) -> None:
     """Merge a version's LoRA adapter into its base model and write a standalone Hugging Face folder

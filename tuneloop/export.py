@@ -4,7 +4,9 @@
 weights, and writes a Hugging Face folder: safetensors weights, config and generation config,
 the tokenizer with its chat template, `tuneloop.json` (lineage and metrics) and a README. The
 folder is written next to OUT under a temporary name and renamed into place, so a crash never
-leaves a half-written export. transformers (`AutoModelForCausalLM.from_pretrained(OUT)`) and
+leaves a half-written export. Every export holds a `.tuneloop-export` marker: `force` replaces
+only a folder with that marker (one tuneloop exported), never the project folder, a folder above
+it, or one holding a tuneloop.yaml or a store. transformers (`AutoModelForCausalLM.from_pretrained(OUT)`) and
 vLLM (`vllm serve OUT`) load it as is.
 
 With `gguf=True` it also writes `OUT/model.gguf` with the `gguf` package (no llama.cpp needed):
@@ -14,19 +16,23 @@ ConfigError that says to run llama.cpp's `convert_hf_to_gguf.py OUT` instead.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, InputError, StateError
+from tuneloop.safety import holds_project, safe_rmtree
 from tuneloop.store import ModelVersion, Session, utcnow
 
 META_FILE = "tuneloop.json"
+MARKER_FILE = ".tuneloop-export"  # in every export: only such a folder may be replaced (--force)
 GGUF_FILE = "model.gguf"
 CONVERT_HINT = ("run llama.cpp's convert_hf_to_gguf.py on the exported folder instead "
                 "(python convert_hf_to_gguf.py OUT --outfile OUT/model.gguf)")
@@ -54,11 +60,34 @@ def base_model_dir(project: Project, version: ModelVersion) -> Path:
     return resolve_model_path(version.base_model or project.settings.models.student.model, project.cache)
 
 
-def check_out(out: Path, force: bool) -> None:
+def protected_paths(project: Project) -> list[Path]:
+    """Folders an export must never replace nor sit above: the project's, its artifacts', its store's."""
+    paths = [project.root, project.artifacts, project.index_dir]
+    url = make_url(project.store_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        paths.append(Path(url.database).parent)
+    return [p.resolve() for p in paths]
+
+
+def check_out(out: Path, force: bool, project: Project) -> None:
+    """Raise InputError (deleting nothing) unless `out` may receive an export: it is not the
+    project folder, its artifacts, index or store folder, nor above one; and it is missing or
+    empty, or `force` is given and it is an earlier export (it holds MARKER_FILE) holding no project."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    real = out.resolve()
+    for p in protected_paths(project):
+        if real == p or real in p.parents:
+            raise InputError(f"refusing to replace {out} with an export: it is or contains the project's folder {p}")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
         raise InputError(f"{out} is not empty (use --force to replace it)")
+    if not (out / MARKER_FILE).is_file():
+        raise InputError(f"refusing to replace {out}: it is not a tuneloop export (no {MARKER_FILE}); "
+                         "remove it yourself or choose another folder")
+    if holds_project(out):
+        raise InputError(f"refusing to replace {out}: it holds a tuneloop project")
 
 
 def export_version(project: Project, session: Session, name: str, out: Path, gguf: bool = False,
@@ -68,7 +97,7 @@ def export_version(project: Project, session: Session, name: str, out: Path, ggu
 
     version = get_version(session, name)
     out = Path(out).expanduser()
-    check_out(out, force)
+    check_out(out, force, project)
     if gguf_dtype not in ("f32", "f16"):
         raise ConfigError(f"gguf dtype must be f32 or f16, not '{gguf_dtype}'")
     adapter = Path(version.adapter_path) if version.adapter_path else None
@@ -90,9 +119,12 @@ def export_version(project: Project, session: Session, name: str, out: Path, ggu
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_killed_exports(out)
     tmp = out.parent / f".tmp-export-{out.name}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
+        (tmp / MARKER_FILE).write_text("exported by tuneloop; `tuneloop export --force` may replace this folder\n",
+                                       encoding="utf-8")
         write_merged(model_dir, adapter, tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
         (tmp / "README.md").write_text(_readme(meta), encoding="utf-8")
@@ -101,7 +133,7 @@ def export_version(project: Project, session: Session, name: str, out: Path, ggu
                        pre=gguf_pre_tokenizer(model_dir))
         _replace(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        safe_rmtree(tmp, inside=out.parent, ignore_errors=True)
     return ExportResult(out, out / GGUF_FILE if gguf else None, meta)
 
 
@@ -132,6 +164,13 @@ def write_merged(model_dir: Path, adapter: Path | None, target: Path) -> None:
     tokenizer.save_pretrained(str(target))
 
 
+def _clean_killed_exports(out: Path) -> None:
+    """Remove half-written exports to `out` that a killed export left beside it."""
+    for p in out.parent.glob(f".tmp-export-{glob.escape(out.name)}-*"):
+        if p.is_dir() and (p / MARKER_FILE).is_file():
+            safe_rmtree(p, inside=out.parent, ignore_errors=True)
+
+
 def _replace(tmp: Path, out: Path) -> None:
     """Move the finished `tmp` to `out`, replacing an existing `out` (checked beforehand)."""
     old = None
@@ -145,7 +184,7 @@ def _replace(tmp: Path, out: Path) -> None:
             os.replace(old, out)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        safe_rmtree(old, inside=out.parent, ignore_errors=True)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ databases and is a no-op where the column already exists (fresh databases get it
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -264,8 +265,28 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA journal_mode=WAL")  # readers (the server) do not block the writer (a cycle)
+    # A writer waits up to 30 s for another's write lock. pysqlite opens the transaction at the first
+    # INSERT/UPDATE/DELETE, not at a SELECT, so this wait applies (no read-to-write upgrade, which
+    # SQLite would fail at once); writers keep their transactions short (ingest: rows only).
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _make_private(engine: Engine) -> None:
+    """Make a SQLite store file owner-only (0600) whatever the umask: it holds every user's
+    questions. The file is created 0600 before SQLite opens it, and SQLite gives its -wal, -shm
+    and -journal side files the database file's mode; files an older version made are chmodded."""
+    db = engine.url.database
+    if engine.dialect.name != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+        return
+    if not os.path.exists(db) and os.path.isdir(os.path.dirname(os.path.abspath(db))):
+        os.close(os.open(db, os.O_RDWR | os.O_CREAT, 0o600))  # (no folder: SQLite says so)
+    for path in (db, *(db + suffix for suffix in SIDE_FILES)):
+        if os.path.isfile(path) and os.stat(path).st_uid == os.getuid():  # another user's file: theirs to set
+            os.chmod(path, 0o600)
 
 
 def open_store(url: str) -> sessionmaker[Session]:
@@ -273,5 +294,6 @@ def open_store(url: str) -> sessionmaker[Session]:
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    _make_private(engine)
     migrate(engine)
     return sessionmaker(engine, expire_on_commit=False)

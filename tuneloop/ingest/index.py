@@ -4,17 +4,19 @@ BM25 (via `bm25s`) catches exact terms such as names, codes and numbers; dense e
 paraphrases. Their rankings are fused with reciprocal rank fusion (Cormack et al. 2009), which
 needs no score calibration between the two. Without an embedder the index is BM25-only.
 
-On disk a saved index is a directory:
-    index.json       chunk ids, groups, whether BM25/dense parts exist, the embedder's name
+On disk a saved index is a directory (mode 0700: chunks quote the documents):
+    index.json       chunk ids, groups, whether BM25/dense parts exist, the embedder's name, and
+                     the content hash of the chunks it was built from (`chunks_hash`), which
+                     tells a stale index (one a crash left behind) from a current one
     bm25/            the bm25s index (absent when no chunk has any BM25 token)
     embeddings.npy   float32 (n_chunks, dim) unit vectors (only with an embedder)
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
-import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -24,12 +26,41 @@ import numpy as np
 
 from tuneloop.errors import InputError, StateError
 from tuneloop.models.base import Embedder
+from tuneloop.safety import safe_rmtree
 
 FORMAT_VERSION = 2  # 2: BM25 tokens are stemmed (English Snowball)
 
 
 class IndexNotFoundError(InputError, FileNotFoundError):
     """No saved index where one was expected (ingest documents first)."""
+
+
+def chunks_hash(chunk_ids: list[int], texts: list[str]) -> str:
+    """A content hash of chunks (ids and texts, in order): an index built from other chunks, or
+    from the same ids with other texts (SQLite reuses deleted ids), has another hash."""
+    h = hashlib.sha256()
+    for cid, text in zip(chunk_ids, texts, strict=True):
+        h.update(f"{cid}\x00{len(text)}\x00".encode())
+        h.update(text.encode("utf-8"))
+    return h.hexdigest()
+
+
+def leftover_paths(directory: Path) -> list[Path]:
+    """Temporary and replaced copies of the index at `directory` that a killed `save` left."""
+    directory = Path(directory)
+    if not directory.parent.is_dir():
+        return []
+    prefixes = (f".{directory.name}.tmp-", f".{directory.name}.old-")
+    return [p for p in directory.parent.iterdir()
+            if p.name.startswith(prefixes) and p.is_dir() and not p.is_symlink()]
+
+
+def clean_leftovers(directory: Path) -> int:
+    """Remove what `leftover_paths` finds; return how many folders were removed."""
+    stale = leftover_paths(directory)
+    for p in stale:
+        safe_rmtree(p, inside=Path(directory).parent, ignore_errors=True)
+    return len(stale)
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,9 +100,11 @@ class HybridIndex:
         bm25: bm25s.BM25 | None,
         embeddings: np.ndarray | None,
         embedder: Embedder | None,
+        content_hash: str | None = None,
     ) -> None:
         self.chunk_ids = list(chunk_ids)
         self.groups = list(groups)
+        self.content_hash = content_hash  # chunks_hash of what it was built from (None: unknown)
         self._bm25 = bm25
         self._embeddings = embeddings
         self._embedder = embedder
@@ -125,7 +158,7 @@ class HybridIndex:
                     )
             else:
                 embeddings = np.zeros((0, 0), dtype=np.float32)
-        return cls(list(chunk_ids), list(groups), bm25, embeddings, embedder)
+        return cls(list(chunk_ids), list(groups), bm25, embeddings, embedder, chunks_hash(chunk_ids, texts))
 
     def save(self, directory: Path) -> None:
         """Write the index to `directory`, replacing any index there, atomically: it is written
@@ -133,7 +166,7 @@ class HybridIndex:
         index (at worst the previous one is left aside in a hidden `.NAME.old-*` sibling)."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))  # mode 0700
         try:
             if self._bm25 is not None:
                 self._bm25.save(tmp / "bm25", show_progress=False)
@@ -146,6 +179,7 @@ class HybridIndex:
                 "bm25": self._bm25 is not None,
                 "dense": self._embeddings is not None,
                 "embedder": self.embedder_name,
+                "content_hash": self.content_hash,
             }
             (tmp / "index.json").write_text(json.dumps(meta), encoding="utf-8")
             old = None
@@ -160,10 +194,10 @@ class HybridIndex:
                     os.rename(old, directory)
                 raise
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            safe_rmtree(tmp, inside=directory.parent, ignore_errors=True)
             raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            safe_rmtree(old, inside=directory.parent, ignore_errors=True)
 
     @classmethod
     def load(cls, directory: Path, embedder: Embedder | None) -> HybridIndex:
@@ -181,6 +215,7 @@ class HybridIndex:
             chunk_ids = [int(i) for i in meta["chunk_ids"]]
             groups = [str(g) for g in meta["groups"]]
             stored_name = meta["embedder"]
+            content_hash = meta.get("content_hash")  # absent in indexes saved before it was recorded
             bm25 = bm25s.BM25.load(directory / "bm25") if meta["bm25"] else None
             embeddings = None
             if meta["dense"]:
@@ -200,7 +235,7 @@ class HybridIndex:
                 f"Retrieval index at {directory} is inconsistent (embeddings for "
                 f"{embeddings.shape[0]} of {len(chunk_ids)} chunks); re-ingest the documents"
             )
-        return cls(chunk_ids, groups, bm25, embeddings, embedder)
+        return cls(chunk_ids, groups, bm25, embeddings, embedder, content_hash)
 
     def _bm25_ranking(self, query: str, positions: np.ndarray, limit: int) -> list[int]:
         if self._bm25 is None:

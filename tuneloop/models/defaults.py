@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import uuid
 from pathlib import Path
 
 from tuneloop.errors import ConfigError
+from tuneloop.safety import safe_rmtree
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
@@ -56,10 +56,10 @@ def smollm2_dir(cache: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():
-            shutil.rmtree(target)
+            safe_rmtree(target, inside=target.parent)
         os.replace(tmp, target)  # atomic: a crash never leaves a half-converted model
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        safe_rmtree(tmp, inside=target.parent, ignore_errors=True)
     return target
 
 

@@ -24,19 +24,19 @@ resumes from its last complete checkpoint. Data and replay: see `align_data`.
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PrinterCallback
 
-from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
+from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_meta, write_artifact
 from tuneloop.config import AlignSettings, Project, SFTSettings
 from tuneloop.errors import ConfigError
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
+from tuneloop.safety import safe_rmtree
 from tuneloop.stages.align_data import AlignData, select_align_data
 from tuneloop.stages.common import (
     register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
@@ -165,6 +165,7 @@ def train_align(project: Project, session: Session, retriever: Retriever | None,
         raise ConfigError(f"align method {method!r} is not implemented yet (use one of {', '.join(METHODS)})")
     parent = training_parent(project, session, parent, "aligned")
     name = name or run_name(f"align-{method}", cycle_id)
+    clean_leftovers(session, project.artifacts, KIND, f"align-{method}")
     path = artifact_path(project.artifacts, KIND, name)
     if not is_complete(path):
         data = select_align_data(session, method, retriever, Path(data_dir) if data_dir else None,
@@ -207,7 +208,7 @@ def _run(project: Project, method: str, data: AlignData, parent: ModelVersion, n
             "hyperparams": hyperparams, "global_step": trainer.state.global_step,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
     path = write_artifact(project.artifacts, KIND, name, meta, write)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    safe_rmtree(work_dir, inside=project.artifacts, ignore_errors=True)
     return path
 
 

@@ -14,7 +14,6 @@ last checkpoint, like SFT.
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,11 +21,12 @@ from pathlib import Path
 from sqlalchemy import select
 from transformers import PrinterCallback
 
-from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
+from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_meta, write_artifact
 from tuneloop.config import Project, SFTSettings
 from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.progress import Reporter
+from tuneloop.safety import safe_rmtree
 from tuneloop.stages.common import (
     register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
 )
@@ -126,6 +126,7 @@ def train_dapt(project: Project, session: Session, reporter: Reporter, cycle_id:
     role = project.settings.models.student
     parent = training_parent(project, session, None, "fine-tuned")
     name = name or run_name("dapt", cycle_id)
+    clean_leftovers(session, project.artifacts, KIND, "dapt")
     path = artifact_path(project.artifacts, KIND, name)
     if not is_complete(path):
         s = project.settings.sft
@@ -163,7 +164,7 @@ def train_dapt(project: Project, session: Session, reporter: Reporter, cycle_id:
                 "parent_adapter": parent.adapter_path, "chunk_ids": chunk_ids, "hyperparams": hyperparams,
                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
         path = write_artifact(project.artifacts, KIND, name, meta, write)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        safe_rmtree(work_dir, inside=project.artifacts, ignore_errors=True)
     return _register(session, path, parent, cycle_id)
 
 

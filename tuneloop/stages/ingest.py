@@ -3,6 +3,12 @@
 All files are read and chunked before anything is written, so a bad file stops the command
 with nothing changed. An unchanged file (same name, same content hash) is skipped; a changed one
 has its chunks replaced.
+
+The store's write transaction is short: parsing, chunking and embedding (the slow part) come
+before it, and it only inserts and deletes rows, then commits. So a running server's writes
+(feedback, interactions) wait milliseconds, not the whole ingest. The store is committed before
+the index is built (from the vectors already computed) and swapped in: a kill in between leaves
+an index whose recorded content hash differs from the store's chunks; the next ingest rebuilds it.
 """
 from __future__ import annotations
 
@@ -14,8 +20,9 @@ import numpy as np
 from sqlalchemy import delete, select
 
 from tuneloop.config import Project
+from tuneloop.ingest.chunking import Chunk as Piece
 from tuneloop.ingest.chunking import chunk_text, word_offsets
-from tuneloop.ingest.index import HybridIndex
+from tuneloop.ingest.index import HybridIndex, chunks_hash, clean_leftovers
 from tuneloop.ingest.loaders import RawDocument, iter_files, load_file
 from tuneloop.models.base import Embedder
 from tuneloop.progress import Reporter
@@ -31,52 +38,81 @@ class IngestResult:
     index_rebuilt: bool = False
 
 
+@dataclass
+class _Planned:
+    """A new or changed document, chunked, waiting for the write transaction."""
+
+    raw: RawDocument
+    sha: str
+    pieces: list[Piece]
+    old_id: int | None  # the stored document it replaces
+
+
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def ingest_paths(project: Project, session: Session, paths: list[Path], embedder: Embedder | None,
                  reporter: Reporter) -> IngestResult:
-    """Add new and changed documents to the session (caller commits), then refresh the index."""
+    """Add new and changed documents to the store and commit, then refresh the index."""
     s = project.settings.ingest
     offsets = embedder.token_offsets if embedder is not None else word_offsets
     files = iter_files(paths)
     docs: list[RawDocument] = []
     for f in files:
         docs.extend(load_file(f))
-    known = {d.name: d for d in session.scalars(select(Document))}
+    known = {name: (doc_id, sha) for doc_id, name, sha in session.execute(
+        select(Document.id, Document.name, Document.sha256))}
     result = IngestResult()
+    planned: dict[str, _Planned] = {}
     with reporter.task("chunking documents", len(docs)) as advance:
         for raw in docs:
             sha = _sha(raw.text)
-            old = known.get(raw.name)
-            if old is not None and old.sha256 == sha:
+            old, earlier = known.get(raw.name), planned.get(raw.name)
+            if (earlier.sha if earlier else old[1] if old else None) == sha:
                 result.unchanged.append(raw.name)
-                advance(1)
-                continue
-            if old is not None:
-                session.execute(delete(Chunk).where(Chunk.document_id == old.id))
-                old.sha256, old.source, old.n_chars = sha, raw.source, len(raw.text)
-                doc = old
-                result.changed.append(raw.name)
-            else:
-                doc = Document(name=raw.name, source=raw.source, sha256=sha, n_chars=len(raw.text))
-                session.add(doc)
-                session.flush()
-                known[raw.name] = doc
-                result.added.append(raw.name)
-            pieces = chunk_text(raw.text, offsets, s.chunk_tokens, s.overlap_tokens)
-            session.add_all(Chunk(document_id=doc.id, position=i, text=c.text, start=c.start, end=c.end,
-                                  n_tokens=c.n_tokens) for i, c in enumerate(pieces))
-            result.chunks += len(pieces)
+            else:  # a later file of the same name replaces an earlier one, as a changed file does
+                pieces = chunk_text(raw.text, offsets, s.chunk_tokens, s.overlap_tokens)
+                planned[raw.name] = _Planned(raw, sha, pieces, old[0] if old is not None else None)
+                (result.changed if old is not None or earlier else result.added).append(raw.name)
+                result.chunks += len(pieces)
             advance(1)
-    session.flush()
-    # Force a rebuild when any text changed: SQLite reuses the ids of deleted chunks (no
-    # AUTOINCREMENT), so a changed last document can get back exactly the same chunk ids, and
-    # comparing ids alone would keep an index of the old text.
-    result.index_rebuilt = ensure_index(project, session, embedder, reporter,
-                                        force=bool(result.added or result.changed))
+    todo = list(planned.values())
+    vectors = _embed_new_state(session, todo, embedder, reporter) if todo and embedder is not None else None
+    if todo:
+        _write(session, todo)
+    result.index_rebuilt = ensure_index(project, session, embedder, reporter, vectors)
     return result
+
+
+def _embed_new_state(session: Session, planned: list[_Planned], embedder: Embedder,
+                     reporter: Reporter) -> dict[str, np.ndarray]:
+    """Embed every chunk text the store will hold once `planned` is written, before the write
+    transaction opens: the index built after the commit then needs no model calls, so the
+    window in which the committed store and the old index differ stays short."""
+    replaced = {p.old_id for p in planned if p.old_id is not None}
+    kept = [text for text, doc_id in session.execute(select(Chunk.text, Chunk.document_id)) if doc_id not in replaced]
+    texts = list(dict.fromkeys(kept + [c.text for p in planned for c in p.pieces]))
+    with reporter.task(f"embedding {len(texts)} chunks", len(texts)) as advance:
+        vectors = _CountingEmbedder(embedder, advance).embed(texts) if texts else []
+    return dict(zip(texts, vectors))
+
+
+def _write(session: Session, planned: list[_Planned]) -> None:
+    """One short write transaction: rows only, then commit (the write lock is held for just this)."""
+    for p in planned:
+        raw = p.raw
+        if p.old_id is not None:
+            session.execute(delete(Chunk).where(Chunk.document_id == p.old_id))
+            doc = session.get(Document, p.old_id)
+            doc.sha256, doc.source, doc.n_chars = p.sha, raw.source, len(raw.text)
+        else:
+            doc = Document(name=raw.name, source=raw.source, sha256=p.sha, n_chars=len(raw.text))
+            session.add(doc)
+            session.flush()
+        session.add_all(Chunk(document_id=doc.id, position=i, text=c.text, start=c.start, end=c.end,
+                              n_tokens=c.n_tokens) for i, c in enumerate(p.pieces))
+    session.commit()
 
 
 def scan_documents(session: Session, paths: list[Path]) -> dict[str, list[str]]:
@@ -93,21 +129,28 @@ def scan_documents(session: Session, paths: list[Path]) -> dict[str, list[str]]:
 
 
 def ensure_index(project: Project, session: Session, embedder: Embedder | None, reporter: Reporter,
-                 force: bool = False) -> bool:
-    """Rebuild the index when it is missing or does not hold exactly the stored chunks."""
+                 vectors: dict[str, np.ndarray] | None = None) -> bool:
+    """Rebuild the index when it is missing, unreadable, built with another embedder, or built
+    from chunks other than the stored ones (its content hash differs); return whether it was.
+    `vectors` (chunk text -> embedding) are used instead of embedding those texts again.
+
+    Removes what a killed index build left beside the index first, and keeps the index folder
+    private (0700)."""
+    clean_leftovers(project.index_dir)
     rows = session.execute(select(Chunk.id, Chunk.text, Document.name).join(Document).order_by(Chunk.id)).all()
-    ids = [r[0] for r in rows]
-    if not force and (project.index_dir / "index.json").is_file():
+    ids, texts = [r[0] for r in rows], [r[1] for r in rows]
+    if (project.index_dir / "index.json").is_file():
+        project.index_dir.chmod(0o700)  # one an older version saved with the umask's mode
         try:
             current = HybridIndex.load(project.index_dir, embedder)
-            if list(current.chunk_ids) == ids:
+            if current.content_hash == chunks_hash(ids, texts):
                 return False
         except Exception:  # unreadable or built with another embedder: rebuild below
             pass
     kind = "BM25 + dense" if embedder is not None else "BM25"
     with reporter.task(f"indexing {len(ids)} chunks ({kind})", len(ids)) as advance:
-        counted = _CountingEmbedder(embedder, advance) if embedder is not None else None
-        index = HybridIndex.build(ids, [r[1] for r in rows], [r[2] for r in rows], counted)
+        counted = _CountingEmbedder(embedder, advance, vectors) if embedder is not None else None
+        index = HybridIndex.build(ids, texts, [r[2] for r in rows], counted)
         index.save(project.index_dir)
         if counted is None:
             advance(len(ids))
@@ -115,18 +158,24 @@ def ensure_index(project: Project, session: Session, embedder: Embedder | None, 
 
 
 class _CountingEmbedder:
-    """Embeds in slices so the progress bar moves while a large corpus is embedded."""
+    """Embeds in slices so the progress bar moves while a large corpus is embedded; texts in
+    `known` (already embedded) are not embedded again."""
 
-    def __init__(self, inner: Embedder, advance, slice_size: int = 256):
+    def __init__(self, inner: Embedder, advance, known: dict[str, np.ndarray] | None = None,
+                 slice_size: int = 256):
         self.inner, self.advance, self.slice_size, self.name = inner, advance, slice_size, inner.name
+        self.known = dict(known or {})
 
     def embed(self, texts):
-        parts = []
-        for start in range(0, len(texts), self.slice_size):
-            part = texts[start : start + self.slice_size]
-            parts.append(self.inner.embed(part))
+        todo = [t for t in dict.fromkeys(texts) if t not in self.known]
+        for start in range(0, len(todo), self.slice_size):
+            part = todo[start : start + self.slice_size]
+            self.known.update(zip(part, self.inner.embed(part)))
             self.advance(len(part))
-        return np.concatenate(parts) if parts else self.inner.embed(texts)
+        self.advance(len(texts) - len(todo))
+        if not texts:
+            return self.inner.embed(texts)
+        return np.stack([np.asarray(self.known[t], dtype=np.float32) for t in texts])
 
     def token_offsets(self, text: str):
         return self.inner.token_offsets(text)

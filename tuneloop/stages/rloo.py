@@ -31,6 +31,7 @@ from tuneloop.config import AlignSettings, Project, SFTSettings
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
 from tuneloop.progress import Reporter
+from tuneloop.safety import safe_rmtree
 from tuneloop.stages.align_data import AlignData
 from tuneloop.stages.policy import device_args, load_policy, lora_config
 from tuneloop.stages.common import save_trained_adapter, train_losses
@@ -138,14 +139,14 @@ def _reward_phase(model_dir: Path, rows: list[dict], s: AlignSettings, lora: SFT
     info = {"accuracy": accuracy, "n_pairs": len(rows), "global_step": trainer.state.global_step,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
     staging = work_dir / f"{REWARD_DIR}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
+    safe_rmtree(staging, inside=work_dir, ignore_errors=True)
     trainer.model.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
     (staging / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     (staging / "reward_info.json").write_text(json.dumps(info, indent=2))  # written last: marks it complete
-    shutil.rmtree(out, ignore_errors=True)
+    safe_rmtree(out, inside=work_dir, ignore_errors=True)
     staging.rename(out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    safe_rmtree(tmp, inside=work_dir, ignore_errors=True)
     reporter.log(f"reward model accuracy on the training pairs: {accuracy:.2f}")
     return info
 
@@ -211,5 +212,5 @@ def run_rloo(project: Project, data: AlignData, parent: ModelVersion, name: str,
             "hyperparams": hyperparams, "global_step": trainer.state.global_step,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
     path = write_artifact(project.artifacts, KIND, name, meta, write)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    safe_rmtree(work_dir, inside=project.artifacts, ignore_errors=True)
     return path

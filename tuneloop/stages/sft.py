@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +16,14 @@ from sqlalchemy import select
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
+from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_meta, write_artifact
 from tuneloop.config import Project, SFTSettings
 from tuneloop.errors import StateError
 from tuneloop.metrics import yes_no_reference_label
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.progress import Reporter
+from tuneloop.safety import safe_rmtree
 from tuneloop.stages.common import (
     balance_labels, register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
 )
@@ -138,7 +138,7 @@ def _last_complete_checkpoint(work_dir: Path) -> str | None:
             json.loads((Path(last) / "trainer_state.json").read_text(encoding="utf-8"))
             return last
         except (OSError, ValueError):
-            shutil.rmtree(last, ignore_errors=True)
+            safe_rmtree(last, inside=work_dir, ignore_errors=True)
             if Path(last).exists():  # could not remove it: do not loop forever
                 return None
     return None
@@ -156,6 +156,7 @@ def train_sft(project: Project, session: Session, retriever: Retriever | None, r
     role = project.settings.models.student
     parent = training_parent(project, session, parent, "fine-tuned")
     name = run_name("sft", cycle_id)
+    clean_leftovers(session, project.artifacts, KIND, "sft")
     path = artifact_path(project.artifacts, KIND, name)
     if not is_complete(path):
         if retriever is None:
@@ -179,7 +180,7 @@ def train_sft(project: Project, session: Session, retriever: Retriever | None, r
                 "n_new": len(new), "n_replay": len(replay), "hyperparams": s.model_dump(),
                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
         path = write_artifact(project.artifacts, KIND, name, meta, write)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        safe_rmtree(work_dir, inside=project.artifacts, ignore_errors=True)
     return _register(session, path, parent, cycle_id)
 
 

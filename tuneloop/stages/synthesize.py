@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from tuneloop.artifacts import artifact_path, is_complete, read_jsonl, write_artifact, write_jsonl
+from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_jsonl, write_artifact, write_jsonl
 from tuneloop.config import Project
 from tuneloop.errors import StateError
 from tuneloop.filters import (
@@ -498,6 +498,7 @@ def synthesize(project: Project, session: Session, models: SynthModels | ChatMod
     generating again, and `models` may be None. A bare ChatModel is used as teacher and judge.
     """
     name = name or run_name("synth", cycle_id)
+    clean_leftovers(session, project.artifacts, KIND, "synth")  # what a killed synth left behind
     path = artifact_path(project.artifacts, KIND, name)
     if not is_complete(path):
         if models is None:

@@ -36,6 +36,7 @@ from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
+from tuneloop.safety import safe_rmtree
 from tuneloop.stages.anchor import anchor_guard, anchor_items, answer_anchor, evaluate_anchor
 from tuneloop.stages.common import register_adapter, run_name
 from tuneloop.stages.evaluate import score_examples
@@ -148,7 +149,7 @@ def choose_alpha(project: Project, session: Session, champion: ModelVersion, can
         anchor: dict[float, float] = {}
         for alpha in alphas:
             out = work / f"alpha-{alpha:g}"
-            shutil.rmtree(out, ignore_errors=True)
+            safe_rmtree(out, inside=work, ignore_errors=True)
             average_adapters(model_dir, champ_adapter, Path(candidate.adapter_path), alpha, out,
                              cont.wise_max_rank)
             reporter.log(f"WiSE-FT: scoring alpha {alpha:g} on {len(examples)} dev questions")
@@ -173,7 +174,7 @@ def choose_alpha(project: Project, session: Session, champion: ModelVersion, can
                 "candidate": candidate.name, "primary_metric": project.settings.eval.primary_metric,
                 "dev_example_ids": [e.id for e in examples]}
         path = write_artifact(project.artifacts, KIND, name, meta, write)
-        shutil.rmtree(work, ignore_errors=True)
+        safe_rmtree(work, inside=project.artifacts, ignore_errors=True)
     return _register(session, path, candidate, cycle_id)
 
 
