@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy import select
 
 from tuneloop.artifacts import read_jsonl, write_artifact, write_jsonl
+from tuneloop.errors import StateError
 from tuneloop.ingest.chunking import word_offsets
 from tuneloop.ingest.index import HybridIndex
 from tuneloop.programs.rag import Retriever
@@ -155,6 +156,8 @@ def test_an_index_left_stale_by_a_kill_is_rebuilt_by_the_next_ingest(project):
     shutil.rmtree(p.index_dir)  # the kill: the store is committed, the old index still in place
     shutil.copytree(stale, p.index_dir)
     assert HybridIndex.load(p.index_dir, None).chunk_ids == new_ids  # ids alone cannot tell
+    with open_store(p.store_url)() as s, pytest.raises(StateError, match="run `tuneloop ingest`"):
+        Retriever.load(p, s, None)  # what the server, eval and chat load: refused, not mixed up
 
     again = ingest(p)
     assert (again.added, again.changed, again.index_rebuilt) == ([], [], True)

@@ -13,7 +13,8 @@ from pathlib import Path
 from sqlalchemy import select
 
 from tuneloop.config import Project
-from tuneloop.ingest.index import HybridIndex
+from tuneloop.errors import StateError
+from tuneloop.ingest.index import HybridIndex, chunks_hash
 from tuneloop.models.base import ChatModel, Embedder, GenerationParams, Message
 from tuneloop.progress import Reporter, SilentReporter, batched_chat
 from tuneloop.store import Chunk, Document, Session
@@ -48,7 +49,13 @@ class Retriever:
     @classmethod
     def load(cls, project: Project, session: Session, embedder: Embedder | None) -> "Retriever":
         index = HybridIndex.load(project.index_dir, embedder)
-        rows = session.execute(select(Chunk.id, Document.name, Chunk.text).join(Document)).all()
+        rows = session.execute(select(Chunk.id, Document.name, Chunk.text).join(Document).order_by(Chunk.id)).all()
+        if index.content_hash is not None and index.content_hash != chunks_hash([r[0] for r in rows],
+                                                                                 [r[2] for r in rows]):
+            # e.g. an ingest killed between its commit and the index swap: answers would cite
+            # chunks the index does not hold, or the wrong document's
+            raise StateError("the retrieval index was built from other chunks than the store holds "
+                             "(an interrupted ingest?): run `tuneloop ingest` to rebuild it")
         passages = {cid: Passage(cid, doc, text) for cid, doc, text in rows}
         s = project.settings.ingest
         return cls(index, passages, s.top_k, s.rrf_k)
