@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-project
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-all venv lock bench-cuad bench-continuous bench-synth clean
+.PHONY: demo test test-all venv lock bench-faults bench-cuad bench-continuous bench-synth clean
 
 venv: $(VENV)/.installed
 
@@ -54,6 +54,11 @@ bench-cuad: venv
 bench-continuous: venv
 	$(BIN)/python bench/continuous.py
 	$(BIN)/python bench/continuous_focus.py
+
+# kill -9 `tuneloop cycle` at every step boundary and mid-step, and a server mid-way through a
+# feedback load; compare with uninterrupted runs (tiny model, scripted teacher; ~15 min on 2 cores)
+bench-faults: venv
+	$(BIN)/python bench/faults.py
 
 # teacher throughput (batched vs one-at-a-time), then the data engine on CUAD dev (~8 min)
 bench-synth: venv
