@@ -50,9 +50,13 @@ def error_response(status: int, message: str, code: str | None = None,
     return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def field_name(loc: tuple[Any, ...] | list[Any]) -> str:
-    """`("body", "messages", 0, "content")` -> `messages[0].content`."""
+    """`("body", "messages", 0, "content", "str")` -> `messages[0].content` (pydantic's union branch tags dropped)."""
     parts = list(loc[1:] if loc and loc[0] in ("body", "path", "query", "header") else loc)
+    parts = [p for p in parts if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
