@@ -155,18 +155,19 @@ def test_a_changed_ab_choice_replaces_the_first(make):
 
 
 def test_concurrent_votes_of_one_key_still_leave_one_row(make):
+    """Two servers on one store (no shared in-process lock): the unique verdict key settles the race."""
     proj = make()
-    app = create_app(proj, model_factory=FakeFactory())
-    with live_server(app) as url:
-        iid = httpx.post(f"{url}/v1/chat/completions", headers=CLIENT, json=ask()).json()["interaction_id"]
+    with live_server(create_app(proj, model_factory=FakeFactory())) as one, \
+            live_server(create_app(proj, model_factory=FakeFactory())) as two:
+        iid = httpx.post(f"{one}/v1/chat/completions", headers=CLIENT, json=ask()).json()["interaction_id"]
         statuses: list[int] = []
-        threads = [threading.Thread(target=lambda: statuses.append(httpx.post(
-            f"{url}/v1/feedback", headers=CLIENT, json={"interaction_id": iid, "thumbs": "up"}).status_code))
-            for _ in range(12)]
+        threads = [threading.Thread(target=lambda url=url: statuses.append(httpx.post(
+            f"{url}/v1/feedback", headers=CLIENT, json={"interaction_id": iid, "thumbs": "up"},
+            timeout=60).status_code)) for url in [one, two] * 6]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(30)
+            t.join(60)
     assert sorted(statuses) == [200] * 11 + [201]
     assert count(proj, Feedback) == 1
 
@@ -359,3 +360,14 @@ def test_cli_no_auth_on_loopback_serves_with_a_warning(make, runner, monkeypatch
     assert result.exit_code == 0, (result.output, result.exception)
     assert [kw["host"] for kw in calls] == [host]
     assert "WARNING: --no-auth" in result.stderr and "WARNING" not in result.stdout
+
+
+def test_a_local_model_stops_at_max_time(tiny_model_dir):
+    """The deadline reaches transformers' generate (max_time): the tiny model stops long before max_new_tokens."""
+    from tuneloop.models.local import LocalChatModel
+
+    model = LocalChatModel(tiny_model_dir, batch_size=1)
+    prompt = [model.render([{"role": "user", "content": "Which law governs the supply agreement?"}])]
+    full = model._generate_ids(prompt, GenerationParams(max_new_tokens=64), seed=0)
+    cut = model._generate_ids(prompt, GenerationParams(max_new_tokens=64, max_time=1e-6), seed=0)
+    assert full.shape[1] == 64 and cut.shape[1] <= 2

@@ -126,7 +126,11 @@ def _add_api_routes(app: FastAPI) -> None:
         return {"object": "list", "data": data}
 
     chat_responses = _errors(*API_ERRORS, 404, 500, 504)
-    chat_responses[200] = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # OpenAPI 3.1: the schema of an event stream describes one event (server-sent events' fields)
+    sse_event = {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": "a JSON chat.completion.chunk (the last one with usage, interaction_id "
+                                         "and citations), an error, or [DONE]"}, "event": {"type": "string"}}}
+    chat_responses[200] = {"content": {"text/event-stream": {"schema": sse_event}},
                            "description": "the answer (JSON), or server-sent events with `stream: true`"}
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=chat_responses, dependencies=BEARER)
