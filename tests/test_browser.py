@@ -200,12 +200,12 @@ def test_ask_answer_citations_and_feedback(served, page):
     texts = citations.all_inner_texts()
     assert texts and all(re.match(rf"^\[{i + 1}\] {re.escape(document)}: \S", t) for i, t in enumerate(texts)), texts
     expect(page.locator("#answer-a")).to_be_hidden()
-    m = re.search(r"#(\d+)", page.inner_text("#interaction-id"))
+    m = re.search(r"Interaction ([A-Za-z0-9_-]{16,})", page.inner_text("#interaction-id"))
     assert m, page.inner_text("#interaction-id")
-    interaction_id = int(m.group(1))
 
     with st.open_store(project.store_url)() as s:
-        inter = s.get(st.Interaction, interaction_id)
+        inter = s.scalar(select(st.Interaction).where(st.Interaction.public_id == m.group(1)))
+        interaction_id = inter.id
         assert inter.answer == "base answers: What law governs the agreement?"
         assert inter.document == document and inter.client == CLIENT_NAME
         assert len(inter.chunk_ids) == len(texts)
@@ -218,25 +218,22 @@ def test_ask_answer_citations_and_feedback(served, page):
     page.select_option("#rating", "4")
     page.fill("#comment", "Right clause, but cite the section number.")
     page.click("#send-feedback")
-    expect(page.locator("#feedback-status")).not_to_contain_text(f"#{thumbs_id} ")
-    expect(page.locator("#feedback-status")).to_contain_text("Stored feedback #")
+    expect(page.locator("#feedback-status")).to_contain_text("rating 4, comment")
     detail_id = int(re.search(r"#(\d+)", page.inner_text("#feedback-status")).group(1))
 
-    rows = {f.id: f for f in feedback_rows(project, interaction_id=interaction_id)}
-    assert set(rows) == {thumbs_id, detail_id}
-    assert (rows[thumbs_id].thumbs, rows[thumbs_id].rating, rows[thumbs_id].comment) == (1, None, None)
-    detail = rows[detail_id]
-    assert (detail.thumbs, detail.rating, detail.comment, detail.corrected_answer) == (
-        None, 4, "Right clause, but cite the section number.", None)
-    assert all(f.source == "human" and f.client == CLIENT_NAME and f.preferred_interaction_id is None
-               for f in rows.values())
+    # one verdict per key and answer: the rating and comment update the row of the thumbs
+    [row] = feedback_rows(project, interaction_id=interaction_id)
+    assert row.id == thumbs_id == detail_id
+    assert (row.thumbs, row.rating, row.comment, row.corrected_answer) == (
+        1, 4, "Right clause, but cite the section number.", None)
+    assert row.source == "human" and row.client == CLIENT_NAME and row.preferred_interaction_id is None
 
     # A corrected answer goes through the same button.
     page.fill("#correction", "England and Wales.")
     page.click("#send-feedback")
     expect(page.locator("#feedback-status")).to_contain_text("corrected answer")
-    latest = feedback_rows(project, interaction_id=interaction_id)[-1]
-    assert (latest.corrected_answer, latest.rating, latest.thumbs) == ("England and Wales.", None, None)
+    [latest] = feedback_rows(project, interaction_id=interaction_id)
+    assert (latest.corrected_answer, latest.rating, latest.thumbs) == ("England and Wales.", 4, 1)
 
 
 def test_ab_pick_b_stores_b_as_preferred(served, page):

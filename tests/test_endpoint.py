@@ -169,3 +169,13 @@ def test_unreachable_endpoint_is_a_clear_input_error(project):
     message = str(err.value)
     assert url in message and "\n" not in message
     assert "reach" in message and ("refused" in message.lower() or "connect" in message.lower())
+
+
+def test_max_time_gives_up_on_a_slow_endpoint_without_retries(project, server):
+    """Serving's deadline reaches the endpoint: a request that takes longer fails at max_time, once."""
+    server.delay = 3.0
+    _, teacher = teacher_on(project, server.url, cache=False)
+    start = time.monotonic()
+    with pytest.raises(InputError):
+        teacher.chat(convs(1), GenerationParams(max_new_tokens=16, max_time=0.5))
+    assert time.monotonic() - start < 2.5 and len(server.requests) == 1

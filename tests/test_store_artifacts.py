@@ -45,7 +45,7 @@ def test_a_new_migration_runs_on_an_existing_database(tmp_path, monkeypatch):
 
 def test_later_migrations_upgrade_a_version_1_database_without_losing_rows(tmp_path):
     """A database made before serving existed (migration 1 only, old columns) gains the new
-    columns (migration 2) and the signal table (migration 3)."""
+    columns (migration 2), the signal table (migration 3) and public interaction ids (migration 4)."""
     from sqlalchemy import text
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
@@ -61,7 +61,7 @@ def test_later_migrations_upgrade_a_version_1_database_without_losing_rows(tmp_p
         st.Migration.__table__.create(conn)
         conn.execute(st.Migration.__table__.insert().values(version=1, name="initial schema",
                                                             applied_at=st.utcnow()))
-    assert st.migrate(engine) == [2, 3]
+    assert st.migrate(engine) == [2, 3, 4]
     assert "signal_values" in inspect(engine).get_table_names()
     assert st.migrate(engine) == []  # idempotent
     cols = {c["name"] for c in inspect(engine).get_columns("interactions")}
@@ -70,10 +70,39 @@ def test_later_migrations_upgrade_a_version_1_database_without_losing_rows(tmp_p
     with st.open_store(url)() as s:
         fb = s.get(st.Feedback, 1)
         assert (fb.thumbs, fb.source) == (1, "human") and s.get(st.Interaction, 1).question == "q?"
+        assert len(s.get(st.Interaction, 1).public_id) >= 20 and fb.verdict_key is None
         s.add(st.Reward(prompt="q?", completion="a", reward=0.5, source="ai"))
         s.add(st.SignalValue(signal="satisfaction", value=0.5, fired=True, detail={"reason": "test"}))
         s.commit()
         assert s.scalar(select(st.SignalValue)).fired is True
+
+
+def test_migration_4_backfills_distinct_public_ids_and_enforces_uniqueness(tmp_path):
+    """Interactions stored before migration 4 get random, distinct public ids; the column is unique."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    engine = create_engine(url)
+    st.migrate(engine)
+    with engine.begin() as conn:  # back to a version-3 database with three old interactions
+        conn.execute(text("DROP INDEX ix_interactions_public_id"))
+        conn.execute(text("DROP INDEX ix_feedback_verdict_key"))
+        conn.execute(text("ALTER TABLE interactions DROP COLUMN public_id"))
+        conn.execute(text("ALTER TABLE feedback DROP COLUMN verdict_key"))
+        conn.execute(text("DROP TABLE idempotency_keys"))
+        conn.execute(text("DELETE FROM schema_migrations WHERE version = 4"))
+        for i in (1, 2, 3):
+            conn.execute(text(f"INSERT INTO interactions (id, question, answer, chunk_ids, latency_ms, created_at) "
+                              f"VALUES ({i}, 'q{i}', 'a', '[]', 1.0, '2026-01-01')"))
+    assert st.migrate(engine) == [4]
+    with st.open_store(url)() as s:
+        ids = [i.public_id for i in s.scalars(select(st.Interaction).order_by(st.Interaction.id))]
+        assert len(set(ids)) == 3 and all(len(i) >= 20 and not i.isdigit() for i in ids)
+        s.add(st.Interaction(question="q", answer="a", chunk_ids=[], public_id=ids[0]))
+        with pytest.raises(IntegrityError):
+            s.commit()
+    assert "idempotency_keys" in inspect(engine).get_table_names()
 
 
 def test_store_keeps_rows_and_enforces_unique_examples(tmp_path):

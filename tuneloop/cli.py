@@ -495,7 +495,8 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to listen on (default: serve.host).")] = None,
     port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port (default: serve.port).")] = None,
     ab: Annotated[bool, typer.Option("--ab", help="A/B mode: answer with champion and challenger.")] = False,
-    no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept clients without an API key.")] = False,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept clients without an API key (loopback "
+                                                            "addresses only).")] = False,
     project_dir: ProjectOpt = Path("."),
 ) -> None:
     """Serve the champion: OpenAI-compatible API, feedback API and web pages (uvicorn)."""
@@ -504,15 +505,25 @@ def serve(
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
+    from tuneloop.errors import ConfigError
     from tuneloop.serve import create_app
+    from tuneloop.serve.auth import is_loopback
 
     project = load_project(project_dir)
     if ab:
         project.settings.serve.ab_mode = True
-    web_app = create_app(project, auth=not no_auth)
-    served = web_app.state.models.current()
     s = project.settings.serve
     host, port = host or s.host, port or s.port
+    if no_auth:
+        if not is_loopback(host):
+            raise ConfigError(f"--no-auth lets anyone in without a key, so it serves only on a loopback address "
+                              f"(127.0.0.1, ::1, localhost), not '{host}'; set {s.api_keys_env} to serve there")
+    web_app = create_app(project, auth=not no_auth)
+    served = web_app.state.models.current()
+    if no_auth:
+        err_console.print(f"[bold yellow]WARNING: --no-auth: no API key needed; every local user is client "
+                          f"'anonymous' and reads and rates every anonymous answer (admin pages still need "
+                          f"{s.admin_token_env}).[/bold yellow]", soft_wrap=True)
     challenger = f", challenger {served.challenger.name}" if served.challenger else ""
     console.print(f"serving champion {served.champion.name}{challenger} at http://{host}:{port} "
                   f"(web page /, admin /admin, API /v1{'; A/B mode' if s.ab_mode else ''})", soft_wrap=True)

@@ -203,11 +203,17 @@ class ServeSettings(_Section):
     port: int = Field(8000, ge=1, le=65535)
     api_keys_env: str = "TUNELOOP_API_KEYS"  # env var: comma-separated client keys (name:key or key)
     admin_token_env: str = "TUNELOOP_ADMIN_TOKEN"  # env var: the admin token (admin page and API)
+    reviewer_keys_env: str = "TUNELOOP_REVIEWER_KEYS"  # env var: reviewer keys (name:key), see every interaction
     max_body_bytes: int = Field(64_000, ge=1_000)  # larger requests get 413
     max_question_chars: int = Field(4_000, ge=10)
     max_feedback_chars: int = Field(4_000, ge=10)
     ab_mode: bool = False  # answer with champion and challenger side by side (when a challenger exists)
     reload_seconds: float = Field(5.0, gt=0)  # how often the server checks for a newly promoted champion
+    # per key (client or reviewer; the admin token is exempt), 0 = unlimited; over the limit: 429 + Retry-After
+    requests_per_minute: int = Field(60, ge=0)  # every /v1 request counts
+    tokens_per_minute: int = Field(4096, ge=0)  # generated (completion) tokens
+    max_tokens_limit: int = Field(512, ge=1)  # largest max_tokens a request may ask for (more: 422)
+    generation_timeout_seconds: float = Field(60.0, gt=0)  # one generation stops here (answer cut, "length")
 
 
 class FeedbackSettings(_Section):
@@ -440,8 +446,13 @@ serve:                   # `tuneloop serve`: OpenAI-compatible API, feedback API
   port: 8000
   api_keys_env: TUNELOOP_API_KEYS      # env var with client keys: "alice:sk-1,bob:sk-2"
   admin_token_env: TUNELOOP_ADMIN_TOKEN  # env var with the admin token (/admin, /v1/admin/*)
+  reviewer_keys_env: TUNELOOP_REVIEWER_KEYS  # env var with reviewer keys: read/rate any interaction
   ab_mode: false         # answer with champion and challenger side by side when a challenger exists
   reload_seconds: 5      # how often to look for a newly promoted champion (no restart needed)
+  requests_per_minute: 60   # per key (admin exempt; 0 = unlimited): more gets 429 + Retry-After
+  tokens_per_minute: 4096   # generated tokens per key (admin exempt; 0 = unlimited)
+  max_tokens_limit: 512     # the largest max_tokens a request may ask for
+  generation_timeout_seconds: 60  # a generation stops here; the answer so far is returned (finish_reason "length")
 
 feedback:
   rlaif_prompts: 32      # prompts per RLAIF run (recent interactions, then synthetic, then seed questions)

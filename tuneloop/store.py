@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
     JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event,
-    select,
+    select, update,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -28,6 +29,11 @@ def example_hash(question: str, answer: str, document: str | None) -> str:
     """Identity of a Q/A example. The document is part of it: the same question with the same
     answer ("Is there a non-compete clause?" / "No") about two contracts is two examples."""
     return text_hash(question, answer, document or "")
+
+
+def new_public_id() -> str:
+    """An unguessable id for an interaction, shown to clients instead of the row id (128 random bits)."""
+    return secrets.token_urlsafe(16)
 
 
 def text_hash(*parts: str) -> str:
@@ -102,6 +108,9 @@ class Interaction(Base):
     ab_pair: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)  # shared by an A/B pair
     arm: Mapped[str | None] = mapped_column(String(20), nullable=True)  # champion | challenger (A/B)
     client: Mapped[str | None] = mapped_column(String(100), nullable=True)  # which API key asked
+    # migration 4: the id clients see (the row id stays internal); filled for old rows by the migration
+    public_id: Mapped[str | None] = mapped_column(String(40), nullable=True, unique=True, index=True,
+                                                  default=new_public_id)
 
 
 class Feedback(Base):
@@ -117,6 +126,23 @@ class Feedback(Base):
     preferred_interaction_id: Mapped[int | None] = mapped_column(ForeignKey("interactions.id"), nullable=True)
     source: Mapped[str] = mapped_column(String(20), default="human")  # human | ai
     client: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # migration 4: one verdict per client and answer ("answer:<client>:<interaction id>") or A/B pair
+    # ("choice:<client>:<ab_pair>"); a later one updates the row. NULL (older rows, AI feedback): no limit.
+    verdict_key: Mapped[str | None] = mapped_column(String(300), nullable=True, unique=True, index=True)
+
+
+class IdempotencyKey(Base):
+    """The first response to a `POST /v1/feedback` sent with an `Idempotency-Key` header (migration 4)."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("client", "key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    client: Mapped[str] = mapped_column(String(100))
+    key: Mapped[str] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64))  # the same key with another body is refused
+    status: Mapped[int] = mapped_column(Integer)
+    response: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class PreferencePair(Base):
@@ -238,11 +264,25 @@ def _m002_serving(conn: Connection) -> None:
     Reward.__table__.create(conn, checkfirst=True)
 
 
+def _m004_trust(conn: Connection) -> None:
+    """Public interaction ids (backfilled), one verdict per client and answer, idempotency keys."""
+    _add_columns(conn, "interactions", {"public_id": "VARCHAR(40)"})
+    _add_columns(conn, "feedback", {"verdict_key": "VARCHAR(300)"})
+    table = Interaction.__table__
+    for row_id in list(conn.scalars(select(table.c.id).where(table.c.public_id.is_(None)))):
+        conn.execute(update(table).where(table.c.id == row_id).values(public_id=new_public_id()))
+    for index in (*table.indexes, *Feedback.__table__.indexes):
+        if index.name in ("ix_interactions_public_id", "ix_feedback_verdict_key"):
+            index.create(conn, checkfirst=True)
+    IdempotencyKey.__table__.create(conn, checkfirst=True)
+
+
 # Append-only: never edit or reorder an entry that has shipped; add a new one.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _m001_initial),
     (2, "serving: interaction A/B and client columns, feedback choice/source, rewards", _m002_serving),
     (3, "monitoring: signal values", lambda conn: SignalValue.__table__.create(conn, checkfirst=True)),
+    (4, "trust: interaction public ids, one verdict per client, idempotency keys", _m004_trust),
 ]
 
 

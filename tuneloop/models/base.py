@@ -21,6 +21,7 @@ class GenerationParams:
     temperature: float = 0.0  # 0 means greedy decoding
     top_p: float = 1.0
     seed: int = 0
+    max_time: float | None = None  # seconds: generation stops then and returns what it has (serving)
 
 
 class ChatModel(Protocol):

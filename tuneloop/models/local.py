@@ -156,6 +156,7 @@ class LocalChatModel:
             top_k=None,
             pad_token_id=self.tokenizer.pad_token_id,
             streamer=streamer,
+            max_time=params.max_time,  # transformers' MaxTimeCriteria: stop after this many seconds
         )
         return out[:, enc["input_ids"].shape[1] :]
 

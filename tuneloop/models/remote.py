@@ -84,10 +84,19 @@ class EndpointChatModel:
                           num_retries=max_retries)
         self.concurrency = max(1, int(concurrency))
         self.max_retries = max_retries
+        self._timed: dict[float, dspy.LM] = {}  # max_time -> a copy of the LM with that timeout
+
+    def _lm_for(self, params: GenerationParams) -> dspy.LM:
+        """The LM, or (with `params.max_time`) a copy that gives up after that many seconds, without retries."""
+        if params.max_time is None:
+            return self.lm
+        if params.max_time not in self._timed:
+            self._timed[params.max_time] = self.lm.copy(timeout=params.max_time, num_retries=0)
+        return self._timed[params.max_time]
 
     def _one(self, conversation: list[Message], params: GenerationParams) -> str:
         try:
-            response = self.lm(_request(self.model_id, conversation, params))
+            response = self._lm_for(params)(_request(self.model_id, conversation, params))
         except Exception as exc:  # DSPy has already retried what was worth retrying
             from dspy.utils.exceptions import LMTransportError, is_retryable_lm_error
 

@@ -1,17 +1,22 @@
-"""API keys for clients, a separate admin token, and the request-size guard.
+"""API keys and roles (client, reviewer, admin), and the request-size guard.
 
-Client keys come from the environment variable named by `serve.api_keys_env`: comma-separated
-entries `name:key` or a bare `key` (named `client-<position>`). The admin token comes from the
-variable named by `serve.admin_token_env` and is accepted wherever a client key is. Requests
-send `Authorization: Bearer <key>`. Paths under `/v1/admin` need the admin token, other `/v1/`
-paths a client key; the web pages (`/`, `/admin`, `/static/...`) load without one.
+Client keys come from the environment variable named by `serve.api_keys_env`, reviewer keys from
+the one named by `serve.reviewer_keys_env`: comma-separated entries `name:key` or a bare `key`
+(named `client-<position>` / `reviewer-<position>`). The admin token comes from the variable named
+by `serve.admin_token_env` and is accepted wherever a key is. Requests send
+`Authorization: Bearer <key>`. Paths under `/v1/admin` need the admin token, other `/v1/` paths
+a client or reviewer key; the web pages, `/openapi.json` and `/static/...` load without one.
+
+Roles: a client reads and rates only the interactions it asked for; a reviewer reads and rates
+every interaction; the admin may do everything (and is exempt from the rate limits).
 """
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +25,23 @@ from tuneloop.serve.errors import error_body
 
 ADMIN_CLIENT = "admin"
 ANONYMOUS_CLIENT = "anonymous"
+CLIENT, REVIEWER, ADMIN = "client", "reviewer", "admin"  # roles
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the key's name and its role."""
+
+    name: str
+    role: str = CLIENT
+
+    @property
+    def sees_everything(self) -> bool:
+        """Reviewers and the admin may read and rate any interaction; clients only their own."""
+        return self.role in (REVIEWER, ADMIN)
+
+
+ANONYMOUS = Caller(ANONYMOUS_CLIENT)
 
 
 @dataclass(frozen=True)
@@ -29,27 +51,45 @@ class KeyRing:
     clients: dict[str, str]  # key -> client name
     admin_token: str | None
     auth: bool = True  # False (--no-auth): clients need no key; admin endpoints still need the token
+    reviewers: dict[str, str] = field(default_factory=dict)  # key -> reviewer name
 
     @classmethod
     def from_env(cls, settings: ServeSettings, auth: bool = True) -> KeyRing:
         return cls(parse_keys(os.environ.get(settings.api_keys_env, "")),
-                   os.environ.get(settings.admin_token_env, "").strip() or None, auth)
+                   os.environ.get(settings.admin_token_env, "").strip() or None, auth,
+                   parse_keys(os.environ.get(settings.reviewer_keys_env, ""), "reviewer"))
+
+    def caller_for(self, key: str) -> Caller | None:
+        """Who a key belongs to (the admin token is caller "admin" with role admin), or None."""
+        if self.is_admin(key):
+            return Caller(ADMIN_CLIENT, ADMIN)
+        found = None
+        for keys, role in ((self.clients, CLIENT), (self.reviewers, REVIEWER)):
+            for known, name in keys.items():  # compare against every key: constant time
+                if hmac.compare_digest(known.encode(), key.encode()):
+                    found = Caller(name, role)
+        return found
 
     def client_for(self, key: str) -> str | None:
-        """The client name of a key (the admin token counts as client "admin"), or None."""
-        if self.is_admin(key):
-            return ADMIN_CLIENT
-        found = None
-        for known, name in self.clients.items():  # compare against every key: constant time
-            if hmac.compare_digest(known.encode(), key.encode()):
-                found = name
-        return found
+        """The name of a key's owner, or None."""
+        caller = self.caller_for(key)
+        return caller.name if caller else None
 
     def is_admin(self, key: str) -> bool:
         return self.admin_token is not None and hmac.compare_digest(self.admin_token.encode(), key.encode())
 
 
-def parse_keys(raw: str) -> dict[str, str]:
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1 (the only addresses `--no-auth` may listen on)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_keys(raw: str, prefix: str = "client") -> dict[str, str]:
     """`"alice:k1, k2"` -> `{"k1": "alice", "k2": "client-2"}` (a bare key is named by its position)."""
     keys: dict[str, str] = {}
     entries = [e.strip() for e in raw.split(",") if e.strip()]
@@ -58,7 +98,7 @@ def parse_keys(raw: str) -> dict[str, str]:
         if sep and name.strip() and key.strip():
             keys[key.strip()] = name.strip()
         else:
-            keys[entry] = f"client-{position}"
+            keys[entry] = f"{prefix}-{position}"
     return keys
 
 
@@ -110,20 +150,20 @@ class AuthMiddleware:
                     await send_error(send, 403, "this endpoint needs the admin token, not a client key",
                                      "admin_only")
                 return
-            client = ADMIN_CLIENT
-        elif not self.keys.auth:
-            client = ANONYMOUS_CLIENT
+            caller = Caller(ADMIN_CLIENT, ADMIN)
+        elif not self.keys.auth:  # --no-auth: a known key still counts (a reviewer, the admin)
+            caller = (self.keys.caller_for(key) if key else None) or ANONYMOUS
         elif key is None:
             await send_error(send, 401, "missing API key (send 'Authorization: Bearer <key>')",
                              "missing_api_key", challenge)
             return
         else:
-            found = self.keys.client_for(key)
+            found = self.keys.caller_for(key)
             if found is None:
                 await send_error(send, 401, "invalid API key", "invalid_api_key", challenge)
                 return
-            client = found
-        scope.setdefault("state", {})["client"] = client
+            caller = found
+        scope.setdefault("state", {})["caller"] = caller
         await self.app(scope, receive, send)
 
 

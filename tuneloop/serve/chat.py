@@ -2,8 +2,15 @@
 
 The prompt is the student's training prompt (`build_messages`) built from the last user message
 and the retrieved passages, or the version's compiled DSPy program (`LoadedModel.conversation`).
-Each answer is stored as an Interaction once it is complete; its id comes back in the body
-(`interaction_id`, and `chatcmpl-<id>` for non-streamed answers) and in the `X-Interaction-Id` header.
+Each answer is stored as an Interaction once it is complete; its public id (random, not the row id)
+comes back in the body (`interaction_id`, and `chatcmpl-<id>`) and in the `X-Interaction-Id` header.
+
+Limits: `max_tokens` may not exceed `serve.max_tokens_limit` (422); a key whose generated tokens
+are over `serve.tokens_per_minute` gets 429 before anything is generated, and each answer's tokens
+are charged when it is complete. Every generation stops at `serve.generation_timeout_seconds` and
+the answer so far is returned with finish_reason "length"; a model that fails after that deadline
+(an endpoint that timed out without any text) is answered 504. Each loaded model generates one
+answer at a time (its lock), so a request waits for those ahead of it, each at most the deadline.
 """
 from __future__ import annotations
 
@@ -23,10 +30,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from tuneloop.config import Project
 from tuneloop.models.base import GenerationParams
 from tuneloop.programs.rag import Passage
+from tuneloop.serve.auth import Caller
 from tuneloop.serve.errors import INTERNAL_MESSAGE, ApiError, error_body
+from tuneloop.serve.limits import KeyLimits
 from tuneloop.serve.schemas import CHAMPION_ALIASES, ChatRequest, check_question
 from tuneloop.serve.state import LoadedModel, Served, Usage
-from tuneloop.store import Interaction
+from tuneloop.store import Interaction, new_public_id
 
 log = logging.getLogger("tuneloop.serve")
 AB_MODEL_NAME = "tuneloop"  # the `model` of an A/B response: which arm is which is not revealed
@@ -71,10 +80,27 @@ def plan_arms(req: ChatRequest, served: Served, ab_mode: bool, rng: random.Rando
 
 
 def generation_params(req: ChatRequest, project: Project) -> GenerationParams:
-    role = project.settings.models.student
+    """Sampling settings of a request: max_tokens within serve.max_tokens_limit (else 422), the deadline."""
+    role, serve = project.settings.models.student, project.settings.serve
+    for name in ("max_tokens", "max_completion_tokens"):
+        asked = getattr(req, name)
+        if asked is not None and asked > serve.max_tokens_limit:
+            raise ApiError(422, f"{name}: at most {serve.max_tokens_limit} (serve.max_tokens_limit), not {asked}")
     temperature = role.temperature if req.temperature is None else req.temperature
-    return GenerationParams(max_new_tokens=req.max_tokens or req.max_completion_tokens or role.max_new_tokens,
-                            temperature=temperature, seed=secrets.randbelow(2**31) if temperature > 0 else 0)
+    return GenerationParams(
+        max_new_tokens=req.max_tokens or req.max_completion_tokens or min(role.max_new_tokens, serve.max_tokens_limit),
+        temperature=temperature, seed=secrets.randbelow(2**31) if temperature > 0 else 0,
+        max_time=serve.generation_timeout_seconds)
+
+
+def finish_reason(arm: Arm, params: GenerationParams) -> str:
+    """"length" when the answer was cut by max_tokens or by the deadline, else "stop"."""
+    usage = arm.usage
+    if usage is None:
+        return "stop"
+    cut = usage.completion_tokens >= params.max_new_tokens
+    late = params.max_time is not None and usage.seconds >= params.max_time
+    return "length" if cut or late else "stop"
 
 
 def citations(passages: list[Passage]) -> list[dict[str, Any]]:
@@ -83,62 +109,74 @@ def citations(passages: list[Passage]) -> list[dict[str, Any]]:
 
 
 def store_interactions(sessions: sessionmaker[Session], question: str, passages: list[Passage], arms: list[Arm],
-                       document: str | None, client: str) -> tuple[list[int], str | None]:
-    """Store one Interaction per arm (one transaction); returns their ids and the A/B pair id."""
+                       document: str | None, client: str, ids: list[str]) -> str | None:
+    """Store one Interaction per arm with its public id (one transaction); returns the A/B pair id."""
     ab_pair = uuid.uuid4().hex if len(arms) > 1 else None
     with sessions() as s:
-        rows = [Interaction(question=question, answer=a.answer, chunk_ids=[p.chunk_id for p in passages],
-                            model_version_id=a.model.version_id, latency_ms=a.latency_ms, document=document,
-                            ab_pair=ab_pair, arm=a.role, client=client) for a in arms]
-        s.add_all(rows)
+        s.add_all([Interaction(question=question, answer=a.answer, chunk_ids=[p.chunk_id for p in passages],
+                               model_version_id=a.model.version_id, latency_ms=a.latency_ms, document=document,
+                               ab_pair=ab_pair, arm=a.role, client=client, public_id=public_id)
+                   for a, public_id in zip(arms, ids)])
         s.commit()
-        return [r.id for r in rows], ab_pair
+    return ab_pair
 
 
 class ChatHandler:
     """Answers chat requests against the current models; one per app."""
 
-    def __init__(self, project: Project, sessions: sessionmaker[Session]):
-        self.project, self.sessions = project, sessions
+    def __init__(self, project: Project, sessions: sessionmaker[Session], limits: KeyLimits):
+        self.project, self.sessions, self.limits = project, sessions, limits
         self.settings = project.settings.serve
         self.rng = random.Random()
 
-    def __call__(self, req: ChatRequest, served: Served, client: str) -> JSONResponse | Iterator[str]:
+    def __call__(self, req: ChatRequest, served: Served, caller: Caller) -> JSONResponse | Iterator[str]:
         """The JSON response, or (for `stream: true`) the server-sent events to stream.
 
-        Blocking (retrieval and generation): call it from a worker thread. Request errors are
-        raised as ApiError before anything is generated.
+        Blocking (retrieval and generation): call it from a worker thread. Request errors (and a
+        key over its token budget) are raised as ApiError before anything is generated.
         """
         question = check_question(req.question(), self.settings.max_question_chars)
         document = req.document.strip() if req.document and req.document.strip() else None
         if document is not None and document not in served.documents:
             raise ApiError(404, f"unknown document '{document}'", "document_not_found")
         arms = plan_arms(req, served, self.settings.ab_mode, self.rng)
+        params = generation_params(req, self.project)
+        wait = self.limits.tokens_wait(caller)
+        if wait is not None:
+            raise ApiError(429, f"too many tokens: this key may generate {self.settings.tokens_per_minute} per minute "
+                                f"(serve.tokens_per_minute); retry in {wait} s", "token_limit_exceeded",
+                           {"Retry-After": str(wait)})
         start = time.perf_counter()
         passages = served.retrieve(question, document)
         retrieval_ms = (time.perf_counter() - start) * 1000
-        params = generation_params(req, self.project)
+        ids = [new_public_id() for _ in arms]
         if req.stream:
-            return self._stream(question, document, passages, params, arms, retrieval_ms, client)
+            return self._stream(question, document, passages, params, arms, retrieval_ms, caller, ids)
         for arm in arms:
             t = time.perf_counter()
-            arm.answer, arm.usage = arm.model.chat(arm.model.conversation(question, passages), params)
+            try:
+                arm.answer, arm.usage = arm.model.chat(arm.model.conversation(question, passages), params)
+            except Exception:
+                _raise_if_late(t, params)
+                raise
+            finally:
+                self.limits.charge_tokens(caller, arm.usage.completion_tokens if arm.usage else 0)
             arm.latency_ms = retrieval_ms + (time.perf_counter() - t) * 1000
-        ids, ab_pair = store_interactions(self.sessions, question, passages, arms, document, client)
+        ab_pair = store_interactions(self.sessions, question, passages, arms, document, caller.name, ids)
         body = {
             "id": f"chatcmpl-{ids[0]}", "object": "chat.completion", "created": int(time.time()),
             "model": _model_name(arms),
-            "choices": [{"index": i, "message": {"role": "assistant", "content": a.answer}, "finish_reason": "stop"}
-                        for i, a in enumerate(arms)],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": a.answer},
+                         "finish_reason": finish_reason(a, params)} for i, a in enumerate(arms)],
             "usage": _usage(arms), "interaction_id": ids[0], "citations": citations(passages),
             **_ab_fields(ids, ab_pair),
         }
-        return JSONResponse(body, headers={"X-Interaction-Id": str(ids[0])})
+        return JSONResponse(body, headers={"X-Interaction-Id": ids[0]})
 
-    def _stream(self, question: str, document: str | None, passages: list[Passage], params,
-                arms: list[Arm], retrieval_ms: float, client: str) -> Iterator[str]:
+    def _stream(self, question: str, document: str | None, passages: list[Passage], params: GenerationParams,
+                arms: list[Arm], retrieval_ms: float, caller: Caller, ids: list[str]) -> Iterator[str]:
         """Server-sent `chat.completion.chunk` events; A/B arms are streamed one after the other."""
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+        base = {"id": f"chatcmpl-{ids[0]}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": _model_name(arms)}
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -148,17 +186,20 @@ class ChatHandler:
             for index, arm in enumerate(arms):
                 yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
                 t, usage, parts = time.perf_counter(), Usage(), []
-                for piece in arm.model.stream(arm.model.conversation(question, passages), params, usage):
-                    parts.append(piece)
-                    yield chunk([{"index": index, "delta": {"content": piece}, "finish_reason": None}])
+                try:
+                    for piece in arm.model.stream(arm.model.conversation(question, passages), params, usage):
+                        parts.append(piece)
+                        yield chunk([{"index": index, "delta": {"content": piece}, "finish_reason": None}])
+                finally:
+                    self.limits.charge_tokens(caller, usage.completion_tokens)
                 arm.answer, arm.usage = "".join(parts), usage
                 arm.latency_ms = retrieval_ms + (time.perf_counter() - t) * 1000
-            ids, ab_pair = store_interactions(self.sessions, question, passages, arms, document, client)
+            ab_pair = store_interactions(self.sessions, question, passages, arms, document, caller.name, ids)
         except Exception:
             log.exception("streamed answer failed")
             yield "data: " + json.dumps(error_body(500, INTERNAL_MESSAGE)) + "\n\n"
             return
-        finals = [{"index": i, "delta": {}, "finish_reason": "stop"} for i in range(len(arms))]
+        finals = [{"index": i, "delta": {}, "finish_reason": finish_reason(a, params)} for i, a in enumerate(arms)]
         yield chunk(finals, usage=_usage(arms), interaction_id=ids[0], citations=citations(passages),
                     **_ab_fields(ids, ab_pair))
         yield "data: [DONE]\n\n"
@@ -174,5 +215,13 @@ def _usage(arms: list[Arm]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _ab_fields(ids: list[int], ab_pair: str | None) -> dict[str, Any]:
+def _raise_if_late(started: float, params: GenerationParams) -> None:
+    """A generation that failed after the deadline timed out (an endpoint gave up): 504, not 500."""
+    if params.max_time is not None and time.perf_counter() - started >= params.max_time:
+        log.warning("no answer within the %s s deadline", params.max_time, exc_info=True)
+        raise ApiError(504, f"no answer within {params.max_time:g} s (serve.generation_timeout_seconds)",
+                       "generation_timeout")
+
+
+def _ab_fields(ids: list[str], ab_pair: str | None) -> dict[str, Any]:
     return {"ab_pair": ab_pair, "interaction_ids": ids} if ab_pair else {}

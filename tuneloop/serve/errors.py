@@ -21,7 +21,8 @@ log = logging.getLogger("tuneloop.serve")
 # HTTP status -> OpenAI error type
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error", 500: "server_error",
+    405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
+    500: "server_error", 504: "timeout_error",
 }
 INTERNAL_MESSAGE = "internal server error (the details are in the server log)"
 
@@ -29,13 +30,18 @@ INTERNAL_MESSAGE = "internal server error (the details are in the server log)"
 class ApiError(Exception):
     """An error answered to the client as is: status, message and (optionally) a code."""
 
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.headers = status, message, code, headers
 
 
 def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
-    """The contract's error JSON for a status code."""
+    """The contract's error JSON for a status code.
+
+    The message may quote the request (a field name); text that is not valid Unicode (a lone
+    surrogate) is written as its escape, so the JSON can always be encoded.
+    """
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "code": code}}
 
 
@@ -44,9 +50,13 @@ def error_response(status: int, message: str, code: str | None = None,
     return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def field_name(loc: tuple[Any, ...] | list[Any]) -> str:
-    """`("body", "messages", 0, "content")` -> `messages[0].content`."""
+    """`("body", "messages", 0, "content", "str")` -> `messages[0].content` (pydantic's union branch tags dropped)."""
     parts = list(loc[1:] if loc and loc[0] in ("body", "path", "query", "header") else loc)
+    parts = [p for p in parts if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -76,7 +86,7 @@ async def _validation_handler(_request: Request, exc: RequestValidationError) ->
 
 
 async def _api_error_handler(_request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.code)
+    return error_response(exc.status, exc.message, exc.code, exc.headers)
 
 
 async def _http_error_handler(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,22 +1,39 @@
-"""Request bodies of the serving API, with type and size limits.
+"""Request and response bodies of the serving API, with type and size limits.
 
-Numbers and booleans are strict (`"3"` is not a rating, `"yes"` is not `true`). Limits that come
-from the project settings (question and feedback text lengths) are checked by `check_question`
-and `check_feedback`, which raise 422 errors naming the field. The chat body ignores unknown
-fields, as OpenAI-compatible servers do (clients send `n`, `top_p`, `stream_options`, ...);
-the feedback body is tuneloop's own and rejects unknown fields.
+Numbers and booleans are strict (`"3"` is not a rating, `"yes"` is not `true`). Text must be valid
+Unicode: a lone UTF-16 surrogate (JSON `"\\ud800"`) cannot be stored or tokenized, so it is a 422
+naming the field. Limits that come from the project settings (question and feedback text lengths,
+max_tokens) are checked by `check_question`, `check_feedback` and the chat handler, which raise 422
+errors naming the field. The chat body ignores unknown fields, as OpenAI-compatible servers do
+(clients send `n`, `top_p`, `stream_options`, ...); the feedback body is tuneloop's own and rejects
+unknown fields. The response models document the answers in the OpenAPI schema (/openapi.json).
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from tuneloop.serve.errors import ApiError
 
+SURROGATE_MESSAGE = "not valid Unicode (contains a lone UTF-16 surrogate)"
+
+
+def valid_unicode(value: str) -> str:
+    """The text, or a ValueError when it cannot be encoded as UTF-8 (a lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(SURROGATE_MESSAGE) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(valid_unicode)]
 StrictBool = Annotated[bool, Field(strict=True)]
-Id = Annotated[int, Field(strict=True, ge=1, le=2**62)]
+PUBLIC_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+PublicId = Annotated[str, Field(min_length=1, max_length=64, pattern=PUBLIC_ID_PATTERN)]  # an interaction's id
 MAX_MESSAGES = 50
+MAX_TOKENS = 2**31 - 1  # the schema's bound; serve.max_tokens_limit is the real one
 CHAMPION_ALIASES = ("tuneloop", "champion")
 
 
@@ -33,6 +50,13 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, value: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        for text in ([value] if isinstance(value, str) else [p.text for p in value or []]):
+            valid_unicode(text)
+        return value
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
@@ -43,13 +67,14 @@ class ChatRequest(BaseModel):
     """POST /v1/chat/completions: the OpenAI body plus tuneloop's `document` and `ab`."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str | None = Field(None, max_length=200)
+    model: Annotated[Text, Field(max_length=200)] | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: StrictBool = False
-    max_tokens: Annotated[int, Field(strict=True, ge=1, le=1024)] | None = None
-    max_completion_tokens: Annotated[int, Field(strict=True, ge=1, le=1024)] | None = None  # newer clients
+    # at most serve.max_tokens_limit (checked by the chat handler: the limit is a setting)
+    max_tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS)] | None = None
+    max_completion_tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS)] | None = None  # newer clients
     temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0)] | None = None
-    document: str | None = Field(None, max_length=500)
+    document: Annotated[Text, Field(max_length=500)] | None = None
     ab: StrictBool | None = None
 
     def question(self) -> str:
@@ -64,13 +89,13 @@ class FeedbackRequest(BaseModel):
     """POST /v1/feedback: feedback on one answer, or the choice between the two answers of an A/B pair."""
 
     model_config = ConfigDict(extra="forbid")
-    interaction_id: Id | None = None
+    interaction_id: PublicId | None = None
     thumbs: Literal["up", "down"] | None = None
     rating: Annotated[int, Field(strict=True, ge=1, le=5)] | None = None
-    comment: str | None = None
-    corrected_answer: str | None = None
-    ab_pair: str | None = Field(None, min_length=1, max_length=40)
-    preferred_interaction_id: Id | None = None
+    comment: Text | None = None
+    corrected_answer: Text | None = None
+    ab_pair: Annotated[Text, Field(min_length=1, max_length=40)] | None = None
+    preferred_interaction_id: PublicId | None = None
 
     @property
     def is_choice(self) -> bool:
@@ -113,3 +138,94 @@ def check_feedback(body: FeedbackRequest, max_chars: int) -> FeedbackRequest:
     if all(getattr(body, n) is None for n in ("thumbs", "rating", "comment", "corrected_answer")):
         raise ApiError(422, "feedback: give at least one of thumbs, rating, comment, corrected_answer")
     return body
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error: `{"error": {"message", "type", "code"}}` (the OpenAI shape)."""
+
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    owned_by: str
+    role: Literal["champion", "challenger"]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Citation(BaseModel):
+    n: int
+    chunk_id: int
+    document: str
+    text: str
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]  # length: max_tokens or serve.generation_timeout_seconds reached
+
+
+class TokenUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed answer (`stream: true` sends `chat.completion.chunk` server-sent events instead)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: TokenUsage
+    interaction_id: str  # the id to send feedback with (and to GET /v1/interactions/{id})
+    citations: list[Citation]
+    ab_pair: str | None = None  # A/B answers only
+    interaction_ids: list[str] | None = None  # A/B answers only, in the order of `choices`
+
+
+class FeedbackStored(BaseModel):
+    id: int
+    interaction_id: str
+
+
+class InteractionView(BaseModel):
+    id: str
+    question: str
+    answer: str
+    citations: list[Citation]
+    model: str | None
+    document: str | None
+    ab_pair: str | None
+    created_at: str | None
+    feedback_count: int
+
+
+class AdminSummary(BaseModel):
+    interactions: int
+    feedback_per_day: list[dict[str, Any]]
+    versions: list[dict[str, Any]]
+    cycles: list[dict[str, Any]]
+    primary_metric: str

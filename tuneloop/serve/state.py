@@ -57,6 +57,7 @@ class Usage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    seconds: float = 0.0  # generating (holding the model's lock), to tell a reply cut at the deadline
 
 
 def _tokenizer(model: ChatModel):
@@ -94,9 +95,12 @@ class LoadedModel:
         return build_messages(question, passages) if self.program is None else self.program.messages(question, passages)
 
     def chat(self, conversation: list[Message], params: GenerationParams) -> tuple[str, Usage]:
-        with self.lock:
+        with self.lock:  # waits for the generations ahead; each stops at its own params.max_time
+            start = time.perf_counter()
             reply = self.model.chat([conversation], params)[0]
+            seconds = time.perf_counter() - start
             usage = count_usage(self.model, conversation, reply)
+        usage.seconds = seconds
         return (reply if self.program is None else self.program.parse(reply)), usage
 
     def _pieces(self, conversation: list[Message], params: GenerationParams) -> Iterator[str]:
@@ -116,12 +120,14 @@ class LoadedModel:
         def produce() -> None:
             try:
                 with self.lock:
-                    parts = []
+                    start, parts = time.perf_counter(), []
                     for piece in self._pieces(conversation, params):
                         parts.append(piece)
                         pieces.put(("piece", piece))
+                    seconds = time.perf_counter() - start
                     done = count_usage(self.model, conversation, "".join(parts))
-                usage.prompt_tokens, usage.completion_tokens = done.prompt_tokens, done.completion_tokens
+                usage.prompt_tokens, usage.completion_tokens, usage.seconds = (
+                    done.prompt_tokens, done.completion_tokens, seconds)
                 pieces.put(("end", None))
             except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
                 pieces.put(("error", err))
