@@ -18,7 +18,9 @@ from tuneloop.models.base import GenerationParams
 from tuneloop.programs.rag import PROGRAM_KEY, SYSTEM_PROMPT, RagAnswerer
 from tuneloop.programs.rag_dspy import CompiledRag, make_answerer
 from tuneloop.progress import SilentReporter
+from tuneloop.serve.auth import Caller
 from tuneloop.serve.chat import ChatHandler
+from tuneloop.serve.limits import KeyLimits
 from tuneloop.serve.schemas import ChatRequest
 from tuneloop.serve.state import ModelState
 from tuneloop.stages.evaluate import ensure_base_version, evaluate_version
@@ -204,11 +206,12 @@ def test_the_champion_is_served_with_its_program(project, student):
     assert served.champion.name == "v1" and served.champion.program is not None
     question = read_jsonl(HELDOUT)[0]["question"]
     req = ChatRequest(messages=[{"role": "user", "content": question}])
-    body = json.loads(ChatHandler(p, sessions)(req, served, "test").body)
+    handler = ChatHandler(p, sessions, KeyLimits(0, 0))
+    body = json.loads(handler(req, served, Caller("test")).body)
     assert body["choices"][0]["message"]["content"] == GOLD[question]  # no [[ ## ]] markers
     last = student.sent[-1]
     assert sum(m["role"] == "assistant" for m in last) == 4 and "[[ ## excerpts ## ]]" in last[0]["content"]
-    streamed = "".join(ChatHandler(p, sessions)(ChatRequest(messages=req.messages, stream=True), served, "test"))
+    streamed = "".join(handler(ChatRequest(messages=req.messages, stream=True), served, Caller("test")))
     assert json.dumps(GOLD[question])[1:-1] in streamed and "[[ ##" not in streamed
 
 
