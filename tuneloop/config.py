@@ -22,8 +22,7 @@ DEFAULT_LLM = "builtin:smollm2-135m-instruct"
 DEFAULT_EMBEDDER = "builtin:all-minilm-l6-v2"
 
 
-SEED_MAX = 2**32 - 1  # numpy's seeds are unsigned 32-bit integers
-Seed = Field(0, ge=0, le=SEED_MAX)
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's seeds are unsigned 32-bit integers
 
 
 class _Section(BaseModel):
@@ -114,7 +113,7 @@ class SynthSettings(_Section):
     min_answer_chars: int = Field(1, ge=0, le=20_000)
     max_answer_chars: int = Field(200, ge=1, le=20_000)
     min_support: float = Field(0.6, ge=0.0, le=1.0)  # share of answer words found in its passages
-    seed: int = Seed
+    seed: Seed = 0
 
     @field_validator("strategies")
     @classmethod
@@ -149,7 +148,7 @@ class SFTSettings(_Section):
     seeds_every_cycle: bool = True
     balance_yes_no: bool = True  # down-sample the majority Yes/No answer in training data
     save_steps: int = Field(10, ge=1)  # checkpoint interval; a killed run resumes from the last one
-    seed: int = Seed
+    seed: Seed = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA that has it, else fp32
 
 
@@ -195,7 +194,7 @@ class AlignSettings(_Section):
     balance_yes_no: bool = True  # dpo/orpo: down-sample pairs whose chosen answer is the majority Yes/No
     save_steps: int = Field(10, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    seed: int = Seed
+    seed: Seed = 0
 
 
 class ContinualSettings(_Section):
@@ -251,7 +250,7 @@ class FeedbackSettings(_Section):
     # ... and this share joins the dev split (never trained on, never gated on): what the select
     # step and WiSE-FT's alpha are chosen on, so the dev set follows the traffic like the held-out set
     dev_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int = Seed
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _shares_fit(self):
