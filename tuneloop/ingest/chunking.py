@@ -55,7 +55,7 @@ def _piece_end(text: str, start: int) -> int:
     if end >= len(text):
         return len(text)
     last = max(text.rfind(c, start, end) for c in " \n\t")
-    return last + 1 if last > start else end
+    return last + 1 if last != -1 else end
 
 
 def _split_long(spans: Offsets) -> Offsets:

@@ -99,7 +99,8 @@ def _document(where: str, obj: dict) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (str, int, type(None))):
             raise InputError(f"{where}: '{key}' must be a string (the document's file name)")
         if value is not None and value != "":
-            return _text_field(where, {key: str(value)}, key, MAX_DOCUMENT_CHARS)
+            _text_field(where, {key: str(value)}, key, MAX_DOCUMENT_CHARS)  # size and NUL checks
+            return str(value)  # as given (not stripped): it is part of each stored example's hash
     return None
 
 
