@@ -62,6 +62,7 @@ def _shapes(valid_lines: list[str]) -> st.SearchStrategy[bytes]:
                   st.integers(1, 5_000)),
         st.builds(lambda t, i: (t[:i] + "\x00" + t[i:]).encode(), joined, st.integers(0, 50)),  # NUL
         st.builds(lambda d: ("x: " + "1" * d).encode(), st.integers(4000, 6000)),  # over int()'s digit limit
+        st.builds(lambda d: ('{"text": %s}' % ("1" * d)).encode(), st.integers(4000, 6000)),
         _mutated(valid),
         st.just(b""),
     )
@@ -182,7 +183,8 @@ def test_settings_values_of_any_type_give_a_project_or_a_user_error(tmp_path_fac
         make_url(project.store_url).get_dialect()
         db = sqlite_file(project.store_url)
         assert db is None or db.parent.is_dir()
-        assert project.settings.continual.wise_alphas and all(0 <= a <= 1 for a in project.settings.continual.wise_alphas)
+        alphas = project.settings.continual.wise_alphas
+        assert alphas and all(0 <= a <= 1 for a in alphas)
 
     check()
 
