@@ -247,3 +247,61 @@ def test_synth_command_prints_its_report(runner, tmp_path, tiny_model_dir, monke
     report = json.loads(next((root / "artifacts" / "datasets").glob("synth-*/report.json")).read_text())
     assert f"kept {report['kept']} of {report['generated']} generated" in out
     assert "round-trip" in out and "question types kept/generated:" in out and "distinct_1" in out
+
+
+def test_init_refuses_a_file_and_never_overwrites_user_files(runner, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    one_line(fails(invoke(runner, "init", tmp_path / "afile"), "afile exists and is not a folder", code=2))
+    assert (tmp_path / "afile").read_text() == "mine"
+    one_line(fails(invoke(runner, "init", tmp_path / "afile" / "proj"), "cannot write into", code=2))
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "seeds.jsonl").write_text("my own seeds\n")
+    one_line(fails(invoke(runner, "init", root, "--sample"), "seeds.jsonl already exists", "--force"))
+    assert (root / "seeds.jsonl").read_text() == "my own seeds\n" and not (root / "tuneloop.yaml").exists()
+    ok(invoke(runner, "init", root))  # no sample: the seeds file is not in the way
+
+
+def test_report_onto_a_folder_is_an_error(runner, tmp_path):
+    ok(invoke(runner, "init", tmp_path / "proj"))
+    (tmp_path / "out").mkdir()
+    one_line(fails(invoke(runner, "report", "-o", tmp_path / "out", "-p", tmp_path / "proj"),
+                   "out is a folder: give a file name", code=2))
+    (tmp_path / "afile").write_text("x")
+    one_line(fails(invoke(runner, "report", "-o", tmp_path / "afile" / "r.html", "-p", tmp_path / "proj"),
+                   "cannot write the report to", code=2))
+
+
+@pytest.mark.parametrize("name, data, needles", [
+    ("s.csv", b"question,answer\nWho?,Acm\xe9\n", ["s.csv line 2: not UTF-8 text"]),
+    ("s.jsonl", b"\xff\xfe\x00", ["s.jsonl line 1: not UTF-16 text"]),
+    ("s.jsonl", b'{"question": "Who?", "answer": "Acme", "references": 5}\n', ["s.jsonl line 1: 'references'"]),
+    ("s.csv", b"question,answer,notes\nWho?,Acme,x\n", ["s.csv line 1: unknown column(s) 'notes'"]),
+    ("s.jsonl", b'{"question": "' + b"Q" * 1_000_000 + b'", "answer": "A"}\n',
+     ["s.jsonl line 1: 'question' is 1,000,000 characters long"]),
+])
+def test_bad_seed_files_are_one_line(runner, tmp_path, name, data, needles):
+    ok(invoke(runner, "init", tmp_path / "proj"))
+    (tmp_path / name).write_bytes(data)
+    one_line(fails(invoke(runner, "seeds", "import", tmp_path / name, "-p", tmp_path / "proj"), *needles, code=2))
+
+
+@pytest.mark.parametrize("settings, needles", [
+    ("store_url: not-a-url\n", ["store_url: not a database URL"]),
+    ("store_url: sqlite:////no/such/folder/t.db\n", ["store_url: the folder /no/such/folder does not exist"]),
+    ("synth: {max_question_chars: -1}\n", ["synth.max_question_chars"]),
+    ("continual: {wise_alphas: [1.5]}\n", ["continual.wise_alphas.0"]),
+])
+def test_bad_settings_are_errors_not_tracebacks(runner, tmp_path, settings, needles):
+    (tmp_path / "tuneloop.yaml").write_text(settings)
+    fails(invoke(runner, "status", "-p", tmp_path), str(tmp_path / "tuneloop.yaml"), *needles, code=2)
+    (tmp_path / "tuneloop.yaml").write_bytes(b"project: caf\xe9\n")
+    one_line(fails(invoke(runner, "status", "-p", tmp_path), "tuneloop.yaml line 1: not UTF-8 text", code=2))
+
+
+def test_ingesting_an_empty_folder_is_an_error(runner, tmp_path):
+    (tmp_path / "tuneloop.yaml").write_text("ingest: {dense: false}\n")
+    (tmp_path / "docs").mkdir()
+    one_line(fails(invoke(runner, "ingest", tmp_path / "docs", "-p", tmp_path),
+                   f"Nothing to ingest in folder {tmp_path / 'docs'}", ".txt, .md, .pdf, .jsonl", code=2))
+    assert counts(tmp_path) == (0, 0)

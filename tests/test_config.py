@@ -108,3 +108,64 @@ def test_settings_assignment_is_validated():
     s = Settings()
     with pytest.raises(Exception):
         s.sft.epochs = -1
+
+
+def test_settings_file_not_in_utf8_names_file_and_line(tmp_path):
+    (tmp_path / "tuneloop.yaml").write_bytes(b"project: demo\nsft: {epochs: 1}  # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"tuneloop.yaml line 2: not UTF-8 text"):
+        load_project(tmp_path)
+    (tmp_path / "tuneloop.yaml").write_bytes("project: café\n".encode("utf-16"))  # with a byte-order mark
+    assert load_project(tmp_path).settings.project == "café"
+
+
+@pytest.mark.parametrize("text", ["[" * 5000, "x: " + "1" * 5000])
+def test_pathological_yaml_is_a_config_error(tmp_path, text):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_project(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text, key", [
+    ("synth: {max_question_chars: -5}\n", "synth.max_question_chars"),
+    ("synth: {min_answer_chars: 300, max_answer_chars: 200}\n", "synth"),
+    ("synth: {seed: -1}\n", "synth.seed"),
+    ("continual: {wise_alphas: [0.5, 1.5]}\n", "continual.wise_alphas.1"),
+    ("continual: {wise_alphas: [-0.1]}\n", "continual.wise_alphas.0"),
+    ("continual: {wise_alphas: []}\n", "continual.wise_alphas"),
+    ("continual: {anchor_tolerance: 2}\n", "continual.anchor_tolerance"),
+    ("ingest: {max_document_mb: 0}\n", "ingest.max_document_mb"),
+    ("sft: {epochs: .inf}\n", "sft.epochs"),
+    ("sft: {learning_rate: .nan}\n", "sft.learning_rate"),
+    ("eval: {min_improvement: -0.1}\n", "eval.min_improvement"),
+    ("monitor: {min_votes: 60, satisfaction_window: 50}\n", "monitor"),
+    ("monitor: {min_queries: 200}\n", "monitor"),
+    ("feedback: {rlaif_prompts: 0}\n", "feedback.rlaif_prompts"),
+])
+def test_settings_that_make_no_sense_are_refused(tmp_path, text, key):
+    with pytest.raises(ConfigError) as err:
+        load_project(write(tmp_path, text))
+    assert f"  {key}: " in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("url, why", [("not-a-url", "Could not parse"), ("foo://host/db", "foo"),
+                                      ("postgresql://host:port/db", "port")])
+def test_store_url_must_be_a_database_url(tmp_path, url, why):
+    with pytest.raises(ConfigError, match="store_url: not a database URL") as err:
+        load_project(write(tmp_path, f"store_url: '{url}'\n"))
+    assert why in str(err.value)
+
+
+def test_sqlite_store_folder_is_created_inside_the_project_only(tmp_path):
+    root = tmp_path / "proj"
+    root.mkdir()
+    p = load_project(write(root, "store_url: sqlite:///data/store.db\n"))  # relative to the project
+    assert p.store_url == f"sqlite:///{root.resolve() / 'data' / 'store.db'}" and (root / "data").is_dir()
+    outside = tmp_path / "elsewhere" / "store.db"
+    with pytest.raises(ConfigError, match=r"store_url: the folder .*elsewhere does not exist"):
+        load_project(write(root, f"store_url: sqlite:///{outside}\n"))
+    assert not outside.parent.exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        load_project(write(root, f"store_url: sqlite:///{tmp_path / 'afile' / 'store.db'}\n"))
+    with pytest.raises(ConfigError, match="is a folder, not a database file"):
+        load_project(write(root, f"store_url: sqlite:///{tmp_path}\n"))
+    assert load_project(write(root, "store_url: 'sqlite://'\n")).store_url == "sqlite://"  # in memory

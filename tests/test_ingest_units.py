@@ -5,13 +5,14 @@ import hashlib
 import importlib.util
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tuneloop.errors import InputError, StateError
-from tuneloop.ingest.chunking import Chunk, chunk_text, word_offsets
+from tuneloop.ingest.chunking import Chunk, _split_long, chunk_text, token_spans, word_offsets
 from tuneloop.ingest.index import HybridIndex, IndexNotFoundError
 from tuneloop.ingest.loaders import SUPPORTED_SUFFIXES, RawDocument, iter_files, load_file
 
@@ -174,6 +175,44 @@ def test_iter_files_rejects_missing_and_unsupported(tmp_path: Path) -> None:
     assert all(suffix in str(info.value) for suffix in SUPPORTED_SUFFIXES)
 
 
+def test_a_folder_with_nothing_to_ingest_is_an_error_naming_it(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wrong = tmp_path / "wrong"
+    (wrong / ".git").mkdir(parents=True)
+    (wrong / "contract.docx").write_bytes(b"PK")
+    (wrong / ".git" / "notes.txt").write_text("hidden")
+    for folder in (empty, wrong):
+        assert iter_files([folder]) == []  # scanning (the monitor) stays lenient
+        with pytest.raises(InputError, match=re.escape(f"Nothing to ingest in folder {folder}")) as info:
+            iter_files([folder], require_files=True)
+        assert all(suffix in str(info.value) for suffix in SUPPORTED_SUFFIXES)
+
+
+def test_documents_over_the_size_limit_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "big.txt").write_text("word " * 50_000)
+    with pytest.raises(InputError, match=r"big.txt is 0.2 MB, over the limit of 0.1 MB \(ingest.max_document_mb\)"):
+        load_file(tmp_path / "big.txt", max_bytes=100_000)
+    assert load_file(tmp_path / "big.txt", max_bytes=300_000)[0].text.startswith("word")
+    (tmp_path / "big.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "w " * 60_000}))
+    with pytest.raises(InputError, match=r'The "text" in .*big.jsonl line 2 is 0.1 MB, over the limit'):
+        load_file(tmp_path / "big.jsonl", max_bytes=100_000)
+
+
+def test_text_encodings_and_binary_files(tmp_path: Path) -> None:
+    (tmp_path / "utf16.txt").write_bytes("Le fournisseur livre à Genève.\r\n".encode("utf-16"))
+    assert load_file(tmp_path / "utf16.txt")[0].text == "Le fournisseur livre à Genève.\n"
+    (tmp_path / "nobom.md").write_bytes("Plain text".encode("utf-16-le"))
+    with pytest.raises(InputError, match=r"nobom.md line 1: contains a NUL character"):
+        load_file(tmp_path / "nobom.md")
+    (tmp_path / "nul.jsonl").write_text(json.dumps({"text": "a\x00b"}) + "\n")
+    with pytest.raises(InputError, match=r"nul.jsonl line 1 contains a NUL character"):
+        load_file(tmp_path / "nul.jsonl")
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "\n")
+    with pytest.raises(InputError, match=r"deep.jsonl line 1: nested too deeply"):
+        load_file(tmp_path / "deep.jsonl")
+
+
 def test_pdf_text_is_extracted(tmp_path: Path) -> None:
     path = tmp_path / "contract.pdf"
     path.write_bytes(minimal_pdf("Hello contract"))
@@ -257,6 +296,48 @@ def test_chunking_edge_cases() -> None:
     for chunk_tokens, overlap in [(5, 5), (5, 7), (5, -1), (0, 0)]:
         with pytest.raises(ValueError):
             chunk_text(TEXT, word_offsets, chunk_tokens, overlap)
+
+
+def _one_line(n_chars: int) -> str:
+    words = ("alpha", "contract", "party", "shall", "notice", "term")
+    return " ".join(words[i % 6] for i in range(n_chars // 6 + 1))[:n_chars]
+
+
+def _seconds(fn) -> float:
+    best = float("inf")
+    for _ in range(2):  # the better of two runs: other processes share the CPU
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_chunking_time_grows_linearly_with_a_single_line() -> None:
+    small, large = _one_line(1_000_000), _one_line(4_000_000)
+    t_small = _seconds(lambda: chunk_text(small, word_offsets, 128, 24))
+    t_large = _seconds(lambda: chunk_text(large, word_offsets, 128, 24))
+    assert t_large / t_small < 6, (t_small, t_large)
+    assert t_large < 10
+
+
+def test_a_token_is_at_most_100_characters_so_chunks_stay_small() -> None:
+    text = "short words " + "x" * 25_000 + " end."
+    chunks = chunk_text(text, word_offsets, chunk_tokens=16, overlap_tokens=2)
+    assert max(len(c.text) for c in chunks) <= 16 * 100
+    assert all(c.text == text[c.start:c.end] for c in chunks) and chunks[-1].end == len(text)
+    assert sum(c.n_tokens for c in chunks) - 2 * (len(chunks) - 1) == 2 + 250 + 1
+
+
+def test_long_texts_are_tokenized_in_pieces_with_the_same_spans() -> None:
+    calls: list[int] = []
+
+    def counting(text: str):
+        calls.append(len(text))
+        return word_offsets(text)
+
+    text = _one_line(350_000) + "\n" + "y" * 150_000 + " tail"
+    assert token_spans(text, counting) == _split_long(word_offsets(text))
+    assert len(calls) > 3 and max(calls) <= 100_000
 
 
 # --------------------------------------------------------------------------- index

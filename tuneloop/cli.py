@@ -15,7 +15,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from tuneloop.config import SETTINGS_FILE, Project, default_settings_yaml, load_project
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import InputError, TuneloopError
 from tuneloop.progress import RichReporter
 
 app = typer.Typer(help="tuneloop: keep a domain LLM improving from documents, seeds and feedback.",
@@ -61,27 +61,38 @@ def _open(project_dir: Path):
     return project, open_store(project.store_url)
 
 
+def _sample_copies(src_dir: Path, directory: Path) -> dict[Path, Path]:
+    """Sample file -> where `init --sample` copies it."""
+    copies = {src_dir / name: directory / name for name in ("seeds.jsonl", "heldout.jsonl")}
+    contracts = sorted(f for f in (src_dir / "contracts").iterdir() if f.is_file())
+    return copies | {f: directory / "documents" / f.name for f in contracts}
+
+
 @app.command()
 @friendly_errors
 def init(
     directory: Annotated[Path, typer.Argument(help="Project folder to create.")],
     sample: Annotated[bool, typer.Option(help="Copy the bundled sample contracts, seeds and held-out set.")] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing tuneloop.yaml.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing tuneloop.yaml (and sample files).")] = False,
 ) -> None:
     """Write a commented default tuneloop.yaml (and optionally the sample data)."""
     target = directory / SETTINGS_FILE
-    if target.exists() and not force:
-        raise TuneloopError(f"{target} already exists (use --force to overwrite)")
-    directory.mkdir(parents=True, exist_ok=True)
-    documents = []
-    if sample:
-        src = resources.files("tuneloop") / "sample"
-        with resources.as_file(src) as src_dir:
-            shutil.copytree(src_dir / "contracts", directory / "documents", dirs_exist_ok=True)
-            shutil.copy(src_dir / "seeds.jsonl", directory / "seeds.jsonl")
-            shutil.copy(src_dir / "heldout.jsonl", directory / "heldout.jsonl")
-        documents = ["documents"]
-    target.write_text(default_settings_yaml(directory.resolve().name, documents), encoding="utf-8")
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory} exists and is not a folder: give a new or existing folder")
+    with resources.as_file(resources.files("tuneloop") / "sample") as src_dir:
+        copies = _sample_copies(src_dir, directory) if sample else {}
+        taken = [p for p in [target, *copies.values()] if p.exists()]
+        if taken and not force:  # never overwrite the user's files unasked
+            verb = "exists" if len(taken) == 1 else "exist"
+            raise TuneloopError(f"{', '.join(map(str, taken))} already {verb} (use --force to overwrite)")
+        try:
+            (directory / "documents" if sample else directory).mkdir(parents=True, exist_ok=True)
+            for from_, to in copies.items():
+                shutil.copyfile(from_, to)
+            target.write_text(default_settings_yaml(directory.resolve().name, ["documents"] if sample else []),
+                              encoding="utf-8")
+        except OSError as exc:  # e.g. a parent that is a file, or no permission
+            raise InputError(f"cannot write into {directory}: {exc.strerror or exc}") from None
     console.print(f"wrote {target}")
     if sample:
         console.print(f"copied sample documents, seeds.jsonl and heldout.jsonl into {directory}")

@@ -7,20 +7,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from tuneloop.errors import ConfigError
+from tuneloop.textfile import read_text
 
 SETTINGS_FILE = "tuneloop.yaml"
 DEFAULT_LLM = "builtin:smollm2-135m-instruct"
 DEFAULT_EMBEDDER = "builtin:all-minilm-l6-v2"
 
 
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's seeds are unsigned 32-bit integers
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` or `.nan` in YAML is a mistake for every number here
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RoleSettings(_Section):
@@ -63,8 +70,11 @@ class IngestSettings(_Section):
     chunk_tokens: int = Field(128, ge=16, le=2048)  # in embedder tokens (MiniLM sees 256)
     overlap_tokens: int = Field(24, ge=0)
     top_k: int = Field(2, ge=1, le=20)  # chunks put in the prompt
-    rrf_k: int = Field(60, ge=1)
+    rrf_k: int = Field(60, ge=1, le=10_000)
     dense: bool = True  # False: BM25 only (no embedder needed)
+    # A larger document is refused (a .txt/.md/.pdf file, or one JSONL record's text): ingest time
+    # grows with size (embedding ~15,000 chunks per 10 MB of text takes minutes on a CPU).
+    max_document_mb: float = Field(20.0, gt=0, le=1_000)
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> "IngestSettings":
@@ -78,7 +88,7 @@ QuestionType = Literal["self_instruct", "fact", "yes_no", "explanation", "compar
 
 
 class SynthSettings(_Section):
-    questions_per_cycle: int = Field(24, ge=1)
+    questions_per_cycle: int = Field(24, ge=1, le=100_000)
     # Strategy mix (relative weights). self_instruct: new questions in the style of the seeds
     # (Wang et al. 2023); the others are document-grounded, one chunk (two for comparison) each;
     # negative: a question the passage does not answer ("The document does not say").
@@ -98,12 +108,12 @@ class SynthSettings(_Section):
     self_distill: bool = False  # the student rewrites accepted answers in its own words
     adapter: Literal["auto", "plain", "chat", "json"] = "auto"  # auto: plain chat for local models
     optimize: Literal["none", "bootstrap"] = "none"  # tune generator prompts (capable teachers only)
-    min_question_chars: int = 12
-    max_question_chars: int = 300
-    min_answer_chars: int = 1
-    max_answer_chars: int = 200
+    min_question_chars: int = Field(12, ge=0, le=4_000)
+    max_question_chars: int = Field(300, ge=1, le=4_000)
+    min_answer_chars: int = Field(1, ge=0, le=20_000)
+    max_answer_chars: int = Field(200, ge=1, le=20_000)
     min_support: float = Field(0.6, ge=0.0, le=1.0)  # share of answer words found in its passages
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("strategies")
     @classmethod
@@ -112,15 +122,23 @@ class SynthSettings(_Section):
             raise ValueError("strategy weights must be >= 0 and at least one must be > 0")
         return v
 
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "SynthSettings":
+        for what in ("question", "answer"):
+            lo, hi = getattr(self, f"min_{what}_chars"), getattr(self, f"max_{what}_chars")
+            if lo > hi:
+                raise ValueError(f"min_{what}_chars ({lo}) is more than max_{what}_chars ({hi})")
+        return self
+
 
 class SFTSettings(_Section):
-    epochs: float = Field(2.0, gt=0)
-    learning_rate: float = Field(3e-4, gt=0)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(512, ge=32)
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
+    epochs: float = Field(2.0, gt=0, le=1_000)
+    learning_rate: float = Field(3e-4, gt=0, lt=1.0)
+    batch_size: int = Field(4, ge=1, le=4_096)
+    grad_accum: int = Field(1, ge=1, le=4_096)
+    max_length: int = Field(512, ge=32, le=1_048_576)
+    lora_r: int = Field(16, ge=1, le=4_096)
+    lora_alpha: int = Field(32, ge=1, le=65_536)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     replay_fraction: float = Field(0.1, ge=0.0, le=1.0)  # earlier cycles' data mixed in
@@ -130,7 +148,7 @@ class SFTSettings(_Section):
     seeds_every_cycle: bool = True
     balance_yes_no: bool = True  # down-sample the majority Yes/No answer in training data
     save_steps: int = Field(10, ge=1)  # checkpoint interval; a killed run resumes from the last one
-    seed: int = 0
+    seed: Seed = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA that has it, else fp32
 
 
@@ -139,12 +157,12 @@ class EvalSettings(_Section):
         "macro_score", "token_f1", "exact_match", "rouge_l", "cuad_match", "yes_no_balanced_accuracy",
         "extract_token_f1",
     ] = "macro_score"  # mean of yes/no balanced accuracy and extraction token F1
-    min_improvement: float = Field(0.0, ge=0.0)  # candidate must beat champion by more than this
+    min_improvement: float = Field(0.0, ge=0.0, le=1.0)  # candidate must beat champion by more than this
     # gate_average: "items": the primary metric over all held-out items; "sources": its mean over
     # the held-out sources (imported "seed" questions, "feedback" questions from use), so new
     # traffic weighs as much as the imported set, and no source may fall by more than source_tolerance
     gate_average: Literal["items", "sources"] = "items"
-    source_tolerance: float = Field(0.05, ge=0.0)
+    source_tolerance: float = Field(0.05, ge=0.0, le=1.0)
     significance: Literal["bootstrap", "none"] = "bootstrap"  # paired bootstrap test of the gain, or none
     confidence: float = Field(0.95, gt=0.5, lt=1.0)  # the gain must be significant at this level
     bootstrap_resamples: int = Field(1000, ge=100, le=100_000)
@@ -154,7 +172,7 @@ class EvalSettings(_Section):
     # against the champion. Off by default: the default judge is a 135M model whose verdicts are
     # close to noise; turn it on with a capable judge (an endpoint or a larger local model).
     judge_metrics: bool = False
-    faithfulness_tolerance: float = Field(0.05, ge=0.0)  # the gate refuses a larger judge_faithfulness drop
+    faithfulness_tolerance: float = Field(0.05, ge=0.0, le=1.0)  # the gate refuses a larger judge_faithfulness drop
 
 
 class AlignSettings(_Section):
@@ -163,35 +181,36 @@ class AlignSettings(_Section):
     method: Literal["dpo", "orpo", "kto", "grpo", "rloo"] = "dpo"
     enabled: bool = True  # `tuneloop cycle` aligns after SFT when preference data exists
     ai_feedback: bool = True  # cycle: RLAIF pairs on the SFT candidate's answers before aligning
-    beta: float = Field(0.1, gt=0.0)  # DPO/KTO KL strength; ORPO's lambda (papers' defaults)
-    learning_rate: float = Field(5e-5, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(2, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(512, ge=32)
-    max_completion_length: int = Field(48, ge=4)  # GRPO/RLOO sampled answers
-    num_generations: int = Field(4, ge=2)  # GRPO/RLOO group size
+    beta: float = Field(0.1, gt=0.0, le=100.0)  # DPO/KTO KL strength; ORPO's lambda (papers' defaults)
+    learning_rate: float = Field(5e-5, gt=0, lt=1.0)
+    epochs: float = Field(1.0, gt=0, le=1_000)
+    batch_size: int = Field(2, ge=1, le=4_096)
+    grad_accum: int = Field(1, ge=1, le=4_096)
+    max_length: int = Field(512, ge=32, le=1_048_576)
+    max_completion_length: int = Field(48, ge=4, le=32_768)  # GRPO/RLOO sampled answers
+    num_generations: int = Field(4, ge=2, le=256)  # GRPO/RLOO group size
     reward: Literal["judge", "metric"] = "metric"  # GRPO: the judge's rubric or token F1 vs reference
     replay_fraction: float = Field(0.1, ge=0.0, le=1.0)  # earlier cycles' data + seeds mixed in
     balance_yes_no: bool = True  # dpo/orpo: down-sample pairs whose chosen answer is the majority Yes/No
     save_steps: int = Field(10, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
 
 
 class ContinualSettings(_Section):
     """Guarding what earlier cycles learned."""
 
     wise_ft: bool = False  # average champion and candidate weights (WiSE-FT); alpha picked on the dev set
-    wise_alphas: list[float] = [0.25, 0.5, 0.75, 1.0]
-    wise_max_rank: int | None = Field(64, ge=1)  # averaged adapters above this rank are SVD-truncated to it
+    # candidate weights' shares tried; 1.0 is the candidate itself, 0.0 the champion
+    wise_alphas: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field([0.25, 0.5, 0.75, 1.0], min_length=1)
+    wise_max_rank: int | None = Field(64, ge=1, le=4_096)  # averaged adapters above this rank are SVD-truncated to it
     # with `anchor`: an alpha whose anchor score falls past `anchor_tolerance` below the champion's
     # is not chosen (the gate would refuse it); the best dev score among the others wins
     wise_anchor_guard: bool = True
     anchor: bool = True  # evaluate the general-ability anchor set every cycle
-    anchor_tolerance: float = Field(0.05, ge=0.0)  # the gate refuses a drop larger than this
+    anchor_tolerance: float = Field(0.05, ge=0.0, le=1.0)  # the gate refuses a drop larger than this
     dapt: bool = False  # domain-adaptive pre-training on raw chunks before SFT
-    dapt_epochs: float = Field(1.0, gt=0)
+    dapt_epochs: float = Field(1.0, gt=0, le=1_000)
     dapt_general_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # general text mixed in
     dapt_max_chunks: int | None = Field(None, ge=1)  # pre-train on a seeded sample of at most this many chunks
 
@@ -219,7 +238,7 @@ class ServeSettings(_Section):
 class FeedbackSettings(_Section):
     """Turning usage into training data: RLAIF and the routing of human feedback."""
 
-    rlaif_prompts: int = Field(32, ge=1)  # prompts per RLAIF run (interactions, then synthetic, then seeds)
+    rlaif_prompts: int = Field(32, ge=1, le=100_000)  # prompts per RLAIF run (interactions, then synthetic, then seeds)
     rlaif_candidates: int = Field(3, ge=2, le=16)  # sampled answers per prompt (n*(n-1)/2 pairs each)
     rlaif_temperature: float = Field(0.8, gt=0.0, le=2.0)
     rlaif_mode: Literal["pairwise", "rubric"] = "pairwise"  # pairwise: both orders must agree
@@ -237,7 +256,7 @@ class FeedbackSettings(_Section):
     # ... and this share joins the dev split (never trained on, never gated on): what the select
     # step and WiSE-FT's alpha are chosen on, so the dev set follows the traffic like the held-out set
     dev_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _shares_fit(self):
@@ -252,28 +271,37 @@ class MonitorSettings(_Section):
 
     interval_seconds: float = Field(300.0, gt=0)  # how often the signals are checked
     cooldown_seconds: float = Field(3600.0, ge=0)  # at least this long between two triggered cycles
-    satisfaction_window: int = Field(50, ge=1)  # latest human votes on the champion's answers
+    satisfaction_window: int = Field(50, ge=1, le=1_000_000)  # latest human votes on the champion's answers
     min_votes: int = Field(20, ge=1)  # no satisfaction verdict on fewer votes
     satisfaction_floor: float = Field(0.6, ge=0.0, le=1.0)  # fire when the positive share falls below
     change_detector: Literal["page_hinkley", "adwin", "none"] = "page_hinkley"  # on the vote stream
     page_hinkley_threshold: float = Field(8.0, gt=0)
-    page_hinkley_delta: float = Field(0.05, ge=0)
-    drift_window: int = Field(100, ge=2)  # latest questions compared with the known ones
+    page_hinkley_delta: float = Field(0.05, ge=0, le=1.0)  # on a stream of 0/1 votes
+    drift_window: int = Field(100, ge=2, le=100_000)  # latest questions compared with the known ones
     min_queries: int = Field(30, ge=2)  # no drift verdict on fewer new questions
     drift_alpha: float = Field(0.01, gt=0.0, lt=1.0)  # fire when the MMD permutation p-value is below
-    drift_permutations: int = Field(500, ge=50)
+    drift_permutations: int = Field(500, ge=50, le=100_000)
     documents: bool = True  # fire when a watched document is new or changed
     # live_judge: the judge grades (ScoreAnswer, 1-5) up to this many of the champion's new live
     # answers per check. Off (0) by default: the default judge is a 135M model whose grades are
     # close to noise; turn it on with a capable judge (an endpoint or a larger local model).
-    judge_sample: int = Field(0, ge=0)
+    judge_sample: int = Field(0, ge=0, le=10_000)
     judge_floor: float = Field(3.0, ge=1.0, le=5.0)  # fire when the mean grade falls below
     # canary: every this many seconds (0: off) the champion answers the first `canary_questions`
     # held-out questions again; fire when its primary metric falls more than `canary_tolerance`
     # below its stored held-out run on the same questions (an index or serving regression)
     canary_every_seconds: float = Field(0.0, ge=0)
-    canary_questions: int = Field(20, ge=1)
-    canary_tolerance: float = Field(0.1, ge=0.0)
+    canary_questions: int = Field(20, ge=1, le=100_000)
+    canary_tolerance: float = Field(0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _minimum_fits_window(self) -> "MonitorSettings":
+        # a minimum above its window could never be reached: the signal would never give a verdict
+        for least, window in (("min_votes", "satisfaction_window"), ("min_queries", "drift_window")):
+            if getattr(self, least) > getattr(self, window):
+                raise ValueError(f"{least} ({getattr(self, least)}) is more than {window} "
+                                 f"({getattr(self, window)}): no verdict could ever be given")
+        return self
 
 
 class PromptsSettings(_Section):
@@ -305,6 +333,26 @@ class Settings(_Section):
     monitor: MonitorSettings = MonitorSettings()
     prompts: PromptsSettings = PromptsSettings()
 
+    @field_validator("store_url")
+    @classmethod
+    def _database_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            make_url(v).get_dialect()  # parses, and names a database SQLAlchemy knows
+        except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+            raise ValueError(f"not a database URL SQLAlchemy can use ({exc}); e.g. sqlite:///tuneloop.db "
+                             "or postgresql://user@host/dbname") from None
+        return v
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for another database or an in-memory one)."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:") or u.database.startswith("file:"):
+        return None
+    return Path(u.database)
+
 
 class Project:
     """A project folder and its validated settings: the explicit context passed to every stage."""
@@ -315,7 +363,13 @@ class Project:
 
     @property
     def store_url(self) -> str:
-        return self.settings.store_url or f"sqlite:///{self.root / 'tuneloop.db'}"
+        url = self.settings.store_url
+        if url is None:
+            return f"sqlite:///{self.root / 'tuneloop.db'}"
+        db = sqlite_file(url)
+        if db is not None and not db.is_absolute():  # like every path here: relative to the project
+            return make_url(url).set(database=str(self.path(db))).render_as_string(hide_password=False)
+        return url
 
     @property
     def artifacts(self) -> Path:
@@ -344,7 +398,7 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}'")
         else:
-            lines.append(f"  {key}: {e['msg']}")
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 
@@ -365,11 +419,40 @@ def load_project(root: Path) -> Project:
     path = root / SETTINGS_FILE
     if not path.is_file():
         raise ConfigError(f"no {SETTINGS_FILE} in {root.resolve()} (run `tuneloop init {root}` first)")
+    text = read_text(path, error=ConfigError)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    return Project(root, parse_settings(data, path))
+    except RecursionError:
+        raise ConfigError(f"{path} is not valid YAML: nested too deeply") from None
+    except ValueError as err:  # e.g. an integer of more than 4,300 digits
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    project = Project(root, parse_settings(data, path))
+    _prepare_sqlite_folder(project, path)
+    return project
+
+
+def _prepare_sqlite_folder(project: Project, source: Path) -> None:
+    """A SQLite database's folder must exist; inside the project it is created, outside it is an error
+    (a mistyped path should not scatter folders over the disk)."""
+    db = sqlite_file(project.store_url)
+    if db is None:
+        return
+    folder = db.parent
+    try:
+        if db.is_dir():
+            raise ConfigError(f"{source}: store_url: {db} is a folder, not a database file")
+        if folder.is_dir():
+            return
+        if folder.exists():
+            raise ConfigError(f"{source}: store_url: {folder} is not a folder")
+        if not folder.resolve().is_relative_to(project.root):
+            raise ConfigError(f"{source}: store_url: the folder {folder} does not exist (create it, or keep the "
+                              f"database inside the project folder {project.root}, where it is created)")
+        folder.mkdir(parents=True)
+    except OSError as exc:  # e.g. a name too long, no permission
+        raise ConfigError(f"{source}: store_url: cannot use {db}: {exc.strerror or exc}") from None
 
 
 DEFAULT_YAML = """\
@@ -399,6 +482,7 @@ ingest:
   overlap_tokens: 24
   top_k: 2               # retrieved chunks placed in the prompt (training and serving alike)
   dense: true            # false: BM25 only
+  max_document_mb: 20    # a larger document (file, or JSONL record) is refused
 
 synth:
   questions_per_cycle: 24

@@ -19,6 +19,10 @@ def json_objects(path: Path, text: str) -> Iterator[tuple[int, str, dict[str, An
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"Malformed JSON in {where}: {exc.msg}") from None
+        except RecursionError:
+            raise InputError(f"Malformed JSON in {where}: nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+            raise InputError(f"Malformed JSON in {where}: {exc}") from None
         if not isinstance(record, dict):
             raise InputError(f"Expected a JSON object in {where}")
         yield lineno, where, record

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select
 
 from tuneloop.config import Project
+from tuneloop.errors import InputError
 from tuneloop.stages.anchor import anchor_items, anchor_set_hash
 from tuneloop.stages.evaluate import KIND as EVAL_KIND
 from tuneloop.stages.evaluate import eval_examples, eval_set_hash
@@ -240,7 +241,13 @@ def render(data: ReportData) -> str:
 
 
 def write_report(project: Project, session: Session, out: Path) -> Path:
+    """Write the HTML report to the file `out` (its folder is created)."""
+    if out.is_dir():
+        raise InputError(f"{out} is a folder: give a file name, e.g. {out / 'tuneloop-report.html'}")
     html = render(collect(project, session))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(html, encoding="utf-8")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(html, encoding="utf-8")
+    except OSError as exc:  # e.g. a parent that is a file, or no permission
+        raise InputError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     return out

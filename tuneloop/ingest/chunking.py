@@ -4,6 +4,11 @@ Chunks are sized in the *embedder's* tokens (pass `embedder.token_offsets`): a d
 reads its first N tokens (all-MiniLM-L6-v2: 256 word pieces), so a chunk sized in characters or
 words could be silently truncated when embedded. `word_offsets` is the fallback when no embedder
 is used.
+
+Work is linear in the text's size whatever its shape (one 10 MB line, megabytes of whitespace, one
+endless "word"): the tokenizer sees pieces of at most `_PIECE_CHARS` characters, a token is at
+most `_MAX_TOKEN_CHARS` long (so a chunk is at most `chunk_tokens * _MAX_TOKEN_CHARS`), and a
+boundary test looks at single characters, never at copies of the text.
 """
 from __future__ import annotations
 
@@ -14,8 +19,15 @@ from typing import Callable
 
 Offsets = list[tuple[int, int]]
 
-# A cut right after one of these tokens ends a sentence (or a clause worth ending on).
-_SENTENCE_END = re.compile(r"[.!?]$")
+# A cut right after a token ending in one of these ends a sentence (or a clause worth ending on).
+_SENTENCE_END = ".!?"
+# The tokenizer is called on pieces of about this many characters, cut at whitespace: a fast
+# tokenizer's memory grows with its input (about 2 GB for 10 MB of text in one call).
+_PIECE_CHARS = 100_000
+# A longer token is cut into pieces of this length. 100 is WordPiece's longest word (a longer
+# one becomes a single [UNK] spanning it); without a cap, 10 MB with no whitespace would be a
+# single 10 MB "token", chunk and prompt passage.
+_MAX_TOKEN_CHARS = 100
 # Only the last 20% of a window is searched for a boundary: cutting earlier would waste too much
 # of the window and make chunks very uneven.
 _BOUNDARY_ZONE = 0.2
@@ -36,13 +48,44 @@ def word_offsets(text: str) -> Offsets:
     return [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
 
 
+def _piece_end(text: str, start: int) -> int:
+    """Where the tokenizer piece starting at `start` ends: just after its last space or line end,
+    so no word is cut (or at `_PIECE_CHARS` when the piece holds none)."""
+    end = start + _PIECE_CHARS
+    if end >= len(text):
+        return len(text)
+    last = max(text.rfind(c, start, end) for c in " \n\t")
+    return last + 1 if last != -1 else end
+
+
+def _split_long(spans: Offsets) -> Offsets:
+    out: Offsets = []
+    for s, e in spans:
+        out.extend((i, min(i + _MAX_TOKEN_CHARS, e)) for i in range(s, e, _MAX_TOKEN_CHARS))
+    return out
+
+
+def token_spans(text: str, token_offsets: Callable[[str], Offsets]) -> Offsets:
+    """The non-empty token spans of `text` (see the module docstring for the bounds applied)."""
+    spans: Offsets = []
+    start = 0
+    while start < len(text):
+        end = _piece_end(text, start)
+        # Empty spans are special tokens (e.g. [CLS] mapped to (0, 0)): they hold no text.
+        spans.extend((start + s, start + e) for s, e in token_offsets(text[start:end]) if e > s)
+        start = end
+    if any(e - s > _MAX_TOKEN_CHARS for s, e in spans):
+        spans = _split_long(spans)
+    return spans
+
+
 def _is_boundary(text: str, spans: Offsets, cut: int) -> bool:
     """Whether ending a chunk after token `cut - 1` ends it at a sentence or line end."""
-    start, end = spans[cut - 1]
-    if _SENTENCE_END.search(text[start:end]):
+    end = spans[cut - 1][1]
+    if text[end - 1] in _SENTENCE_END:
         return True
     following = spans[cut][0] if cut < len(spans) else len(text)
-    return "\n" in text[end:following]
+    return text.find("\n", end, following) != -1
 
 
 def _window_end(text: str, spans: Offsets, first: int, last: int, overlap: int) -> int:
@@ -80,8 +123,7 @@ def chunk_text(
             f"overlap_tokens must be in [0, chunk_tokens), got {overlap_tokens} "
             f"with chunk_tokens={chunk_tokens}"
         )
-    # Empty spans are special tokens (e.g. [CLS] mapped to (0, 0)): they hold no text.
-    spans = [(s, e) for s, e in token_offsets(text) if e > s]
+    spans = token_spans(text, token_offsets)
     chunks: list[Chunk] = []
     first = 0
     while first < len(spans):

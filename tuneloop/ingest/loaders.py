@@ -1,7 +1,8 @@
 """Find input files and read them into plain-text documents.
 
-Every problem a user can fix (missing path, unsupported type, corrupt or encrypted PDF, malformed
-JSONL, empty document) is raised as `InputError` naming the file, never as a library traceback.
+Every problem a user can fix (missing path, a folder with nothing to ingest, unsupported type,
+corrupt or encrypted PDF, malformed JSONL, empty, binary or too large a document) is raised as
+`InputError` naming the file, never as a library traceback.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Sequence
 
 from tuneloop.jsonl import json_objects
 from tuneloop.errors import InputError
+from tuneloop.textfile import read_text
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".pdf", ".jsonl")
 
@@ -38,11 +40,12 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def iter_files(paths: Sequence[Path]) -> list[Path]:
+def iter_files(paths: Sequence[Path], require_files: bool = False) -> list[Path]:
     """Expand `paths` into the list of files to ingest.
 
-    Directories are walked recursively in sorted order, keeping supported, non-hidden files.
-    A file named explicitly must have a supported suffix. Duplicates are kept once, first seen.
+    Directories are walked recursively in sorted order, keeping supported, non-hidden files; with
+    `require_files`, a directory without any is an error. A file named explicitly must have a
+    supported suffix. Duplicates are kept once, first seen.
     """
     found: list[Path] = []
     for raw in paths:
@@ -50,11 +53,17 @@ def iter_files(paths: Sequence[Path]) -> list[Path]:
         if not path.exists():
             raise InputError(f"Input not found: {path}")
         if path.is_dir():
-            found.extend(
+            inside = [
                 p
                 for p in sorted(path.rglob("*"))
                 if p.is_file() and _supported(p) and not _is_hidden(p, path)
-            )
+            ]
+            if require_files and not inside:
+                raise InputError(
+                    f"Nothing to ingest in folder {path}: it holds no {', '.join(SUPPORTED_SUFFIXES)} "
+                    "file (hidden files and folders are skipped)"
+                )
+            found.extend(inside)
         elif _supported(path):
             found.append(path)
         else:
@@ -76,12 +85,15 @@ def _normalise(text: str) -> str:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"Cannot read {path}: {exc.strerror or exc}") from exc
-    # utf-8-sig drops a byte-order mark; "replace" keeps a stray bad byte from failing a whole file.
-    return _normalise(data.decode("utf-8-sig", errors="replace"))
+    # Not strict: a stray bad byte becomes U+FFFD rather than failing a whole document.
+    return _normalise(read_text(path, strict=False))
+
+
+def _too_large(what: str, size: int, max_bytes: int) -> InputError:
+    return InputError(
+        f"{what} is {size / 1e6:.1f} MB, over the limit of {max_bytes / 1e6:g} MB "
+        "(ingest.max_document_mb): split it, or raise the limit"
+    )
 
 
 def _read_pdf(path: Path) -> str:
@@ -111,7 +123,8 @@ def _read_pdf(path: Path) -> str:
     except Exception as exc:  # noqa: BLE001 - see above
         reason = str(exc) or type(exc).__name__
         raise InputError(f"Cannot read PDF {path}: {reason}") from exc
-    text = _normalise("\n\n".join(pages))
+    # Text extraction can yield NUL characters, which no database column should hold.
+    text = _normalise("\n\n".join(pages)).replace("\x00", "")
     if not text.strip():
         raise InputError(
             f"PDF {path} has no extractable text (a scanned PDF needs OCR first, "
@@ -120,7 +133,7 @@ def _read_pdf(path: Path) -> str:
     return text
 
 
-def _read_jsonl(path: Path) -> list[RawDocument]:
+def _read_jsonl(path: Path, max_bytes: int | None) -> list[RawDocument]:
     source = str(path.resolve())
     docs: list[RawDocument] = []
     names: set[str] = set()
@@ -130,6 +143,8 @@ def _read_jsonl(path: Path) -> list[RawDocument]:
             raise InputError(f'Missing or non-string "text" field in {where}')
         if not text.strip():
             raise InputError(f'Empty "text" in {where}')
+        if max_bytes is not None and (size := len(text.encode("utf-8"))) > max_bytes:
+            raise _too_large(f'The "text" in {where}', size, max_bytes)
         doc_id = record.get("id")
         if doc_id is None:
             doc_id = lineno
@@ -145,20 +160,29 @@ def _read_jsonl(path: Path) -> list[RawDocument]:
         # The title is often the most query-like part of a record, so it is kept, as a first line.
         if title and title.strip():
             text = f"{title.strip()}\n\n{text}"
+        if "\x00" in text:  # JSON may escape one (\u0000); no database column should hold it
+            raise InputError(f'"text" or "title" in {where} contains a NUL character')
         docs.append(RawDocument(name=name, text=_normalise(text), source=source))
     if not docs:
         raise InputError(f"Empty document: {path} has no records")
     return docs
 
 
-def load_file(path: Path) -> list[RawDocument]:
-    """Read one file into its documents: one for .txt/.md/.pdf, one per non-empty line of .jsonl."""
+def load_file(path: Path, max_bytes: int | None = None) -> list[RawDocument]:
+    """Read one file into its documents: one for .txt/.md/.pdf, one per non-empty line of .jsonl.
+
+    `max_bytes` limits a document's size: the file's for .txt/.md/.pdf, each record's text for .jsonl.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Input not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, max_bytes)
+    if max_bytes is not None and suffix in SUPPORTED_SUFFIXES:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise _too_large(str(path), size, max_bytes)
     if suffix in (".txt", ".md"):
         text = _read_text(path)
     elif suffix == ".pdf":

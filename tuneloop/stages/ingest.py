@@ -57,10 +57,10 @@ def ingest_paths(project: Project, session: Session, paths: list[Path], embedder
     """Add new and changed documents to the store and commit, then refresh the index."""
     s = project.settings.ingest
     offsets = embedder.token_offsets if embedder is not None else word_offsets
-    files = iter_files(paths)
+    files = iter_files(paths, require_files=True)  # an empty or wrong folder is an error, not 0 documents
     docs: list[RawDocument] = []
     for f in files:
-        docs.extend(load_file(f))
+        docs.extend(load_file(f, max_bytes=int(s.max_document_mb * 1_000_000)))
     known = {name: (doc_id, sha) for doc_id, name, sha in session.execute(
         select(Document.id, Document.name, Document.sha256))}
     result = IngestResult()
