@@ -110,7 +110,7 @@ def ingest(
     from tuneloop.stages.ingest import ingest_paths
 
     project, sessions = _open(project_dir)
-    iter_files(paths)  # a missing or unsupported path fails now, not after loading the embedder
+    iter_files(paths, require_files=True)  # a missing, empty or unsupported path fails now, not after loading the embedder
     with sessions() as s:
         r = ingest_paths(project, s, paths, build_embedder(project), RichReporter())
         s.commit()
