@@ -513,3 +513,5 @@ def test_prompts_longer_than_max_length_are_a_clear_error(aligned_project):
         with pytest.raises(ConfigError, match="longer than align.max_length"):
             train_align(p, s, None, SilentReporter(), method="dpo")
         assert s.scalar(select(ModelVersion).where(ModelVersion.method == "dpo")) is None
+    work = p.artifacts / ".work"
+    assert not work.exists() or not any(work.iterdir())  # no empty trainer folder left behind

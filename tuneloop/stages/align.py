@@ -189,7 +189,11 @@ def _run(project: Project, method: str, data: AlignData, parent: ModelVersion, n
     reward = grpo_reward(project) if method == "grpo" else None
     trainer, tokenizer = build_trainer(method, model_dir, parent_adapter, rows, s, project.settings.sft, work_dir,
                                        reward)
-    _check_lengths(trainer, len(rows), s, reporter)
+    try:
+        _check_lengths(trainer, len(rows), s, reporter)
+    except ConfigError:  # nothing to train on: the trainer's empty output folder is not a checkpoint to keep
+        safe_rmtree(work_dir, inside=project.artifacts, ignore_errors=True)
+        raise
     _train(trainer, work_dir, len(rows), s, reporter, method)
     losses = train_losses(trainer)
 
