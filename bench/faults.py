@@ -57,10 +57,11 @@ import yaml  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from tests.helpers import (  # noqa: E402
-    CONTRACTS, KILLABLE_PROJECT, build_tiny_model, deep_merge, import_sample_pairs, tiny_settings, write_settings,
+    CONTRACTS, HELDOUT, KILLABLE_PROJECT, SEEDS, build_tiny_model, deep_merge, tiny_settings, write_settings,
 )
 from tuneloop import store as st  # noqa: E402
 from tuneloop.config import load_project  # noqa: E402
+from tuneloop.stages.seeds import import_pairs  # noqa: E402
 
 OUT_JSON = ROOT / "docs" / "benchmarks" / "faults.json"
 # The child: `tuneloop cycle` with the scripted teacher, and the fault named by $TUNELOOP_FAULT
@@ -105,13 +106,33 @@ cli.main()
 # ----------------------------------------------------------------------------- running a cycle
 
 
+# Every optional step runs, so each one is killed while it works: DAPT on a few chunks, DPO on
+# human preference pairs, WiSE-FT with a dev split (prompts needs a DSPy-capable student: skipped).
+FAULT_PROJECT = deep_merge(KILLABLE_PROJECT, {
+    "continual": {"dapt": True, "dapt_max_chunks": 8, "wise_ft": True, "wise_alphas": [0.5, 1.0]},
+    "align": {"save_steps": 1, "epochs": 4, "balance_yes_no": False},
+})
+DEV_ITEMS = 8  # held-out sample questions that become the dev split instead
+
+
 def make_project(root: Path, model_dir: Path) -> Path:
     """A fresh project: the sample contracts, the tests' tiny settings with the kill test's training
-    (40 short SFT steps, a checkpoint after each), the sample seeds imported."""
+    (40 short SFT steps, a checkpoint after each) and FAULT_PROJECT, the sample seeds (train), the
+    held-out questions (eval, the first DEV_ITEMS dev) and 6 human preference pairs."""
     root.mkdir(parents=True)
     shutil.copytree(CONTRACTS, root / "documents")
-    write_settings(root, deep_merge(tiny_settings(model_dir, name="faults"), KILLABLE_PROJECT))
-    import_sample_pairs(load_project(root))
+    write_settings(root, deep_merge(tiny_settings(model_dir, name="faults"), FAULT_PROJECT))
+    heldout = HELDOUT.read_text(encoding="utf-8").splitlines(keepends=True)
+    (root.parent / "dev.jsonl").write_text("".join(heldout[:DEV_ITEMS]), encoding="utf-8")
+    (root.parent / "eval.jsonl").write_text("".join(heldout[DEV_ITEMS:]), encoding="utf-8")
+    seeds = [json.loads(line) for line in SEEDS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with st.open_store(load_project(root).store_url)() as s:
+        for path, split in ((SEEDS, "train"), (root.parent / "dev.jsonl", "dev"), (root.parent / "eval.jsonl", "eval")):
+            import_pairs(s, path, split)
+        for seed in seeds[:6]:
+            s.add(st.PreferencePair(prompt=seed["question"], chosen=seed["answer"], rejected="I do not know.",
+                                    source="human", meta={}))
+        s.commit()
     return root
 
 
