@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-project
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-all venv lock bench-faults bench-cuad bench-continuous bench-synth clean
+.PHONY: demo test test-all venv lock chromium bench-faults bench-cuad bench-continuous bench-synth clean
 
 venv: $(VENV)/.installed
 
@@ -42,8 +42,19 @@ demo: venv
 	$(BIN)/tuneloop cycle --project $(DEMO_DIR)
 	$(BIN)/tuneloop status --project $(DEMO_DIR)
 
-test: venv
+test: venv chromium
 	$(BIN)/python -m pytest -q --durations=10
+
+# The browser tests drive Debian's chromium with Playwright (never `playwright install`, which
+# downloads a browser). Installed here when missing and we may use apt-get; else one line says how.
+CHROMIUM ?= /usr/bin/chromium
+APT_INSTALL_CHROMIUM = apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then $(APT_INSTALL_CHROMIUM); \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo sh -c '$(APT_INSTALL_CHROMIUM)'; \
+	  else echo "make test needs Debian's chromium for its browser tests: run 'sudo apt-get install chromium', then make test again" >&2; exit 1; fi; \
+	fi
 
 # The CUAD benchmark (../shared/data/cuad-dev): base vs SFT vs SFT -> RLAIF -> DPO, and a DAPT arm; ~65 min on 2 cores.
 bench-cuad: venv
