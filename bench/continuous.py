@@ -64,8 +64,8 @@ from tuneloop.monitor.watch import tick  # noqa: E402
 from tuneloop.progress import RichReporter  # noqa: E402
 from tuneloop.report import write_report  # noqa: E402
 from tuneloop.serve import create_app  # noqa: E402
-from tuneloop.stages.anchor import anchor_items, anchor_set_hash  # noqa: E402
-from tuneloop.stages.common import champion  # noqa: E402
+from tuneloop.evalsets import anchor_items, anchor_set_hash  # noqa: E402
+from tuneloop.versions import champion  # noqa: E402
 from tuneloop.stages.evaluate import score_examples  # noqa: E402
 from tuneloop.stages.ingest import ingest_paths  # noqa: E402
 from tuneloop.stats import bootstrap_ci, paired_bootstrap  # noqa: E402

@@ -16,7 +16,7 @@ from tuneloop.errors import ConfigError, StateError
 from tuneloop.progress import SilentReporter
 from tuneloop.stages import align as align_stage
 from tuneloop.stages.align import train_align
-from tuneloop.stages.evaluate import ensure_base_version
+from tuneloop.versions import ensure_base_version
 from tuneloop.store import Example, ModelVersion, PreferencePair, open_store
 
 ALIGN = {"align": {"batch_size": 2, "max_length": 64, "max_completion_length": 6, "num_generations": 2,
@@ -470,7 +470,7 @@ def test_cycle_runs_rlaif_on_the_sft_candidate_and_aligns_on_its_pairs(project, 
     from tests.helpers import FakeTeacher, use_teacher
     from tests.test_rlaif import FakeJudge, FakeStudent
     from tuneloop import loop
-    from tuneloop.feedback.rlaif import RlaifModels
+    from tuneloop.stages.rlaif import RlaifModels
     from tuneloop.progress import SilentReporter
     from tuneloop.store import CycleStep
 

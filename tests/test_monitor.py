@@ -16,7 +16,7 @@ from tuneloop.lock import CycleBusy, cycle_lock
 from tuneloop.monitor import signals
 from tuneloop.monitor.watch import tick
 from tuneloop.progress import SilentReporter
-from tuneloop.stages.evaluate import ensure_base_version
+from tuneloop.versions import ensure_base_version
 from tuneloop.store import Cycle, Feedback, Interaction, ModelVersion, SignalValue, open_store, utcnow
 
 REPO = Path(__file__).resolve().parents[1]

@@ -190,7 +190,7 @@ def _retriever(project: Project, session, embedder):
 def train_sft_cmd(project_dir: ProjectOpt = Path(".")) -> None:
     """LoRA SFT of the student on seeds + synthetic data; registers a candidate version."""
     from tuneloop.models.registry import build_embedder
-    from tuneloop.stages.evaluate import ensure_base_version
+    from tuneloop.versions import ensure_base_version
     from tuneloop.stages.sft import train_sft
 
     project, sessions = _open(project_dir)
@@ -212,7 +212,7 @@ def train_align_cmd(
     from tuneloop.errors import StateError
     from tuneloop.models.registry import build_embedder
     from tuneloop.stages.align import train_align
-    from tuneloop.stages.evaluate import ensure_base_version
+    from tuneloop.versions import ensure_base_version
 
     project, sessions = _open(project_dir)
     with sessions() as s:
@@ -235,7 +235,8 @@ def eval_cmd(
 ) -> None:
     """Evaluate versions on the held-out set (default: champion and candidates) and compare them."""
     from tuneloop.models.registry import build_embedder
-    from tuneloop.stages.evaluate import ensure_base_version, evaluate_version
+    from tuneloop.versions import Status, ensure_base_version
+    from tuneloop.stages.evaluate import evaluate_version
     from tuneloop.store import ModelVersion
     from tuneloop.errors import StateError
 
@@ -250,7 +251,7 @@ def eval_cmd(
             if missing:
                 raise StateError(f"unknown model version(s): {', '.join(missing)}")
         else:
-            chosen = list(s.scalars(select(ModelVersion).where(ModelVersion.status.in_(["champion", "candidate"]))))
+            chosen = list(s.scalars(select(ModelVersion).where(ModelVersion.status.in_([Status.CHAMPION, Status.CANDIDATE]))))
         retriever = _retriever(project, s, build_embedder(project))
         for v in chosen:
             evaluate_version(project, s, v, retriever, reporter)
@@ -260,7 +261,7 @@ def eval_cmd(
 
 def comparison_table(project: Project, session) -> Table:
     """Every version evaluated on the current held-out set, side by side."""
-    from tuneloop.stages.evaluate import eval_examples, eval_set_hash
+    from tuneloop.evalsets import eval_examples, eval_set_hash
     from tuneloop.store import EvalRun, ModelVersion
 
     set_hash = eval_set_hash(eval_examples(project, session))
@@ -376,10 +377,10 @@ def rlaif(
     """AI feedback: sample champion answers, have the judge compare them in both orders (or score them).
 
     Prompts: recent interactions, then synthetic questions, then the training seeds' questions."""
-    from tuneloop.feedback.rlaif import build_rlaif_models, rlaif as run_rlaif
-    from tuneloop.feedback.routing import PromptBuilder
+    from tuneloop.stages.rlaif import build_rlaif_models, rlaif as run_rlaif
+    from tuneloop.programs.prompts import PromptBuilder
     from tuneloop.models.registry import build_embedder
-    from tuneloop.stages.evaluate import ensure_base_version
+    from tuneloop.versions import ensure_base_version
 
     if mode is not None and mode not in ("pairwise", "rubric"):
         raise TuneloopError(f"--mode must be 'pairwise' or 'rubric', not '{mode}'")
@@ -433,7 +434,7 @@ def feedback_export(
 ) -> None:
     """Write feedback as datasets: preference pairs (DPO/ORPO), KTO examples and rewards."""
     from tuneloop.feedback.export import export_feedback
-    from tuneloop.feedback.routing import PromptBuilder
+    from tuneloop.programs.prompts import PromptBuilder
     from tuneloop.models.registry import build_embedder
 
     project, sessions = _open(project_dir)
@@ -459,7 +460,7 @@ def feedback_export(
 @friendly_errors
 def status(project_dir: ProjectOpt = Path(".")) -> None:
     """Champion, model versions, the last cycle and its steps, and data counts."""
-    from tuneloop.stages.common import champion
+    from tuneloop.versions import champion
     from tuneloop.store import Chunk, Cycle, CycleStep, Document, Example, Feedback, Interaction, ModelVersion
 
     project, sessions = _open(project_dir)
