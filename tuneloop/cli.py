@@ -18,6 +18,8 @@ from tuneloop.config import SETTINGS_FILE, Project, default_settings_yaml, load_
 from tuneloop.errors import InputError, TuneloopError
 from tuneloop.progress import RichReporter
 
+# Each command imports what it runs inside its function: stages, models and serving pull in torch,
+# transformers and dspy (seconds), and `tuneloop --help` or `status` should not wait for them.
 app = typer.Typer(help="tuneloop: keep a domain LLM improving from documents, seeds and feedback.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 seeds_app = typer.Typer(help="Expert-written question/answer pairs.", no_args_is_help=True)

@@ -45,7 +45,6 @@ def predictions_by_example(run: EvalRun) -> dict[int, dict]:
     return {row["example_id"]: row for row in read_jsonl(Path(run.artifact_path) / "predictions.jsonl")}
 
 
-
 def anchor_items(path: Path | None = None) -> list[dict]:
     """The anchor set: [{"instruction": str, "references": [str, ...]}, ...]."""
     text = path.read_text(encoding="utf-8") if path else \
@@ -55,4 +54,3 @@ def anchor_items(path: Path | None = None) -> list[dict]:
 
 def anchor_set_hash(items: list[dict]) -> str:
     return "anchor-" + text_hash(*[json.dumps(i, sort_keys=True) for i in items])[:58]
-

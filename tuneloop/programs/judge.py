@@ -357,4 +357,3 @@ def calibration_report(judged: Sequence[Judged], sources: Sequence[str]) -> dict
     if not judged:
         report["note"] = "no human A/B choices or corrections to compare with"
     return report
-

@@ -83,4 +83,3 @@ class PromptBuilder:
     def report(self) -> dict:
         return {"stored": self.sources.get("stored", 0), "retrieved": self.sources.get("retrieved", 0),
                 "interactions_retrieved_again": sorted(set(self.fallbacks))}
-

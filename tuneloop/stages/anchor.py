@@ -75,5 +75,3 @@ def evaluate_anchor(project: Project, session: Session, version: ModelVersion, r
 
     return stored_eval_run(project, session, version, set_hash, KIND, f"{version.name}-{set_hash[7:19]}", "anchor",
                            score, cycle_id)
-
-

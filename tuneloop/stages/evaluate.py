@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy import select
 
 from tuneloop import metrics
@@ -86,8 +87,6 @@ def score_examples(project: Project, adapter: Path | None, examples: list[Exampl
 def add_semantic_similarity(items: list[dict], embedder) -> None:
     """Extraction items get "semantic_similarity": the best cosine between the prediction's and a
     reference's embedding (yes/no items are scored on their label instead)."""
-    import numpy as np
-
     todo = [it for it in items if not metrics.is_yes_no_reference(it["references"][0])]
     if not todo:
         return
@@ -165,5 +164,3 @@ def evaluate_version(project: Project, session: Session, version: ModelVersion, 
 
 def _nan(v) -> bool:
     return isinstance(v, float) and math.isnan(v)
-
-

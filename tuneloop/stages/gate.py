@@ -194,11 +194,9 @@ def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: 
     return GateDecision(promoted, reason, candidate.name, current.name)
 
 
-
 def anchor_guard(project: Project, candidate_score: float | None, champion_score: float | None) -> str | None:
     """Why the candidate must not be promoted on anchor grounds, or None."""
     return drop_guard("anchor_score", candidate_score, champion_score, project.settings.continual.anchor_tolerance)
-
 
 
 def faithfulness_guard(project: Project, cand_run: EvalRun | None, champ_run: EvalRun | None) -> str | None:
@@ -209,7 +207,6 @@ def faithfulness_guard(project: Project, cand_run: EvalRun | None, champ_run: Ev
 
     return drop_guard("judge_faithfulness", value(cand_run), value(champ_run),
                       project.settings.eval.faithfulness_tolerance)
-
 
 
 def _run_on(session: Session, version: ModelVersion, set_hash: str) -> EvalRun | None:
