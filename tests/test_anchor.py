@@ -6,8 +6,8 @@ from sqlalchemy import select
 
 from tests.helpers import use_teacher
 from tuneloop import loop
-from tuneloop.progress import SilentReporter
 from tuneloop.evalsets import anchor_items
+from tuneloop.progress import SilentReporter
 from tuneloop.stages import anchor
 from tuneloop.stages import gate as gate_stage
 from tuneloop.stages.anchor import contains_reference, evaluate_anchor, score_anchor

@@ -10,11 +10,11 @@ from sqlalchemy import select
 
 from tests.helpers import ingest_project
 from tuneloop import metrics
+from tuneloop.evalsets import eval_examples
 from tuneloop.monitor import signals
 from tuneloop.programs.judge import ScoreAnswer
 from tuneloop.programs.rag import SYSTEM_PROMPT
 from tuneloop.progress import SilentReporter
-from tuneloop.evalsets import eval_examples
 from tuneloop.stages import evaluate
 from tuneloop.store import Chunk, EvalRun, Interaction, ModelVersion, SignalValue, open_store, utcnow
 from tuneloop.versions import ensure_base_version

@@ -14,12 +14,12 @@ from tests.helpers import ingest_project
 from tuneloop.artifacts import read_jsonl
 from tuneloop.cli import app
 from tuneloop.errors import StateError
-from tuneloop.stages.rlaif import RlaifModels, collect_prompts, rlaif
 from tuneloop.programs.judge import calibration_report, combine
-from tuneloop.programs.prompts import PromptBuilder
 from tuneloop.programs.judge import ComparePair, ScoreAnswer, parse_choice, parse_score, score_to_reward
+from tuneloop.programs.prompts import PromptBuilder
 from tuneloop.programs.rag import SYSTEM_PROMPT, Passage, build_messages
 from tuneloop.progress import SilentReporter
+from tuneloop.stages.rlaif import RlaifModels, collect_prompts, rlaif
 from tuneloop.versions import ensure_base_version
 from tuneloop.store import (
     Chunk, Document, Example, Feedback, Interaction, PreferencePair, Reward, example_hash, open_store,

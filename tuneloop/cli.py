@@ -192,8 +192,8 @@ def _retriever(project: Project, session, embedder):
 def train_sft_cmd(project_dir: ProjectOpt = Path(".")) -> None:
     """LoRA SFT of the student on seeds + synthetic data; registers a candidate version."""
     from tuneloop.models.registry import build_embedder
-    from tuneloop.versions import ensure_base_version
     from tuneloop.stages.sft import train_sft
+    from tuneloop.versions import ensure_base_version
 
     project, sessions = _open(project_dir)
     with sessions() as s:
@@ -236,11 +236,11 @@ def eval_cmd(
     project_dir: ProjectOpt = Path("."),
 ) -> None:
     """Evaluate versions on the held-out set (default: champion and candidates) and compare them."""
+    from tuneloop.errors import StateError
     from tuneloop.models.registry import build_embedder
-    from tuneloop.versions import Status, ensure_base_version
     from tuneloop.stages.evaluate import evaluate_version
     from tuneloop.store import ModelVersion
-    from tuneloop.errors import StateError
+    from tuneloop.versions import Status, ensure_base_version
 
     project, sessions = _open(project_dir)
     reporter = RichReporter()
@@ -379,9 +379,9 @@ def rlaif(
     """AI feedback: sample champion answers, have the judge compare them in both orders (or score them).
 
     Prompts: recent interactions, then synthetic questions, then the training seeds' questions."""
-    from tuneloop.stages.rlaif import build_rlaif_models, rlaif as run_rlaif
-    from tuneloop.programs.prompts import PromptBuilder
     from tuneloop.models.registry import build_embedder
+    from tuneloop.programs.prompts import PromptBuilder
+    from tuneloop.stages.rlaif import build_rlaif_models, rlaif as run_rlaif
     from tuneloop.versions import ensure_base_version
 
     if mode is not None and mode not in ("pairwise", "rubric"):
@@ -436,8 +436,8 @@ def feedback_export(
 ) -> None:
     """Write feedback as datasets: preference pairs (DPO/ORPO), KTO examples and rewards."""
     from tuneloop.feedback.export import export_feedback
-    from tuneloop.programs.prompts import PromptBuilder
     from tuneloop.models.registry import build_embedder
+    from tuneloop.programs.prompts import PromptBuilder
 
     project, sessions = _open(project_dir)
     with sessions() as s:
@@ -462,8 +462,8 @@ def feedback_export(
 @friendly_errors
 def status(project_dir: ProjectOpt = Path(".")) -> None:
     """Champion, model versions, the last cycle and its steps, and data counts."""
-    from tuneloop.versions import champion
     from tuneloop.store import Chunk, Cycle, CycleStep, Document, Example, Feedback, Interaction, ModelVersion
+    from tuneloop.versions import champion
 
     project, sessions = _open(project_dir)
     primary = project.settings.eval.primary_metric
