@@ -57,6 +57,7 @@ from tuneloop import metrics  # noqa: E402
 from tuneloop.artifacts import read_jsonl  # noqa: E402
 from tuneloop.cli import quiet_libraries  # noqa: E402
 from tuneloop.config import default_settings_yaml, load_project  # noqa: E402
+from tuneloop.evalsets import anchor_items, anchor_set_hash  # noqa: E402
 from tuneloop.loop import CycleContext, run_cycle  # noqa: E402
 from tuneloop.models.registry import build_embedder  # noqa: E402
 from tuneloop.monitor.signals import check_signals  # noqa: E402
@@ -64,12 +65,11 @@ from tuneloop.monitor.watch import tick  # noqa: E402
 from tuneloop.progress import RichReporter  # noqa: E402
 from tuneloop.report import write_report  # noqa: E402
 from tuneloop.serve import create_app  # noqa: E402
-from tuneloop.stages.anchor import anchor_items, anchor_set_hash  # noqa: E402
-from tuneloop.stages.common import champion  # noqa: E402
 from tuneloop.stages.evaluate import score_examples  # noqa: E402
 from tuneloop.stages.ingest import ingest_paths  # noqa: E402
 from tuneloop.stats import bootstrap_ci, paired_bootstrap  # noqa: E402
 from tuneloop.store import Cycle, CycleStep, EvalRun, Example, ModelVersion, SignalValue, open_store  # noqa: E402
+from tuneloop.versions import champion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW_CONTRACTS = re.compile(r"licen|intellectual property|endorsement|franchise|trademark", re.IGNORECASE)

@@ -84,12 +84,12 @@ def die():
 
 fault = os.environ.get("TUNELOOP_FAULT", "")
 if fault.startswith("after:"):
-    target, run_step = fault.split(":")[1], loop._run_step
+    target, run_step = fault.split(":")[1], loop.run_step
     def run_step_then_die(sessions, ctx, name):
         run_step(sessions, ctx, name)
         if name == target:
             die()
-    loop._run_step = run_step_then_die
+    loop.run_step = run_step_then_die
 elif fault.startswith("during:"):
     _, target, seconds = fault.split(":")
     step_fn = loop.STEP_FUNCTIONS[target]

@@ -160,8 +160,8 @@ def make_project(root: Path, n_clients: int, n_interactions: int, pairs_per_clie
     from tuneloop import store as st
     from tuneloop.config import default_settings_yaml, load_project
     from tuneloop.progress import SilentReporter
-    from tuneloop.stages.evaluate import ensure_base_version
     from tuneloop.stages.ingest import ingest_paths
+    from tuneloop.versions import ensure_base_version
 
     shutil.copytree(Path(str(resources.files("tuneloop") / "sample" / "contracts")), root / "documents")
     data = yaml.safe_load(default_settings_yaml("feedback-bench", ["documents"]))

@@ -16,8 +16,8 @@ from tuneloop.errors import ConfigError, StateError
 from tuneloop.progress import SilentReporter
 from tuneloop.stages import align as align_stage
 from tuneloop.stages.align import train_align
-from tuneloop.stages.evaluate import ensure_base_version
 from tuneloop.store import Example, ModelVersion, PreferencePair, open_store
+from tuneloop.versions import ensure_base_version
 
 ALIGN = {"align": {"batch_size": 2, "max_length": 64, "max_completion_length": 6, "num_generations": 2,
                    "learning_rate": 5e-3, "save_steps": 1000, "replay_fraction": 0.0}}
@@ -470,8 +470,8 @@ def test_cycle_runs_rlaif_on_the_sft_candidate_and_aligns_on_its_pairs(project, 
     from tests.helpers import FakeTeacher, use_teacher
     from tests.test_rlaif import FakeJudge, FakeStudent
     from tuneloop import loop
-    from tuneloop.feedback.rlaif import RlaifModels
     from tuneloop.progress import SilentReporter
+    from tuneloop.stages.rlaif import RlaifModels
     from tuneloop.store import CycleStep
 
     # the prompts carry retrieved passages; every scripted verdict chooses "Yes", which the Yes/No

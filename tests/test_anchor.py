@@ -6,11 +6,14 @@ from sqlalchemy import select
 
 from tests.helpers import use_teacher
 from tuneloop import loop
+from tuneloop.evalsets import anchor_items
 from tuneloop.progress import SilentReporter
 from tuneloop.stages import anchor
-from tuneloop.stages.anchor import anchor_guard, anchor_items, contains_reference, evaluate_anchor, score_anchor
-from tuneloop.stages.evaluate import ensure_base_version
+from tuneloop.stages import gate as gate_stage
+from tuneloop.stages.anchor import contains_reference, evaluate_anchor, score_anchor
+from tuneloop.stages.gate import anchor_guard
 from tuneloop.store import Cycle, EvalRun, ModelVersion, open_store
+from tuneloop.versions import ensure_base_version
 
 
 class Oracle:
@@ -84,16 +87,14 @@ def test_the_gate_refuses_a_candidate_that_forgets(project, fake_teacher, monkey
     n = len(anchor_items())
     models = iter([Oracle(name="champion"), Oracle(right=n // 2, name="candidate")])  # champion asked first
     monkeypatch.setattr(anchor, "build_chat_model", lambda proj, role, adapter=None: next(models))
-    import tuneloop.stages.evaluate as evaluate
-
-    real_gate = evaluate.gate
+    real_gate = gate_stage.gate
 
     def primary_improves(project, session, candidate, cand_run, champ_run, guards=()):
         cand_run.metrics = {**cand_run.metrics, project.settings.eval.primary_metric: 1.0}
         champ_run.metrics = {**champ_run.metrics, project.settings.eval.primary_metric: 0.0}
         return real_gate(project, session, candidate, cand_run, champ_run, guards)
 
-    monkeypatch.setattr(loop, "gate", primary_improves)
+    monkeypatch.setattr(gate_stage, "gate", primary_improves)  # what stages.gate.decide calls
     cycle = loop.run_cycle(p, SilentReporter(), trigger="test")
     with open_store(p.store_url)() as s:
         versions = {v.name: v for v in s.scalars(select(ModelVersion))}

@@ -97,7 +97,7 @@ class ServerThread:
 def served(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[ServerThread, Project]]:
     """The app over an ingested tiny project with a champion ('base'), a candidate and one cycle."""
     from tuneloop.serve.app import create_app
-    from tuneloop.stages.evaluate import ensure_base_version
+    from tuneloop.versions import ensure_base_version
 
     root = tmp_path_factory.mktemp("browser") / "project"
     root.mkdir()

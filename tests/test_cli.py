@@ -124,7 +124,9 @@ def test_cycle_command_and_status(runner, tmp_path, tiny_model_dir, monkeypatch)
     ok(invoke(runner, "seeds", "import", root / "heldout.jsonl", "--split", "eval", "-p", root))
     use_teacher(monkeypatch, FakeTeacher())
     out = ok(invoke(runner, "cycle", "--trigger", "nightly", "-p", root))
-    assert "cycle 1 done:" in out and ("promoted v1" in out or "rejected v1" in out)
+    # the tiny random-weight student cannot learn to answer in a few SFT steps, so its candidate
+    # does not beat the base model on the held-out set (fixed seeds: the same every run): rejected
+    assert "cycle 1 done:" in out and "rejected v1" in out and "promoted" not in out, out
     out = ok(invoke(runner, "status", "-p", root))
     assert "last cycle 1: done (trigger: nightly)" in out
     for step in ("ingest", "synth", "sft", "eval", "gate"):

@@ -16,9 +16,10 @@ from tuneloop import loop
 from tuneloop.artifacts import TMP_PREFIX, read_meta
 from tuneloop.metrics import rouge_l
 from tuneloop.progress import SilentReporter
-from tuneloop.stages.common import champion
-from tuneloop.stages.evaluate import GateDecision
+from tuneloop.stages import gate as gate_stage
+from tuneloop.stages.gate import GateDecision
 from tuneloop.store import Artifact, Cycle, CycleStep, EvalRun, Example, ModelVersion, open_store
+from tuneloop.versions import promote
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,11 +62,16 @@ def test_one_full_cycle(project, fake_teacher, monkeypatch):
         assert all(r.n == p.settings.eval.limit == 6 for r in runs.values())
         metric = p.settings.eval.primary_metric
         c, b = runs[cand.id].metrics[metric], runs[base.id].metrics[metric]
-        promoted = st["gate"][1]["promoted"]
-        assert not promoted or c > b + p.settings.eval.min_improvement  # and significantly so (test_gate)
-        assert (cand.status, base.status) == (("champion", "retired") if promoted else ("rejected", "champion"))
-        assert "gate" in cand.metrics
-        assert s.get(Cycle, cycle.id).outcome.startswith("promoted" if promoted else "kept champion")
+        # The student is a 2-layer random-weight model (conftest.tiny_model_dir) and SFT runs a few
+        # steps, so the candidate cannot learn to answer: with the fixed seeds its held-out primary
+        # metric does not beat the base model's, so the gate must reject it and base stays champion.
+        # (A gate that promotes anyway is the fault this pins down; the promoting path: test_gate.)
+        gate = st["gate"][1]
+        assert gate["promoted"] is False and not c > b + p.settings.eval.min_improvement, gate
+        assert f"{metric} {c:.4f} does not beat champion {b:.4f}" in gate["reason"]
+        assert (cand.status, base.status) == ("rejected", "champion")
+        assert cand.metrics["gate"] == gate["reason"]
+        assert s.get(Cycle, cycle.id).outcome == f"kept champion; rejected v1: {gate['reason']}"
         # the candidate trained on the seeds and on this cycle's synthetic examples
         syn = set(s.scalars(select(Example.id).where(Example.kind == "synthetic", Example.cycle_id == cycle.id)))
         assert syn and syn <= set(cand.training_example_ids)
@@ -80,9 +86,7 @@ def test_one_full_cycle(project, fake_teacher, monkeypatch):
 
 def force_promotion(project, session, candidate, cand_run, champ_run, guards=()):
     """A gate that always promotes: lets a test see a chain of adapters on random-weight models."""
-    current = champion(session)
-    current.status, candidate.status = "retired", "champion"
-    session.flush()
+    current = promote(session, candidate)
     return GateDecision(True, "forced by test", candidate.name, current.name)
 
 
@@ -90,7 +94,7 @@ def test_two_cycles_chain_and_do_not_repeat_questions(project, monkeypatch):
     p = project()
     teacher = FakeTeacher()
     use_teacher(monkeypatch, teacher)
-    monkeypatch.setattr(loop, "gate", force_promotion)
+    monkeypatch.setattr(gate_stage, "gate", force_promotion)  # what stages.gate.decide calls
     c1 = loop.run_cycle(p, SilentReporter())
     c2 = loop.run_cycle(p, SilentReporter())
     assert c2.id == c1.id + 1 and c2.status == "done"

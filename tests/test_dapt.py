@@ -19,8 +19,8 @@ from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.local import load_tokenizer
 from tuneloop.progress import SilentReporter
 from tuneloop.stages.dapt import dapt_parent, general_texts, mix_rows, n_general_rows, train_dapt
-from tuneloop.stages.evaluate import ensure_base_version
 from tuneloop.store import Artifact, Chunk, Cycle, ModelVersion, open_store
+from tuneloop.versions import ensure_base_version
 
 FAST = {"sft": {"learning_rate": 1e-2, "lora_r": 16, "lora_alpha": 32, "save_steps": 1000},
         "continual": {"dapt": True, "dapt_epochs": 2, "dapt_general_fraction": 0.2}}

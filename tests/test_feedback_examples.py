@@ -6,9 +6,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
-from tuneloop.feedback.examples import feedback_to_examples
+from tuneloop.evalsets import eval_examples
 from tuneloop.splits import heldout_side, question_key
-from tuneloop.stages.evaluate import check_no_overlap, eval_examples
+from tuneloop.stages.evaluate import check_no_overlap
+from tuneloop.stages.feedback import feedback_to_examples
 from tuneloop.stages.sft import select_examples
 from tuneloop.store import CycleStep, Example, Feedback, Interaction, ModelVersion, PreferencePair, open_store
 

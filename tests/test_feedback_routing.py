@@ -13,9 +13,8 @@ from tests.helpers import ingest_project
 from tuneloop.cli import app
 from tuneloop.errors import StateError
 from tuneloop.feedback.export import export_feedback
-from tuneloop.feedback.routing import (
-    PromptBuilder, Vote, normalize_answer, resolve_votes, route_feedback, store_human,
-)
+from tuneloop.feedback.routing import Vote, normalize_answer, resolve_votes, route_feedback, store_human
+from tuneloop.programs.prompts import PromptBuilder
 from tuneloop.programs.rag import Passage, build_messages
 from tuneloop.progress import SilentReporter
 from tuneloop.store import Chunk, Document, Feedback, Interaction, PreferencePair, Reward, open_store

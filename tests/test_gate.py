@@ -7,8 +7,9 @@ import pytest
 from sqlalchemy import select
 
 from tuneloop.artifacts import write_jsonl
-from tuneloop.stages.evaluate import ensure_base_version, gate, significance_test
+from tuneloop.stages.gate import gate, significance_test
 from tuneloop.store import EvalRun, ModelVersion, open_store
+from tuneloop.versions import ensure_base_version
 
 N = 60  # held-out questions: half yes/no, half extraction
 

@@ -12,13 +12,15 @@ from sqlalchemy import select
 from tests.helpers import deep_merge, ingest_project
 from tuneloop import loop, metrics
 from tuneloop.artifacts import read_jsonl, write_jsonl
+from tuneloop.evalsets import eval_examples, eval_set_hash, references
 from tuneloop.programs.judge import ComparePair, JudgeCorrect, parse_yes_no, parsed_yes_no
+from tuneloop.programs.judge import build_judge
 from tuneloop.programs.synth import JudgeGrounding
 from tuneloop.progress import SilentReporter
 from tuneloop.stages import evaluate
-from tuneloop.stages.evaluate import ensure_base_version, eval_examples, eval_set_hash, references
-from tuneloop.stages.judge_eval import build_judge, judge_items
+from tuneloop.stages.judge_eval import judge_items
 from tuneloop.store import Chunk, Cycle, EvalRun, ModelVersion, open_store
+from tuneloop.versions import ensure_base_version
 
 DOES_NOT_SAY = "The document does not say."
 GARBLED = "zzz qqq"  # the scripted judge gives no verdict on this answer
@@ -201,7 +203,7 @@ def gate_step(project, tmp_path, monkeypatch):
         faith = [{} if f is None else {"judge_faithfulness": f} for f in (cand_faith, champ_faith)]
         _eval_run(tmp_path, s, cand, examples, set_hash, right, faith[0])
         _eval_run(tmp_path, s, base, examples, set_hash, champ_predict, faith[1])
-        result = loop._step_gate(loop.CycleContext(p, SilentReporter(), cycle.id), s)
+        result = loop.step_gate(loop.CycleContext(p, SilentReporter(), cycle.id), s)
         return result, cand, base, s
     return run
 

@@ -16,8 +16,8 @@ from tuneloop.lock import CycleBusy, cycle_lock
 from tuneloop.monitor import signals
 from tuneloop.monitor.watch import tick
 from tuneloop.progress import SilentReporter
-from tuneloop.stages.evaluate import ensure_base_version
 from tuneloop.store import Cycle, Feedback, Interaction, ModelVersion, SignalValue, open_store, utcnow
+from tuneloop.versions import ensure_base_version
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = utcnow() - timedelta(days=1)

@@ -10,12 +10,14 @@ from sqlalchemy import select
 
 from tests.helpers import ingest_project
 from tuneloop import metrics
+from tuneloop.evalsets import eval_examples
 from tuneloop.monitor import signals
 from tuneloop.programs.judge import ScoreAnswer
 from tuneloop.programs.rag import SYSTEM_PROMPT
 from tuneloop.progress import SilentReporter
 from tuneloop.stages import evaluate
 from tuneloop.store import Chunk, EvalRun, Interaction, ModelVersion, SignalValue, open_store, utcnow
+from tuneloop.versions import ensure_base_version
 
 GRADES = {"good": "5. Correct, supported and brief.", "fair": "3.5 - mostly right", "bad": "1. Wrong.",
           "odd": "I cannot tell."}  # "odd": no 1-5 grade in the reply
@@ -50,7 +52,7 @@ def env(project):
         p = project({"monitor": {"change_detector": "none", **(monitor or {})}})
         ingest_project(p)
         s = open_store(p.store_url)()
-        base = evaluate.ensure_base_version(p, s)
+        base = ensure_base_version(p, s)
         s.commit()
         return p, s, base, list(s.scalars(select(Chunk).order_by(Chunk.id)))
     return make
@@ -171,7 +173,7 @@ class Oracle:
 def canary_env(env, monkeypatch):
     def make(monitor=None, stored=True):
         p, s, base, chunks = env({"canary_every_seconds": 3600, **(monitor or {})})
-        oracle = Oracle({e.question: e.answer for e in evaluate.eval_examples(p, s)})
+        oracle = Oracle({e.question: e.answer for e in eval_examples(p, s)})
         monkeypatch.setattr(evaluate, "build_chat_model", lambda project, role, adapter=None: oracle)
         if stored:
             evaluate.evaluate_version(p, s, base, ingest_project(p), SilentReporter())
@@ -207,7 +209,7 @@ def test_canary_runs_when_due_and_stays_quiet_when_unchanged(canary_env):
     assert r is not None and not r.fired and oracle.calls == 1
     assert r.value == pytest.approx(run.metrics["macro_score"]) and r.detail["drop"] == pytest.approx(0.0)
     assert r.detail["changed_answers"] == 0 and r.detail["eval_run_id"] == run.id
-    assert r.detail["example_ids"] == [e.id for e in evaluate.eval_examples(p, s)]
+    assert r.detail["example_ids"] == [e.id for e in eval_examples(p, s)]
     assert canary_reading(p, s) is None and oracle.calls == 1  # not due: not run
     row = readings(s, "canary")[-1]
     row.created_at -= timedelta(hours=2)  # as after a restart two hours later: the schedule is in the store
@@ -217,7 +219,7 @@ def test_canary_runs_when_due_and_stays_quiet_when_unchanged(canary_env):
 
 def test_canary_fires_when_the_index_regresses(canary_env):
     p, s, base, oracle = canary_env({"canary_questions": 4})
-    stored = evaluate.eval_examples(p, s)[:4]
+    stored = eval_examples(p, s)[:4]
     break_documents(p)
     r = canary_reading(p, s)
     assert r.fired and oracle.calls == 1 and r.detail["example_ids"] == [e.id for e in stored]

@@ -23,9 +23,10 @@ from tuneloop.serve.chat import ChatHandler
 from tuneloop.serve.limits import KeyLimits
 from tuneloop.serve.schemas import ChatRequest
 from tuneloop.serve.state import ModelState
-from tuneloop.stages.evaluate import ensure_base_version, evaluate_version
+from tuneloop.stages.evaluate import evaluate_version
 from tuneloop.stages.prompts import compile_rag_program, rag_metric
 from tuneloop.store import Artifact, Cycle, CycleStep, EvalRun, ModelVersion, open_store
+from tuneloop.versions import ensure_base_version
 
 GOLD = {row["question"]: row["answer"] for path in (SEEDS, HELDOUT) for row in read_jsonl(path)}
 NOT_SURE = "I am not sure."
@@ -177,7 +178,7 @@ def test_cycle_steps_compile_then_eval_and_gate_judge_the_pair(project, student)
     p, sessions, ctx = setup(project)
     assert loop.STEPS.index("wise") < loop.STEPS.index("prompts") < loop.STEPS.index("eval")
     for name in ("prompts", "eval", "gate"):
-        loop._run_step(sessions, ctx, name)
+        loop.run_step(sessions, ctx, name)
     with sessions() as s:
         cand, base = version(s, "v1"), version(s, "base")
         program = json.loads(open(cand.hyperparams[PROGRAM_KEY]).read())
@@ -200,7 +201,7 @@ def test_cycle_steps_compile_then_eval_and_gate_judge_the_pair(project, student)
 def test_the_champion_is_served_with_its_program(project, student):
     p, sessions, ctx = setup(project)
     for name in ("prompts", "eval", "gate"):
-        loop._run_step(sessions, ctx, name)
+        loop.run_step(sessions, ctx, name)
     state = ModelState(p, sessions, model_factory=lambda project, v: student)
     served = state.load()
     assert served.champion.name == "v1" and served.champion.program is not None
@@ -232,7 +233,7 @@ def test_plain_path_is_unchanged_without_a_program(project, student):
 def test_optimizer_none_skips_the_step(project, student):
     p, sessions, ctx = setup(project, {"prompts": {"optimizer": "none"}})
     assert p.settings.prompts.optimizer == "none"
-    loop._run_step(sessions, ctx, "prompts")
+    loop.run_step(sessions, ctx, "prompts")
     with sessions() as s:
         step = s.scalar(select(CycleStep).where(CycleStep.name == "prompts"))
         assert (step.status, step.result) == ("done", {"skipped": "prompts.optimizer is none"})
@@ -267,7 +268,7 @@ def test_a_served_challenger_picks_up_its_new_program_without_reloading_the_mode
     state = ModelState(p, sessions, model_factory=lambda project, v: built.append(v.name) or student)
     before = state.load()
     assert before.challenger.name == "v1" and before.challenger.program is None
-    loop._run_step(sessions, ctx, "prompts")
+    loop.run_step(sessions, ctx, "prompts")
     assert state.check()
     after = state.current()
     assert after is not before and after.challenger.program is not None
@@ -300,7 +301,7 @@ def test_mipro_compiles_instructions_and_demos_and_eval_uses_them(project, monke
     # eval and gate answer through the saved program: right answers for v1, "not sure" for base
     fake.sent.clear()
     for name in ("eval", "gate"):
-        loop._run_step(sessions, ctx, name)
+        loop.run_step(sessions, ctx, name)
     with sessions() as s:
         cand, base = version(s, "v1"), version(s, "base")
         runs = {run.model_version_id: run for run in s.scalars(select(EvalRun))}

@@ -14,12 +14,13 @@ from tests.helpers import ingest_project
 from tuneloop.artifacts import read_jsonl
 from tuneloop.cli import app
 from tuneloop.errors import StateError
-from tuneloop.feedback.rlaif import RlaifModels, calibration_report, collect_prompts, combine, rlaif
-from tuneloop.feedback.routing import PromptBuilder
+from tuneloop.programs.judge import calibration_report, combine
 from tuneloop.programs.judge import ComparePair, ScoreAnswer, parse_choice, parse_score, score_to_reward
+from tuneloop.programs.prompts import PromptBuilder
 from tuneloop.programs.rag import SYSTEM_PROMPT, Passage, build_messages
 from tuneloop.progress import SilentReporter
-from tuneloop.stages.evaluate import ensure_base_version
+from tuneloop.stages.rlaif import RlaifModels, collect_prompts, rlaif
+from tuneloop.versions import ensure_base_version
 from tuneloop.store import (
     Chunk, Document, Example, Feedback, Interaction, PreferencePair, Reward, example_hash, open_store,
 )
@@ -298,7 +299,7 @@ def test_calibration_agreement_with_people(env):
 
 
 def test_calibration_report_counts():
-    from tuneloop.feedback.rlaif import Judged
+    from tuneloop.programs.judge import Judged
 
     def j(outcome, winner):
         return Judged("c", "r", ("", ""), ("1", "1"), ("", ""), outcome, winner)

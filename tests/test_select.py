@@ -49,9 +49,9 @@ def run_select(p, sessions):
     ctx = loop.CycleContext(p, SilentReporter(), cycle_id=1)
     ctx.retriever = lambda s: None  # the scripted scorer needs no index
     with sessions() as s:
-        result = loop._step_select(ctx, s)
+        result = loop.step_select(ctx, s)
         s.commit()
-        return result, loop._candidate(s, 1).name, {v.name: v.status for v in s.query(ModelVersion)}
+        return result, loop.cycle_candidate(s, 1).name, {v.name: v.status for v in s.query(ModelVersion)}
 
 
 def test_sft_wins_on_dev_and_becomes_the_candidate(cycle, monkeypatch):

@@ -14,9 +14,9 @@ from tuneloop.config import load_project
 from tuneloop.errors import StateError
 from tuneloop.programs.rag import build_messages
 from tuneloop.progress import SilentReporter
-from tuneloop.stages.evaluate import ensure_base_version
 from tuneloop.stages.sft import train_sft
 from tuneloop.store import Artifact, Example, ModelVersion, open_store
+from tuneloop.versions import ensure_base_version
 
 
 @pytest.fixture(scope="module")

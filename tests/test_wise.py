@@ -15,9 +15,9 @@ from tests.helpers import deep_merge, ingest_project, tiny_settings, write_setti
 from tuneloop.errors import StateError
 from tuneloop.progress import SilentReporter
 from tuneloop.stages import wise
-from tuneloop.stages.evaluate import ensure_base_version
 from tuneloop.stages.seeds import import_pairs
 from tuneloop.store import Example, ModelVersion, open_store
+from tuneloop.versions import ensure_base_version
 
 DEV = [
     {"question": "Which country's law governs the master services agreement?", "answer": "Germany",

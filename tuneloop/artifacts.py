@@ -16,6 +16,7 @@ import os
 import re
 import time
 import uuid
+from datetime import datetime
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ def clean_temporary(root: Path, kind: str | None = None) -> int:
 
 
 def standalone_name(stage: str) -> re.Pattern[str]:
-    """The names `stages.common.run_name(stage, None)` gives: `STAGE-YYYYmmdd-HHMMSS-ffffff`."""
+    """The names `run_name(stage, None)` gives: `STAGE-YYYYmmdd-HHMMSS-ffffff`."""
     return re.compile(rf"{re.escape(stage)}-\d{{8}}-\d{{6}}-\d{{6}}")
 
 
@@ -127,3 +128,10 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def run_name(stage: str, cycle_id: int | None) -> str:
+    """Artifact name: deterministic inside a cycle (so a resumed step finds it), else timestamped."""
+    if cycle_id is not None:
+        return f"cycle-{cycle_id:04d}-{stage}"
+    return f"{stage}-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"

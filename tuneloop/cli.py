@@ -18,6 +18,8 @@ from tuneloop.config import SETTINGS_FILE, Project, default_settings_yaml, load_
 from tuneloop.errors import InputError, TuneloopError
 from tuneloop.progress import RichReporter
 
+# Each command imports what it runs inside its function: stages, models and serving pull in torch,
+# transformers and dspy (seconds), and `tuneloop --help` or `status` should not wait for them.
 app = typer.Typer(help="tuneloop: keep a domain LLM improving from documents, seeds and feedback.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 seeds_app = typer.Typer(help="Expert-written question/answer pairs.", no_args_is_help=True)
@@ -190,8 +192,8 @@ def _retriever(project: Project, session, embedder):
 def train_sft_cmd(project_dir: ProjectOpt = Path(".")) -> None:
     """LoRA SFT of the student on seeds + synthetic data; registers a candidate version."""
     from tuneloop.models.registry import build_embedder
-    from tuneloop.stages.evaluate import ensure_base_version
     from tuneloop.stages.sft import train_sft
+    from tuneloop.versions import ensure_base_version
 
     project, sessions = _open(project_dir)
     with sessions() as s:
@@ -212,7 +214,7 @@ def train_align_cmd(
     from tuneloop.errors import StateError
     from tuneloop.models.registry import build_embedder
     from tuneloop.stages.align import train_align
-    from tuneloop.stages.evaluate import ensure_base_version
+    from tuneloop.versions import ensure_base_version
 
     project, sessions = _open(project_dir)
     with sessions() as s:
@@ -234,10 +236,11 @@ def eval_cmd(
     project_dir: ProjectOpt = Path("."),
 ) -> None:
     """Evaluate versions on the held-out set (default: champion and candidates) and compare them."""
-    from tuneloop.models.registry import build_embedder
-    from tuneloop.stages.evaluate import ensure_base_version, evaluate_version
-    from tuneloop.store import ModelVersion
     from tuneloop.errors import StateError
+    from tuneloop.models.registry import build_embedder
+    from tuneloop.stages.evaluate import evaluate_version
+    from tuneloop.store import ModelVersion
+    from tuneloop.versions import Status, ensure_base_version
 
     project, sessions = _open(project_dir)
     reporter = RichReporter()
@@ -250,7 +253,7 @@ def eval_cmd(
             if missing:
                 raise StateError(f"unknown model version(s): {', '.join(missing)}")
         else:
-            chosen = list(s.scalars(select(ModelVersion).where(ModelVersion.status.in_(["champion", "candidate"]))))
+            chosen = list(s.scalars(select(ModelVersion).where(ModelVersion.status.in_([Status.CHAMPION, Status.CANDIDATE]))))
         retriever = _retriever(project, s, build_embedder(project))
         for v in chosen:
             evaluate_version(project, s, v, retriever, reporter)
@@ -260,7 +263,7 @@ def eval_cmd(
 
 def comparison_table(project: Project, session) -> Table:
     """Every version evaluated on the current held-out set, side by side."""
-    from tuneloop.stages.evaluate import eval_examples, eval_set_hash
+    from tuneloop.evalsets import eval_examples, eval_set_hash
     from tuneloop.store import EvalRun, ModelVersion
 
     set_hash = eval_set_hash(eval_examples(project, session))
@@ -376,10 +379,10 @@ def rlaif(
     """AI feedback: sample champion answers, have the judge compare them in both orders (or score them).
 
     Prompts: recent interactions, then synthetic questions, then the training seeds' questions."""
-    from tuneloop.feedback.rlaif import build_rlaif_models, rlaif as run_rlaif
-    from tuneloop.feedback.routing import PromptBuilder
     from tuneloop.models.registry import build_embedder
-    from tuneloop.stages.evaluate import ensure_base_version
+    from tuneloop.programs.prompts import PromptBuilder
+    from tuneloop.stages.rlaif import build_rlaif_models, rlaif as run_rlaif
+    from tuneloop.versions import ensure_base_version
 
     if mode is not None and mode not in ("pairwise", "rubric"):
         raise TuneloopError(f"--mode must be 'pairwise' or 'rubric', not '{mode}'")
@@ -433,8 +436,8 @@ def feedback_export(
 ) -> None:
     """Write feedback as datasets: preference pairs (DPO/ORPO), KTO examples and rewards."""
     from tuneloop.feedback.export import export_feedback
-    from tuneloop.feedback.routing import PromptBuilder
     from tuneloop.models.registry import build_embedder
+    from tuneloop.programs.prompts import PromptBuilder
 
     project, sessions = _open(project_dir)
     with sessions() as s:
@@ -459,8 +462,8 @@ def feedback_export(
 @friendly_errors
 def status(project_dir: ProjectOpt = Path(".")) -> None:
     """Champion, model versions, the last cycle and its steps, and data counts."""
-    from tuneloop.stages.common import champion
     from tuneloop.store import Chunk, Cycle, CycleStep, Document, Example, Feedback, Interaction, ModelVersion
+    from tuneloop.versions import champion
 
     project, sessions = _open(project_dir)
     primary = project.settings.eval.primary_metric

@@ -16,8 +16,9 @@ from typing import Any
 from sqlalchemy import select
 
 from tuneloop.errors import StateError
-from tuneloop.stages.common import champion
 from tuneloop.store import Artifact, EvalRun, Example, ModelVersion, Session, text_hash, utcnow
+from tuneloop.versions import Status, champion
+from tuneloop.versions import promote as promote_version
 
 PROMOTION = "promotion"  # Artifact.kind of a manual promotion record
 
@@ -206,16 +207,12 @@ class Promotion:
 
 
 def promote(session: Session, name: str, reason: str = "manual") -> Promotion:
-    """Make version `name` the champion; the current champion(s) become 'retired'. Flushes, does not commit."""
+    """Make version `name` the champion (`versions.promote`: the current champion(s) become 'retired')
+    and record the manual promotion. Flushes, does not commit."""
     version = get_version(session, name)
-    current = champion(session)
-    if version.status == "champion":
-        return Promotion(version, current, False, "none")
-    previous = current
-    for other in session.scalars(select(ModelVersion).where(ModelVersion.status == "champion")):
-        other.status = "retired"
-    session.flush()  # one champion at a time, even for a moment
-    version.status = "champion"
+    if version.status == Status.CHAMPION:
+        return Promotion(version, champion(session), False, "none")
+    previous = promote_version(session, version)  # the same promotion as the gate's
     direction = "forward" if previous is None or version.id > previous.id else "rollback"
     at = utcnow()
     session.add(Artifact(kind=PROMOTION, path=f"promotion:{at.isoformat()}:{version.name}",

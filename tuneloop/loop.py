@@ -15,51 +15,31 @@ from typing import Any
 
 from sqlalchemy import select
 
-from tuneloop.artifacts import artifact_path, clean_temporary, is_complete
+from tuneloop.artifacts import artifact_path, clean_temporary, is_complete, run_name
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, StateError
-from tuneloop.feedback.examples import feedback_to_examples
-from tuneloop.feedback.rlaif import build_rlaif_models, rlaif
+from tuneloop.feedback.routing import route_feedback, store_human
 from tuneloop.lock import cycle_lock
-from tuneloop.feedback.routing import PromptBuilder, route_feedback, store_human
 from tuneloop.models.registry import build_embedder
+from tuneloop.programs.prompts import PromptBuilder
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
 from tuneloop.stages.align import train_align
-from tuneloop.stages.anchor import (
-    anchor_guard,
-    anchor_items,
-    anchor_set_hash,
-    evaluate_anchor,
-)
-from tuneloop.stages.common import champion, run_name
+from tuneloop.stages.anchor import evaluate_anchor
 from tuneloop.stages.dapt import dapt_parent, train_dapt
-from tuneloop.stages.evaluate import (
-    ensure_base_version,
-    eval_examples,
-    eval_set_hash,
-    evaluate_version,
-    gate,
-)
+from tuneloop.stages.evaluate import evaluate_version
+from tuneloop.stages.feedback import feedback_to_examples
+from tuneloop.stages.gate import decide
 from tuneloop.stages.ingest import ensure_index, ingest_paths
-from tuneloop.stages.judge_eval import faithfulness_guard, record_pairwise
 from tuneloop.stages.prompts import compile_rag_program
+from tuneloop.stages.rlaif import build_rlaif_models, rlaif
 from tuneloop.stages.select import pick_on_dev
 from tuneloop.stages.sft import train_sft
 from tuneloop.stages.synthesize import KIND as SYNTH_KIND
 from tuneloop.stages.synthesize import build_synth_models, synthesize
 from tuneloop.stages.wise import choose_alpha, dev_examples
-from tuneloop.store import (
-    Chunk,
-    Cycle,
-    CycleStep,
-    EvalRun,
-    Feedback,
-    ModelVersion,
-    Session,
-    open_store,
-    utcnow,
-)
+from tuneloop.store import Chunk, Cycle, CycleStep, Feedback, ModelVersion, Session, open_store, utcnow
+from tuneloop.versions import NOT_CANDIDATES, Status, champion, ensure_base_version, set_status
 
 # where a dev split comes from, for the steps that skip without one (select, wise)
 NO_DEV_SET = "no dev set (feedback.dev_fraction, or tuneloop seeds import FILE --split dev)"
@@ -87,7 +67,7 @@ class CycleContext:
         return Retriever.load(self.project, session, self.embedder())
 
 
-def _step_ingest(ctx: CycleContext, s: Session) -> dict:
+def step_ingest(ctx: CycleContext, s: Session) -> dict:
     paths = [ctx.project.path(p) for p in ctx.project.settings.documents]
     if paths:
         r = ingest_paths(ctx.project, s, paths, ctx.embedder(), ctx.reporter)
@@ -99,7 +79,7 @@ def _step_ingest(ctx: CycleContext, s: Session) -> dict:
     return result
 
 
-def _step_feedback(ctx: CycleContext, s: Session) -> dict:
+def step_feedback(ctx: CycleContext, s: Session) -> dict:
     """People's feedback becomes training data: A/B choices and corrections -> preference pairs and
     ratings -> rewards in the store (what `tuneloop feedback export` stores; align reads them), and
     corrected and approved answers -> examples (most train SFT, a share joins the held-out set)."""
@@ -113,14 +93,14 @@ def _step_feedback(ctx: CycleContext, s: Session) -> dict:
     return result
 
 
-def _step_synth(ctx: CycleContext, s: Session) -> dict:
+def step_synth(ctx: CycleContext, s: Session) -> dict:
     done = is_complete(artifact_path(ctx.project.artifacts, SYNTH_KIND, run_name("synth", ctx.cycle_id)))
     models = None if done else build_synth_models(ctx.project, ctx.embedder())
     r = synthesize(ctx.project, s, models, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
     return {"generated": r.generated, "kept": r.kept, "rejected": r.rejected, "artifact": str(r.artifact)}
 
 
-def _step_dapt(ctx: CycleContext, s: Session) -> dict:
+def step_dapt(ctx: CycleContext, s: Session) -> dict:
     """Domain-adaptive pre-training on the raw chunks (+ general text), optional; SFT continues it."""
     if not ctx.project.settings.continual.dapt:
         return {"skipped": "continual.dapt is false"}
@@ -130,7 +110,7 @@ def _step_dapt(ctx: CycleContext, s: Session) -> dict:
             "artifact": str(r.artifact)}
 
 
-def _step_sft(ctx: CycleContext, s: Session) -> dict:
+def step_sft(ctx: CycleContext, s: Session) -> dict:
     ensure_base_version(ctx.project, s)
     parent = dapt_parent(s, ctx.cycle_id)  # None unless the dapt step ran
     r = train_sft(ctx.project, s, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id, parent=parent)
@@ -142,7 +122,7 @@ def _sft_version(s: Session, cycle_id: int) -> ModelVersion | None:
     return s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == cycle_id, ModelVersion.method == "sft"))
 
 
-def _step_rlaif(ctx: CycleContext, s: Session) -> dict:
+def step_rlaif(ctx: CycleContext, s: Session) -> dict:
     """AI feedback on the SFT candidate's own answers (on-policy pairs for the align step)."""
     settings = ctx.project.settings.align
     if not (settings.enabled and settings.ai_feedback):
@@ -164,7 +144,7 @@ def _step_rlaif(ctx: CycleContext, s: Session) -> dict:
             "consistency_rate": rep["consistency_rate"], "artifact": str(r.artifact)}
 
 
-def _step_align(ctx: CycleContext, s: Session) -> dict:
+def step_align(ctx: CycleContext, s: Session) -> dict:
     """Preference alignment of the SFT candidate when preference data exists (else skipped)."""
     settings = ctx.project.settings.align
     if not settings.enabled:
@@ -180,57 +160,57 @@ def _step_align(ctx: CycleContext, s: Session) -> dict:
             "last_loss": r.last_loss, "artifact": str(r.artifact)}
 
 
-def _step_select(ctx: CycleContext, s: Session) -> dict:
+def step_select(ctx: CycleContext, s: Session) -> dict:
     """When alignment ran: the better of the SFT and the aligned version on the dev set is the candidate."""
-    sft, candidate = _sft_version(s, ctx.cycle_id), _candidate(s, ctx.cycle_id)
+    sft, candidate = _sft_version(s, ctx.cycle_id), cycle_candidate(s, ctx.cycle_id)
     if sft is None or candidate.id == sft.id:
         return {"skipped": "no aligned version in this cycle", "candidate": candidate.name}
     r = pick_on_dev(ctx.project, s, sft, candidate, ctx.retriever(s), ctx.reporter)
     if r is None:  # the SFT version is a step on the way, like a DAPT version: never gated on its own
-        sft.status = "intermediate"
+        set_status(sft, Status.INTERMEDIATE)
         return {"skipped": f"{NO_DEV_SET}: the aligned version is the candidate", "candidate": candidate.name}
     return {"candidate": r.chosen.name, "dev_scores": r.scores, "dev_n": r.n_dev}
 
 
-def _step_wise(ctx: CycleContext, s: Session) -> dict:
+def step_wise(ctx: CycleContext, s: Session) -> dict:
     """WiSE-FT: average champion and candidate weights, alpha chosen on the dev split (optional)."""
     if not ctx.project.settings.continual.wise_ft:
         return {"skipped": "continual.wise_ft is false"}
     if not dev_examples(ctx.project, s):  # e.g. cycle 1, before feedback.dev_fraction has routed any
         ctx.reporter.log(f"WiSE-FT skipped: {NO_DEV_SET}")
         return {"skipped": NO_DEV_SET}
-    candidate = _candidate(s, ctx.cycle_id)
+    candidate = cycle_candidate(s, ctx.cycle_id)
     r = choose_alpha(ctx.project, s, champion(s), candidate, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
-    candidate.status = "superseded"  # the averaged version is what the gate judges
+    set_status(candidate, Status.SUPERSEDED)  # the averaged version is what the gate judges
     return {"version": r.version.name, "alpha": r.alpha, "dev_scores": {str(a): v for a, v in r.scores.items()},
             **({"anchor_scores": {str(a): v for a, v in r.anchor.items()}} if r.anchor else {}),
             "averaged": candidate.name}
 
 
-def _candidate(s: Session, cycle_id: int) -> ModelVersion:
+def cycle_candidate(s: Session, cycle_id: int) -> ModelVersion:
     """The cycle's candidate: its newest version not superseded (WiSE-FT's average, else the aligned
     version unless the select step preferred the SFT one on the dev set, else the SFT one)."""
     cand = s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == cycle_id, ModelVersion.method != "base",
-                                               ModelVersion.status.not_in(("intermediate", "superseded")))
+                                               ModelVersion.status.not_in(NOT_CANDIDATES))
                     .order_by(ModelVersion.id.desc()))
     if cand is None:
         raise StateError(f"cycle {cycle_id} has no candidate model")
     return cand
 
 
-def _step_prompts(ctx: CycleContext, s: Session) -> dict:
+def step_prompts(ctx: CycleContext, s: Session) -> dict:
     """Compile the candidate's RAG program with a DSPy optimiser (optional); eval and gate judge the pair."""
     if ctx.project.settings.prompts.optimizer == "none":
         return {"skipped": "prompts.optimizer is none"}
-    candidate = _candidate(s, ctx.cycle_id)
+    candidate = cycle_candidate(s, ctx.cycle_id)
     r = compile_rag_program(ctx.project, s, candidate, ctx.retriever(s), ctx.reporter, ctx.cycle_id)
     return {"version": candidate.name, **r.report, "program": str(r.program)}
 
 
-def _step_eval(ctx: CycleContext, s: Session) -> dict:
+def step_eval(ctx: CycleContext, s: Session) -> dict:
     retriever = ctx.retriever(s)
     out = {}
-    for version in (champion(s), _candidate(s, ctx.cycle_id)):
+    for version in (champion(s), cycle_candidate(s, ctx.cycle_id)):
         run = evaluate_version(ctx.project, s, version, retriever, ctx.reporter, ctx.cycle_id)
         out[version.name] = {k: v for k, v in run.metrics.items() if v == v}  # drop NaN
         if ctx.project.settings.continual.anchor:  # forgetting shows up as a number
@@ -238,34 +218,19 @@ def _step_eval(ctx: CycleContext, s: Session) -> dict:
     return out
 
 
-def _step_gate(ctx: CycleContext, s: Session) -> dict:
-    set_hash = eval_set_hash(eval_examples(ctx.project, s))
-    cand = _candidate(s, ctx.cycle_id)
-    champ = champion(s)
-    runs = {v.id: s.scalar(select(EvalRun).where(EvalRun.model_version_id == v.id, EvalRun.eval_set_hash == set_hash))
-            for v in (cand, champ)}
-    guards = []
-    if ctx.project.settings.continual.anchor:
-        anchor_hash = anchor_set_hash(anchor_items())
-        scores = [(s.scalar(select(EvalRun).where(EvalRun.model_version_id == v.id,
-                                                  EvalRun.eval_set_hash == anchor_hash)) or EvalRun(metrics={}))
-                  .metrics.get("anchor_score") for v in (cand, champ)]
-        reason = anchor_guard(ctx.project, *scores)
-        guards += [reason] if reason else []
-    faithful = faithfulness_guard(ctx.project, runs[cand.id], runs[champ.id])  # only if both runs were judged
-    guards += [faithful] if faithful else []
-    pairwise = record_pairwise(ctx.project, s, cand, runs[cand.id], runs[champ.id], ctx.reporter)  # eval.judge_metrics
-    d = gate(ctx.project, s, cand, runs[cand.id], runs[champ.id], tuple(guards))
+def step_gate(ctx: CycleContext, s: Session) -> dict:
+    """Promote the candidate or not (`stages/gate.py` decides, and says why); the cycle records the outcome."""
+    d = decide(ctx.project, s, cycle_candidate(s, ctx.cycle_id), ctx.reporter)
     cycle = s.get(Cycle, ctx.cycle_id)
     cycle.outcome = ("promoted " if d.promoted else "kept champion; rejected ") + f"{d.candidate}: {d.reason}"
     return {"promoted": d.promoted, "reason": d.reason, "candidate": d.candidate, "champion_before": d.champion,
-            **({"pairwise": pairwise} if pairwise else {})}
+            **({"pairwise": d.pairwise} if d.pairwise else {})}
 
 
 STEP_FUNCTIONS: dict[str, Callable[[CycleContext, Session], dict]] = {
-    "ingest": _step_ingest, "feedback": _step_feedback, "synth": _step_synth, "dapt": _step_dapt, "sft": _step_sft,
-    "rlaif": _step_rlaif, "align": _step_align, "select": _step_select,
-    "wise": _step_wise, "prompts": _step_prompts, "eval": _step_eval, "gate": _step_gate,
+    "ingest": step_ingest, "feedback": step_feedback, "synth": step_synth, "dapt": step_dapt, "sft": step_sft,
+    "rlaif": step_rlaif, "align": step_align, "select": step_select,
+    "wise": step_wise, "prompts": step_prompts, "eval": step_eval, "gate": step_gate,
 }
 
 
@@ -295,7 +260,7 @@ def _run_cycle(project: Project, reporter: Reporter, trigger: str) -> Cycle:
     cycle_id = _open_cycle(sessions, trigger, reporter)
     ctx = CycleContext(project, reporter, cycle_id)
     for name in STEPS:
-        _run_step(sessions, ctx, name)
+        run_step(sessions, ctx, name)
     with sessions() as s:
         cycle = s.get(Cycle, cycle_id)
         cycle.status, cycle.finished_at = "done", utcnow()
@@ -303,7 +268,9 @@ def _run_cycle(project: Project, reporter: Reporter, trigger: str) -> Cycle:
         return cycle
 
 
-def _run_step(sessions, ctx: CycleContext, name: str) -> None:
+def run_step(sessions, ctx: CycleContext, name: str) -> None:
+    """Run step `name` of the cycle in `ctx` in its own transaction (skipped when already done); a
+    failure is recorded on the step (status "failed", the error) and raised."""
     with sessions() as s:
         step = s.scalar(select(CycleStep).where(CycleStep.cycle_id == ctx.cycle_id, CycleStep.name == name))
         if step is not None and step.status == "done":

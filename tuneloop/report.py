@@ -18,9 +18,7 @@ from sqlalchemy import select
 
 from tuneloop.config import Project
 from tuneloop.errors import InputError
-from tuneloop.stages.anchor import anchor_items, anchor_set_hash
-from tuneloop.stages.evaluate import KIND as EVAL_KIND
-from tuneloop.stages.evaluate import eval_examples, eval_set_hash
+from tuneloop.evalsets import EVAL_KIND, anchor_items, anchor_set_hash, eval_examples, eval_set_hash
 from tuneloop.store import Cycle, CycleStep, EvalRun, Feedback, ModelVersion, Session, SignalValue
 
 

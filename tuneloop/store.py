@@ -181,7 +181,7 @@ class ModelVersion(Base):
     training_example_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
     hyperparams: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(20))  # candidate | champion | retired | rejected
+    status: Mapped[str] = mapped_column(String(20))  # a versions.Status value (champion, candidate, ...)
     cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 

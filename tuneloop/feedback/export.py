@@ -22,14 +22,12 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from tuneloop.artifacts import write_artifact, write_jsonl
+from tuneloop.artifacts import run_name, write_artifact, write_jsonl
 from tuneloop.config import Project
 from tuneloop.errors import StateError
-from tuneloop.feedback.routing import (
-    PromptBuilder, merge_pairs, route_feedback, store_human, stored_ai_pairs, stored_ai_rewards,
-)
+from tuneloop.feedback.routing import merge_pairs, route_feedback, store_human, stored_ai_pairs, stored_ai_rewards
+from tuneloop.programs.prompts import PromptBuilder
 from tuneloop.progress import Reporter
-from tuneloop.stages.common import run_name
 from tuneloop.store import Artifact, Feedback, PreferencePair, Reward, Session
 
 KIND = "feedback"

@@ -1,7 +1,8 @@
 """Routing people's feedback on served answers into training data.
 
 What each kind of feedback becomes (TRL's conversational formats; every prompt is the serving
-prompt, `build_messages(question, passages)`, rebuilt from the chunks the interaction stored):
+prompt, `build_messages(question, passages)`, rebuilt from the chunks the interaction stored by
+`programs.prompts.PromptBuilder`):
 
 * thumbs up/down -> unpaired desirable/undesirable examples (KTO):
   `{"prompt": [...], "completion": [{"role": "assistant", ...}], "label": bool}`
@@ -28,90 +29,20 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import or_, select
 
-from tuneloop.errors import StateError
 from tuneloop.models.base import Message
-from tuneloop.programs.rag import Passage, Retriever, build_messages
-from tuneloop.store import Chunk, Document, Feedback, Interaction, PreferencePair, Reward, Session, text_hash
+from tuneloop.programs.prompts import PromptBuilder, PromptInfo
+from tuneloop.programs.rag import Passage
+from tuneloop.store import Feedback, Interaction, PreferencePair, Reward, Session, text_hash
 
 RULES = ("majority", "latest", "drop")
 SOURCE_ORDER = {"human": 0, "correction": 1, "ai": 2}
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-@dataclass(frozen=True)
-class PromptInfo:
-    """The student's prompt for one question, and where its passages came from.
-
-    `source` is "stored" (the interaction's own chunks, exactly as served) or "retrieved" (a chunk
-    was deleted by a re-ingest, or the question never had an interaction: retrieved again now).
-    """
-
-    question: str
-    document: str | None
-    messages: list[Message]
-    passages: list[Passage]
-    source: str
-
-
-class PromptBuilder:
-    """Rebuilds serving prompts. The retriever is loaded only when a prompt needs retrieval."""
-
-    def __init__(self, session: Session, retriever: Retriever | Callable[[], Retriever] | None = None):
-        self.session = session
-        self._retriever = retriever
-        self._chunks: dict[int, Passage | None] = {}
-        self.sources: Counter[str] = Counter()
-        self.fallbacks: list[int] = []  # interactions whose chunks were gone
-
-    @property
-    def retriever(self) -> Retriever:
-        if self._retriever is None:
-            raise StateError("an interaction's passages were deleted by a re-ingest and there is no retrieval "
-                             "index to find them again: run `tuneloop ingest PATH` first")
-        if not isinstance(self._retriever, Retriever):
-            self._retriever = self._retriever()
-        return self._retriever
-
-    def stored_passages(self, ids: Sequence[int]) -> list[Passage | None]:
-        """The stored chunks `ids` as passages, in order; None for a chunk no longer stored (cached)."""
-        missing = [i for i in ids if i not in self._chunks]
-        if missing:
-            rows = self.session.execute(select(Chunk.id, Document.name, Chunk.text).join(Document)
-                                        .where(Chunk.id.in_(missing))).all()
-            found = {cid: Passage(cid, doc, text) for cid, doc, text in rows}
-            for i in missing:
-                self._chunks[i] = found.get(i)
-        return [self._chunks[i] for i in ids]
-
-    def for_interaction(self, it: Interaction) -> PromptInfo:
-        """`build_messages(question, the interaction's stored chunks)`, in their stored order."""
-        ids = [int(c) for c in (it.chunk_ids or [])]
-        passages = self.stored_passages(ids)
-        if all(p is not None for p in passages):
-            self.sources["stored"] += 1
-            kept = [p for p in passages if p is not None]
-            return PromptInfo(it.question, it.document, build_messages(it.question, kept), kept, "stored")
-        self.fallbacks.append(it.id)
-        return self.for_question(it.question, it.document)
-
-    def for_question(self, question: str, document: str | None) -> PromptInfo:
-        """The prompt serving would build now: retrieval (restricted to `document`) + build_messages."""
-        passages = self.retriever.retrieve(question, document)
-        self.sources["retrieved"] += 1
-        return PromptInfo(question, document, build_messages(question, passages), passages, "retrieved")
-
-    def report(self) -> dict:
-        return {"stored": self.sources.get("stored", 0), "retrieved": self.sources.get("retrieved", 0),
-                "interactions_retrieved_again": sorted(set(self.fallbacks))}
 
 
 # --------------------------------------------------------------------------- rows
@@ -395,7 +326,7 @@ def _route_corrections(feedback, interactions, prompt, report) -> list[PairRow]:
 
 
 def _route_ratings(feedback, interactions, prompt, report) -> list[RewardRow]:
-    from tuneloop.programs.judge import score_to_reward
+    from tuneloop.programs.judge import score_to_reward  # deferred: programs.judge imports dspy (seconds)
 
     groups: dict[str, list[tuple[Feedback, Interaction]]] = {}
     invalid = 0

@@ -31,16 +31,17 @@ from sqlalchemy import select
 
 from tuneloop import metrics
 from tuneloop.config import Project
+from tuneloop.evalsets import EVAL_KIND, eval_examples, predictions_by_example
 from tuneloop.ingest.index import IndexNotFoundError
 from tuneloop.models.base import ChatModel, Embedder
 from tuneloop.monitor.drift import change_points, mmd_test
+from tuneloop.programs.prompts import PromptBuilder
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter, SilentReporter
-from tuneloop.stages.common import champion
-from tuneloop.stages.evaluate import KIND as EVAL_KIND
-from tuneloop.stages.evaluate import eval_examples, predictions_by_example, score_examples
+from tuneloop.stages.evaluate import score_examples
 from tuneloop.stages.ingest import scan_documents
 from tuneloop.store import Cycle, EvalRun, Example, Feedback, Interaction, Session, SignalValue, utcnow
+from tuneloop.versions import champion
 
 
 @dataclass
@@ -142,11 +143,10 @@ def grade_answers(project: Project, session: Session, interactions: list[Interac
                   reporter: Reporter | None = None) -> list[float | None]:
     """The judge's 1-5 ScoreAnswer grade of each interaction's answer over the passages it stored
     (retrieved again, as in routing, when a re-ingest deleted them); None when unparseable."""
-    from tuneloop.feedback.routing import PromptBuilder
+    # deferred: these import dspy (seconds), needed only when the judge grades answers
     from tuneloop.programs.dspy_bridge import predict_many
-    from tuneloop.programs.judge import parsed_score
+    from tuneloop.programs.judge import build_judge, parsed_score  # the judge role's adapter, greedy decoding
     from tuneloop.programs.synth import number_passages
-    from tuneloop.stages.judge_eval import build_judge  # the judge role's adapter and greedy decoding
 
     j = build_judge(project, _built(judge, "chat"))
     builder = PromptBuilder(session, retriever)
@@ -277,6 +277,6 @@ def check_signals(project: Project, session: Session, embedder: Embedder | None,
 
 
 def _judge_model(project: Project) -> ChatModel:
-    from tuneloop.models.registry import build_chat_model
+    from tuneloop.models.registry import build_chat_model  # looked up at call time (tests replace it)
 
     return build_chat_model(project, project.settings.models.judge)

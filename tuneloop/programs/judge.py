@@ -7,6 +7,9 @@ hands it to the signature's `parse_plain`; capable endpoints use DSPy's own adap
 * `ComparePair`: which of two answers to the same question is better, given the passages the
   student saw. RLAIF asks it twice, with the answers swapped, and keeps a verdict only when the
   same answer wins in both orders (a judge that always prefers the first position keeps nothing).
+  `judge_both_orders` runs both orders, `combine` and `Judged` hold the outcome, `position_stats`
+  measures position bias and `calibration_report` the agreement with people's choices (shared by
+  RLAIF, `stages/rlaif.py`, and the evaluation's pairwise win rate, `stages/judge_eval.py`).
 * `ScoreAnswer`: a 1-5 grade on correctness, faithfulness to the passages and brevity, turned
   into a reward in [-1, 1] by `score_to_reward`.
 * `JudgeCorrect`: the evaluation's yes/no verdict (`stages/judge_eval.py`): does the answer agree
@@ -16,11 +19,21 @@ hands it to the signature's `parse_plain`; capable endpoints use DSPy's own adap
 from __future__ import annotations
 
 import re
-from typing import Literal
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import dspy
 
-from tuneloop.programs.synth import JudgeGrounding
+from tuneloop.config import Project
+from tuneloop.models import registry  # build_chat_model looked up at call time (tests replace it)
+from tuneloop.models.base import ChatModel, GenerationParams
+from tuneloop.models.registry import generation_params
+from tuneloop.programs.dspy_bridge import make_adapter, predict_many
+from tuneloop.programs.rag import Passage
+from tuneloop.programs.synth import JudgeGrounding, number_passages
+from tuneloop.progress import Reporter
 
 COMPARE_INSTRUCTIONS = (
     "You compare two answers to a question about a document. The better answer is correct, "
@@ -102,6 +115,38 @@ class JudgePrograms(dspy.Module):
 
     def forward(self, excerpts: str, question: str, answer_1: str, answer_2: str):
         return self.compare(excerpts=excerpts, question=question, answer_1=answer_1, answer_2=answer_2)
+
+
+# --------------------------------------------------------------------------- the judge role
+
+
+@dataclass
+class EvalJudge:
+    """The judge model with the adapter, decoding and DSPy programs its calls go through."""
+
+    model: ChatModel
+    adapter: dspy.Adapter
+    params: GenerationParams
+    batch: int | str
+    programs: JudgePrograms = field(default_factory=JudgePrograms)
+
+
+JudgeSource = EvalJudge | Callable[[], EvalJudge] | None
+
+
+def build_judge(project: Project, model: ChatModel | None = None) -> EvalJudge:
+    """The judge role (or `model`), its adapter (`synth.adapter`) and greedy decoding."""
+    role = project.settings.models.judge
+    return EvalJudge(model or registry.build_chat_model(project, role),
+                     make_adapter(project.settings.synth.adapter, role.backend),
+                     generation_params(role, temperature=0.0), role.batch_size)
+
+
+def resolve_judge(project: Project, judge: JudgeSource) -> EvalJudge:
+    """`judge` itself, the judge a factory builds, or (None) the judge role."""
+    if judge is None:
+        return build_judge(project)
+    return judge if isinstance(judge, EvalJudge) else judge()
 
 
 # --------------------------------------------------------------------------- parsing
@@ -200,3 +245,115 @@ def rationale_of(reply: str) -> str:
     rest = text[m.end():] if m else text
     rest = re.sub(r"^(?:\s*(?:/\s*5|is better|is best|wins))?\W*", "", rest, flags=re.IGNORECASE)
     return rest.strip()[:500]
+
+
+# --------------------------------------------------------------------------- judging in both orders
+
+
+def _choice(parsed: dict | None) -> str | None:
+    """'1', '2', 'tie' or None from a parsed comparison (plain or DSPy adapter)."""
+    if not parsed:
+        return None
+    value = str(parsed.get("better") or "").strip()
+    return value.lower() if value.lower() in ("1", "2", "tie") else parse_choice(value)
+
+
+def combine(first: str | None, second: str | None) -> tuple[str, str | None]:
+    """(outcome, winner) from the two orders' verdicts, already mapped to "a" / "b" / "tie" / None.
+
+    consistent: the same answer wins in both orders (winner "a" or "b"); tie: both orders tie;
+    inconsistent: anything else with two verdicts (e.g. position bias); unparsed: a verdict missing.
+    """
+    if first is None or second is None:
+        return "unparsed", None
+    if first == second and first in ("a", "b"):
+        return "consistent", first
+    if first == second == "tie":
+        return "tie", None
+    return "inconsistent", None
+
+
+@dataclass
+class Judged:
+    """One pair judged in both orders."""
+
+    a: str
+    b: str
+    replies: tuple[str, str]
+    choices: tuple[str | None, str | None]  # raw "1"/"2"/"tie"/None of order (a, b) and order (b, a)
+    rationales: tuple[str, str]
+    outcome: str
+    winner: str | None  # "a" | "b" | None
+
+    def verdicts(self) -> list[dict[str, Any]]:
+        out = []
+        for order, reply, choice, rationale in zip(("ab", "ba"), self.replies, self.choices, self.rationales):
+            out.append({"order": order, "reply": reply, "choice": choice, "rationale": rationale,
+                        "winner": _map(choice, order)})
+        return out
+
+    @property
+    def rationale(self) -> str:
+        win = self.winner
+        for v in self.verdicts():
+            if v["winner"] == win and v["rationale"]:
+                return v["rationale"]
+        return ""
+
+
+def _map(choice: str | None, order: str) -> str | None:
+    if choice is None or choice == "tie":
+        return choice
+    first, second = ("a", "b") if order == "ab" else ("b", "a")
+    return first if choice == "1" else second
+
+
+def judge_both_orders(programs: JudgePrograms, adapter, judge: ChatModel, items: Sequence[tuple[list[Passage], str,
+                      str, str]], params, reporter: Reporter, description: str, batch) -> list[Judged]:
+    """Judge each (passages, question, a, b) as (a, b) and as (b, a), in one batched run."""
+    inputs = []
+    for passages, question, a, b in items:
+        base = {"excerpts": number_passages(passages), "question": question}
+        inputs.append({**base, "answer_1": a, "answer_2": b})
+        inputs.append({**base, "answer_1": b, "answer_2": a})
+    results = predict_many(programs.compare, adapter, judge, inputs, params, reporter, description, batch)
+    out = []
+    for i, (_, _, a, b) in enumerate(items):
+        (p1, r1), (p2, r2) = results[2 * i], results[2 * i + 1]
+        c1, c2 = _choice(p1), _choice(p2)
+        outcome, winner = combine(_map(c1, "ab"), _map(c2, "ba"))
+        out.append(Judged(a, b, (r1, r2), (c1, c2),
+                          (str((p1 or {}).get("rationale") or ""), str((p2 or {}).get("rationale") or "")),
+                          outcome, winner))
+    return out
+
+
+def position_stats(judged: Sequence[Judged]) -> dict[str, Any]:
+    """How often the answer in the first position wins a single-order verdict (0.5: no bias)."""
+    decisive = [c for j in judged for c in j.choices if c in ("1", "2")]
+    first = sum(1 for c in decisive if c == "1")
+    return {"verdicts": 2 * len(judged), "decisive": len(decisive), "first_position_wins": first,
+            "first_position_rate": round(first / len(decisive), 4) if decisive else None,
+            "ties": sum(1 for j in judged for c in j.choices if c == "tie"),
+            "unparsed": sum(1 for j in judged for c in j.choices if c is None)}
+
+
+def calibration_report(judged: Sequence[Judged], sources: Sequence[str]) -> dict[str, Any]:
+    """Agreement with people: each human pair was judged with a = chosen, b = rejected."""
+
+    def stats(items: list[Judged]) -> dict[str, Any]:
+        outcomes = Counter(j.outcome for j in items)
+        agree = sum(1 for j in items if j.outcome == "consistent" and j.winner == "a")
+        disagree = sum(1 for j in items if j.outcome == "consistent" and j.winner == "b")
+        return {"pairs": len(items), "agree": agree, "disagree": disagree,
+                "inconsistent": outcomes.get("inconsistent", 0), "ties": outcomes.get("tie", 0),
+                "unparsed": outcomes.get("unparsed", 0),
+                "agreement": round(agree / len(items), 4) if items else None,
+                "agreement_when_consistent": round(agree / (agree + disagree), 4) if agree + disagree else None}
+
+    report = stats(list(judged))
+    report["by_source"] = {s: stats([j for j, src in zip(judged, sources) if src == s]) for s in sorted(set(sources))}
+    report["position_bias"] = position_stats(judged)
+    if not judged:
+        report["note"] = "no human A/B choices or corrections to compare with"
+    return report

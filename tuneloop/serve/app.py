@@ -27,6 +27,7 @@ from fastapi.security import HTTPBearer
 
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError
+from tuneloop.models.registry import build_embedder
 from tuneloop.serve.auth import ANONYMOUS, AuthMiddleware, BodyLimitMiddleware, Caller, KeyRing
 from tuneloop.serve.chat import SSE_HEADERS, ChatHandler
 from tuneloop.serve.errors import ApiError, CatchAllMiddleware, install_error_handlers
@@ -37,6 +38,8 @@ from tuneloop.serve.schemas import (
     InteractionView, ModelList, check_feedback,
 )
 from tuneloop.serve.state import ModelFactory, ModelState
+from tuneloop.store import open_store
+from tuneloop.versions import ensure_base_version
 
 STATIC_DIR = Path(__file__).parent / "static"
 GENERATION_THREADS = 32  # chat requests being served or waiting for a model; more queue without a thread
@@ -66,10 +69,6 @@ def create_app(project: Project, *, model_factory: ModelFactory | None = None, a
     Raises ConfigError when no client key is configured (and `auth`), StateError when there is
     no champion or no retrieval index. A fresh project gets the base model registered as champion.
     """
-    from tuneloop.models.registry import build_embedder
-    from tuneloop.stages.evaluate import ensure_base_version
-    from tuneloop.store import open_store
-
     settings = project.settings.serve
     keys = KeyRing.from_env(settings, auth)
     if auth and not keys.clients:

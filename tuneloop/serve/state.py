@@ -26,8 +26,8 @@ from tuneloop.config import Project
 from tuneloop.errors import StateError
 from tuneloop.models.base import ChatModel, Embedder, GenerationParams, Message
 from tuneloop.programs.rag import Passage, Retriever, build_messages, rag_program_path
-from tuneloop.stages.common import champion
 from tuneloop.store import ModelVersion
+from tuneloop.versions import Status, champion
 
 log = logging.getLogger("tuneloop.serve")
 ModelFactory = Callable[[Project, ModelVersion], ChatModel]
@@ -233,7 +233,7 @@ class ModelState:
     def _wanted(self) -> tuple[ModelVersion | None, ModelVersion | None]:
         with self.sessions() as s:
             champ = champion(s)
-            challenger = s.scalars(select(ModelVersion).where(ModelVersion.status == "candidate")
+            challenger = s.scalars(select(ModelVersion).where(ModelVersion.status == Status.CANDIDATE)
                                    .order_by(ModelVersion.id.desc())).first()
             return champ, challenger
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback
 
-from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_meta, write_artifact
+from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_meta, run_name, write_artifact
 from tuneloop.config import AlignSettings, Project, SFTSettings
 from tuneloop.errors import ConfigError
 from tuneloop.models.defaults import resolve_model_path
@@ -39,12 +39,13 @@ from tuneloop.progress import Reporter
 from tuneloop.safety import safe_rmtree
 from tuneloop.stages.align_data import AlignData, select_align_data
 from tuneloop.stages.common import (
-    register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
+    save_trained_adapter, train_losses, training_parent,
 )
 from tuneloop.stages.policy import device_args, load_policy
 from tuneloop.stages.rewards import JudgeReward, f1_reward
 from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback
 from tuneloop.store import ModelVersion, Session
+from tuneloop.versions import register_adapter
 
 KIND = "adapters"
 METHODS = ("dpo", "orpo", "kto", "grpo", "rloo")  # rloo: reward model + RLOO, see `rloo`

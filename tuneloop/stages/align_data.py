@@ -139,7 +139,8 @@ def kto_rows(session: Session, retriever: Retriever | None, data_dir: Path | Non
     if data_dir is not None:
         return [{"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"]),
                  "origin": r.get("source", "export")} for r in _read_export(data_dir, "kto")]
-    from tuneloop.feedback.routing import PromptBuilder, route_feedback
+    from tuneloop.programs.prompts import PromptBuilder
+    from tuneloop.feedback.routing import route_feedback
 
     held = heldout_keys(session)
     rows = [{"prompt": k.prompt, "completion": assistant(k.completion), "label": bool(k.label), "origin": "thumbs",

@@ -15,30 +15,18 @@ net.
 """
 from __future__ import annotations
 
-import json
-from importlib import resources
 from pathlib import Path
 
 
 from tuneloop.config import Project
+from tuneloop.evalsets import anchor_items, anchor_set_hash
 from tuneloop.metrics import normalize_tokens, token_f1
 from tuneloop.models.registry import build_chat_model, generation_params
 from tuneloop.progress import Reporter, batched_chat
-from tuneloop.stages.evaluate import drop_guard, stored_eval_run
-from tuneloop.store import EvalRun, ModelVersion, Session, text_hash
+from tuneloop.stages.evaluate import stored_eval_run
+from tuneloop.store import EvalRun, ModelVersion, Session
 
 KIND = "anchor"
-
-
-def anchor_items(path: Path | None = None) -> list[dict]:
-    """The anchor set: [{"instruction": str, "references": [str, ...]}, ...]."""
-    text = path.read_text(encoding="utf-8") if path else \
-        (resources.files("tuneloop") / "sample" / "anchor.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def anchor_set_hash(items: list[dict]) -> str:
-    return "anchor-" + text_hash(*[json.dumps(i, sort_keys=True) for i in items])[:58]
 
 
 def contains_reference(prediction: str, references: list[str]) -> bool:
@@ -87,8 +75,3 @@ def evaluate_anchor(project: Project, session: Session, version: ModelVersion, r
 
     return stored_eval_run(project, session, version, set_hash, KIND, f"{version.name}-{set_hash[7:19]}", "anchor",
                            score, cycle_id)
-
-
-def anchor_guard(project: Project, candidate_score: float | None, champion_score: float | None) -> str | None:
-    """Why the candidate must not be promoted on anchor grounds, or None."""
-    return drop_guard("anchor_score", candidate_score, champion_score, project.settings.continual.anchor_tolerance)

@@ -4,15 +4,13 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-
-from sqlalchemy import func, select
+from typing import TYPE_CHECKING, TypeVar
 
 from tuneloop.artifacts import write_jsonl
 from tuneloop.errors import ConfigError, StateError
-from tuneloop.store import Artifact, ModelVersion, Session
+from tuneloop.store import ModelVersion, Session
+from tuneloop.versions import champion
 
 if TYPE_CHECKING:
     from tuneloop.config import Project
@@ -35,37 +33,6 @@ def balance_labels(items: list[T], label: Callable[[T], str | None], rng: random
     cap = max(1, min(len(v) for v in by_label.values()))
     drop = {i for v in by_label.values() if len(v) > cap for i in rng.sample(v, len(v) - cap)}
     return [item for i, item in enumerate(items) if i not in drop]
-
-
-def run_name(stage: str, cycle_id: int | None) -> str:
-    """Artifact name: deterministic inside a cycle (so a resumed step finds it), else timestamped."""
-    if cycle_id is not None:
-        return f"cycle-{cycle_id:04d}-{stage}"
-    return f"{stage}-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
-
-
-def champion(session: Session) -> ModelVersion | None:
-    return session.scalars(select(ModelVersion).where(ModelVersion.status == "champion")).first()
-
-
-def register_adapter(session: Session, path: Path, parent: ModelVersion, cycle_id: int | None, *, method: str,
-                     base_model: str, hyperparams: dict[str, Any], metrics: dict[str, Any],
-                     training_example_ids: list[int] | None = None, status: str = "candidate",
-                     artifact_meta: dict[str, Any] | None = None) -> ModelVersion:
-    """The model version of a complete adapter artifact, added once (a rerun finds the existing one)."""
-    version = session.scalar(select(ModelVersion).where(ModelVersion.adapter_path == str(path)))
-    if version is None:
-        n = session.scalar(select(func.count(ModelVersion.id))) or 0
-        version = ModelVersion(
-            name=f"v{n}", parent_id=parent.id, base_model=base_model, adapter_path=str(path), method=method,
-            training_example_ids=training_example_ids or [], hyperparams=hyperparams, metrics=metrics,
-            status=status, cycle_id=cycle_id,
-        )
-        session.add(version)
-        session.add(Artifact(kind="adapter", path=str(path),
-                             meta={"stage": method, "cycle_id": cycle_id, **(artifact_meta or {})}))
-        session.flush()
-    return version
 
 
 def train_losses(trainer) -> list[float]:

@@ -21,18 +21,19 @@ from pathlib import Path
 from sqlalchemy import select
 from transformers import PrinterCallback
 
-from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_meta, write_artifact
+from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_meta, run_name, write_artifact
 from tuneloop.config import Project, SFTSettings
 from tuneloop.errors import ConfigError, StateError
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.progress import Reporter
 from tuneloop.safety import safe_rmtree
 from tuneloop.stages.common import (
-    register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
+    save_trained_adapter, train_losses, training_parent,
 )
 from tuneloop.stages.policy import device_args, load_policy
 from tuneloop.stages.sft import _last_complete_checkpoint, _ProgressCallback, _steps
 from tuneloop.store import Chunk, ModelVersion, Session, text_hash
+from tuneloop.versions import register_adapter
 
 KIND = "adapters"
 METHOD = "dapt"

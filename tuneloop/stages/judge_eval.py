@@ -9,10 +9,10 @@ With `eval.judge_metrics` (off by default: the default 135M judge's verdicts are
   `judge_correct_n` / `judge_faithful_n` (parsed verdicts) and `judge_unparsed` (replies without one).
 * the gate records the candidate's pairwise win rate against the champion (`pairwise` in its
   metrics; informational): on the questions both runs answered, the judge compares the two answers
-  in both orders (`feedback.rlaif.judge_both_orders`); a win or a loss only when both orders agree,
+  in both orders (`programs.judge.judge_both_orders`); a win or a loss only when both orders agree,
   anything else (tie, inconsistent, unparsed, identical answers) is a tie.
 
-Whenever both runs carry `judge_faithfulness`, `faithfulness_guard` refuses a candidate whose
+Whenever both runs carry `judge_faithfulness`, the gate's `faithfulness_guard` (`stages/gate.py`) refuses a candidate whose
 faithfulness falls more than `eval.faithfulness_tolerance` below the champion's. A run stored before
 the setting was on has no judge metrics (runs are stored once per version and set): no guard then.
 """
@@ -20,55 +20,21 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
-import dspy
-
 from tuneloop.config import Project
-from tuneloop.feedback.rlaif import Judged, judge_both_orders, position_stats
-from tuneloop.feedback.routing import PromptBuilder, normalize_answer
-from tuneloop.models.base import ChatModel, GenerationParams
-from tuneloop.models.registry import generation_params
-from tuneloop.programs.dspy_bridge import make_adapter, predict_many
-from tuneloop.programs.judge import JudgePrograms, parsed_yes_no
+from tuneloop.evalsets import predictions_by_example
+from tuneloop.feedback.routing import normalize_answer
+from tuneloop.programs.dspy_bridge import predict_many
+from tuneloop.programs.judge import (
+    EvalJudge, Judged, JudgeSource, judge_both_orders, parsed_yes_no, position_stats, resolve_judge,
+)
+from tuneloop.programs.prompts import PromptBuilder
 from tuneloop.programs.rag import Passage
 from tuneloop.programs.synth import number_passages
 from tuneloop.progress import Reporter
-from tuneloop.stages.evaluate import drop_guard, predictions_by_example
 from tuneloop.store import EvalRun, ModelVersion, Session
-
-
-@dataclass
-class EvalJudge:
-    """The judge model with the adapter, decoding and DSPy programs its calls go through."""
-
-    model: ChatModel
-    adapter: dspy.Adapter
-    params: GenerationParams
-    batch: int | str
-    programs: JudgePrograms = field(default_factory=JudgePrograms)
-
-
-JudgeSource = EvalJudge | Callable[[], EvalJudge] | None
-
-
-def build_judge(project: Project, model: ChatModel | None = None) -> EvalJudge:
-    """The judge role (or `model`), its adapter (`synth.adapter`) and greedy decoding."""
-    from tuneloop.models import registry  # looked up at call time (tests replace build_chat_model)
-
-    role = project.settings.models.judge
-    return EvalJudge(model or registry.build_chat_model(project, role),
-                     make_adapter(project.settings.synth.adapter, role.backend),
-                     generation_params(role, temperature=0.0), role.batch_size)
-
-
-def resolve_judge(project: Project, judge: JudgeSource) -> EvalJudge:
-    """`judge` itself, the judge a factory builds, or (None) the judge role."""
-    if judge is None:
-        return build_judge(project)
-    return judge if isinstance(judge, EvalJudge) else judge()
 
 
 def passages_of(builder: PromptBuilder, chunk_ids: Sequence[int]) -> list[Passage]:
@@ -117,19 +83,6 @@ def judge_summary(items: Sequence[dict]) -> dict[str, Any]:
         unparsed += len(items) - len(values)
     out["judge_unparsed"] = unparsed
     return out
-
-
-# --------------------------------------------------------------------------- gate guard
-
-
-def faithfulness_guard(project: Project, cand_run: EvalRun | None, champ_run: EvalRun | None) -> str | None:
-    """Why the candidate must not be promoted on faithfulness grounds, or None (also when either
-    run has no `judge_faithfulness`)."""
-    def value(run: EvalRun | None) -> float | None:
-        return (run.metrics or {}).get("judge_faithfulness") if run is not None else None
-
-    return drop_guard("judge_faithfulness", value(cand_run), value(champ_run),
-                      project.settings.eval.faithfulness_tolerance)
 
 
 # --------------------------------------------------------------------------- pairwise win rate

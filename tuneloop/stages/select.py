@@ -17,6 +17,7 @@ from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
 from tuneloop.stages.wise import dev_examples, score_adapter
 from tuneloop.store import ModelVersion, Session
+from tuneloop.versions import Status, set_status
 from pathlib import Path
 
 
@@ -43,7 +44,7 @@ def pick_on_dev(project: Project, session: Session, sft: ModelVersion, aligned: 
         return -math.inf if math.isnan(scores[v.name]) else scores[v.name]
 
     chosen, loser = (sft, aligned) if value(sft) > value(aligned) else (aligned, sft)
-    loser.status = "superseded"
+    set_status(loser, Status.SUPERSEDED)
     for v in (sft, aligned):
         v.metrics = {**(v.metrics or {}), f"dev_{key}": scores[v.name]}
     session.flush()

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_meta, write_artifact
+from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_meta, run_name, write_artifact
 from tuneloop.config import Project, SFTSettings
 from tuneloop.errors import StateError
 from tuneloop.metrics import yes_no_reference_label
@@ -25,10 +25,11 @@ from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.progress import Reporter
 from tuneloop.safety import safe_rmtree
 from tuneloop.stages.common import (
-    balance_labels, register_adapter, run_name, save_trained_adapter, train_losses, training_parent,
+    balance_labels, save_trained_adapter, train_losses, training_parent,
 )
 from tuneloop.stages.policy import device_args, load_policy
 from tuneloop.store import Example, ModelVersion, Session
+from tuneloop.versions import register_adapter
 
 KIND = "adapters"
 

@@ -30,7 +30,9 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_jsonl, write_artifact, write_jsonl
+from tuneloop.artifacts import (
+    artifact_path, clean_leftovers, is_complete, read_jsonl, run_name, write_artifact, write_jsonl,
+)
 from tuneloop.config import Project
 from tuneloop.errors import StateError
 from tuneloop.filters import (
@@ -43,7 +45,6 @@ from tuneloop.programs.dspy_bridge import make_adapter, predict_many
 from tuneloop.programs.rag import Passage, Retriever, build_messages
 from tuneloop.programs.synth import TASKS, SynthPrograms, clean_answer, clean_question, number_passages
 from tuneloop.progress import Reporter, batched_chat
-from tuneloop.stages.common import run_name
 from tuneloop.store import Artifact, Example, Session, example_hash
 
 KIND = "datasets"

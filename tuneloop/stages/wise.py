@@ -30,17 +30,19 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from tuneloop.artifacts import artifact_path, is_complete, read_meta, write_artifact
+from tuneloop.artifacts import artifact_path, is_complete, read_meta, run_name, write_artifact
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, StateError
+from tuneloop.evalsets import anchor_items
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import Reporter
 from tuneloop.safety import safe_rmtree
-from tuneloop.stages.anchor import anchor_guard, anchor_items, answer_anchor, evaluate_anchor
-from tuneloop.stages.common import register_adapter, run_name
+from tuneloop.stages.anchor import answer_anchor, evaluate_anchor
 from tuneloop.stages.evaluate import score_examples
+from tuneloop.stages.gate import anchor_guard
 from tuneloop.store import Example, ModelVersion, Session
+from tuneloop.versions import register_adapter
 
 KIND = "adapters"
 

@@ -15,7 +15,7 @@
    comes first therefore keeps nothing, and the report shows that position bias.
    `rubric` mode: the judge grades each candidate 1-5 (correctness, faithfulness to the passages,
    brevity) -> Reward(source="ai"), reward = (score - 3) / 2 in [-1, 1].
-4. Calibration: every human A/B choice and correction pair (after routing, see `routing.py`) is
+4. Calibration: every human A/B choice and correction pair (after routing, `feedback/routing.py`) is
    judged the same way; agreement = consistent AI verdicts matching the human choice / pairs judged.
 
 All model calls go through batched `predict_many` / `batched_chat` with progress; the registry's
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -35,23 +35,24 @@ from typing import Any
 
 from sqlalchemy import select
 
-from tuneloop.artifacts import artifact_path, is_complete, read_jsonl, write_artifact, write_jsonl
+from tuneloop.artifacts import artifact_path, is_complete, read_jsonl, run_name, write_artifact, write_jsonl
 from tuneloop.config import Project
 from tuneloop.errors import StateError
-from tuneloop.feedback.routing import (
-    PromptBuilder, PromptInfo, assistant, completion_key, normalize_answer, pair_key, route_feedback,
-)
-from tuneloop.models.base import ChatModel
+from tuneloop.evalsets import references
+from tuneloop.feedback.routing import assistant, completion_key, normalize_answer, pair_key, route_feedback
 from tuneloop.metrics import score_item
+from tuneloop.models import registry
+from tuneloop.models.base import ChatModel
 from tuneloop.models.registry import generation_params
 from tuneloop.programs.dspy_bridge import make_adapter, predict_many
-from tuneloop.programs.judge import JudgePrograms, parse_choice, parsed_score, score_to_reward
-from tuneloop.programs.rag import Passage
+from tuneloop.programs.judge import (
+    JudgePrograms, Judged, calibration_report, judge_both_orders, parsed_score, position_stats, score_to_reward,
+)
+from tuneloop.programs.prompts import PromptBuilder, PromptInfo
 from tuneloop.programs.synth import number_passages
 from tuneloop.progress import Reporter, batched_chat
-from tuneloop.stages.common import champion, run_name
-from tuneloop.stages.evaluate import references
 from tuneloop.store import Artifact, Example, Interaction, ModelVersion, PreferencePair, Reward, Session
+from tuneloop.versions import champion
 
 KIND = "rlaif"
 MODES = ("pairwise", "rubric")
@@ -65,14 +66,13 @@ class RlaifModels:
 
 def build_rlaif_models(project: Project, session: Session, student: ModelVersion | None = None) -> RlaifModels:
     """The student (the champion unless `student` is given) and the judge role."""
-    from tuneloop.models.registry import build_chat_model
-
     version = student or champion(session)
     if version is None:
         raise StateError("no champion model yet: run `tuneloop eval` or `tuneloop cycle` first")
     m = project.settings.models
     adapter = Path(version.adapter_path) if version.adapter_path else None
-    return RlaifModels(build_chat_model(project, m.student, adapter), build_chat_model(project, m.judge))
+    return RlaifModels(registry.build_chat_model(project, m.student, adapter),
+                       registry.build_chat_model(project, m.judge))
 
 
 @dataclass
@@ -131,120 +131,12 @@ def collect_prompts(session: Session, builder: PromptBuilder, limit: int) -> lis
 
 
 # --------------------------------------------------------------------------- judging
+# (judging in both orders, position statistics and calibration: `programs/judge.py`)
 
 
 def token_f1_item(text: str, refs: list[str]) -> float:
     """Token F1 against the references; on yes/no references, whether the yes/no label agrees."""
     return score_item(text, refs)["token_f1"]
-
-
-def _choice(parsed: dict | None) -> str | None:
-    """'1', '2', 'tie' or None from a parsed comparison (plain or DSPy adapter)."""
-    if not parsed:
-        return None
-    value = str(parsed.get("better") or "").strip()
-    return value.lower() if value.lower() in ("1", "2", "tie") else parse_choice(value)
-
-
-def combine(first: str | None, second: str | None) -> tuple[str, str | None]:
-    """(outcome, winner) from the two orders' verdicts, already mapped to "a" / "b" / "tie" / None.
-
-    consistent: the same answer wins in both orders (winner "a" or "b"); tie: both orders tie;
-    inconsistent: anything else with two verdicts (e.g. position bias); unparsed: a verdict missing.
-    """
-    if first is None or second is None:
-        return "unparsed", None
-    if first == second and first in ("a", "b"):
-        return "consistent", first
-    if first == second == "tie":
-        return "tie", None
-    return "inconsistent", None
-
-
-@dataclass
-class Judged:
-    """One pair judged in both orders."""
-
-    a: str
-    b: str
-    replies: tuple[str, str]
-    choices: tuple[str | None, str | None]  # raw "1"/"2"/"tie"/None of order (a, b) and order (b, a)
-    rationales: tuple[str, str]
-    outcome: str
-    winner: str | None  # "a" | "b" | None
-
-    def verdicts(self) -> list[dict[str, Any]]:
-        out = []
-        for order, reply, choice, rationale in zip(("ab", "ba"), self.replies, self.choices, self.rationales):
-            out.append({"order": order, "reply": reply, "choice": choice, "rationale": rationale,
-                        "winner": _map(choice, order)})
-        return out
-
-    @property
-    def rationale(self) -> str:
-        win = self.winner
-        for v in self.verdicts():
-            if v["winner"] == win and v["rationale"]:
-                return v["rationale"]
-        return ""
-
-
-def _map(choice: str | None, order: str) -> str | None:
-    if choice is None or choice == "tie":
-        return choice
-    first, second = ("a", "b") if order == "ab" else ("b", "a")
-    return first if choice == "1" else second
-
-
-def judge_both_orders(programs: JudgePrograms, adapter, judge: ChatModel, items: Sequence[tuple[list[Passage], str,
-                      str, str]], params, reporter: Reporter, description: str, batch) -> list[Judged]:
-    """Judge each (passages, question, a, b) as (a, b) and as (b, a), in one batched run."""
-    inputs = []
-    for passages, question, a, b in items:
-        base = {"excerpts": number_passages(passages), "question": question}
-        inputs.append({**base, "answer_1": a, "answer_2": b})
-        inputs.append({**base, "answer_1": b, "answer_2": a})
-    results = predict_many(programs.compare, adapter, judge, inputs, params, reporter, description, batch)
-    out = []
-    for i, (_, _, a, b) in enumerate(items):
-        (p1, r1), (p2, r2) = results[2 * i], results[2 * i + 1]
-        c1, c2 = _choice(p1), _choice(p2)
-        outcome, winner = combine(_map(c1, "ab"), _map(c2, "ba"))
-        out.append(Judged(a, b, (r1, r2), (c1, c2),
-                          (str((p1 or {}).get("rationale") or ""), str((p2 or {}).get("rationale") or "")),
-                          outcome, winner))
-    return out
-
-
-def position_stats(judged: Sequence[Judged]) -> dict[str, Any]:
-    """How often the answer in the first position wins a single-order verdict (0.5: no bias)."""
-    decisive = [c for j in judged for c in j.choices if c in ("1", "2")]
-    first = sum(1 for c in decisive if c == "1")
-    return {"verdicts": 2 * len(judged), "decisive": len(decisive), "first_position_wins": first,
-            "first_position_rate": round(first / len(decisive), 4) if decisive else None,
-            "ties": sum(1 for j in judged for c in j.choices if c == "tie"),
-            "unparsed": sum(1 for j in judged for c in j.choices if c is None)}
-
-
-def calibration_report(judged: Sequence[Judged], sources: Sequence[str]) -> dict[str, Any]:
-    """Agreement with people: each human pair was judged with a = chosen, b = rejected."""
-
-    def stats(items: list[Judged]) -> dict[str, Any]:
-        outcomes = Counter(j.outcome for j in items)
-        agree = sum(1 for j in items if j.outcome == "consistent" and j.winner == "a")
-        disagree = sum(1 for j in items if j.outcome == "consistent" and j.winner == "b")
-        return {"pairs": len(items), "agree": agree, "disagree": disagree,
-                "inconsistent": outcomes.get("inconsistent", 0), "ties": outcomes.get("tie", 0),
-                "unparsed": outcomes.get("unparsed", 0),
-                "agreement": round(agree / len(items), 4) if items else None,
-                "agreement_when_consistent": round(agree / (agree + disagree), 4) if agree + disagree else None}
-
-    report = stats(list(judged))
-    report["by_source"] = {s: stats([j for j, src in zip(judged, sources) if src == s]) for s in sorted(set(sources))}
-    report["position_bias"] = position_stats(judged)
-    if not judged:
-        report["note"] = "no human A/B choices or corrections to compare with"
-    return report
 
 
 # --------------------------------------------------------------------------- the run

@@ -1,4 +1,6 @@
-"""Feedback becomes examples: training data for SFT and a held-out set drawn from use.
+"""Stage: feedback. People's feedback becomes examples: training data for SFT and a held-out set drawn from use.
+
+(The step also routes feedback into preference pairs, KTO rows and rewards: `feedback/routing.py`.)
 
 Two kinds of human feedback say what the right answer to a real question is:
 

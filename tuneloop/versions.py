@@ -1,0 +1,94 @@
+"""The model-version lifecycle: a version's status, the champion, and promotion.
+
+A `ModelVersion` is born "candidate" (a training stage's adapter, `register_adapter`), "intermediate"
+(a step on the way, e.g. DAPT, never gated on its own) or "champion" (the untuned base model,
+`ensure_base_version`). Afterwards its status changes only through `set_status`:
+
+* the select step and WiSE-FT mark a version they replace "superseded" (or the SFT version
+  "intermediate" when alignment ran without a dev set);
+* the gate (`stages/gate.py`) promotes the candidate or marks it "rejected";
+* `promote` makes a version the champion and retires the current one; the gate and a manual
+  `tuneloop models promote` (`lineage.promote`, which also writes an audit record) both go through it.
+
+There is one champion at a time; serving, monitoring, lineage and the report find it with `champion`.
+"""
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+
+from tuneloop.store import Artifact, ModelVersion, Session
+
+if TYPE_CHECKING:
+    from tuneloop.config import Project
+
+
+class Status(StrEnum):
+    """A model version's status; a `str` enum, so the stored values stay these plain strings."""
+
+    CHAMPION = "champion"  # the one version served and compared against
+    CANDIDATE = "candidate"  # trained, waiting for (or never reaching) the gate
+    REJECTED = "rejected"  # refused by the gate (keeps its eval runs and the reason)
+    RETIRED = "retired"  # a former champion
+    INTERMEDIATE = "intermediate"  # a step on the way (DAPT, or SFT before alignment): never gated
+    SUPERSEDED = "superseded"  # replaced inside its cycle (select step's loser, WiSE-FT's input)
+
+
+# versions the gate never judges: the cycle's candidate is its newest version not in these
+NOT_CANDIDATES = (Status.INTERMEDIATE.value, Status.SUPERSEDED.value)
+
+
+def set_status(version: ModelVersion, status: Status) -> None:
+    """The one place a version's status changes (stored as the enum's plain string)."""
+    version.status = Status(status).value
+
+
+def champion(session: Session) -> ModelVersion | None:
+    """The current champion (None before the base version is registered)."""
+    return session.scalars(select(ModelVersion).where(ModelVersion.status == Status.CHAMPION.value)).first()
+
+
+def ensure_base_version(project: Project, session: Session) -> ModelVersion:
+    """The untuned student is version 'base', champion until a candidate beats it."""
+    base = session.scalar(select(ModelVersion).where(ModelVersion.name == "base"))
+    if base is None:
+        base = ModelVersion(name="base", base_model=project.settings.models.student.model, adapter_path=None,
+                            method="base", status=Status.CHAMPION.value)
+        session.add(base)
+        session.flush()
+    return base
+
+
+def register_adapter(session: Session, path: Path, parent: ModelVersion, cycle_id: int | None, *, method: str,
+                     base_model: str, hyperparams: dict[str, Any], metrics: dict[str, Any],
+                     training_example_ids: list[int] | None = None, status: str = Status.CANDIDATE.value,
+                     artifact_meta: dict[str, Any] | None = None) -> ModelVersion:
+    """The model version of a complete adapter artifact, added once (a rerun finds the existing one)."""
+    version = session.scalar(select(ModelVersion).where(ModelVersion.adapter_path == str(path)))
+    if version is None:
+        n = session.scalar(select(func.count(ModelVersion.id))) or 0
+        version = ModelVersion(
+            name=f"v{n}", parent_id=parent.id, base_model=base_model, adapter_path=str(path), method=method,
+            training_example_ids=training_example_ids or [], hyperparams=hyperparams, metrics=metrics,
+            status=Status(status).value, cycle_id=cycle_id,
+        )
+        session.add(version)
+        session.add(Artifact(kind="adapter", path=str(path),
+                             meta={"stage": method, "cycle_id": cycle_id, **(artifact_meta or {})}))
+        session.flush()
+    return version
+
+
+def promote(session: Session, version: ModelVersion) -> ModelVersion | None:
+    """Make `version` the champion: every current champion becomes "retired" first (flushed, so there
+    is one champion at a time, even for a moment). Returns the previous champion. Flushes, does not commit."""
+    previous = champion(session)
+    for other in session.scalars(select(ModelVersion).where(ModelVersion.status == Status.CHAMPION.value)):
+        set_status(other, Status.RETIRED)
+    session.flush()
+    set_status(version, Status.CHAMPION)
+    session.flush()
+    return previous
