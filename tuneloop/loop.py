@@ -42,6 +42,7 @@ from tuneloop.stages.evaluate import (
     gate,
 )
 from tuneloop.stages.ingest import ensure_index, ingest_paths
+from tuneloop.stages.methods import PAIR_METHODS
 from tuneloop.stages.judge_eval import faithfulness_guard, record_pairwise
 from tuneloop.stages.prompts import compile_rag_program
 from tuneloop.stages.select import pick_on_dev
@@ -64,7 +65,6 @@ from tuneloop.store import (
 # where a dev split comes from, for the steps that skip without one (select, wise)
 NO_DEV_SET = "no dev set (feedback.dev_fraction, or tuneloop seeds import FILE --split dev)"
 STEPS = ("ingest", "feedback", "synth", "dapt", "sft", "rlaif", "align", "select", "wise", "prompts", "eval", "gate")
-PAIR_METHODS = ("dpo", "orpo", "rloo")  # alignment methods trained on preference pairs
 
 
 @dataclass
