@@ -37,6 +37,7 @@ from sqlalchemy import select
 
 from tuneloop.artifacts import read_jsonl
 from tuneloop.errors import ConfigError, StateError
+from tuneloop.feedback.routing import PromptBuilder, route_feedback
 from tuneloop.metrics import yes_no_reference_label
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.programs.synth import number_passages
@@ -136,8 +137,6 @@ def kto_rows(session: Session, retriever: Retriever | None, data_dir: Path | Non
     if data_dir is not None:
         return [{"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"]),
                  "origin": r.get("source", "export")} for r in _read_export(data_dir, "kto")]
-    from tuneloop.feedback.routing import PromptBuilder, route_feedback
-
     held = heldout_keys(session)
     rows = [{"prompt": k.prompt, "completion": assistant(k.completion), "label": bool(k.label), "origin": "thumbs",
              "held_out": question_key(k.question, k.document) in held}
