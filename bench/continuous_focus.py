@@ -60,7 +60,7 @@ def main() -> None:
         settings = project.settings.sft.model_copy(update=update)
         model_dir = resolve_model_path(project.settings.models.student.model, project.cache)
         trainer, tok = _train(model_dir, Path(v1.adapter_path), training_rows(train, retriever), settings,
-                              a.out_dir / "work", rep)
+                              project.settings.lora, a.out_dir / "work", rep)
         adapter = a.out_dir / "adapter"
         trainer.model.save_pretrained(adapter)
         tok.save_pretrained(adapter)

@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tuneloop.artifacts import read_jsonl  # noqa: E402
-from tuneloop.config import SFTSettings  # noqa: E402
+from tuneloop.config import LoraSettings, SFTSettings  # noqa: E402
 from tuneloop.models.defaults import resolve_model_path  # noqa: E402
 from tuneloop.stages.policy import device_args, load_policy  # noqa: E402
 
@@ -27,7 +27,7 @@ def seconds_per_step(model_dir: Path, rows: list[dict], steps: int, checkpointin
     from trl import SFTConfig, SFTTrainer
 
     s = SFTSettings()
-    policy = load_policy(model_dir, None, s, "fp32")
+    policy = load_policy(model_dir, None, LoraSettings(), "fp32")
     args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=s.batch_size,
                      learning_rate=s.learning_rate, max_length=s.max_length, report_to=[], save_strategy="no",
                      disable_tqdm=True, logging_steps=1, **(device_args(policy.device, policy.dtype)

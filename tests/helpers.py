@@ -108,7 +108,8 @@ def tiny_settings(model_dir: Path, name: str = "test-project") -> dict:
         },
         "ingest": {"dense": False},
         "synth": {"questions_per_cycle": 6},
-        "sft": {"epochs": 1, "batch_size": 4, "learning_rate": 5e-3, "lora_r": 8, "lora_alpha": 16},
+        "sft": {"epochs": 1, "batch_size": 4, "learning_rate": 5e-3},
+        "lora": {"r": 8, "alpha": 16},
         "eval": {"limit": 6},
         "continual": {"anchor": False},  # tests/test_anchor.py covers the anchor set in a cycle
     })

@@ -46,8 +46,8 @@ def make_champion(project, session, tmp: Path) -> ModelVersion:
     base = ensure_base_version(project, session)
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_pretrained(project.settings.models.student.model)
-    s = project.settings.sft
-    model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, target_modules="all-linear",
+    s = project.settings.lora
+    model = get_peft_model(model, LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules="all-linear",
                                              task_type="CAUSAL_LM", init_lora_weights=False))
     with torch.no_grad():
         for n, p in model.named_parameters():

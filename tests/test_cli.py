@@ -65,7 +65,7 @@ def tiny_init(runner, root: Path, model_dir: Path) -> Path:
         "models": {"student": {"model": m, "max_new_tokens": 8}, "teacher": {"model": m, "max_new_tokens": 8},
                    "judge": {"model": m}},
         "ingest": {"dense": False}, "synth": {"questions_per_cycle": 3},
-        "sft": {"epochs": 1, "learning_rate": 5e-3, "lora_r": 8, "lora_alpha": 16}, "eval": {"limit": 4},
+        "sft": {"epochs": 1, "learning_rate": 5e-3}, "lora": {"r": 8, "alpha": 16}, "eval": {"limit": 4},
     })
     cfg.write_text(yaml.safe_dump(data))
     return root

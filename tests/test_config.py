@@ -169,3 +169,26 @@ def test_sqlite_store_folder_is_created_inside_the_project_only(tmp_path):
     with pytest.raises(ConfigError, match="is a folder, not a database file"):
         load_project(write(root, f"store_url: sqlite:///{tmp_path}\n"))
     assert load_project(write(root, "store_url: 'sqlite://'\n")).store_url == "sqlite://"  # in memory
+
+
+@pytest.mark.parametrize("text, old, new", [
+    ("sft:\n  lora_r: 8\n", "sft.lora_r", "lora.r"),
+    ("sft:\n  lora_alpha: 16\n", "sft.lora_alpha", "lora.alpha"),
+    ("sft:\n  lora_dropout: 0.1\n", "sft.lora_dropout", "lora.dropout"),
+    ("sft:\n  target_modules: [q_proj]\n", "sft.target_modules", "lora.target_modules"),
+    ("continual:\n  wise_max_rank: 32\n", "continual.wise_max_rank", "lora.max_rank"),
+    ("synth:\n  adapter: chat\n", "synth.adapter", "models.judge.adapter"),
+])
+def test_a_moved_key_names_its_new_place_in_one_line(tmp_path, text, old, new):
+    with pytest.raises(ConfigError) as err:
+        load_project(write(tmp_path, text))
+    message = str(err.value)
+    assert f"{old} is now" in message and new in message and "\n" not in message
+    assert str(tmp_path / "tuneloop.yaml") in message
+
+
+def test_lora_and_role_adapter_settings_are_read_where_they_now_live(tmp_path):
+    p = load_project(write(tmp_path, "lora: {r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj], max_rank: 8}\n"
+                                     "models:\n  judge: {adapter: chat}\n"))
+    assert (p.settings.lora.r, p.settings.lora.alpha, p.settings.lora.max_rank) == (4, 8, 8)
+    assert p.settings.models.judge.adapter == "chat" and p.settings.models.teacher.adapter == "auto"

@@ -22,7 +22,7 @@ from tuneloop.stages.dapt import dapt_parent, general_texts, mix_rows, n_general
 from tuneloop.store import Artifact, Chunk, Cycle, ModelVersion, open_store
 from tuneloop.versions import ensure_base_version
 
-FAST = {"sft": {"learning_rate": 1e-2, "lora_r": 16, "lora_alpha": 32, "save_steps": 1000},
+FAST = {"sft": {"learning_rate": 1e-2, "save_steps": 1000}, "lora": {"r": 16, "alpha": 32},
         "continual": {"dapt": True, "dapt_epochs": 2, "dapt_general_fraction": 0.2}}
 
 

@@ -156,7 +156,7 @@ _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.fl
 _SECTIONS = {"ingest": ["chunk_tokens", "overlap_tokens", "top_k", "max_document_mb"],
              "synth": ["min_question_chars", "max_question_chars", "questions_per_cycle", "seed"],
              "continual": ["wise_alphas", "anchor_tolerance"], "monitor": ["min_votes", "satisfaction_window"],
-             "sft": ["epochs", "learning_rate", "lora_r"]}
+             "sft": ["epochs", "learning_rate"], "lora": ["r", "alpha"]}
 
 
 def test_settings_values_of_any_type_give_a_project_or_a_user_error(tmp_path_factory):

@@ -38,7 +38,7 @@ def test_reward_model_learns_the_toy_preference(aligned_project, tmp_path):
     tok = rloo_stage._reward_tokenizer(model_dir)
     torch.manual_seed(s.seed)  # the untrained reward model (same random score head) gets every pair wrong
     assert rloo_stage.reward_accuracy(rloo_stage._seq_cls_model(model_dir, tok, torch.float32).eval(), tok, rows) == 0
-    trainer, tok = rloo_stage.train_reward_model(model_dir, rows, s, p.settings.sft, tmp_path / "rm")
+    trainer, tok = rloo_stage.train_reward_model(model_dir, rows, s, p.settings.lora, tmp_path / "rm")
     assert trainer.state.global_step == 8  # 8 pairs / batch 2 x 2 epochs
     assert rloo_stage.reward_accuracy(trainer.model.eval(), tok, rows) >= 0.75
     # saved and reloaded (LoRA merged): the same scores

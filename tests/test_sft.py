@@ -25,8 +25,8 @@ def trained(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("sft-project")
     shutil.copytree(CONTRACTS, root / "documents")
     write_settings(root, deep_merge(tiny_settings(tiny_model_dir),
-                                    {"sft": {"epochs": 5, "learning_rate": 1e-2, "lora_r": 16, "lora_alpha": 32,
-                                             "save_steps": 1000},
+                                    {"sft": {"epochs": 5, "learning_rate": 1e-2, "save_steps": 1000},
+                                     "lora": {"r": 16, "alpha": 32},
                                      "cache_dir": str(root / "cache")}))
     project = load_project(root)
     import_sample_pairs(project)

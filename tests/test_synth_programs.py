@@ -123,7 +123,8 @@ def test_predict_many_batches_and_reports_unparseable_replies():
 
 @pytest.fixture
 def capable(project):
-    p = project({"synth": {"adapter": "chat", "strategies": {"fact": 1.0}}})
+    p = project({"models": {"teacher": {"adapter": "chat"}, "judge": {"adapter": "chat"}},
+                 "synth": {"strategies": {"fact": 1.0}}})
     return p, ingest_project(p)
 
 

@@ -44,6 +44,9 @@ class RoleSettings(_Section):
     batch_size: int | Literal["auto"] = 8
     max_retries: int = Field(4, ge=0, le=20)  # endpoints: retries with exponential backoff
     cache: bool = True  # replies cached on disk, keyed by the full request (reruns cost no calls)
+    # how DSPy programs talk to this model: auto = plain chat for local models, DSPy's ChatAdapter
+    # for endpoints (chat models only; the embedder ignores it)
+    adapter: Literal["auto", "plain", "chat", "json"] = "auto"
 
     @field_validator("batch_size")
     @classmethod
@@ -106,7 +109,6 @@ class SynthSettings(_Section):
     round_trip: bool = True  # answer again from retrieval alone; keep only when both answers agree
     round_trip_min_f1: float = Field(0.5, ge=0.0, le=1.0)
     self_distill: bool = False  # the student rewrites accepted answers in its own words
-    adapter: Literal["auto", "plain", "chat", "json"] = "auto"  # auto: plain chat for local models
     optimize: Literal["none", "bootstrap"] = "none"  # tune generator prompts (capable teachers only)
     min_question_chars: int = Field(12, ge=0, le=4_000)
     max_question_chars: int = Field(300, ge=1, le=4_000)
@@ -131,16 +133,23 @@ class SynthSettings(_Section):
         return self
 
 
+class LoraSettings(_Section):
+    """The LoRA adapter a training run starts when its parent is the base model (SFT, DAPT, every
+    alignment method, RLOO's reward model); also WiSE-FT's settings for averaged adapters."""
+
+    r: int = Field(16, ge=1, le=4_096)
+    alpha: int = Field(32, ge=1, le=65_536)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    max_rank: int | None = Field(64, ge=1, le=4_096)  # WiSE-FT: averaged adapters above this rank are SVD-truncated
+
+
 class SFTSettings(_Section):
     epochs: float = Field(2.0, gt=0, le=1_000)
     learning_rate: float = Field(3e-4, gt=0, lt=1.0)
     batch_size: int = Field(4, ge=1, le=4_096)
     grad_accum: int = Field(1, ge=1, le=4_096)
     max_length: int = Field(512, ge=32, le=1_048_576)
-    lora_r: int = Field(16, ge=1, le=4_096)
-    lora_alpha: int = Field(32, ge=1, le=65_536)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
     replay_fraction: float = Field(0.1, ge=0.0, le=1.0)  # earlier cycles' data mixed in
     # seeds_every_cycle: every cycle trains on all the seeds again (with what is new). False: a
     # seed a version already trained on joins the replay pool like any other example, so a cycle's
@@ -203,7 +212,6 @@ class ContinualSettings(_Section):
     wise_ft: bool = False  # average champion and candidate weights (WiSE-FT); alpha picked on the dev set
     # candidate weights' shares tried; 1.0 is the candidate itself, 0.0 the champion
     wise_alphas: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field([0.25, 0.5, 0.75, 1.0], min_length=1)
-    wise_max_rank: int | None = Field(64, ge=1, le=4_096)  # averaged adapters above this rank are SVD-truncated to it
     # with `anchor`: an alpha whose anchor score falls past `anchor_tolerance` below the champion's
     # is not chosen (the gate would refuse it); the best dev score among the others wins
     wise_anchor_guard: bool = True
@@ -324,6 +332,7 @@ class Settings(_Section):
     models: ModelsSettings = ModelsSettings()
     ingest: IngestSettings = IngestSettings()
     synth: SynthSettings = SynthSettings()
+    lora: LoraSettings = LoraSettings()
     sft: SFTSettings = SFTSettings()
     eval: EvalSettings = EvalSettings()
     align: AlignSettings = AlignSettings()
@@ -402,12 +411,29 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+# Keys that moved to another section: an old settings file gets one line naming the new key
+# instead of a bare "unknown key".
+MOVED_KEYS = {
+    ("sft", "lora_r"): "lora.r", ("sft", "lora_alpha"): "lora.alpha", ("sft", "lora_dropout"): "lora.dropout",
+    ("sft", "target_modules"): "lora.target_modules", ("continual", "wise_max_rank"): "lora.max_rank",
+    ("synth", "adapter"): "models.teacher.adapter / models.judge.adapter / models.student.adapter",
+}
+
+
+def _check_moved_keys(data: dict, source: Path) -> None:
+    moved = [f"{section}.{key} is now {new}" for (section, key), new in MOVED_KEYS.items()
+             if isinstance(data.get(section), dict) and key in data[section]]
+    if moved:
+        raise ConfigError(f"{source}: moved settings: {'; '.join(moved)}")
+
+
 def parse_settings(data: object, source: Path) -> Settings:
     """Validate a parsed YAML document into Settings, raising ConfigError that names bad keys."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of settings at the top level")
+    _check_moved_keys(data, source)
     try:
         return Settings.model_validate(data)
     except ValidationError as err:
@@ -497,12 +523,17 @@ synth:
   round_trip: true       # re-answer from retrieval alone; keep only when both answers agree
   self_distill: false    # the student rewrites kept answers in its own words
 
+lora:                    # the LoRA adapter every training run starts from the base model
+  r: 16
+  alpha: 32
+  dropout: 0.05
+  target_modules: all-linear
+  max_rank: 64           # WiSE-FT: an averaged adapter above this rank is SVD-truncated to it
+
 sft:
   epochs: 2
   learning_rate: 3.0e-4
   batch_size: 4
-  lora_r: 16
-  lora_alpha: 32
   replay_fraction: 0.1   # share of earlier cycles' synthetic data mixed into training
   balance_yes_no: true   # down-sample the majority Yes/No answer (contracts are mostly "No")
   precision: auto        # fp32 on CPU; bf16 on CUDA that supports it
@@ -521,7 +552,6 @@ continual:
   anchor_tolerance: 0.05 # the gate refuses a candidate whose anchor score falls by more
   wise_ft: false         # average champion and candidate weights; alpha picked on the dev split
   wise_anchor_guard: true  # ... among the alphas whose anchor score stays within anchor_tolerance
-  wise_max_rank: 64      # an averaged adapter above this LoRA rank is SVD-truncated to it
   dapt: false            # LoRA pre-training on the raw chunks (+20% general text) before SFT
   # dapt_max_chunks: 2000  # pre-train on a seeded sample of at most this many chunks
 

@@ -31,6 +31,7 @@ from tuneloop.stages.evaluate import evaluate_version
 from tuneloop.stages.feedback import feedback_to_examples
 from tuneloop.stages.gate import decide
 from tuneloop.stages.ingest import ensure_index, ingest_paths
+from tuneloop.stages.methods import PAIR_METHODS
 from tuneloop.stages.prompts import compile_rag_program
 from tuneloop.stages.rlaif import build_rlaif_models, rlaif
 from tuneloop.stages.select import pick_on_dev
@@ -44,7 +45,6 @@ from tuneloop.versions import NOT_CANDIDATES, Status, champion, ensure_base_vers
 # where a dev split comes from, for the steps that skip without one (select, wise)
 NO_DEV_SET = "no dev set (feedback.dev_fraction, or tuneloop seeds import FILE --split dev)"
 STEPS = ("ingest", "feedback", "synth", "dapt", "sft", "rlaif", "align", "select", "wise", "prompts", "eval", "gate")
-PAIR_METHODS = ("dpo", "orpo", "rloo")  # alignment methods trained on preference pairs
 
 
 @dataclass

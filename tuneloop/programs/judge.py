@@ -135,10 +135,10 @@ JudgeSource = EvalJudge | Callable[[], EvalJudge] | None
 
 
 def build_judge(project: Project, model: ChatModel | None = None) -> EvalJudge:
-    """The judge role (or `model`), its adapter (`synth.adapter`) and greedy decoding."""
+    """The judge role (or `model`), its adapter (`models.judge.adapter`) and greedy decoding."""
     role = project.settings.models.judge
     return EvalJudge(model or registry.build_chat_model(project, role),
-                     make_adapter(project.settings.synth.adapter, role.backend),
+                     make_adapter(role.adapter, role.backend),
                      generation_params(role, temperature=0.0), role.batch_size)
 
 

@@ -37,18 +37,16 @@ from sqlalchemy import select
 
 from tuneloop.artifacts import read_jsonl
 from tuneloop.errors import ConfigError, StateError
+from tuneloop.feedback.routing import PromptBuilder, route_feedback
 from tuneloop.metrics import yes_no_reference_label
 from tuneloop.programs.rag import Retriever, build_messages
 from tuneloop.programs.synth import number_passages
 from tuneloop.splits import question_key
 from tuneloop.stages.common import balance_labels
+from tuneloop.stages.methods import ALIGN_METHODS, METHODS, TRL_COLUMNS
 from tuneloop.store import Example, ModelVersion, PreferencePair, Session
 
-PAIRWISE = ("dpo", "orpo", "rloo")  # rloo: the pairs train its reward model; their prompts feed RLOO
-TRL_COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "orpo": ("prompt", "chosen", "rejected"),
-               "rloo": ("prompt", "chosen", "rejected"),
-               "kto": ("prompt", "completion", "label"), "grpo": ("prompt", "reference", "question", "excerpts")}
-KEY_COLUMNS = {**TRL_COLUMNS, "grpo": ("prompt", "reference")}  # what makes a row the same row
+KEY_COLUMNS = {**TRL_COLUMNS, "prompts": ("prompt", "reference")}  # per data kind: what makes a row the same row
 
 
 @dataclass
@@ -64,7 +62,7 @@ class AlignData:
         return self.fresh + self.replay
 
     def trl_rows(self) -> list[dict]:
-        cols = TRL_COLUMNS[self.method]
+        cols = TRL_COLUMNS[METHODS[self.method].data]
         return [{c: r[c] for c in cols} for r in self.rows]
 
     def summary(self) -> dict:
@@ -77,7 +75,7 @@ class AlignData:
 
 
 def row_key(method: str, row: dict) -> str:
-    cols = KEY_COLUMNS[method]
+    cols = KEY_COLUMNS[METHODS[method].data]
     payload = json.dumps([method] + [row[c] for c in cols], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
@@ -139,9 +137,6 @@ def kto_rows(session: Session, retriever: Retriever | None, data_dir: Path | Non
     if data_dir is not None:
         return [{"prompt": r["prompt"], "completion": r["completion"], "label": bool(r["label"]),
                  "origin": r.get("source", "export")} for r in _read_export(data_dir, "kto")]
-    from tuneloop.programs.prompts import PromptBuilder
-    from tuneloop.feedback.routing import route_feedback
-
     held = heldout_keys(session)
     rows = [{"prompt": k.prompt, "completion": assistant(k.completion), "label": bool(k.label), "origin": "thumbs",
              "held_out": question_key(k.question, k.document) in held}
@@ -153,12 +148,13 @@ def kto_rows(session: Session, retriever: Retriever | None, data_dir: Path | Non
     return rows
 
 
-def _example_rows(examples: list[Example], retriever: Retriever, method: str) -> list[dict]:
+def _example_rows(examples: list[Example], retriever: Retriever, kind: str) -> list[dict]:
+    """Rows of data `kind` "prompts" (GRPO) or "unpaired" (KTO: the answer as a desirable one)."""
     rows = []
     for e in examples:
         passages = retriever.retrieve(e.question, e.document)
         prompt = build_messages(e.question, passages)
-        if method == "grpo":  # question and excerpts: what the judge reward reads
+        if kind == "prompts":  # question and excerpts: what the judge reward reads
             rows.append({"prompt": prompt, "reference": e.answer, "question": e.question,
                          "excerpts": number_passages(passages), "example_id": e.id, "origin": e.kind})
         else:
@@ -182,28 +178,29 @@ def select_align_data(session: Session, method: str, retriever: Retriever | None
                       replay_fraction: float, seed: int, contradiction_rule: str = "majority",
                       balance_yes_no: bool = False) -> AlignData:
     """The fresh rows and the replay rows of one alignment run (see the module docstring)."""
+    kind = METHODS[method].data if method in ALIGN_METHODS else None
     anchors: list[dict] = []
-    if method in PAIRWISE:
+    if kind == "pairs":
         rows = preference_rows(session, retriever, data_dir)
         if not rows:
             raise StateError("no preference pairs: collect A/B choices or corrections with `tuneloop serve`, "
                              "or create AI preferences with `tuneloop rlaif`")
-    elif method == "kto":
+    elif kind == "unpaired":
         rows = kto_rows(session, retriever, data_dir, contradiction_rule)
         if not rows:
-            raise StateError("no thumbs-up/down feedback or preference pairs for KTO: collect feedback with "
-                             "`tuneloop serve`")
+            raise StateError(f"no thumbs-up/down feedback or preference pairs for {method.upper()}: collect "
+                             "feedback with `tuneloop serve`")
         if retriever is not None:
-            anchors = _example_rows(_train_examples(session, ("seed",)), retriever, "kto")
-    elif method == "grpo":
+            anchors = _example_rows(_train_examples(session, ("seed",)), retriever, kind)
+    elif kind == "prompts":
         if retriever is None:
-            raise StateError("GRPO needs the retrieval index to build prompts: run `tuneloop ingest` first")
-        rows = _example_rows(_train_examples(session, ("seed", "synthetic")), retriever, "grpo")
+            raise StateError(f"{method.upper()} needs the retrieval index to build prompts: run `tuneloop ingest` first")
+        rows = _example_rows(_train_examples(session, ("seed", "synthetic")), retriever, kind)
         if not rows:
-            raise StateError("no training questions for GRPO: import seeds (`tuneloop seeds import`) "
+            raise StateError(f"no training questions for {method.upper()}: import seeds (`tuneloop seeds import`) "
                              "or run `tuneloop synth`")
     else:
-        raise ConfigError(f"align method {method!r} is not implemented yet (use dpo, orpo, kto or grpo)")
+        raise ConfigError(f"align method {method!r} is not implemented yet (use one of {', '.join(ALIGN_METHODS)})")
     # a question of the held-out (or dev) set is never trained on: corrections and RLAIF pairs
     # come from live questions, and some of those are held out (`feedback.heldout_fraction`)
     kept = [r for r in rows if not r.pop("held_out", False)]
@@ -222,7 +219,7 @@ def select_align_data(session: Session, method: str, retriever: Retriever | None
     if not fresh:
         raise StateError(f"no new {method} training data: every row was used by an earlier alignment run")
     left_out = 0
-    if balance_yes_no and method in PAIRWISE:  # the rows left out stay fresh for a later run
+    if balance_yes_no and kind == "pairs":  # the rows left out stay fresh for a later run
         balanced = balance_labels(fresh, chosen_label, random.Random(seed))
         fresh, left_out = balanced, len(fresh) - len(balanced)
     pool = [r for r in rows if r["key"] in done] + [a for a in anchors if a["key"] not in unique]

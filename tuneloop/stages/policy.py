@@ -2,7 +2,7 @@
 
 One place decides how a run continues its parent: the base model in fp32 on CPU (bf16 on CUDA
 that has it), plus the parent's LoRA adapter loaded trainable, or, when the parent is the base
-model itself, a new LoRA config (the SFT LoRA settings) that the TRL trainer applies.
+model itself, a new LoRA config (the `lora` settings) that the TRL trainer applies.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from tuneloop.config import SFTSettings
+from tuneloop.config import LoraSettings
 from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
 
 
@@ -35,14 +35,15 @@ def device_args(device: str, dtype: torch.dtype) -> dict:
             "gradient_checkpointing": device == "cuda"}
 
 
-def lora_config(lora: SFTSettings, task_type: str = "CAUSAL_LM"):
+def lora_config(lora: LoraSettings, task_type: str = "CAUSAL_LM"):
+    """A new LoRA adapter with the project's `lora` settings."""
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora.target_modules, task_type=task_type)
 
 
-def load_policy(model_dir: Path, parent_adapter: Path | None, lora: SFTSettings, precision: str,
+def load_policy(model_dir: Path, parent_adapter: Path | None, lora: LoraSettings, precision: str,
                 padding_side: str = "right") -> Policy:
     """Base model + the parent's adapter (trainable), or base model + a new LoRA config."""
     from peft import PeftModel

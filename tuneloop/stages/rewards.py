@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tuneloop.metrics import token_f1
 from tuneloop.models.base import ChatModel, GenerationParams
 from tuneloop.programs.dspy_bridge import predict_many
 from tuneloop.programs.judge import JudgePrograms, parsed_score, score_to_reward
@@ -19,8 +20,6 @@ def _text(completion) -> str:
 
 def f1_reward(completions, reference, **_) -> list[float]:
     """Token F1 of each sampled answer against the example's reference answer."""
-    from tuneloop.metrics import token_f1
-
     return [float(token_f1(_text(c), [ref])) for c, ref in zip(completions, reference)]
 
 

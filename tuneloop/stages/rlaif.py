@@ -150,7 +150,7 @@ class Run:
         self.fs = project.settings.feedback
         self.judge_role = project.settings.models.judge
         self.programs = JudgePrograms()
-        self.adapter = make_adapter(project.settings.synth.adapter, self.judge_role.backend)
+        self.adapter = make_adapter(self.judge_role.adapter, self.judge_role.backend)
         self.judge_params = generation_params(self.judge_role, temperature=0.0)
 
     def candidates(self, prompts: list[RlaifPrompt]) -> list[list[dict[str, Any]]]:

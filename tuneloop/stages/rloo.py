@@ -26,30 +26,18 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PrinterCallback
 
-from tuneloop.artifacts import write_artifact
-from tuneloop.config import AlignSettings, Project, SFTSettings
-from tuneloop.models.defaults import resolve_model_path
+from tuneloop.config import AlignSettings, LoraSettings
 from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
 from tuneloop.progress import Reporter
 from tuneloop.safety import safe_rmtree
 from tuneloop.stages.align_data import AlignData
-from tuneloop.stages.policy import device_args, load_policy, lora_config
-from tuneloop.stages.common import save_trained_adapter, train_losses
-from tuneloop.store import ModelVersion
+from tuneloop.stages.common import train_losses
+from tuneloop.stages.methods import METHODS, RLOO_KL_BETA
+from tuneloop.stages.policy import load_policy, lora_config
+from tuneloop.stages.training import Run, Trained, alignment_meta, build_trainer, estimated_steps, fit, train_args
 
-RLOO_KL_BETA = 0.05  # TRL's RLOO default KL coefficient
 REWARD_DIR = "reward_model"
-
-
-def _common(s: AlignSettings, out: Path, device: str, dtype: torch.dtype) -> dict:
-    return {"output_dir": str(out), "num_train_epochs": s.epochs, "learning_rate": s.learning_rate,
-            "per_device_train_batch_size": s.batch_size, "gradient_accumulation_steps": s.grad_accum,
-            "seed": s.seed, "logging_steps": 1, "report_to": [], "save_strategy": "steps",
-            "save_steps": s.save_steps, "save_total_limit": 1, "disable_tqdm": True, **device_args(device, dtype)}
-
-
-def _lora(lora: SFTSettings, task_type: str):
-    return lora_config(lora, task_type)
+RLOO = METHODS["rloo"]
 
 
 def _reward_tokenizer(model_dir: Path):
@@ -67,7 +55,7 @@ def _seq_cls_model(model_dir: Path, tokenizer, dtype: torch.dtype):
 # --------------------------------------------------------------------------- phase 1: the reward model
 
 
-def train_reward_model(model_dir: Path, rows: list[dict], s: AlignSettings, lora: SFTSettings, work_dir: Path,
+def train_reward_model(model_dir: Path, rows: list[dict], s: AlignSettings, lora: LoraSettings, work_dir: Path,
                        reporter: Reporter | None = None):
     """Train the LoRA reward model on `rows` ({prompt, chosen, rejected}); return (trainer, tokenizer)."""
     from datasets import Dataset
@@ -78,9 +66,9 @@ def train_reward_model(model_dir: Path, rows: list[dict], s: AlignSettings, lora
     tokenizer = _reward_tokenizer(model_dir)
     torch.manual_seed(s.seed)  # the new score head is random
     model = _seq_cls_model(model_dir, tokenizer, dtype)
-    args = RewardConfig(max_length=s.max_length, **{**_common(s, work_dir, device, dtype), "save_strategy": "no"})
+    args = RewardConfig(max_length=s.max_length, **{**train_args(s, work_dir, device, dtype), "save_strategy": "no"})
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                            processing_class=tokenizer, peft_config=_lora(lora, "SEQ_CLS"))
+                            processing_class=tokenizer, peft_config=lora_config(lora, "SEQ_CLS"))
     trainer.remove_callback(PrinterCallback)
     if reporter is not None:
         reporter.log(f"training the reward model on {len(rows)} preference pairs")
@@ -123,7 +111,7 @@ def reward_accuracy(model, tokenizer, rows: list[dict]) -> float:
     return wins / len(rows) if rows else 0.0
 
 
-def _reward_phase(model_dir: Path, rows: list[dict], s: AlignSettings, lora: SFTSettings, work_dir: Path,
+def _reward_phase(model_dir: Path, rows: list[dict], s: AlignSettings, lora: LoraSettings, work_dir: Path,
                   reporter: Reporter) -> dict:
     """Train (or, after a kill, reuse) the reward model in work_dir/reward_model; return its info."""
     out = work_dir / REWARD_DIR
@@ -155,62 +143,35 @@ def _reward_phase(model_dir: Path, rows: list[dict], s: AlignSettings, lora: SFT
 
 
 def build_rloo_trainer(model_dir: Path, parent_adapter: Path | None, prompts: list[dict], reward_model,
-                       reward_tokenizer, s: AlignSettings, lora: SFTSettings, work_dir: Path):
+                       reward_tokenizer, s: AlignSettings, lora: LoraSettings, work_dir: Path):
     """RLOOTrainer on `prompts` ({"prompt": messages}) continuing `parent_adapter`, rewarded by `reward_model`."""
-    from datasets import Dataset
-    from trl import RLOOConfig, RLOOTrainer
-
     # As in align: continuing the champion's adapter, TRL copies it as the frozen "ref".
-    policy = load_policy(model_dir, parent_adapter, lora, s.precision, padding_side="left")  # generation
-    model, peft_config, tokenizer, device, dtype = (policy.model, policy.peft_config, policy.tokenizer,
-                                                    policy.device, policy.dtype)
-    common = _common(s, work_dir, device, dtype)
-    # One step = batch_size prompts x num_generations sampled answers (RLOO's leave-one-out group).
-    common["per_device_train_batch_size"] = s.batch_size * s.num_generations
-    args = RLOOConfig(beta=RLOO_KL_BETA, num_generations=s.num_generations,
-                      max_completion_length=s.max_completion_length, **common)
-    reward_model.to(device)
-    trainer = RLOOTrainer(model=model, reward_funcs=[reward_model], args=args,
-                          train_dataset=Dataset.from_list(prompts), processing_class=tokenizer,
-                          reward_processing_classes=[reward_tokenizer], peft_config=peft_config)
-    trainer.remove_callback(PrinterCallback)
-    return trainer, tokenizer
+    policy = load_policy(model_dir, parent_adapter, lora, s.precision, padding_side=RLOO.padding_side)
+    reward_model.to(policy.device)
+    trainer = build_trainer(RLOO, policy, prompts, s, work_dir, reward_funcs=[reward_model],
+                            reward_processing_classes=[reward_tokenizer])
+    return trainer, policy.tokenizer
 
 
-def run_rloo(project: Project, data: AlignData, parent: ModelVersion, name: str, cycle_id: int | None,
-             reporter: Reporter) -> Path:
-    """Both phases; writes the adapter artifact (with reward_model/) and returns its path."""
-    from tuneloop.stages.align import KIND, _train
-
-    s = project.settings.align
-    role = project.settings.models.student
-    model_dir = resolve_model_path(role.model, project.cache)
-    parent_adapter = Path(parent.adapter_path) if parent.adapter_path else None
-    work_dir = project.artifacts / ".work" / name
+def train_rloo(run: Run, data: AlignData, work_dir: Path, reporter: Reporter) -> Trained:
+    """Both phases; the trained policy, with the reward model as an extra artifact folder (reward_model/)."""
+    s, lora = run.project.settings.align, run.project.settings.lora
     rows = data.trl_rows()
-    reward_info = _reward_phase(model_dir, rows, s, project.settings.sft, work_dir, reporter)
-    reward_model, reward_tok = load_reward_model(model_dir, work_dir / REWARD_DIR,
+    reward_info = _reward_phase(run.model_dir, rows, s, lora, work_dir, reporter)
+    reward_model, reward_tok = load_reward_model(run.model_dir, work_dir / REWARD_DIR,
                                                  pick_dtype(pick_device(), s.precision))
     prompts = list({json.dumps(r["prompt"], sort_keys=True): {"prompt": r["prompt"]} for r in rows}.values())
     rl_dir = work_dir / "rloo"
-    trainer, tokenizer = build_rloo_trainer(model_dir, parent_adapter, prompts, reward_model, reward_tok, s,
-                                            project.settings.sft, rl_dir)
-    _train(trainer, rl_dir, len(prompts), s, reporter, "rloo")
-    losses = train_losses(trainer)
+    trainer, tokenizer = build_rloo_trainer(run.model_dir, run.parent_adapter, prompts, reward_model, reward_tok, s,
+                                            lora, rl_dir)
+    fit(trainer, rl_dir, RLOO.label, estimated_steps(len(prompts), s), reporter)
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
 
-    def write(tmp: Path) -> None:
-        save_trained_adapter(tmp, trainer, tokenizer, data.rows)
+    def copy_reward_model(tmp: Path) -> None:
         shutil.copytree(work_dir / REWARD_DIR, tmp / REWARD_DIR)
 
     hyperparams = {**s.model_dump(), "method": "rloo", "data": data.summary(), "kl_beta": RLOO_KL_BETA,
                    "n_prompts": len(prompts), "reward_model": {**reward_info, "path": REWARD_DIR},
                    "reward_model_accuracy": reward_info["accuracy"],
                    "first_reward": rewards[0] if rewards else None, "last_reward": rewards[-1] if rewards else None}
-    meta = {"stage": "align", "method": "rloo", "cycle_id": cycle_id, "base_model": role.model,
-            "parent": parent.name, "parent_adapter": parent.adapter_path, "reference": f"champion {parent.name}",
-            "hyperparams": hyperparams, "global_step": trainer.state.global_step,
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
-    path = write_artifact(project.artifacts, KIND, name, meta, write)
-    safe_rmtree(work_dir, inside=project.artifacts, ignore_errors=True)
-    return path
+    return Trained(trainer, tokenizer, data.rows, alignment_meta(run, hyperparams, trainer), copy_reward_model)

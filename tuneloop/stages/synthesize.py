@@ -179,7 +179,7 @@ class Engine:
         self.s = project.settings.synth
         self.teacher_role = project.settings.models.teacher
         self.programs = SynthPrograms()
-        self.adapter = make_adapter(self.s.adapter, self.teacher_role.backend)
+        self.adapter = make_adapter(self.teacher_role.adapter, self.teacher_role.backend)
         self.rejected: list[dict] = []
         self.optimized: dict | None = None
 
@@ -245,7 +245,7 @@ class Engine:
             excerpts = number_passages([Passage(0, "", example.passage)])
             try:
                 answer = self.programs.write_answer(excerpts=excerpts, question=q).answer
-                with dspy.context(lm=judge_lm, adapter=make_adapter(self.s.adapter, judge_role.backend)):
+                with dspy.context(lm=judge_lm, adapter=make_adapter(judge_role.adapter, judge_role.backend)):
                     verdict = self.programs.judge(excerpts=excerpts, question=q, answer=answer).supported
             except Exception:  # an unparseable reply fails the metric, it does not stop the run
                 return False
@@ -382,7 +382,7 @@ class Engine:
         inputs = [{"excerpts": number_passages([passages[c] for c in it.cited]), "question": it.question,
                    "answer": it.answer} for it in judged]
         role = self.project.settings.models.judge
-        adapter = make_adapter(self.s.adapter, role.backend)
+        adapter = make_adapter(role.adapter, role.backend)
         results = iter(predict_many(self.programs.judge, adapter, self.models.judge or self.models.teacher, inputs,
                                     generation_params(role, temperature=0.0), self.reporter, "judging grounding",
                                     role.batch_size))
@@ -428,7 +428,7 @@ class Engine:
         inputs = [{"excerpts": number_passages(it.context), "question": it.question, "reference_answer": it.answer}
                   for it in rewrite]
         role = self.project.settings.models.student
-        adapter = make_adapter(self.s.adapter, role.backend)
+        adapter = make_adapter(role.adapter, role.backend)
         results = predict_many(self.programs.rewrite, adapter, self.models.student, inputs,
                                generation_params(role, temperature=0.0), self.reporter, "self-distillation",
                                role.batch_size)

@@ -4,7 +4,7 @@ The averaged model is W0 + (1 - alpha) * dW_champion + alpha * dW_candidate, bui
 delta space with PEFT's `add_weighted_adapter(combination_type="cat")`: the LoRA factors are
 concatenated (A_i scaled by w_i * scaling_i, the new adapter's scaling is 1), so the delta is
 sum_i w_i * scaling_i * B_i A_i. Its rank is the sum of the two ranks, so a chain of averaged
-champions would grow without bound: above `continual.wise_max_rank` the same delta is truncated to
+champions would grow without bound: above `lora.max_rank` the same delta is truncated to
 that rank by SVD (PEFT's "svd" combination). When the champion is the base model (no adapter) the
 delta is alpha * dW_candidate.
 
@@ -153,7 +153,7 @@ def choose_alpha(project: Project, session: Session, champion: ModelVersion, can
             out = work / f"alpha-{alpha:g}"
             safe_rmtree(out, inside=work, ignore_errors=True)
             average_adapters(model_dir, champ_adapter, Path(candidate.adapter_path), alpha, out,
-                             cont.wise_max_rank)
+                             project.settings.lora.max_rank)
             reporter.log(f"WiSE-FT: scoring alpha {alpha:g} on {len(examples)} dev questions")
             scores[alpha] = score_adapter(project, out, examples, retriever, reporter)
             if champ_anchor is not None:

@@ -1,0 +1,213 @@
+"""The one training runner of SFT, DAPT, DPO/ORPO/KTO/GRPO and RLOO.
+
+A run: resolve the student's base model and the parent's adapter, train in artifacts/.work/<run>
+(resuming from the last complete checkpoint a killed run left there), save the trained adapter as
+an artifact (`write_artifact`: complete or absent), register its model version, and remove the
+work folder. A rerun of a finished run finds the complete artifact and only registers it (once).
+
+What differs between methods is a `methods.METHODS` entry (TRL config/trainer, data kind,
+reference model) and the stage's function that picks the data and builds the trainer.
+On CPU training runs in fp32 (bf16 is far slower without bf16 units); on CUDA with bf16 support
+it uses bf16 (`policy.device_args`).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from transformers import PrinterCallback, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_meta, run_name, write_artifact
+from tuneloop.config import Project
+from tuneloop.models.defaults import resolve_model_path
+from tuneloop.progress import Reporter
+from tuneloop.safety import safe_rmtree
+from tuneloop.stages.common import save_trained_adapter, train_losses
+from tuneloop.stages.methods import METHODS, TRL_COLUMNS, Method
+from tuneloop.stages.policy import Policy, device_args
+from tuneloop.store import ModelVersion, Session
+from tuneloop.versions import register_adapter
+
+KIND = "adapters"
+
+
+@dataclass
+class TrainResult:
+    """A registered training run: its version and adapter artifact."""
+
+    version: ModelVersion
+    artifact: Path
+    method: str
+    first_loss: float | None
+    last_loss: float | None
+
+
+@dataclass
+class Run:
+    """Who a run is: `stage` ("sft", "dapt", "align") and `method` name its artifact
+    (<stage>-<method> when they differ), `parent` is the version it continues."""
+
+    project: Project
+    stage: str
+    method: str
+    parent: ModelVersion
+    cycle_id: int | None = None
+    name: str | None = None  # default: deterministic inside a cycle, else timestamped
+    status: str = "candidate"
+
+    @property
+    def prefix(self) -> str:
+        return self.stage if self.stage == self.method else f"{self.stage}-{self.method}"
+
+    @cached_property
+    def model_dir(self) -> Path:
+        """The student's base model folder (resolved when training starts: it may convert a model)."""
+        return resolve_model_path(self.project.settings.models.student.model, self.project.cache)
+
+    @property
+    def parent_adapter(self) -> Path | None:
+        return Path(self.parent.adapter_path) if self.parent.adapter_path else None
+
+
+@dataclass
+class Trained:
+    """What a stage's training function hands back: the finished trainer and what to save."""
+
+    trainer: Any
+    tokenizer: Any
+    rows: list[dict]  # saved as train.jsonl
+    meta: dict  # the stage's own meta.json fields (hyperparams, ...)
+    extra_files: Callable[[Path], None] | None = None  # writes more files into the artifact
+
+
+def alignment_meta(run: Run, hyperparams: dict, trainer) -> dict:
+    """The meta.json fields of an alignment run: its method and the KL term's reference model."""
+    return {"method": run.method, "reference": METHODS[run.method].reference_note(run.parent.name),
+            "hyperparams": hyperparams, "global_step": trainer.state.global_step}
+
+
+def train_and_register(session: Session, run: Run, train: Callable[[Path], Trained]) -> TrainResult:
+    """Train (unless the run's artifact is complete), save and register; `train(work_dir)` does the
+    stage's own part: data, trainer, `fit`. Caller commits."""
+    artifacts = run.project.artifacts
+    name = run.name or run_name(run.prefix, run.cycle_id)
+    clean_leftovers(session, artifacts, KIND, run.prefix)
+    path = artifact_path(artifacts, KIND, name)
+    if not is_complete(path):
+        work_dir = artifacts / ".work" / name
+        path = _save(run, name, train(work_dir))
+        safe_rmtree(work_dir, inside=artifacts, ignore_errors=True)
+    return _register(session, path, run)
+
+
+def _save(run: Run, name: str, done: Trained) -> Path:
+    losses = train_losses(done.trainer)
+
+    def write(tmp: Path) -> None:
+        save_trained_adapter(tmp, done.trainer, done.tokenizer, done.rows)
+        if done.extra_files is not None:
+            done.extra_files(tmp)
+
+    meta = {"stage": run.stage, "cycle_id": run.cycle_id, "base_model": run.project.settings.models.student.model,
+            "parent": run.parent.name, "parent_adapter": run.parent.adapter_path, **done.meta,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+    return write_artifact(run.project.artifacts, KIND, name, meta, write)
+
+
+def _register(session: Session, path: Path, run: Run) -> TrainResult:
+    meta = read_meta(path)
+    method = meta.get("method", meta["stage"])
+    version = register_adapter(
+        session, path, run.parent, run.cycle_id, method=method, base_model=meta["base_model"], status=run.status,
+        hyperparams=meta["hyperparams"], training_example_ids=meta.get("example_ids"),
+        artifact_meta={"stage": meta["stage"], "method": method} if meta["stage"] != method else None,
+        metrics={"train_first_loss": meta["first_loss"], "train_last_loss": meta["last_loss"]})
+    return TrainResult(version, path, method, meta["first_loss"], meta["last_loss"])
+
+
+# --------------------------------------------------------------------------- trainer and training
+
+
+def train_args(s, work_dir: Path, device: str, dtype, epochs: float | None = None, sampling: bool = False) -> dict:
+    """The config fields every method shares, from its settings section `s` (`sft` or `align`)."""
+    batch = s.batch_size * s.num_generations if sampling else s.batch_size  # a group per prompt
+    return {"output_dir": str(work_dir), "num_train_epochs": s.epochs if epochs is None else epochs,
+            "learning_rate": s.learning_rate, "per_device_train_batch_size": batch,
+            "gradient_accumulation_steps": s.grad_accum, "seed": s.seed, "logging_steps": 1, "report_to": [],
+            "save_strategy": "steps", "save_steps": s.save_steps, "save_total_limit": 1, "disable_tqdm": True,
+            **device_args(device, dtype)}
+
+
+def trl_rows(rows: list[dict], method: Method) -> list[dict]:
+    """The columns of `rows` that TRL reads for the method's data kind."""
+    cols = TRL_COLUMNS[method.data]
+    return [{c: r[c] for c in cols} for r in rows]
+
+
+def build_trainer(method: Method, policy: Policy, rows: list[dict], s, work_dir: Path,
+                  epochs: float | None = None, **extra):
+    """The method's TRL trainer on `rows` (already its columns), training `policy`'s model;
+    `extra`: trainer arguments of its own (reward functions)."""
+    from datasets import Dataset  # imported on use: slow to import, and most commands never train
+
+    config_class, trainer_class = method.classes()
+    args = config_class(**train_args(s, work_dir, policy.device, policy.dtype, epochs, method.sampling),
+                        **method.options(s))
+    trainer = trainer_class(model=policy.model, args=args, train_dataset=Dataset.from_list(rows),
+                            processing_class=policy.tokenizer, peft_config=policy.peft_config, **extra)
+    trainer.remove_callback(PrinterCallback)  # our progress bar replaces its per-step log dicts
+    return trainer
+
+
+class ProgressCallback(TrainerCallback):
+    """Moves our progress bar (TRL's own tqdm bar is turned off)."""
+
+    def __init__(self, advance):
+        self.advance = advance
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.advance(1)
+
+
+def estimated_steps(n_rows: int, s, epochs: float | None = None) -> int:
+    """Optimiser steps of `n_rows` rows (the progress bar's total when TRL does not say)."""
+    per_epoch = max(1, -(-n_rows // (s.batch_size * s.grad_accum)))
+    return max(1, int(per_epoch * (s.epochs if epochs is None else epochs) + 0.999))
+
+
+def fit(trainer, work_dir: Path, label: str, total: int, reporter: Reporter) -> None:
+    """Train with a progress bar, resuming from the last complete checkpoint in `work_dir`;
+    `total`: the expected steps (used when the trainer has no `max_steps`)."""
+    total = trainer.args.max_steps if trainer.args.max_steps > 0 else total
+    resume = last_complete_checkpoint(work_dir)
+    with reporter.task(label, total) as advance:
+        if resume:
+            reporter.log(f"resuming training from {resume}")
+            advance(int(Path(resume).name.split("-")[-1]))
+        trainer.add_callback(ProgressCallback(advance))
+        trainer.train(resume_from_checkpoint=resume)
+
+
+def last_complete_checkpoint(work_dir: Path) -> str | None:
+    """The newest checkpoint that was fully written, removing any a kill left half-written.
+
+    Trainer writes a checkpoint folder in place and its trainer_state.json last; a run killed while
+    saving leaves a folder without it (or with it cut short), and resuming from that folder fails
+    on every later attempt.
+    """
+    if not work_dir.is_dir():
+        return None
+    while (last := get_last_checkpoint(str(work_dir))) is not None:
+        try:
+            json.loads((Path(last) / "trainer_state.json").read_text(encoding="utf-8"))
+            return last
+        except (OSError, ValueError):
+            safe_rmtree(last, inside=work_dir, ignore_errors=True)
+            if Path(last).exists():  # could not remove it: do not loop forever
+                return None
+    return None
