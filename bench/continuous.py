@@ -127,7 +127,8 @@ def plan(args) -> dict:
     old_docs = [c for c in contracts if c not in new_docs]
     rng = random.Random(args.seed)
     if args.docs_limit:
-        old_docs, new_docs = sorted(rng.sample(old_docs, args.docs_limit)), sorted(rng.sample(new_docs, args.docs_limit))
+        old_docs = sorted(rng.sample(old_docs, args.docs_limit))
+        new_docs = sorted(rng.sample(new_docs, args.docs_limit))
     seed_docs = set(rng.sample(old_docs, args.seed_contracts))
     old_q = [r for r in answered if r["contract"] in old_docs and r["category"] not in NEW_CATEGORIES]
     new_q = [r for r in answered if r["contract"] in new_docs and r["category"] in NEW_CATEGORIES]
@@ -341,7 +342,8 @@ def main() -> None:
     mark("phase 1: users asked old-category questions", **result["phase1"])
     t1 = tick(project, reporter, embedder, run_cycle)
     result["tick1"] = {"readings": readings(t1), "started": t1.started}
-    mark("watch tick 1 done", fired=[r["signal"] for r in result["tick1"]["readings"] if r["fired"]], started=t1.started)
+    mark("watch tick 1 done", fired=[r["signal"] for r in result["tick1"]["readings"] if r["fired"]],
+         started=t1.started)
 
     link_documents(args.workdir / "documents", args.data, p["new_docs"])
     with open_store(project.store_url)() as s:  # `tuneloop ingest documents`: users need them now
@@ -353,7 +355,8 @@ def main() -> None:
     mark("watch tick 2: checking the signals")
     t2 = tick(project, reporter, embedder, run_cycle)
     result["tick2"] = {"readings": readings(t2), "started": t2.started}
-    mark("watch tick 2 done", fired=[r["signal"] for r in result["tick2"]["readings"] if r["fired"]], started=t2.started)
+    mark("watch tick 2 done", fired=[r["signal"] for r in result["tick2"]["readings"] if r["fired"]],
+         started=t2.started)
     if t2.started:
         result["cycle2"] = cycle_summary(project, t2.started)
         mark("cycle 2 done", outcome=result["cycle2"]["outcome"])
@@ -467,7 +470,8 @@ def markdown(result: dict) -> str:
              f"old-category questions of other contracts. New world: {result['new_contracts']} licence-like "
              "contracts and 10 licence/IP categories. Users are simulated through the serving app: they vote "
              "thumbs up when the CUAD match rule holds against the lawyers' answer, else thumbs down with the "
-             "lawyers' answer as the correction.", "", "**Timeline**", "", "| minute | event | detail |", "|---|---|---|"]
+             "lawyers' answer as the correction.", "", "**Timeline**", "", "| minute | event | detail |",
+             "|---|---|---|"]
     for ev in result["timeline"]:
         info = {k: v for k, v in ev.items() if k not in ("minute", "what")}
         lines.append(f"| {ev['minute']} | {ev['what']} | {json.dumps(info, default=str)[:300] if info else ''} |")
@@ -484,9 +488,10 @@ def markdown(result: dict) -> str:
         h = result["heldout"].get(name, {})
         role = {result["champion_before"]: "champion before", result["candidate"]: "cycle 2 candidate"}
         what = "; ".join(x for x in (result.get("versions", {}).get(name), role.get(name)) if x)
-        lines.append(f"| {name}{f' ({what})' if what else ''} | {_ci(pr, primary)} | {_f(pr.get('yes_no_balanced_accuracy'))} "
-                     f"| {_ci(h.get('old'), primary)} | {_ci(h.get('new_from_feedback') or h.get('new_from_corrections'), primary)} | "
-                     f"{_f(h.get('anchor_score'))} |")
+        new_heldout = h.get("new_from_feedback") or h.get("new_from_corrections")
+        lines.append(f"| {name}{f' ({what})' if what else ''} | {_ci(pr, primary)} "
+                     f"| {_f(pr.get('yes_no_balanced_accuracy'))} | {_ci(h.get('old'), primary)} "
+                     f"| {_ci(new_heldout, primary)} | {_f(h.get('anchor_score'))} |")
     g = result.get("probe_gain")
     if g:
         lines += ["", f"Probe gain, candidate vs champion before (paired bootstrap over {g['n']} questions): "

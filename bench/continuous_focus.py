@@ -68,11 +68,13 @@ def main() -> None:
         items, _ = score_examples(project, adapter, continuous.probe_examples(plan["probe"]), retriever, rep)
     labels = [metrics.yes_no_label(e.answer) for e in train]
     answers = [metrics.yes_no_label(it["prediction"]) for it in items]
-    result = {"epochs": a.epochs, "learning_rate": settings.learning_rate, "n_train": len(train), "train_labels": {x: labels.count(x) for x in ("yes", "no")},
+    result = {"epochs": a.epochs, "learning_rate": settings.learning_rate, "n_train": len(train),
+              "train_labels": {x: labels.count(x) for x in ("yes", "no")},
               "probe": continuous.summary_with_ci(items, "macro_score"),
               "probe_answers": {str(x): answers.count(x) for x in set(answers)},
               "train_seconds": round(train_seconds, 1), "seconds": round(time.time() - t0, 1),
-              "command": f"python bench/continuous_focus.py --epochs {a.epochs} --learning-rate {settings.learning_rate}"}
+              "command": f"python bench/continuous_focus.py --epochs {a.epochs} "
+                         f"--learning-rate {settings.learning_rate}"}
     (a.out_dir / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

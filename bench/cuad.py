@@ -162,7 +162,8 @@ def _heldout_runs(project) -> dict[str, EvalRun]:
     with open_store(project.store_url)() as s:
         versions = {v.id: v.name for v in s.scalars(select(ModelVersion))}
         held = eval_set_hash(eval_examples(project, s))
-        return {versions[r.model_version_id]: r for r in s.scalars(select(EvalRun).where(EvalRun.eval_set_hash == held))}
+        runs = s.scalars(select(EvalRun).where(EvalRun.eval_set_hash == held))
+        return {versions[r.model_version_id]: r for r in runs}
 
 
 def _scored(run: EvalRun) -> dict[str, dict]:
@@ -188,7 +189,7 @@ def analyse(project, primary: str, dapt_project=None) -> dict:
         ci = bootstrap_ci(len(rows), metric(rows))
         out["intervals"][f"{arm}:{name}"] = [ci.low, ci.high]
     methods = {}
-    for (arm, name), r in runs.items():
+    for arm, name in runs:
         with open_store((dapt_project if arm == "dapt" else project).store_url)() as s:
             methods[(arm, name)] = s.scalar(select(ModelVersion.method).where(ModelVersion.name == name))
     keys = {("main", m): k for k in runs if k[0] == "main" for m in [methods[k]]}

@@ -57,7 +57,14 @@ import yaml  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 from tests.helpers import (  # noqa: E402
-    CONTRACTS, HELDOUT, KILLABLE_PROJECT, SEEDS, build_tiny_model, deep_merge, tiny_settings, write_settings,
+    CONTRACTS,
+    HELDOUT,
+    KILLABLE_PROJECT,
+    SEEDS,
+    build_tiny_model,
+    deep_merge,
+    tiny_settings,
+    write_settings,
 )
 from tuneloop import store as st  # noqa: E402
 from tuneloop.config import load_project  # noqa: E402
@@ -333,13 +340,15 @@ def cycle_faults(work: Path, steps_wanted: list[str] | None) -> dict[str, Any]:
 
 
 def print_cycle_table(part: dict[str, Any]) -> None:
-    print("\n| kill | step | killed exit | left by the kill | rerun exit | rerun s | tables differing | files differing | leftovers after rerun | ok |")
+    print("\n| kill | step | killed exit | left by the kill | rerun exit | rerun s | tables differing | "
+          "files differing | leftovers after rerun | ok |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in part["runs"]:
         d = r["diff"] or {}
         files = len(d.get("changed_files", [])) + len(d.get("missing_files", [])) + len(d.get("extra_files", []))
         when = f"during ({r['delay_s']} s)" if r["kill"] == "during" else "after"
-        print(f"| {when} | {r['step']} | {r['killed_exit']} | {len(r['left_by_kill'])} | {r['rerun_exit']} | {r['rerun_s']} | "
+        print(f"| {when} | {r['step']} | {r['killed_exit']} | {len(r['left_by_kill'])} | {r['rerun_exit']} | "
+              f"{r['rerun_s']} | "
               f"{', '.join(d.get('tables', {})) or '-'} | {files} | {len(r['leftovers_after_rerun'])} | "
               f"{'yes' if r['ok'] else 'NO'} |")
 
@@ -481,7 +490,8 @@ def server_faults(work: Path, model_dir: Path) -> dict[str, Any]:
     settings["serve"].update({"requests_per_minute": 0, "tokens_per_minute": 0})  # the load is the point
     write_settings(root, settings)
     subprocess.run([sys.executable, "-c", "from tuneloop.cli import main; main()", "ingest", str(root / "documents"),
-                    "--project", str(root)], check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                    "--project", str(root)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(root, port, log)

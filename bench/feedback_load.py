@@ -59,7 +59,6 @@ import yaml  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 
-
 def client_name(c: int) -> str:
     """The name of client key `c` (TUNELOOP_API_KEYS `name:key`); interactions and feedback carry it."""
     return f"bench-{c:03d}"

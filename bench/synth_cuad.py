@@ -25,8 +25,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from cuad import make_project, split_questions, update_markdown  # noqa: E402
+
 from tuneloop.artifacts import read_jsonl  # noqa: E402
 from tuneloop.cli import quiet_libraries  # noqa: E402
 from tuneloop.config import load_project  # noqa: E402

@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
-    CONTRACTS, FakeTeacher, build_tiny_model, deep_merge, import_sample_pairs, tiny_settings, write_settings,
+    CONTRACTS,
+    FakeTeacher,
+    build_tiny_model,
+    deep_merge,
+    import_sample_pairs,
+    tiny_settings,
+    write_settings,
 )
 from tuneloop.config import Project, load_project
 from tuneloop.models.base import GenerationParams

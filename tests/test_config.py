@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from tuneloop.config import Settings, default_settings_yaml, load_project, parse_settings
 from tuneloop.errors import ConfigError
@@ -106,7 +107,7 @@ def test_paths_resolve_relative_to_the_project(tmp_path, monkeypatch):
 
 def test_settings_assignment_is_validated():
     s = Settings()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         s.sft.epochs = -1
 
 

@@ -10,7 +10,12 @@ import pytest
 from sqlalchemy import func, select
 
 from tests.helpers import (
-    KILLABLE_PROJECT, FakeTeacher, RecordingReporter, kill_9_during_training, table_counts, use_teacher,
+    KILLABLE_PROJECT,
+    FakeTeacher,
+    RecordingReporter,
+    kill_9_during_training,
+    table_counts,
+    use_teacher,
 )
 from tuneloop import loop
 from tuneloop.artifacts import TMP_PREFIX, read_meta

@@ -48,7 +48,8 @@ class FakeServer:
                     if self.path != "/v1/chat/completions":
                         return self._send(404, {"error": {"message": f"no route {self.path}"}})
                     if n <= server.fail_first:
-                        return self._send(server.fail_status, {"error": {"message": "try again", "type": "server_error"}})
+                        error = {"error": {"message": "try again", "type": "server_error"}}
+                        return self._send(server.fail_status, error)
                     text = "re: " + body["messages"][-1]["content"]
                     self._send(200, {
                         "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),

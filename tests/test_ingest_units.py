@@ -16,7 +16,6 @@ from tuneloop.ingest.chunking import Chunk, _split_long, chunk_text, token_spans
 from tuneloop.ingest.index import HybridIndex, IndexNotFoundError
 from tuneloop.ingest.loaders import SUPPORTED_SUFFIXES, RawDocument, iter_files, load_file
 
-
 # --------------------------------------------------------------------------- helpers
 
 

@@ -13,8 +13,7 @@ from tests.helpers import deep_merge, ingest_project
 from tuneloop import loop, metrics
 from tuneloop.artifacts import read_jsonl, write_jsonl
 from tuneloop.evalsets import eval_examples, eval_set_hash, references
-from tuneloop.programs.judge import ComparePair, JudgeCorrect, parse_yes_no, parsed_yes_no
-from tuneloop.programs.judge import build_judge
+from tuneloop.programs.judge import ComparePair, JudgeCorrect, build_judge, parse_yes_no, parsed_yes_no
 from tuneloop.programs.synth import JudgeGrounding
 from tuneloop.progress import SilentReporter
 from tuneloop.stages import evaluate

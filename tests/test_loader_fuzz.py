@@ -13,7 +13,6 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from sqlalchemy.engine import make_url
 
 from tests.test_ingest_units import minimal_pdf
@@ -58,7 +57,7 @@ def _shapes(valid_lines: list[str]) -> st.SearchStrategy[bytes]:
         st.builds(_encoded, joined, st.sampled_from(["latin-1", "utf-16", "utf-32", "utf-8-sig", "cp1252"])),
         st.builds(lambda t, n: (t + "x" * n).encode(), joined, st.integers(10_000, 300_000)),  # a huge line
         st.builds(lambda d: _nested(d).encode(), st.integers(1, 5_000)),  # deep JSON (and YAML flow lists)
-        st.builds(lambda d: ('{"text": %s, "question": %s}' % (_nested(d), _nested(d))).encode(),
+        st.builds(lambda d: f'{{"text": {_nested(d)}, "question": {_nested(d)}}}'.encode(),
                   st.integers(1, 5_000)),
         st.builds(lambda t, i: (t[:i] + "\x00" + t[i:]).encode(), joined, st.integers(0, 50)),  # NUL
         st.builds(lambda d: ("x: " + "1" * d).encode(), st.integers(4000, 6000)),  # over int()'s digit limit

@@ -66,7 +66,8 @@ def test_every_param_is_part_of_the_key(tmp_path, changed):
 
 def test_seed_is_part_of_the_key_only_when_sampling():
     greedy, sampled = GenerationParams(max_new_tokens=8), GenerationParams(max_new_tokens=8, temperature=0.7)
-    assert request_key("m", conv("a"), greedy) == request_key("m", conv("a"), GenerationParams(max_new_tokens=8, seed=5))
+    seeded = GenerationParams(max_new_tokens=8, seed=5)
+    assert request_key("m", conv("a"), greedy) == request_key("m", conv("a"), seeded)
     assert request_key("m", conv("a"), sampled) != request_key(
         "m", conv("a"), GenerationParams(max_new_tokens=8, temperature=0.7, seed=5))
 

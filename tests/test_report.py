@@ -9,12 +9,19 @@ from typer.testing import CliRunner
 
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from tuneloop.cli import app
-from tuneloop.evalsets import anchor_items, anchor_set_hash
-from tuneloop.evalsets import eval_examples, eval_set_hash
-from tuneloop.versions import ensure_base_version
+from tuneloop.evalsets import anchor_items, anchor_set_hash, eval_examples, eval_set_hash
 from tuneloop.store import (
-    Cycle, CycleStep, EvalRun, Feedback, Interaction, ModelVersion, SignalValue, open_store, utcnow,
+    Cycle,
+    CycleStep,
+    EvalRun,
+    Feedback,
+    Interaction,
+    ModelVersion,
+    SignalValue,
+    open_store,
+    utcnow,
 )
+from tuneloop.versions import ensure_base_version
 
 
 def history(p):

@@ -14,16 +14,31 @@ from tests.helpers import ingest_project
 from tuneloop.artifacts import read_jsonl
 from tuneloop.cli import app
 from tuneloop.errors import StateError
-from tuneloop.programs.judge import calibration_report, combine
-from tuneloop.programs.judge import ComparePair, ScoreAnswer, parse_choice, parse_score, score_to_reward
+from tuneloop.programs.judge import (
+    ComparePair,
+    ScoreAnswer,
+    calibration_report,
+    combine,
+    parse_choice,
+    parse_score,
+    score_to_reward,
+)
 from tuneloop.programs.prompts import PromptBuilder
 from tuneloop.programs.rag import SYSTEM_PROMPT, Passage, build_messages
 from tuneloop.progress import SilentReporter
 from tuneloop.stages.rlaif import RlaifModels, collect_prompts, rlaif
-from tuneloop.versions import ensure_base_version
 from tuneloop.store import (
-    Chunk, Document, Example, Feedback, Interaction, PreferencePair, Reward, example_hash, open_store,
+    Chunk,
+    Document,
+    Example,
+    Feedback,
+    Interaction,
+    PreferencePair,
+    Reward,
+    example_hash,
+    open_store,
 )
+from tuneloop.versions import ensure_base_version
 
 T0 = datetime(2025, 1, 1, 12, 0, 0)
 DOES_NOT_SAY = "The document does not say."
@@ -224,7 +239,8 @@ def test_prompts_interactions_first_then_synthetic(env):
         assert prompts[2].info.messages == build_messages(q, retriever.retrieve(q, doc))
         assert len(collect_prompts(s, PromptBuilder(s, lambda: retriever), limit=1)) == 1
         # then the training seeds' questions; held-out (eval) seeds are never used
-        for q, split in (("Who may terminate?", "train"), ("What law governs?", "eval"), ("What is the term?", "train")):
+        questions = (("Who may terminate?", "train"), ("What law governs?", "eval"), ("What is the term?", "train"))
+        for q, split in questions:
             s.add(Example(kind="seed", split=split, question=q, answer="x", document="01-master-services-agreement.md",
                           content_hash=example_hash(q, split, "seed")))
         s.commit()

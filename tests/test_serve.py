@@ -188,7 +188,8 @@ def test_interaction_row_records_question_answer_chunks_version_latency_client(s
         body = r.json()
     row = rows(served, Interaction)[-1]
     base = next(v for v in rows(served, ModelVersion) if v.name == "base")
-    assert r.headers["X-Interaction-Id"] == row.public_id == body["interaction_id"] and body["id"].endswith(row.public_id)
+    assert r.headers["X-Interaction-Id"] == row.public_id == body["interaction_id"]
+    assert body["id"].endswith(row.public_id)
     assert (row.question, row.answer) == (QUESTION, f"base: {QUESTION}")
     assert body["choices"][0]["message"]["content"] == row.answer
     assert row.chunk_ids == [c["chunk_id"] for c in body["citations"]] and row.chunk_ids

@@ -16,8 +16,20 @@ from fastapi.testclient import TestClient
 
 from tests.helpers import ingest_project, prompt_question
 from tests.test_serve import (
-    ADMIN, ADMIN_TOKEN, CLIENT, CLIENT_KEY, OTHER_KEY, QUESTION, FakeFactory, _one_error_line, add_version, ask,
-    count, error_of, live_server, rows,
+    ADMIN,
+    ADMIN_TOKEN,
+    CLIENT,
+    CLIENT_KEY,
+    OTHER_KEY,
+    QUESTION,
+    FakeFactory,
+    _one_error_line,
+    add_version,
+    ask,
+    count,
+    error_of,
+    live_server,
+    rows,
 )
 from tuneloop.models.base import GenerationParams, Message
 from tuneloop.serve import create_app
@@ -28,6 +40,7 @@ from tuneloop.store import Feedback, IdempotencyKey, Interaction
 BOB = {"Authorization": f"Bearer {OTHER_KEY}"}  # the bare key: client "client-2"
 REVIEWER_KEY = "reviewer-key-321"
 REVIEWER = {"Authorization": f"Bearer {REVIEWER_KEY}"}
+KEYED = {**CLIENT, "Idempotency-Key": "k-1"}
 
 
 @pytest.fixture
@@ -132,8 +145,10 @@ def test_repeated_votes_keep_one_row_per_client_and_answer(make):
         statuses = [c.post("/v1/feedback", headers=CLIENT, json={"interaction_id": iid, "thumbs": t}).status_code
                     for t in ["up", "down"] * 10]
         assert statuses == [201] + [200] * 19
-        ids = {c.post("/v1/feedback", headers=CLIENT, json={"interaction_id": iid, "rating": 2}).json()["id"],
-               c.post("/v1/feedback", headers=CLIENT, json={"interaction_id": iid, "corrected_answer": "NSW"}).json()["id"]}
+        rating = {"interaction_id": iid, "rating": 2}
+        correction = {"interaction_id": iid, "corrected_answer": "NSW"}
+        ids = {c.post("/v1/feedback", headers=CLIENT, json=rating).json()["id"],
+               c.post("/v1/feedback", headers=CLIENT, json=correction).json()["id"]}
         assert c.post("/v1/feedback", headers=REVIEWER, json={"interaction_id": iid, "thumbs": "up"}).status_code == 201
     alice, rita = rows(proj, Feedback)
     assert ids == {alice.id}  # updates answer with the id of the verdict they changed
@@ -147,7 +162,8 @@ def test_a_changed_ab_choice_replaces_the_first(make):
     with TestClient(create_app(proj, model_factory=FakeFactory())) as c:
         body = c.post("/v1/chat/completions", headers=CLIENT, json=ask(ab=True)).json()
         for pick in body["interaction_ids"] * 3:
-            r = c.post("/v1/feedback", headers=CLIENT, json={"ab_pair": body["ab_pair"], "preferred_interaction_id": pick})
+            choice = {"ab_pair": body["ab_pair"], "preferred_interaction_id": pick}
+            r = c.post("/v1/feedback", headers=CLIENT, json=choice)
             assert r.status_code in (200, 201) and r.json()["interaction_id"] == pick
     [fb] = rows(proj, Feedback)
     chosen = next(i for i in rows(proj, Interaction) if i.public_id == body["interaction_ids"][1])
@@ -180,12 +196,12 @@ def test_an_idempotent_retry_stores_once_even_after_a_restart(make):
     body = {"thumbs": "down", "comment": "wrong law"}
     with TestClient(create_app(proj, model_factory=FakeFactory())) as c:
         iid = asked(c)
-        first = c.post("/v1/feedback", headers={**CLIENT, "Idempotency-Key": "k-1"}, json={"interaction_id": iid, **body})
-        again = c.post("/v1/feedback", headers={**CLIENT, "Idempotency-Key": "k-1"}, json={"interaction_id": iid, **body})
+        first = c.post("/v1/feedback", headers=KEYED, json={"interaction_id": iid, **body})
+        again = c.post("/v1/feedback", headers=KEYED, json={"interaction_id": iid, **body})
         assert first.status_code == again.status_code == 201 and first.json() == again.json()
     stored = rows(proj, Feedback)
     with TestClient(create_app(proj, model_factory=FakeFactory())) as c:  # a new server on the same store
-        later = c.post("/v1/feedback", headers={**CLIENT, "Idempotency-Key": "k-1"}, json={"interaction_id": iid, **body})
+        later = c.post("/v1/feedback", headers=KEYED, json={"interaction_id": iid, **body})
         assert (later.status_code, later.json()) == (201, first.json())
         other = c.post("/v1/feedback", headers={**CLIENT, "Idempotency-Key": "k-1"},
                        json={"interaction_id": iid, "thumbs": "up"})

@@ -9,10 +9,18 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, func, inspect, select
+from sqlalchemy.exc import IntegrityError
 
 from tuneloop import store as st
 from tuneloop.artifacts import (
-    META_FILE, TMP_PREFIX, clean_leftovers, clean_temporary, is_complete, read_jsonl, read_meta, write_artifact,
+    META_FILE,
+    TMP_PREFIX,
+    clean_leftovers,
+    clean_temporary,
+    is_complete,
+    read_jsonl,
+    read_meta,
+    write_artifact,
     write_jsonl,
 )
 
@@ -66,7 +74,8 @@ def test_later_migrations_upgrade_a_version_1_database_without_losing_rows(tmp_p
     assert st.migrate(engine) == []  # idempotent
     cols = {c["name"] for c in inspect(engine).get_columns("interactions")}
     assert {"document", "ab_pair", "arm", "client"} <= cols
-    assert {"preferred_interaction_id", "source", "client"} <= {c["name"] for c in inspect(engine).get_columns("feedback")}
+    columns = {c["name"] for c in inspect(engine).get_columns("feedback")}
+    assert {"preferred_interaction_id", "source", "client"} <= columns
     with st.open_store(url)() as s:
         fb = s.get(st.Feedback, 1)
         assert (fb.thumbs, fb.source) == (1, "human") and s.get(st.Interaction, 1).question == "q?"
@@ -80,7 +89,6 @@ def test_later_migrations_upgrade_a_version_1_database_without_losing_rows(tmp_p
 def test_migration_4_backfills_distinct_public_ids_and_enforces_uniqueness(tmp_path):
     """Interactions stored before migration 4 get random, distinct public ids; the column is unique."""
     from sqlalchemy import text
-    from sqlalchemy.exc import IntegrityError
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     engine = create_engine(url)
@@ -112,7 +120,7 @@ def test_store_keeps_rows_and_enforces_unique_examples(tmp_path):
         s.add(st.Example(kind="seed", split="train", question="q", answer="a", content_hash=h))
         s.commit()
         s.add(st.Example(kind="seed", split="train", question="q", answer="a", content_hash=h))
-        with pytest.raises(Exception):
+        with pytest.raises(IntegrityError):
             s.commit()
         s.rollback()
         s.add(st.Example(kind="seed", split="eval", question="q", answer="a", content_hash=h))

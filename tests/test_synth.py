@@ -150,7 +150,8 @@ def test_dataset_loads_with_datasets_and_report_adds_up(env, fake_teacher):
 def test_negative_questions_survive_only_when_retrieval_also_finds_nothing(env):
     p, _, _ = env
     p.settings.synth.strategies = {"negative": 1.0}
-    teacher = FakeTeacher(question=lambda conv: f"What does the agreement say about {passage_phrase(question_passage(conv))} on Mars?",
+    teacher = FakeTeacher(question=lambda conv: "What does the agreement say about "
+                                                f"{passage_phrase(question_passage(conv))} on Mars?",
                           round_trip=lambda conv: NEGATIVE_ANSWER if "Mars" in prompt_question(conv) else "Yes")
     r, _ = run(env, teacher)
     rows = read_jsonl(r.artifact / "data.jsonl")

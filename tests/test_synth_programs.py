@@ -12,7 +12,12 @@ from tests.helpers import ingest_project, passage_phrase
 from tuneloop.artifacts import read_jsonl
 from tuneloop.models.base import GenerationParams
 from tuneloop.programs.dspy_bridge import (
-    ChatModelEngine, PlainChatAdapter, dspy_lm, format_many, make_adapter, predict_many,
+    ChatModelEngine,
+    PlainChatAdapter,
+    dspy_lm,
+    format_many,
+    make_adapter,
+    predict_many,
 )
 from tuneloop.programs.rag import SYSTEM_PROMPT
 from tuneloop.programs.synth import TASKS, JudgeGrounding, WriteAnswer, WriteQuestion, parse_verdict
@@ -62,7 +67,8 @@ class ChatFormatTeacher:
             return (f"[[ ## answer ## ]]\n{re.match(r'Which terms cover (.+)[?]$', q).group(1)}\n\n"
                     "[[ ## citations ## ]]\n[1]\n\n[[ ## completed ## ]]")
         self.kinds.append("question")
-        return f"[[ ## question ## ]]\nWhich terms cover {passage_phrase(field(user, 'passage'))}?\n\n[[ ## completed ## ]]"
+        phrase = passage_phrase(field(user, "passage"))
+        return f"[[ ## question ## ]]\nWhich terms cover {phrase}?\n\n[[ ## completed ## ]]"
 
     def chat(self, conversations, params):
         return [self.reply(c) for c in conversations]
@@ -81,7 +87,8 @@ def test_plain_adapter_renders_an_ordinary_chat_prompt():
     assert user.endswith("Reply with the question only.")
     assert adapter.parse(WriteQuestion, "1. Question: What is the cap?\nAnd more") == {"question": "What is the cap?"}
     assert adapter.parse(WriteAnswer, "Answer: Delaware [2]") == {"answer": "Delaware", "citations": [2]}
-    assert adapter.parse(JudgeGrounding, "No - it is not there.") == {"supported": False, "rationale": "it is not there."}
+    parsed = adapter.parse(JudgeGrounding, "No - it is not there.")
+    assert parsed == {"supported": False, "rationale": "it is not there."}
     with pytest.raises(ValueError):
         adapter.parse(JudgeGrounding, "It depends.")
     assert [parse_verdict(x) for x in ("Yes.", "supported: no", "True", "Perhaps")] == [True, False, True, None]

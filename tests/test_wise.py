@@ -160,7 +160,8 @@ def _setup_versions(project, s, champ_adapter, cand_adapter):
                              method="sft", status="champion")
         s.add(champ)
         s.flush()
-    cand = ModelVersion(name="v2" if champ_adapter else "v1", parent_id=champ.id, base_model=base.base_model, adapter_path=str(cand_adapter),
+    cand = ModelVersion(name="v2" if champ_adapter else "v1", parent_id=champ.id, base_model=base.base_model,
+                        adapter_path=str(cand_adapter),
                         method="sft", status="candidate", training_example_ids=[1, 2])
     s.add(cand)
     s.flush()

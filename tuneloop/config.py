@@ -56,7 +56,7 @@ class RoleSettings(_Section):
         return v
 
     @model_validator(mode="after")
-    def _endpoint_needs_url(self) -> "RoleSettings":
+    def _endpoint_needs_url(self) -> RoleSettings:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url (e.g. http://localhost:8000/v1)")
         return self
@@ -80,7 +80,7 @@ class IngestSettings(_Section):
     max_document_mb: float = Field(20.0, gt=0, le=1_000)
 
     @model_validator(mode="after")
-    def _overlap_below_size(self) -> "IngestSettings":
+    def _overlap_below_size(self) -> IngestSettings:
         if self.overlap_tokens >= self.chunk_tokens:
             raise ValueError("overlap_tokens must be smaller than chunk_tokens")
         return self
@@ -125,7 +125,7 @@ class SynthSettings(_Section):
         return v
 
     @model_validator(mode="after")
-    def _min_below_max(self) -> "SynthSettings":
+    def _min_below_max(self) -> SynthSettings:
         for what in ("question", "answer"):
             lo, hi = getattr(self, f"min_{what}_chars"), getattr(self, f"max_{what}_chars")
             if lo > hi:
@@ -303,7 +303,7 @@ class MonitorSettings(_Section):
     canary_tolerance: float = Field(0.1, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _minimum_fits_window(self) -> "MonitorSettings":
+    def _minimum_fits_window(self) -> MonitorSettings:
         # a minimum above its window could never be reached: the signal would never give a verdict
         for least, window in (("min_votes", "satisfaction_window"), ("min_queries", "drift_window")):
             if getattr(self, least) > getattr(self, window):

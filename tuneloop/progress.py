@@ -10,7 +10,7 @@ Advance = Callable[[int], None]
 
 
 class Reporter(Protocol):
-    def task(self, description: str, total: int | None) -> "contextmanager[Advance]": ...
+    def task(self, description: str, total: int | None) -> contextmanager[Advance]: ...
 
     def log(self, message: str) -> None: ...
 
@@ -37,7 +37,12 @@ class RichReporter:
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
         from rich.progress import (
-            BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
             TimeRemainingColumn,
         )
 

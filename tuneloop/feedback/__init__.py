@@ -9,5 +9,14 @@ The cycle's steps that use them live in `tuneloop/stages/`: `feedback` (routing 
 examples) and `rlaif` (AI feedback, calibrated against routing's human pairs).
 """
 from tuneloop.feedback.routing import (  # noqa: F401
-    RULES, KTORow, PairRow, RewardRow, Routed, Vote, normalize_answer, resolve_votes, route_feedback, store_human,
+    RULES,
+    KTORow,
+    PairRow,
+    RewardRow,
+    Routed,
+    Vote,
+    normalize_answer,
+    resolve_votes,
+    route_feedback,
+    store_human,
 )

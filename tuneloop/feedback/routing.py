@@ -102,7 +102,7 @@ class PairRow:
     def key(self) -> str:
         return pair_key(self.prompt, self.chosen, self.rejected)
 
-    def merge(self, other: "PairRow") -> None:
+    def merge(self, other: PairRow) -> None:
         self.interaction_ids = _merge_ids(self.interaction_ids, other.interaction_ids)
         self.feedback_ids = _merge_ids(self.feedback_ids, other.feedback_ids)
         self.preference_pair_ids = _merge_ids(self.preference_pair_ids, other.preference_pair_ids)

@@ -6,12 +6,12 @@ corrupt or encrypted PDF, malformed JSONL, empty, binary or too large a document
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from tuneloop.jsonl import json_objects
 from tuneloop.errors import InputError
+from tuneloop.jsonl import json_objects
 from tuneloop.textfile import read_text
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".pdf", ".jsonl")

@@ -5,8 +5,9 @@ runs behind it: a model loaded in-process with transformers, or an OpenAI-compat
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 

@@ -30,7 +30,6 @@ from dspy.utils.exceptions import AdapterParseError
 from tuneloop.models.base import ChatModel, GenerationParams, Message
 from tuneloop.progress import Reporter, SilentReporter, batched_chat
 
-
 # --------------------------------------------------------------------------- engine
 
 
@@ -105,7 +104,7 @@ class PlainChatAdapter(dspy.Adapter):
                          if k != out_name and d.get(k) and isinstance(d.get(k), str)]
                 lines.append(f"- {_label(out_name)} {_show(d[out_name])}" + "".join("\n" + e for e in extra))
             parts.append("Examples:\n" + "\n".join(lines) + "\n")
-        for name, field in signature.input_fields.items():
+        for name in signature.input_fields:
             value = inputs.get(name)
             if value in (None, "", [], ()) or name == "task":
                 continue

@@ -47,7 +47,7 @@ class Retriever:
         self.index, self.passages, self.top_k, self.rrf_k = index, passages, top_k, rrf_k
 
     @classmethod
-    def load(cls, project: Project, session: Session, embedder: Embedder | None) -> "Retriever":
+    def load(cls, project: Project, session: Session, embedder: Embedder | None) -> Retriever:
         index = HybridIndex.load(project.index_dir, embedder)
         rows = session.execute(select(Chunk.id, Document.name, Chunk.text).join(Document).order_by(Chunk.id)).all()
         if index.content_hash is not None and index.content_hash != chunks_hash([r[0] for r in rows],

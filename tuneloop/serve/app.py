@@ -34,8 +34,16 @@ from tuneloop.serve.errors import ApiError, CatchAllMiddleware, install_error_ha
 from tuneloop.serve.limits import KeyLimits, RateLimitMiddleware
 from tuneloop.serve.records import admin_summary, interaction_json, save_feedback
 from tuneloop.serve.schemas import (
-    PUBLIC_ID_PATTERN, AdminSummary, ChatCompletion, ChatRequest, ErrorBody, FeedbackRequest, FeedbackStored,
-    InteractionView, ModelList, check_feedback,
+    PUBLIC_ID_PATTERN,
+    AdminSummary,
+    ChatCompletion,
+    ChatRequest,
+    ErrorBody,
+    FeedbackRequest,
+    FeedbackStored,
+    InteractionView,
+    ModelList,
+    check_feedback,
 )
 from tuneloop.serve.state import ModelFactory, ModelState
 from tuneloop.store import open_store

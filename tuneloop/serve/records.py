@@ -29,7 +29,15 @@ from tuneloop.serve.auth import Caller
 from tuneloop.serve.errors import ApiError
 from tuneloop.serve.schemas import FeedbackRequest
 from tuneloop.store import (
-    Chunk, Cycle, Document, Feedback, IdempotencyKey, Interaction, ModelVersion, text_hash, utcnow,
+    Chunk,
+    Cycle,
+    Document,
+    Feedback,
+    IdempotencyKey,
+    Interaction,
+    ModelVersion,
+    text_hash,
+    utcnow,
 )
 
 THUMBS = {"up": 1, "down": -1}

@@ -75,7 +75,10 @@ def count_usage(model: ChatModel, conversation: list[Message], reply: str) -> Us
         return Usage(sum(len(m["content"].split()) for m in conversation), len(reply.split()))
     render = getattr(owner, "render", None)
     prompt = render(conversation) if callable(render) else "\n".join(m["content"] for m in conversation)
-    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
     return Usage(count(prompt), count(reply) if reply else 0)
 
 

@@ -40,11 +40,16 @@ from tuneloop.stages.policy import load_policy
 from tuneloop.stages.rewards import JudgeReward, f1_reward
 from tuneloop.stages.rloo import train_rloo
 from tuneloop.stages.training import (
-    Run, Trained, TrainResult, alignment_meta, estimated_steps, fit, train_and_register,
+    Run,
+    Trained,
+    TrainResult,
+    alignment_meta,
+    estimated_steps,
+    fit,
+    train_and_register,
 )
 from tuneloop.stages.training import build_trainer as build_trainer_of
 from tuneloop.store import ModelVersion, Session
-from tuneloop.versions import register_adapter
 
 
 def grpo_reward(project: Project):

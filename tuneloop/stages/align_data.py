@@ -194,7 +194,8 @@ def select_align_data(session: Session, method: str, retriever: Retriever | None
             anchors = _example_rows(_train_examples(session, ("seed",)), retriever, kind)
     elif kind == "prompts":
         if retriever is None:
-            raise StateError(f"{method.upper()} needs the retrieval index to build prompts: run `tuneloop ingest` first")
+            raise StateError(f"{method.upper()} needs the retrieval index to build prompts: "
+                             "run `tuneloop ingest` first")
         rows = _example_rows(_train_examples(session, ("seed", "synthetic")), retriever, kind)
         if not rows:
             raise StateError(f"no training questions for {method.upper()}: import seeds (`tuneloop seeds import`) "

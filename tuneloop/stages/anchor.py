@@ -3,7 +3,8 @@ shows up as a number.
 
 Fine-tuning a small model on contracts can erode what it knew before (catastrophic forgetting).
 The anchor set (`tuneloop/sample/anchor.jsonl`, written for tuneloop: 120 everyday questions with
-short references: capitals, arithmetic, science, animals, words, translations) is asked without retrieval, as a plain chat message. An answer counts when it
+short references: capitals, arithmetic, science, animals, words, translations) is asked without
+retrieval, as a plain chat message. An answer counts when it
 contains one of its references as whole words (`anchor_score`, the share of such answers); token
 F1 is kept too. Each version's run is stored once per anchor set, like held-out eval runs.
 
@@ -16,7 +17,6 @@ net.
 from __future__ import annotations
 
 from pathlib import Path
-
 
 from tuneloop.config import Project
 from tuneloop.evalsets import anchor_items, anchor_set_hash

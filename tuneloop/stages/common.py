@@ -49,7 +49,7 @@ def save_trained_adapter(tmp: Path, trainer, tokenizer, rows: list[dict]) -> Non
     (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
 
 
-def training_parent(project: "Project", session: Session, parent: ModelVersion | None, purpose: str) -> ModelVersion:
+def training_parent(project: Project, session: Session, parent: ModelVersion | None, purpose: str) -> ModelVersion:
     """The version a training stage continues (`parent`, else the champion), after checking that
     the student is a local model that can be trained at all (`purpose`: "fine-tuned", "aligned")."""
     if project.settings.models.student.backend != "local":

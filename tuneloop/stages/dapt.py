@@ -28,7 +28,6 @@ from tuneloop.stages.policy import load_policy
 from tuneloop.stages.training import Run, Trained, TrainResult, estimated_steps, fit, train_and_register, trl_rows
 from tuneloop.stages.training import build_trainer as build_trainer_of
 from tuneloop.store import Chunk, ModelVersion, Session, text_hash
-from tuneloop.versions import register_adapter
 
 METHOD = "dapt"
 STATUS = "intermediate"

@@ -28,6 +28,7 @@ from tuneloop.stages.judge_eval import judge_items
 from tuneloop.stats import bootstrap_ci
 from tuneloop.store import Artifact, EvalRun, Example, ModelVersion, Session
 
+
 def stored_eval_run(project: Project, session: Session, version: ModelVersion, set_hash: str, kind: str,
                     artifact_name: str, stage: str, score: Callable[[], tuple[list[dict], dict]],
                     cycle_id: int | None = None) -> EvalRun:

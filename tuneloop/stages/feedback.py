@@ -75,7 +75,8 @@ def _verdict(fb: Feedback, it: Interaction, approved_rating: int, approvals: boo
     return None if (bad or good) else False
 
 
-def known_answers(session: Session, approved_rating: int = 4, approvals: bool = True) -> dict[tuple[str, str], KnownAnswer]:
+def known_answers(session: Session, approved_rating: int = 4,
+                  approvals: bool = True) -> dict[tuple[str, str], KnownAnswer]:
     """Per question key, the answer the latest human verdict on it establishes (see the module doc)."""
     q = (select(Feedback, Interaction).join(Interaction, Feedback.interaction_id == Interaction.id)
          .where(Feedback.source == "human", Feedback.preferred_interaction_id.is_(None))

@@ -121,7 +121,8 @@ def source_guards(project: Project, paired: PairedRuns) -> list[str]:
     if len(set(paired.sources)) < 2:
         return []
     everything = range(len(paired.ids))
-    cand, champ = (by_source(rows, paired.sources, everything, s.primary_metric) for rows in (paired.cand, paired.champ))
+    cand, champ = (by_source(rows, paired.sources, everything, s.primary_metric)
+                   for rows in (paired.cand, paired.champ))
     reasons = []
     for kind in cand:
         reason = drop_guard(f"{s.primary_metric} on the {kind!r} held-out questions ({paired.sources.count(kind)})",

@@ -12,7 +12,8 @@ With `eval.judge_metrics` (off by default: the default 135M judge's verdicts are
   in both orders (`programs.judge.judge_both_orders`); a win or a loss only when both orders agree,
   anything else (tie, inconsistent, unparsed, identical answers) is a tie.
 
-Whenever both runs carry `judge_faithfulness`, the gate's `faithfulness_guard` (`stages/gate.py`) refuses a candidate whose
+Whenever both runs carry `judge_faithfulness`, the gate's `faithfulness_guard` (`stages/gate.py`)
+refuses a candidate whose
 faithfulness falls more than `eval.faithfulness_tolerance` below the champion's. A run stored before
 the setting was on has no judge metrics (runs are stored once per version and set): no guard then.
 """
@@ -28,7 +29,13 @@ from tuneloop.evalsets import predictions_by_example
 from tuneloop.feedback.routing import normalize_answer
 from tuneloop.programs.dspy_bridge import predict_many
 from tuneloop.programs.judge import (
-    EvalJudge, Judged, JudgeSource, judge_both_orders, parsed_yes_no, position_stats, resolve_judge,
+    EvalJudge,
+    Judged,
+    JudgeSource,
+    judge_both_orders,
+    parsed_yes_no,
+    position_stats,
+    resolve_judge,
 )
 from tuneloop.programs.prompts import PromptBuilder
 from tuneloop.programs.rag import Passage

@@ -3,7 +3,8 @@
 1. Prompts: the questions of the latest interactions (their serving prompt rebuilt from the
    stored chunks), then synthetic examples' questions, then the experts' training seeds' questions
    (both retrieved as serving would), deduplicated, up to `feedback.rlaif_prompts`.
-2. Candidates: the champion student (inside a cycle: the cycle's SFT candidate) answers each prompt `feedback.rlaif_candidates` times at
+2. Candidates: the champion student (inside a cycle: the cycle's SFT candidate) answers each prompt
+   `feedback.rlaif_candidates` times at
    `feedback.rlaif_temperature`, each round with its own seed; empty and duplicate answers dropped.
 3. `pairwise` mode: for a prompt from an expert seed, a pair of candidates whose token F1 against
    the expert's answer differs by at least `feedback.rlaif_reference_margin` is decided by that
@@ -46,7 +47,13 @@ from tuneloop.models.base import ChatModel
 from tuneloop.models.registry import generation_params
 from tuneloop.programs.dspy_bridge import make_adapter, predict_many
 from tuneloop.programs.judge import (
-    JudgePrograms, Judged, calibration_report, judge_both_orders, parsed_score, position_stats, score_to_reward,
+    Judged,
+    JudgePrograms,
+    calibration_report,
+    judge_both_orders,
+    parsed_score,
+    position_stats,
+    score_to_reward,
 )
 from tuneloop.programs.prompts import PromptBuilder, PromptInfo
 from tuneloop.programs.synth import number_passages

@@ -15,9 +15,9 @@ from sqlalchemy import select
 
 from tuneloop.errors import InputError
 from tuneloop.jsonl import json_objects
-from tuneloop.textfile import read_text
 from tuneloop.splits import heldout_side, question_key
 from tuneloop.store import Example, Session, example_hash
+from tuneloop.textfile import read_text
 
 _DOC_KEYS = ("source", "document", "contract")
 # CSV columns read (a JSONL record may carry other keys: files exported from elsewhere often do).

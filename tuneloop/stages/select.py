@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from tuneloop.config import Project
 from tuneloop.programs.rag import Retriever
@@ -18,7 +19,6 @@ from tuneloop.progress import Reporter
 from tuneloop.stages.wise import dev_examples, score_adapter
 from tuneloop.store import ModelVersion, Session
 from tuneloop.versions import Status, set_status
-from pathlib import Path
 
 
 @dataclass

@@ -20,10 +20,16 @@ from tuneloop.stages.common import balance_labels, training_parent
 from tuneloop.stages.methods import METHODS
 from tuneloop.stages.policy import load_policy
 from tuneloop.stages.training import (
-    Run, Trained, TrainResult, build_trainer, estimated_steps, fit, train_and_register, trl_rows,
+    Run,
+    Trained,
+    TrainResult,
+    build_trainer,
+    estimated_steps,
+    fit,
+    train_and_register,
+    trl_rows,
 )
 from tuneloop.store import Example, ModelVersion, Session
-from tuneloop.versions import register_adapter
 
 SFT = METHODS["sft"]
 

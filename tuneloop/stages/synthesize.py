@@ -31,13 +31,27 @@ import numpy as np
 from sqlalchemy import select
 
 from tuneloop.artifacts import (
-    artifact_path, clean_leftovers, is_complete, read_jsonl, run_name, write_artifact, write_jsonl,
+    artifact_path,
+    clean_leftovers,
+    is_complete,
+    read_jsonl,
+    run_name,
+    write_artifact,
+    write_jsonl,
 )
 from tuneloop.config import Project
 from tuneloop.errors import StateError
 from tuneloop.filters import (
-    NEGATIVE_ANSWER, ContaminationFilter, NearDuplicateFilter, NoveltyFilter, answer_problem, distinct_n,
-    embedding_spread, is_negative_answer, round_trip_agree, support,
+    NEGATIVE_ANSWER,
+    ContaminationFilter,
+    NearDuplicateFilter,
+    NoveltyFilter,
+    answer_problem,
+    distinct_n,
+    embedding_spread,
+    is_negative_answer,
+    round_trip_agree,
+    support,
 )
 from tuneloop.models.base import ChatModel, Embedder
 from tuneloop.models.registry import generation_params
@@ -446,7 +460,8 @@ class Engine:
         return {
             "question": it.question, "answer": it.answer, "document": it.document, "question_type": it.qtype,
             "strategy": "self_instruct" if it.qtype == "self_instruct" else "grounded",
-            "source_chunk_ids": it.chunk_ids, "chunk_ids": it.cited, "context_chunk_ids": [p.chunk_id for p in it.context],
+            "source_chunk_ids": it.chunk_ids, "chunk_ids": it.cited,
+            "context_chunk_ids": [p.chunk_id for p in it.context],
             "citations_inferred": it.citations_inferred,
             "seed_ids": [d.id for d in it.human_demos], "machine_demo_ids": [d.id for d in it.machine_demos],
             "teacher": self.models.teacher.name,
@@ -467,7 +482,8 @@ class Engine:
             "question_types": {
                 "generated": dict(Counter([it.qtype for it in kept] + [r["question_type"] for r in self.rejected])),
                 "kept": dict(Counter(it.qtype for it in kept))},
-            "diversity": {"distinct_1": round(distinct_n(questions, 1), 4), "distinct_2": round(distinct_n(questions, 2), 4),
+            "diversity": {"distinct_1": round(distinct_n(questions, 1), 4),
+                          "distinct_2": round(distinct_n(questions, 2), 4),
                           "embedding_spread": None if spread is None else round(float(spread), 4)},
             "citations_inferred": sum(it.citations_inferred for it in kept),
             "self_distilled": sum(1 for it in kept if it.extra.get("teacher_answer")),
