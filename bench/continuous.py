@@ -62,10 +62,10 @@ from tuneloop.loop import CycleContext, run_cycle  # noqa: E402
 from tuneloop.models.registry import build_embedder  # noqa: E402
 from tuneloop.monitor.signals import check_signals  # noqa: E402
 from tuneloop.monitor.watch import tick  # noqa: E402
+from tuneloop.programs.scoring import score_examples  # noqa: E402
 from tuneloop.progress import RichReporter  # noqa: E402
 from tuneloop.report import write_report  # noqa: E402
 from tuneloop.serve import create_app  # noqa: E402
-from tuneloop.stages.evaluate import score_examples  # noqa: E402
 from tuneloop.stages.ingest import ingest_paths  # noqa: E402
 from tuneloop.stats import bootstrap_ci, paired_bootstrap  # noqa: E402
 from tuneloop.store import Cycle, CycleStep, EvalRun, Example, ModelVersion, SignalValue, open_store  # noqa: E402

@@ -150,7 +150,7 @@ def test_evaluation_refuses_held_out_questions_that_were_trained_on(project):
 
 def test_semantic_similarity_rewards_a_paraphrase_over_a_wrong_answer(real_embedder):
     from tuneloop import metrics
-    from tuneloop.stages.evaluate import add_semantic_similarity
+    from tuneloop.programs.scoring import add_semantic_similarity
 
     items = [{"prediction": "the laws of the State of Delaware", "references": ["Delaware law"]},
              {"prediction": "thirty days of written notice", "references": ["Delaware law"]},

@@ -13,6 +13,7 @@ from tests.helpers import deep_merge, ingest_project
 from tuneloop import loop, metrics
 from tuneloop.artifacts import read_jsonl, write_jsonl
 from tuneloop.evalsets import eval_examples, eval_set_hash, references
+from tuneloop.programs import scoring
 from tuneloop.programs.judge import ComparePair, JudgeCorrect, build_judge, parse_yes_no, parsed_yes_no
 from tuneloop.programs.synth import JudgeGrounding
 from tuneloop.progress import SilentReporter
@@ -135,7 +136,7 @@ def test_evaluate_version_stores_the_judge_metrics_only_when_on(project, monkeyp
         assert len(examples) == 6
         scripted = [e.answer for e in examples[:3]] + [DOES_NOT_SAY, DOES_NOT_SAY, GARBLED]
         student = ScriptedStudent({e.question: a for e, a in zip(examples, scripted)})
-        monkeypatch.setattr(evaluate, "build_chat_model", lambda proj, role, adapter=None: student)
+        monkeypatch.setattr(scoring, "build_chat_model", lambda proj, role, adapter=None: student)
         factory = (lambda: build_judge(p, judge)) if on else (lambda: pytest.fail("judge built while off"))
         run = evaluate.evaluate_version(p, s, ensure_base_version(p, s), retriever, SilentReporter(), judge=factory)
         s.commit()

@@ -12,6 +12,7 @@ from tests.helpers import ingest_project
 from tuneloop import metrics
 from tuneloop.evalsets import eval_examples
 from tuneloop.monitor import signals
+from tuneloop.programs import scoring
 from tuneloop.programs.judge import ScoreAnswer
 from tuneloop.programs.rag import SYSTEM_PROMPT
 from tuneloop.progress import SilentReporter
@@ -174,7 +175,7 @@ def canary_env(env, monkeypatch):
     def make(monitor=None, stored=True):
         p, s, base, chunks = env({"canary_every_seconds": 3600, **(monitor or {})})
         oracle = Oracle({e.question: e.answer for e in eval_examples(p, s)})
-        monkeypatch.setattr(evaluate, "build_chat_model", lambda project, role, adapter=None: oracle)
+        monkeypatch.setattr(scoring, "build_chat_model", lambda project, role, adapter=None: oracle)
         if stored:
             evaluate.evaluate_version(p, s, base, ingest_project(p), SilentReporter())
             s.commit()

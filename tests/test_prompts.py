@@ -98,7 +98,7 @@ PROPOSED = "Quote the exact words of the excerpts that answer the question"
 def use_as_student(monkeypatch, fake):
     """The student role (compile and eval) is `fake`; other roles are untouched."""
     import tuneloop.models.registry as registry
-    import tuneloop.stages.evaluate as evaluate
+    import tuneloop.programs.scoring as scoring
 
     real = registry.build_chat_model
 
@@ -106,7 +106,7 @@ def use_as_student(monkeypatch, fake):
         return fake if role is project.settings.models.student else real(project, role, adapter)
 
     monkeypatch.setattr(registry, "build_chat_model", build)
-    monkeypatch.setattr(evaluate, "build_chat_model", build)
+    monkeypatch.setattr(scoring, "build_chat_model", build)
     return fake
 
 

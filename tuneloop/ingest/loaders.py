@@ -6,12 +6,17 @@ corrupt or encrypted PDF, malformed JSONL, empty, binary or too large a document
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from tuneloop.errors import InputError
 from tuneloop.jsonl import json_objects
+from tuneloop.store import Document
 from tuneloop.textfile import read_text
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".pdf", ".jsonl")
@@ -194,3 +199,21 @@ def load_file(path: Path, max_bytes: int | None = None) -> list[RawDocument]:
     if not text.strip():
         raise InputError(f"Empty document: {path} contains no text")
     return [RawDocument(name=path.name, text=text, source=str(path.resolve()))]
+
+
+def document_sha(text: str) -> str:
+    """The content hash a document is stored with (`Document.sha256`): changed text, new hash."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def scan_documents(session: Session, paths: list[Path]) -> dict[str, list[str]]:
+    """Which documents under `paths` are new or changed against the store (nothing is written)."""
+    known = {d.name: d.sha256 for d in session.scalars(select(Document))}
+    out: dict[str, list[str]] = {"new": [], "changed": []}
+    for f in iter_files(paths):
+        for raw in load_file(f):
+            if raw.name not in known:
+                out["new"].append(raw.name)
+            elif known[raw.name] != document_sha(raw.text):
+                out["changed"].append(raw.name)
+    return out

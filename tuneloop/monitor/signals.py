@@ -33,13 +33,13 @@ from tuneloop import metrics
 from tuneloop.config import Project
 from tuneloop.evalsets import EVAL_KIND, eval_examples, predictions_by_example
 from tuneloop.ingest.index import IndexNotFoundError
+from tuneloop.ingest.loaders import scan_documents
 from tuneloop.models.base import ChatModel, Embedder
 from tuneloop.monitor.drift import change_points, mmd_test
 from tuneloop.programs.prompts import PromptBuilder
 from tuneloop.programs.rag import Retriever
+from tuneloop.programs.scoring import score_examples
 from tuneloop.progress import Reporter, SilentReporter
-from tuneloop.stages.evaluate import score_examples
-from tuneloop.stages.ingest import scan_documents
 from tuneloop.store import Cycle, EvalRun, Example, Feedback, Interaction, Session, SignalValue, utcnow
 from tuneloop.versions import champion
 

@@ -11,17 +11,15 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from sqlalchemy import select
 
 from tuneloop import metrics
 from tuneloop.artifacts import artifact_path, is_complete, read_jsonl, write_artifact, write_jsonl
 from tuneloop.config import Project
 from tuneloop.errors import StateError
-from tuneloop.evalsets import EVAL_KIND, eval_examples, eval_set_hash, references
-from tuneloop.models.registry import build_chat_model, generation_params
+from tuneloop.evalsets import EVAL_KIND, eval_examples, eval_set_hash
 from tuneloop.programs.rag import Retriever, rag_program_path
-from tuneloop.programs.rag_dspy import make_answerer
+from tuneloop.programs.scoring import score_examples
 from tuneloop.progress import Reporter
 from tuneloop.splits import question_key
 from tuneloop.stages.judge_eval import judge_items
@@ -60,50 +58,6 @@ def stored_eval_run(project: Project, session: Session, version: ModelVersion, s
     version.metrics = {**(version.metrics or {}), **{k: v for k, v in summary.items() if not _nan(v)}}
     session.flush()
     return run
-
-
-def score_examples(project: Project, adapter: Path | None, examples: list[Example], retriever: Retriever,
-                   reporter: Reporter, program: Path | None = None) -> tuple[list[dict], dict]:
-    """Answer `examples` with the retrieval-augmented student (`adapter` applied; `program`: a
-    compiled DSPy RAG program, else the plain prompt): per-item rows and the aggregate metrics.
-    Shared by the held-out eval and WiSE-FT's dev-set scoring."""
-    role = project.settings.models.student
-    answerer = make_answerer(retriever, build_chat_model(project, role, adapter), generation_params(role), program)
-    answers = answerer.answer_many([(e.question, e.document) for e in examples], reporter, role.batch_size)
-    items = []
-    for e, a in zip(examples, answers):
-        refs = references(e)
-        items.append({"example_id": e.id, "question": e.question, "references": refs, "prediction": a.text,
-                      "category": (e.meta or {}).get("category") or ("yes/no" if metrics.is_yes_no_reference(
-                          refs[0]) else "extraction"),
-                      "chunk_ids": [p.chunk_id for p in a.passages],
-                      "retrieval_hit": metrics.retrieval_hit([p.text for p in a.passages], refs),
-                      **metrics.score_item(a.text, refs)})
-    embedder = getattr(retriever, "embedder", None)
-    if embedder is not None:
-        add_semantic_similarity(items, embedder)
-    return items, metrics.aggregate(items)
-
-
-def add_semantic_similarity(items: list[dict], embedder) -> None:
-    """Extraction items get "semantic_similarity": the best cosine between the prediction's and a
-    reference's embedding (yes/no items are scored on their label instead)."""
-    todo = [it for it in items if not metrics.is_yes_no_reference(it["references"][0])]
-    if not todo:
-        return
-    preds = embedder.embed([it["prediction"] for it in todo])
-    refs = [r for it in todo for r in it["references"]]
-    ref_vecs = embedder.embed(refs)
-
-    def unit(v):
-        return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-
-    preds, ref_vecs = unit(np.asarray(preds, dtype=float)), unit(np.asarray(ref_vecs, dtype=float))
-    start = 0
-    for it, p in zip(todo, preds):
-        n = len(it["references"])
-        it["semantic_similarity"] = float(max(ref_vecs[start:start + n] @ p))
-        start += n
 
 
 def intervals(project: Project, items: list[dict]) -> dict[str, float]:

@@ -12,7 +12,6 @@ an index whose recorded content hash differs from the store's chunks; the next i
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tuneloop.config import Project
 from tuneloop.ingest.chunking import Chunk as Piece
 from tuneloop.ingest.chunking import chunk_text, word_offsets
 from tuneloop.ingest.index import HybridIndex, chunks_hash, clean_leftovers
-from tuneloop.ingest.loaders import RawDocument, iter_files, load_file
+from tuneloop.ingest.loaders import RawDocument, document_sha, iter_files, load_file
 from tuneloop.models.base import Embedder
 from tuneloop.progress import Reporter
 from tuneloop.store import Chunk, Document, Session
@@ -48,10 +47,6 @@ class _Planned:
     old_id: int | None  # the stored document it replaces
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def ingest_paths(project: Project, session: Session, paths: list[Path], embedder: Embedder | None,
                  reporter: Reporter) -> IngestResult:
     """Add new and changed documents to the store and commit, then refresh the index."""
@@ -67,7 +62,7 @@ def ingest_paths(project: Project, session: Session, paths: list[Path], embedder
     planned: dict[str, _Planned] = {}
     with reporter.task("chunking documents", len(docs)) as advance:
         for raw in docs:
-            sha = _sha(raw.text)
+            sha = document_sha(raw.text)
             old, earlier = known.get(raw.name), planned.get(raw.name)
             if (earlier.sha if earlier else old[1] if old else None) == sha:
                 result.unchanged.append(raw.name)
@@ -113,19 +108,6 @@ def _write(session: Session, planned: list[_Planned]) -> None:
         session.add_all(Chunk(document_id=doc.id, position=i, text=c.text, start=c.start, end=c.end,
                               n_tokens=c.n_tokens) for i, c in enumerate(p.pieces))
     session.commit()
-
-
-def scan_documents(session: Session, paths: list[Path]) -> dict[str, list[str]]:
-    """Which documents under `paths` are new or changed against the store (nothing is written)."""
-    known = {d.name: d.sha256 for d in session.scalars(select(Document))}
-    out: dict[str, list[str]] = {"new": [], "changed": []}
-    for f in iter_files(paths):
-        for raw in load_file(f):
-            if raw.name not in known:
-                out["new"].append(raw.name)
-            elif known[raw.name] != _sha(raw.text):
-                out["changed"].append(raw.name)
-    return out
 
 
 def ensure_index(project: Project, session: Session, embedder: Embedder | None, reporter: Reporter,

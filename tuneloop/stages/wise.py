@@ -36,10 +36,10 @@ from tuneloop.errors import ConfigError, StateError
 from tuneloop.evalsets import anchor_items
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever
+from tuneloop.programs.scoring import score_examples
 from tuneloop.progress import Reporter
 from tuneloop.safety import safe_rmtree
 from tuneloop.stages.anchor import answer_anchor, evaluate_anchor
-from tuneloop.stages.evaluate import score_examples
 from tuneloop.stages.gate import anchor_guard
 from tuneloop.store import Example, ModelVersion, Session
 from tuneloop.versions import register_adapter
