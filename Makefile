@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-project
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-all venv lock chromium bench-faults bench-cuad bench-continuous bench-synth clean
+.PHONY: demo test venv lock chromium bench-faults bench-cuad bench-continuous bench-synth clean
 
 venv: $(VENV)/.installed
 

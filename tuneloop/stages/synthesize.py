@@ -53,6 +53,7 @@ from tuneloop.filters import (
     round_trip_agree,
     support,
 )
+from tuneloop.metrics import rouge_l
 from tuneloop.models.base import ChatModel, Embedder
 from tuneloop.models.registry import generation_params
 from tuneloop.programs.dspy_bridge import make_adapter, predict_many
@@ -499,8 +500,6 @@ SCORE_KEYS = ("rouge_l_max", "near_duplicate_cosine", "contamination_rouge", "co
 
 
 def rouge_max(question: str, pool: list[str]) -> float:
-    from tuneloop.metrics import rouge_l
-
     return rouge_l(question, pool) if pool else 0.0
 
 
