@@ -50,6 +50,7 @@ from tuneloop.stages.anchor import evaluate_anchor  # noqa: E402
 from tuneloop.stages.evaluate import evaluate_version  # noqa: E402
 from tuneloop.stages.seeds import import_pairs  # noqa: E402
 from tuneloop.stats import bootstrap_ci, paired_bootstrap  # noqa: E402
+from tuneloop.steps import step_result  # noqa: E402
 from tuneloop.store import CycleStep, EvalRun, ModelVersion, open_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,26 +247,27 @@ def markdown(result: dict, command: str) -> str:
                   for c in comps]
     st = main["steps"]
     lines += ["", "Main arm, cycle steps (seconds): " + ", ".join(f"{k} {v['seconds']}" for k, v in st.items()), ""]
-    if "synth" in st:
-        lines.append(f"Synthetic data: {st['synth'].get('kept')} of {st['synth'].get('generated')} kept; rejected "
-                     f"{json.dumps(st['synth'].get('rejected', {}))}.")
+    if "synth" in st:  # the steps' stored results (plus "seconds"), read as typed results
+        sy = step_result("synth", st["synth"])
+        lines.append(f"Synthetic data: {sy.kept} of {sy.generated} kept; rejected {json.dumps(sy.rejected or {})}.")
     if "rlaif" in st:
-        r = st["rlaif"]
-        lines.append(f"RLAIF on {r.get('student')}: {r.get('prompts')} prompts; {r.get('reference_pairs', 0)} pairs "
-                     f"decided by the expert's answer; {r.get('pairs_judged')} other pairs judged in both orders, "
-                     f"{r.get('kept_pairs', 0) - r.get('reference_pairs', 0)} consistent "
-                     f"(consistency rate {r.get('consistency_rate')}); {r.get('kept_pairs')} pairs in all.")
+        r = step_result("rlaif", st["rlaif"])
+        reference = r.reference_pairs or 0
+        lines.append(f"RLAIF on {r.student}: {r.prompts} prompts; {reference} pairs "
+                     f"decided by the expert's answer; {r.pairs_judged} other pairs judged in both orders, "
+                     f"{(r.kept_pairs or 0) - reference} consistent "
+                     f"(consistency rate {r.consistency_rate}); {r.kept_pairs} pairs in all.")
     if "align" in st:
-        a = st["align"]
-        lines.append(f"Align: {a.get('method', '')} {a.get('version', a.get('skipped', ''))}, "
-                     f"loss {a.get('first_loss')} -> {a.get('last_loss')}.")
+        a = step_result("align", st["align"])
+        lines.append(f"Align: {a.method or ''} {a.version or a.skipped or ''}, loss {a.first_loss} -> {a.last_loss}.")
     if "gate" in st:
-        lines.append(f"Gate: {st['gate'].get('reason')}.")
+        lines.append(f"Gate: {step_result('gate', st['gate']).reason}.")
     if dapt:
         ds = dapt["steps"]
         lines += ["", "DAPT arm, cycle steps (seconds): " + ", ".join(f"{k} {v['seconds']}" for k, v in ds.items())]
         if "dapt" in ds:
-            lines.append(f"DAPT loss {ds['dapt'].get('first_loss')} -> {ds['dapt'].get('last_loss')}.")
+            dp = step_result("dapt", ds["dapt"])
+            lines.append(f"DAPT loss {dp.first_loss} -> {dp.last_loss}.")
     lines += ["", "Data: CUAD v1 (The Atticus Project), CC BY 4.0.", "<!-- cuad:end -->"]
     return "\n".join(lines)
 

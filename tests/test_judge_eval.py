@@ -19,6 +19,7 @@ from tuneloop.programs.synth import JudgeGrounding
 from tuneloop.progress import SilentReporter
 from tuneloop.stages import evaluate
 from tuneloop.stages.judge_eval import judge_items
+from tuneloop.steps import to_row
 from tuneloop.store import Chunk, Cycle, EvalRun, ModelVersion, open_store
 from tuneloop.versions import ensure_base_version
 
@@ -203,7 +204,7 @@ def gate_step(project, tmp_path, monkeypatch):
         faith = [{} if f is None else {"judge_faithfulness": f} for f in (cand_faith, champ_faith)]
         _eval_run(tmp_path, s, cand, examples, set_hash, right, faith[0])
         _eval_run(tmp_path, s, base, examples, set_hash, champ_predict, faith[1])
-        result = loop.step_gate(loop.CycleContext(p, SilentReporter(), cycle.id), s)
+        result = to_row(loop.step_gate(loop.CycleContext(p, SilentReporter(), cycle.id), s))  # as stored
         return result, cand, base, s
     return run
 

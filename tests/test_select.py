@@ -60,7 +60,7 @@ def test_sft_wins_on_dev_and_becomes_the_candidate(cycle, monkeypatch):
     calls = scripted_scores(monkeypatch, {"/adapters/sft": 0.6, "/adapters/dpo": 0.4})
     result, candidate, status = run_select(p, sessions)
     assert sorted(calls) == ["/adapters/dpo", "/adapters/sft"]
-    assert result["candidate"] == "v1" and candidate == "v1" and result["dev_n"] == 3
+    assert result.candidate == "v1" and candidate == "v1" and result.dev_n == 3
     assert status["v2"] == "superseded" and status["v1"] == "candidate"
 
 
@@ -86,6 +86,6 @@ def test_without_a_dev_set_the_aligned_version_is_the_candidate_and_nothing_is_s
     p, sessions = cycle
     calls = scripted_scores(monkeypatch, {})
     result, candidate, status = run_select(p, sessions)
-    assert calls == [] and candidate == "v2" and "no dev set" in result["skipped"]
+    assert calls == [] and candidate == "v2" and "no dev set" in result.skipped
     # the SFT version v1 is a step on the way to v2, never gated on its own
     assert status == {"base": "champion", "v1": "intermediate", "v2": "candidate"}

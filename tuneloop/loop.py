@@ -39,6 +39,9 @@ from tuneloop.stages.sft import train_sft
 from tuneloop.stages.synthesize import KIND as SYNTH_KIND
 from tuneloop.stages.synthesize import build_synth_models, synthesize
 from tuneloop.stages.wise import choose_alpha, dev_examples
+from tuneloop.steps import (AlignStepResult, DaptStepResult, EvalStepResult, FeedbackStepResult, GateStepResult,
+                            IngestStepResult, PromptsStepResult, RlaifStepResult, RoutedCounts, SelectStepResult,
+                            SftStepResult, StepResult, SynthStepResult, WiseStepResult, result_type, to_row)
 from tuneloop.store import Chunk, Cycle, CycleStep, Feedback, ModelVersion, Session, open_store, utcnow
 from tuneloop.versions import NOT_CANDIDATES, Status, champion, ensure_base_version, set_status
 
@@ -67,68 +70,68 @@ class CycleContext:
         return Retriever.load(self.project, session, self.embedder())
 
 
-def step_ingest(ctx: CycleContext, s: Session) -> dict:
+def step_ingest(ctx: CycleContext, s: Session) -> IngestStepResult:
     paths = [ctx.project.path(p) for p in ctx.project.settings.documents]
     if paths:
         r = ingest_paths(ctx.project, s, paths, ctx.embedder(), ctx.reporter)
-        result = {"added": len(r.added), "changed": len(r.changed), "unchanged": len(r.unchanged)}
+        result = IngestStepResult(added=len(r.added), changed=len(r.changed), unchanged=len(r.unchanged))
     else:
-        result = {"index_rebuilt": ensure_index(ctx.project, s, ctx.embedder(), ctx.reporter)}
+        result = IngestStepResult(index_rebuilt=ensure_index(ctx.project, s, ctx.embedder(), ctx.reporter))
     if not s.scalar(select(Chunk.id).limit(1)):
         raise StateError("no documents: set `documents:` in tuneloop.yaml or run `tuneloop ingest PATH`")
     return result
 
 
-def step_feedback(ctx: CycleContext, s: Session) -> dict:
+def step_feedback(ctx: CycleContext, s: Session) -> FeedbackStepResult:
     """People's feedback becomes training data: A/B choices and corrections -> preference pairs and
     ratings -> rewards in the store (what `tuneloop feedback export` stores; align reads them), and
     corrected and approved answers -> examples (most train SFT, a share joins the held-out set)."""
     settings = ctx.project.settings.feedback
     if not s.scalar(select(Feedback.id).where(Feedback.source == "human").limit(1)):
-        return {"skipped": "no human feedback yet"}
+        return FeedbackStepResult(skipped="no human feedback yet")
     routed = route_feedback(s, PromptBuilder(s, lambda: ctx.retriever(s)), settings.contradiction_rule)
-    result = {"routed": store_human(s, routed)}
-    if settings.corrections_to_examples:
-        result.update(feedback_to_examples(ctx.project, s, ctx.cycle_id).as_dict())
-    return result
+    counts = RoutedCounts(**store_human(s, routed))
+    if not settings.corrections_to_examples:
+        return FeedbackStepResult(routed=counts)
+    return FeedbackStepResult(routed=counts, **feedback_to_examples(ctx.project, s, ctx.cycle_id).as_dict())
 
 
-def step_synth(ctx: CycleContext, s: Session) -> dict:
+def step_synth(ctx: CycleContext, s: Session) -> SynthStepResult:
     done = is_complete(artifact_path(ctx.project.artifacts, SYNTH_KIND, run_name("synth", ctx.cycle_id)))
     models = None if done else build_synth_models(ctx.project, ctx.embedder())
     r = synthesize(ctx.project, s, models, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
-    return {"generated": r.generated, "kept": r.kept, "rejected": r.rejected, "artifact": str(r.artifact)}
+    return SynthStepResult(generated=r.generated, kept=r.kept, rejected=r.rejected, artifact=str(r.artifact))
 
 
-def step_dapt(ctx: CycleContext, s: Session) -> dict:
+def step_dapt(ctx: CycleContext, s: Session) -> DaptStepResult:
     """Domain-adaptive pre-training on the raw chunks (+ general text), optional; SFT continues it."""
     if not ctx.project.settings.continual.dapt:
-        return {"skipped": "continual.dapt is false"}
+        return DaptStepResult(skipped="continual.dapt is false")
     ensure_base_version(ctx.project, s)
     r = train_dapt(ctx.project, s, ctx.reporter, cycle_id=ctx.cycle_id)
-    return {"version": r.version.name, "first_loss": r.first_loss, "last_loss": r.last_loss,
-            "artifact": str(r.artifact)}
+    return DaptStepResult(version=r.version.name, first_loss=r.first_loss, last_loss=r.last_loss,
+                          artifact=str(r.artifact))
 
 
-def step_sft(ctx: CycleContext, s: Session) -> dict:
+def step_sft(ctx: CycleContext, s: Session) -> SftStepResult:
     ensure_base_version(ctx.project, s)
     parent = dapt_parent(s, ctx.cycle_id)  # None unless the dapt step ran
     r = train_sft(ctx.project, s, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id, parent=parent)
-    return {"version": r.version.name, "parent": (parent or champion(s)).name, "first_loss": r.first_loss,
-            "last_loss": r.last_loss, "artifact": str(r.artifact)}
+    return SftStepResult(version=r.version.name, parent=(parent or champion(s)).name, first_loss=r.first_loss,
+                         last_loss=r.last_loss, artifact=str(r.artifact))
 
 
 def _sft_version(s: Session, cycle_id: int) -> ModelVersion | None:
     return s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == cycle_id, ModelVersion.method == "sft"))
 
 
-def step_rlaif(ctx: CycleContext, s: Session) -> dict:
+def step_rlaif(ctx: CycleContext, s: Session) -> RlaifStepResult:
     """AI feedback on the SFT candidate's own answers (on-policy pairs for the align step)."""
     settings = ctx.project.settings.align
     if not (settings.enabled and settings.ai_feedback):
-        return {"skipped": "align.enabled or align.ai_feedback is false"}
+        return RlaifStepResult(skipped="align.enabled or align.ai_feedback is false")
     if settings.method not in PAIR_METHODS:
-        return {"skipped": f"align.method {settings.method} does not train on preference pairs"}
+        return RlaifStepResult(skipped=f"align.method {settings.method} does not train on preference pairs")
     sft = _sft_version(s, ctx.cycle_id)
     builder = PromptBuilder(s, lambda: ctx.retriever(s))
     try:
@@ -136,55 +139,55 @@ def step_rlaif(ctx: CycleContext, s: Session) -> dict:
                   mode="pairwise", name=run_name("rlaif", ctx.cycle_id), cycle_id=ctx.cycle_id)
     except StateError as err:  # no prompts at all
         ctx.reporter.log(f"rlaif skipped: {err}")
-        return {"skipped": str(err)}
+        return RlaifStepResult(skipped=str(err))
     rep = r.report
-    return {"student": sft.name, "prompts": rep["prompts"]["total"], "pairs_judged": rep["pairs_judged"],
-            "kept_pairs": r.pairs, "reference_pairs": rep.get("reference_pairs", 0),
-            "new_pairs": r.added.get("pairs", 0),
-            "consistency_rate": rep["consistency_rate"], "artifact": str(r.artifact)}
+    return RlaifStepResult(student=sft.name, prompts=rep["prompts"]["total"], pairs_judged=rep["pairs_judged"],
+                           kept_pairs=r.pairs, reference_pairs=rep.get("reference_pairs", 0),
+                           new_pairs=r.added.get("pairs", 0),
+                           consistency_rate=rep["consistency_rate"], artifact=str(r.artifact))
 
 
-def step_align(ctx: CycleContext, s: Session) -> dict:
+def step_align(ctx: CycleContext, s: Session) -> AlignStepResult:
     """Preference alignment of the SFT candidate when preference data exists (else skipped)."""
     settings = ctx.project.settings.align
     if not settings.enabled:
-        return {"skipped": "align.enabled is false"}
+        return AlignStepResult(skipped="align.enabled is false")
     sft = _sft_version(s, ctx.cycle_id)
     try:
         r = train_align(ctx.project, s, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id,
                         name=run_name(f"align-{settings.method}", ctx.cycle_id), parent=sft)
     except (StateError, ConfigError) as err:  # no preference data yet, or a method not usable here
         ctx.reporter.log(f"align skipped: {err}")
-        return {"skipped": str(err)}
-    return {"version": r.version.name, "method": r.method, "parent": sft.name, "first_loss": r.first_loss,
-            "last_loss": r.last_loss, "artifact": str(r.artifact)}
+        return AlignStepResult(skipped=str(err))
+    return AlignStepResult(version=r.version.name, method=r.method, parent=sft.name, first_loss=r.first_loss,
+                           last_loss=r.last_loss, artifact=str(r.artifact))
 
 
-def step_select(ctx: CycleContext, s: Session) -> dict:
+def step_select(ctx: CycleContext, s: Session) -> SelectStepResult:
     """When alignment ran: the better of the SFT and the aligned version on the dev set is the candidate."""
     sft, candidate = _sft_version(s, ctx.cycle_id), cycle_candidate(s, ctx.cycle_id)
     if sft is None or candidate.id == sft.id:
-        return {"skipped": "no aligned version in this cycle", "candidate": candidate.name}
+        return SelectStepResult(skipped="no aligned version in this cycle", candidate=candidate.name)
     r = pick_on_dev(ctx.project, s, sft, candidate, ctx.retriever(s), ctx.reporter)
     if r is None:  # the SFT version is a step on the way, like a DAPT version: never gated on its own
         set_status(sft, Status.INTERMEDIATE)
-        return {"skipped": f"{NO_DEV_SET}: the aligned version is the candidate", "candidate": candidate.name}
-    return {"candidate": r.chosen.name, "dev_scores": r.scores, "dev_n": r.n_dev}
+        return SelectStepResult(skipped=f"{NO_DEV_SET}: the aligned version is the candidate", candidate=candidate.name)
+    return SelectStepResult(candidate=r.chosen.name, dev_scores=r.scores, dev_n=r.n_dev)
 
 
-def step_wise(ctx: CycleContext, s: Session) -> dict:
+def step_wise(ctx: CycleContext, s: Session) -> WiseStepResult:
     """WiSE-FT: average champion and candidate weights, alpha chosen on the dev split (optional)."""
     if not ctx.project.settings.continual.wise_ft:
-        return {"skipped": "continual.wise_ft is false"}
+        return WiseStepResult(skipped="continual.wise_ft is false")
     if not dev_examples(ctx.project, s):  # e.g. cycle 1, before feedback.dev_fraction has routed any
         ctx.reporter.log(f"WiSE-FT skipped: {NO_DEV_SET}")
-        return {"skipped": NO_DEV_SET}
+        return WiseStepResult(skipped=NO_DEV_SET)
     candidate = cycle_candidate(s, ctx.cycle_id)
     r = choose_alpha(ctx.project, s, champion(s), candidate, ctx.retriever(s), ctx.reporter, cycle_id=ctx.cycle_id)
     set_status(candidate, Status.SUPERSEDED)  # the averaged version is what the gate judges
-    return {"version": r.version.name, "alpha": r.alpha, "dev_scores": {str(a): v for a, v in r.scores.items()},
-            **({"anchor_scores": {str(a): v for a, v in r.anchor.items()}} if r.anchor else {}),
-            "averaged": candidate.name}
+    return WiseStepResult(version=r.version.name, alpha=r.alpha, dev_scores={str(a): v for a, v in r.scores.items()},
+                          anchor_scores={str(a): v for a, v in r.anchor.items()} if r.anchor else None,
+                          averaged=candidate.name)
 
 
 def cycle_candidate(s: Session, cycle_id: int) -> ModelVersion:
@@ -198,16 +201,16 @@ def cycle_candidate(s: Session, cycle_id: int) -> ModelVersion:
     return cand
 
 
-def step_prompts(ctx: CycleContext, s: Session) -> dict:
+def step_prompts(ctx: CycleContext, s: Session) -> PromptsStepResult:
     """Compile the candidate's RAG program with a DSPy optimiser (optional); eval and gate judge the pair."""
     if ctx.project.settings.prompts.optimizer == "none":
-        return {"skipped": "prompts.optimizer is none"}
+        return PromptsStepResult(skipped="prompts.optimizer is none")
     candidate = cycle_candidate(s, ctx.cycle_id)
     r = compile_rag_program(ctx.project, s, candidate, ctx.retriever(s), ctx.reporter, ctx.cycle_id)
-    return {"version": candidate.name, **r.report, "program": str(r.program)}
+    return PromptsStepResult(**{"version": candidate.name, **r.report, "program": str(r.program)})
 
 
-def step_eval(ctx: CycleContext, s: Session) -> dict:
+def step_eval(ctx: CycleContext, s: Session) -> EvalStepResult:
     retriever = ctx.retriever(s)
     out = {}
     for version in (champion(s), cycle_candidate(s, ctx.cycle_id)):
@@ -215,19 +218,19 @@ def step_eval(ctx: CycleContext, s: Session) -> dict:
         out[version.name] = {k: v for k, v in run.metrics.items() if v == v}  # drop NaN
         if ctx.project.settings.continual.anchor:  # forgetting shows up as a number
             out[version.name].update(evaluate_anchor(ctx.project, s, version, ctx.reporter, ctx.cycle_id).metrics)
-    return out
+    return EvalStepResult(**out)  # keyed by version name, as stored before the typed results
 
 
-def step_gate(ctx: CycleContext, s: Session) -> dict:
+def step_gate(ctx: CycleContext, s: Session) -> GateStepResult:
     """Promote the candidate or not (`stages/gate.py` decides, and says why); the cycle records the outcome."""
     d = decide(ctx.project, s, cycle_candidate(s, ctx.cycle_id), ctx.reporter)
     cycle = s.get(Cycle, ctx.cycle_id)
     cycle.outcome = ("promoted " if d.promoted else "kept champion; rejected ") + f"{d.candidate}: {d.reason}"
-    return {"promoted": d.promoted, "reason": d.reason, "candidate": d.candidate, "champion_before": d.champion,
-            **({"pairwise": d.pairwise} if d.pairwise else {})}
+    return GateStepResult(promoted=d.promoted, reason=d.reason, candidate=d.candidate, champion_before=d.champion,
+                          pairwise=d.pairwise or None)
 
 
-STEP_FUNCTIONS: dict[str, Callable[[CycleContext, Session], dict]] = {
+STEP_FUNCTIONS: dict[str, Callable[[CycleContext, Session], StepResult]] = {
     "ingest": step_ingest, "feedback": step_feedback, "synth": step_synth, "dapt": step_dapt, "sft": step_sft,
     "rlaif": step_rlaif, "align": step_align, "select": step_select,
     "wise": step_wise, "prompts": step_prompts, "eval": step_eval, "gate": step_gate,
@@ -287,8 +290,8 @@ def run_step(sessions, ctx: CycleContext, name: str) -> None:
         except BaseException as err:
             s.rollback()
             step = s.get(CycleStep, step.id)
-            step.status, step.result = "failed", {"error": str(err) or type(err).__name__}
+            step.status, step.result = "failed", to_row(result_type(name)(error=str(err) or type(err).__name__))
             s.commit()
             raise
-        step.status, step.result, step.finished_at = "done", result, utcnow()
+        step.status, step.result, step.finished_at = "done", to_row(result), utcnow()
         s.commit()

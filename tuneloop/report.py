@@ -19,6 +19,7 @@ from sqlalchemy import select
 from tuneloop.config import Project
 from tuneloop.errors import InputError
 from tuneloop.evalsets import EVAL_KIND, anchor_items, anchor_set_hash, eval_examples, eval_set_hash
+from tuneloop.steps import FeedbackStepResult, RlaifStepResult, SynthStepResult, step_result
 from tuneloop.store import Cycle, CycleStep, EvalRun, Feedback, ModelVersion, Session, SignalValue
 
 
@@ -58,14 +59,17 @@ def collect(project: Project, session: Session) -> ReportData:
             "earlier_set": "heldout" not in runs[v.id] and bool(h),
             "gate": (v.metrics or {}).get("gate")})
     for c in session.scalars(select(Cycle).order_by(Cycle.id)):
-        steps = {st.name: st.result or {} for st in session.scalars(select(CycleStep).where(CycleStep.cycle_id == c.id))}
+        steps = {st.name: step_result(st.name, st.result)
+                 for st in session.scalars(select(CycleStep).where(CycleStep.cycle_id == c.id))}
+        synth = steps.get("synth") or SynthStepResult()
+        rlaif = steps.get("rlaif") or RlaifStepResult()
+        feedback = steps.get("feedback") or FeedbackStepResult()
         data.cycles.append({
             "id": c.id, "trigger": c.trigger, "status": c.status, "outcome": c.outcome or "",
             "started": c.started_at.strftime("%Y-%m-%d %H:%M"),
-            "synthetic": steps.get("synth", {}).get("kept"), "generated": steps.get("synth", {}).get("generated"),
-            "pairs": steps.get("rlaif", {}).get("kept_pairs"),
-            "human_pairs": (steps.get("feedback", {}).get("routed") or {}).get("pairs_added"),
-            "corrected": _sum_or_none(steps.get("feedback", {}), ("added_train", "added_eval", "added_dev"))})
+            "synthetic": synth.kept, "generated": synth.generated, "pairs": rlaif.kept_pairs,
+            "human_pairs": feedback.routed.pairs_added if feedback.routed else None,
+            "corrected": feedback.examples_added()})
         data.cycle_starts.append((c.id, c.started_at))
     days: dict[str, Counter] = defaultdict(Counter)
     for fb in session.scalars(select(Feedback).where(Feedback.source == "human").order_by(Feedback.created_at)):
@@ -81,11 +85,6 @@ def collect(project: Project, session: Session) -> ReportData:
             "at": sv.created_at.strftime("%Y-%m-%d %H:%M"), "value": sv.value, "fired": bool(sv.fired),
             "reason": (sv.detail or {}).get("reason", "")})
     return data
-
-
-def _sum_or_none(result: dict, keys: tuple[str, ...]) -> int | None:
-    values = [result[k] for k in keys if result.get(k) is not None]
-    return sum(values) if values else None
 
 
 def _svg(fig) -> str:
