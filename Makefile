@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-project
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv lock chromium bench-faults bench-cuad bench-continuous bench-synth clean
+.PHONY: demo test lint venv lock chromium bench-faults bench-cuad bench-continuous bench-synth clean
 
 venv: $(VENV)/.installed
 
@@ -42,8 +42,13 @@ demo: venv
 	$(BIN)/tuneloop cycle --project $(DEMO_DIR)
 	$(BIN)/tuneloop status --project $(DEMO_DIR)
 
-test: venv chromium
+test: venv chromium lint
 	$(BIN)/python -m pytest -q --durations=10
+
+# ruff (pyproject [tool.ruff]) and the layer contract (pyproject [tool.importlinter]); seconds.
+lint: venv
+	$(BIN)/ruff check tuneloop tests bench
+	$(BIN)/lint-imports
 
 # The browser tests drive Debian's chromium with Playwright (never `playwright install`, which
 # downloads a browser). Installed here when missing and we may use apt-get; else one line says how.

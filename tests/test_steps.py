@@ -5,8 +5,17 @@ import pytest
 
 from tuneloop import loop
 from tuneloop.errors import StateError
-from tuneloop.steps import (RESULT_TYPES, EvalStepResult, FeedbackStepResult, GateStepResult, RoutedCounts,
-                            SelectStepResult, StepResult, step_result, to_row)
+from tuneloop.steps import (
+    RESULT_TYPES,
+    EvalStepResult,
+    FeedbackStepResult,
+    GateStepResult,
+    RoutedCounts,
+    SelectStepResult,
+    StepResult,
+    step_result,
+    to_row,
+)
 
 
 def test_every_step_has_a_result_type():

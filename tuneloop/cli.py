@@ -6,7 +6,7 @@ import os
 import shutil
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -32,8 +32,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="Project folder (holds tuneloop.yaml).")]
-METRIC_COLUMNS = {"macro_score": "macro", "token_f1": "F1", "exact_match": "EM", "rouge_l": "ROUGE-L", "cuad_match": "CUAD",
-                  "yes_no_balanced_accuracy": "Y/N bal.acc", "extract_token_f1": "extract F1"}
+METRIC_COLUMNS = {"macro_score": "macro", "token_f1": "F1", "exact_match": "EM", "rouge_l": "ROUGE-L",
+                  "cuad_match": "CUAD", "yes_no_balanced_accuracy": "Y/N bal.acc", "extract_token_f1": "extract F1"}
 JUDGE_COLUMNS = {"judge_correctness": "judge correct", "judge_faithfulness": "judge faithful"}  # eval.judge_metrics
 
 
@@ -112,7 +112,7 @@ def ingest(
     from tuneloop.stages.ingest import ingest_paths
 
     project, sessions = _open(project_dir)
-    iter_files(paths, require_files=True)  # a missing, empty or unsupported path fails now, not after loading the embedder
+    iter_files(paths, require_files=True)  # a missing, empty or unsupported path fails before the embedder loads
     with sessions() as s:
         r = ingest_paths(project, s, paths, build_embedder(project), RichReporter())
         s.commit()
@@ -124,7 +124,8 @@ def ingest(
 @friendly_errors
 def seeds_import(
     file: Annotated[Path, typer.Argument(help="JSONL or CSV with question, answer, optional source.")],
-    split: Annotated[str, typer.Option(help="train (seed examples), eval (held-out set) or dev (WiSE-FT mixing weight).")] = "train",
+    split: Annotated[str, typer.Option(
+        help="train (seed examples), eval (held-out set) or dev (WiSE-FT mixing weight).")] = "train",
     holdout: Annotated[float, typer.Option(help="with --split train: hold out this share (0-1) of the questions "
                                            "as the eval set, by a stable hash of question and document.")] = 0.0,
     project_dir: ProjectOpt = Path("."),
@@ -138,7 +139,9 @@ def seeds_import(
     with sessions() as s:
         r = import_pairs(s, file, split, holdout)
         s.commit()
-    into = f"split '{split}'" if not r.held_out else f"split '{split}' ({r.added - r.held_out}) and 'eval' ({r.held_out})"
+    into = f"split '{split}'"
+    if r.held_out:
+        into = f"split '{split}' ({r.added - r.held_out}) and 'eval' ({r.held_out})"
     msg = f"imported {r.added} pairs into {into} ({r.duplicates} already there"
     console.print(msg + (f", {r.other_split} skipped: already in the other split)" if r.other_split else ")"))
 
@@ -177,9 +180,9 @@ def _print_synth_report(r) -> None:
 
 
 def _retriever(project: Project, session, embedder):
+    from tuneloop.errors import StateError
     from tuneloop.ingest.index import IndexNotFoundError
     from tuneloop.programs.rag import Retriever
-    from tuneloop.errors import StateError
 
     try:
         return Retriever.load(project, session, embedder)
@@ -206,8 +209,10 @@ def train_sft_cmd(project_dir: ProjectOpt = Path(".")) -> None:
 @train_app.command("align")
 @friendly_errors
 def train_align_cmd(
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="dpo | orpo | kto | grpo | rloo (default: align.method).")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="A `tuneloop feedback export` folder (default: the store).")] = None,
+    method: Annotated[str | None, typer.Option(
+        "--method", "-m", help="dpo | orpo | kto | grpo | rloo (default: align.method).")] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="A `tuneloop feedback export` folder (default: the store).")] = None,
     project_dir: ProjectOpt = Path("."),
 ) -> None:
     """Preference alignment (TRL) continuing the champion's adapter; registers a candidate version."""
@@ -232,7 +237,7 @@ def train_align_cmd(
 @app.command("eval")
 @friendly_errors
 def eval_cmd(
-    version: Annotated[Optional[list[str]], typer.Option("--version", "-v", help="Version(s) to evaluate.")] = None,
+    version: Annotated[list[str] | None, typer.Option("--version", "-v", help="Version(s) to evaluate.")] = None,
     project_dir: ProjectOpt = Path("."),
 ) -> None:
     """Evaluate versions on the held-out set (default: champion and candidates) and compare them."""
@@ -253,7 +258,8 @@ def eval_cmd(
             if missing:
                 raise StateError(f"unknown model version(s): {', '.join(missing)}")
         else:
-            chosen = list(s.scalars(select(ModelVersion).where(ModelVersion.status.in_([Status.CHAMPION, Status.CANDIDATE]))))
+            current = ModelVersion.status.in_([Status.CHAMPION, Status.CANDIDATE])
+            chosen = list(s.scalars(select(ModelVersion).where(current)))
         retriever = _retriever(project, s, build_embedder(project))
         for v in chosen:
             evaluate_version(project, s, v, retriever, reporter)
@@ -370,10 +376,10 @@ def _print_signals(readings) -> None:
 @app.command()
 @friendly_errors
 def rlaif(
-    mode: Annotated[Optional[str], typer.Option(help="pairwise or rubric (default: feedback.rlaif_mode).")] = None,
-    prompts: Annotated[Optional[int], typer.Option(min=1, help="How many prompts (default: feedback.rlaif_prompts).")
+    mode: Annotated[str | None, typer.Option(help="pairwise or rubric (default: feedback.rlaif_mode).")] = None,
+    prompts: Annotated[int | None, typer.Option(min=1, help="How many prompts (default: feedback.rlaif_prompts).")
                        ] = None,
-    name: Annotated[Optional[str], typer.Option(help="Artifact name (default: timestamped).")] = None,
+    name: Annotated[str | None, typer.Option(help="Artifact name (default: timestamped).")] = None,
     project_dir: ProjectOpt = Path("."),
 ) -> None:
     """AI feedback: sample champion answers, have the judge compare them in both orders (or score them).
@@ -381,7 +387,8 @@ def rlaif(
     Prompts: recent interactions, then synthetic questions, then the training seeds' questions."""
     from tuneloop.models.registry import build_embedder
     from tuneloop.programs.prompts import PromptBuilder
-    from tuneloop.stages.rlaif import build_rlaif_models, rlaif as run_rlaif
+    from tuneloop.stages.rlaif import build_rlaif_models
+    from tuneloop.stages.rlaif import rlaif as run_rlaif
     from tuneloop.versions import ensure_base_version
 
     if mode is not None and mode not in ("pairwise", "rubric"):
@@ -430,7 +437,7 @@ def _print_rlaif_report(r) -> None:
 @feedback_app.command("export")
 @friendly_errors
 def feedback_export(
-    name: Annotated[Optional[str], typer.Option(help="Artifact name (default: timestamped).")] = None,
+    name: Annotated[str | None, typer.Option(help="Artifact name (default: timestamped).")] = None,
     ai: Annotated[bool, typer.Option("--ai/--no-ai", help="Include the AI judge's pairs and rewards.")] = True,
     project_dir: ProjectOpt = Path("."),
 ) -> None:
@@ -506,8 +513,8 @@ def status(project_dir: ProjectOpt = Path(".")) -> None:
 @app.command()
 @friendly_errors
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Address to listen on (default: serve.host).")] = None,
-    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Port (default: serve.port).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default: serve.host).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default: serve.port).")] = None,
     ab: Annotated[bool, typer.Option("--ab", help="A/B mode: answer with champion and challenger.")] = False,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept clients without an API key (loopback "
                                                             "addresses only).")] = False,

@@ -1,4 +1,5 @@
-"""The cycle: ingest -> feedback -> synth -> (dapt) -> sft -> rlaif -> align -> select -> (wise) -> (prompts) -> eval -> gate.
+"""The cycle: ingest -> feedback -> synth -> (dapt) -> sft -> rlaif -> align -> select -> (wise) -> (prompts)
+-> eval -> gate.
 
 Every step is resumable.
 
@@ -39,9 +40,24 @@ from tuneloop.stages.sft import train_sft
 from tuneloop.stages.synthesize import KIND as SYNTH_KIND
 from tuneloop.stages.synthesize import build_synth_models, synthesize
 from tuneloop.stages.wise import choose_alpha, dev_examples
-from tuneloop.steps import (AlignStepResult, DaptStepResult, EvalStepResult, FeedbackStepResult, GateStepResult,
-                            IngestStepResult, PromptsStepResult, RlaifStepResult, RoutedCounts, SelectStepResult,
-                            SftStepResult, StepResult, SynthStepResult, WiseStepResult, result_type, to_row)
+from tuneloop.steps import (
+    AlignStepResult,
+    DaptStepResult,
+    EvalStepResult,
+    FeedbackStepResult,
+    GateStepResult,
+    IngestStepResult,
+    PromptsStepResult,
+    RlaifStepResult,
+    RoutedCounts,
+    SelectStepResult,
+    SftStepResult,
+    StepResult,
+    SynthStepResult,
+    WiseStepResult,
+    result_type,
+    to_row,
+)
 from tuneloop.store import Chunk, Cycle, CycleStep, Feedback, ModelVersion, Session, open_store, utcnow
 from tuneloop.versions import NOT_CANDIDATES, Status, champion, ensure_base_version, set_status
 

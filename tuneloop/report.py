@@ -210,7 +210,8 @@ th { background: #f3f3f3; } .champion { color: #172; font-weight: bold; } .rejec
 <th>RLAIF pairs</th><th>new human pairs</th><th>examples from feedback</th><th>outcome</th></tr>
 {% for c in d.cycles %}<tr><td>{{ c.id }}</td><td>{{ c.started }}</td><td>{{ c.trigger }}</td><td>{{ c.status }}</td>
 <td>{{ c.synthetic if c.synthetic is not none else "" }}</td><td>{{ c.pairs if c.pairs is not none else "" }}</td>
-<td>{{ c.human_pairs if c.human_pairs is not none else "" }}</td><td>{{ c.corrected if c.corrected is not none else "" }}</td>
+<td>{{ c.human_pairs if c.human_pairs is not none else "" }}</td>
+<td>{{ c.corrected if c.corrected is not none else "" }}</td>
 <td>{{ c.outcome }}</td></tr>{% endfor %}</table>
 <h2 id="feedback">Feedback</h2>
 {% if p.feedback %}<figure>{{ p.feedback | safe }}</figure>{% else %}<p>No human feedback yet.</p>{% endif %}
@@ -220,8 +221,10 @@ th { background: #f3f3f3; } .champion { color: #172; font-weight: bold; } .rejec
 {% if p["signal-" ~ name] %}<figure>{{ p["signal-" ~ name] | safe }}</figure>{% endif %}
 <table><tr><th>checked</th><th>value</th><th>fired</th><th>why</th></tr>
 {% for r in rows[-10:] %}<tr><td>{{ r.at }}</td><td>{{ fmt(r.value) }}</td>
-<td class="{{ 'fired' if r.fired else '' }}">{{ "yes" if r.fired else "no" }}</td><td>{{ r.reason }}</td></tr>{% endfor %}
-</table>{% else %}<p>No signal checked yet (<code>tuneloop monitor</code> or <code>tuneloop watch</code>).</p>{% endfor %}
+<td class="{{ 'fired' if r.fired else '' }}">{{ "yes" if r.fired else "no" }}</td>
+<td>{{ r.reason }}</td></tr>{% endfor %}
+</table>{% else %}
+<p>No signal checked yet (<code>tuneloop monitor</code> or <code>tuneloop watch</code>).</p>{% endfor %}
 </body></html>
 """
 
