@@ -197,7 +197,10 @@ def store_rows(root: Path) -> dict[str, list]:
             "eval_runs": [(versions[r.model_version_id], r.eval_set_hash, r.n, _rel(r.artifact_path, root),
                            _without_times(r.metrics))
                           for r in s.scalars(select(st.EvalRun))],
-            "artifacts": [(a.kind, _rel(a.path, root)) for a in s.scalars(select(st.Artifact))],
+            # a promotion's record is named by its time: compared by what it says instead
+            "artifacts": [(a.kind, _rel(a.path, root)) if a.kind != "promotion" else
+                          (a.kind, (a.meta or {}).get("from"), (a.meta or {}).get("to"), (a.meta or {}).get("reason"))
+                          for a in s.scalars(select(st.Artifact))],
             "cycles": [(c.id, c.status, c.trigger, c.outcome) for c in s.scalars(select(st.Cycle))],
             "cycle_steps": [(c.cycle_id, c.name, c.status) for c in s.scalars(select(st.CycleStep))],
             "preference_pairs": [(p.source, _sha(p.prompt, p.chosen, p.rejected))

@@ -91,7 +91,7 @@ def test_one_full_cycle(project, fake_teacher, monkeypatch):
 
 def force_promotion(project, session, candidate, cand_run, champ_run, guards=()):
     """A gate that always promotes: lets a test see a chain of adapters on random-weight models."""
-    current = promote(session, candidate)
+    current = promote(session, candidate, "gate")
     return GateDecision(True, "forced by test", candidate.name, current.name)
 
 

@@ -7,8 +7,9 @@ from typer.testing import CliRunner
 
 from tuneloop.cli import app
 from tuneloop.errors import StateError
-from tuneloop.lineage import diff_versions, promote, promotions, training_data, version_tree
+from tuneloop.lineage import diff_versions, promote, training_data, version_tree
 from tuneloop.store import Artifact, Cycle, EvalRun, Example, ModelVersion, open_store, text_hash
+from tuneloop.versions import promotions
 
 
 @pytest.fixture
@@ -151,7 +152,7 @@ def test_promote_rolls_back_and_forward(project, runner):
         assert [(h["from"], h["to"], h["reason"]) for h in history] == [("v1", "base", "manual"),
                                                                          ("base", "v2", "manual")]
         assert len(list(s.scalars(select(Artifact).where(Artifact.kind == "promotion")))) == 2
-    assert "last manual promotion: base -> v2" in ok(invoke(runner, "models", "-p", proj.root))
+    assert "last promotion: base -> v2 (manual, forward" in ok(invoke(runner, "models", "-p", proj.root))
 
 
 def test_promote_api_no_champion_and_unknown(project):

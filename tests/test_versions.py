@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 import tuneloop
 from tuneloop.store import ModelVersion, open_store
-from tuneloop.versions import NOT_CANDIDATES, Status, champion, promote, set_status
+from tuneloop.versions import NOT_CANDIDATES, Status, champion, promote, promotions, set_status
 
 PACKAGE = Path(tuneloop.__file__).parent
 
@@ -33,10 +33,12 @@ def test_promote_leaves_one_champion_and_returns_the_previous(tmp_path):
         cand = ModelVersion(name="v2", base_model="m", method="sft", status="candidate")
         s.add_all([base, stale, cand])
         s.flush()
-        previous = promote(s, cand)
+        previous = promote(s, cand, "gate")
         assert previous is not None and previous.name in ("base", "v1")
         assert (base.status, stale.status, cand.status) == ("retired", "retired", "champion")
         assert champion(s) is cand
+        (record,) = promotions(s)  # the gate's promotion is recorded as a person's is
+        assert (record["to"], record["reason"], record["direction"]) == ("v2", "gate", "forward")
 
 
 def _imported_modules(path: Path) -> set[str]:

@@ -565,7 +565,8 @@ def models_tree(ctx: typer.Context, project_dir: ProjectOpt = Path(".")) -> None
         return
     from rich.tree import Tree
 
-    from tuneloop.lineage import fmt_time, promotions, version_tree
+    from tuneloop.lineage import fmt_time, version_tree
+    from tuneloop.versions import promotions
 
     project, sessions = _open(project_dir)
     primary = project.settings.eval.primary_metric
@@ -596,8 +597,8 @@ def models_tree(ctx: typer.Context, project_dir: ProjectOpt = Path(".")) -> None
         history = promotions(s)
         if history:
             last = history[-1]
-            console.print(f"last manual promotion: {last.get('from') or '-'} -> {last.get('to')} "
-                          f"({last.get('direction', '')}, {str(last.get('at', ''))[:19]})")
+            console.print(f"last promotion: {last.get('from') or '-'} -> {last.get('to')} "
+                          f"({last.get('reason', '')}, {last.get('direction', '')}, {str(last.get('at', ''))[:19]})")
 
 
 @models_app.command("diff")

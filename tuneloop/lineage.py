@@ -3,8 +3,9 @@
 Every ModelVersion records its parent, method, hyperparameters, training example ids and metrics;
 the training data is identified by a hash over the sorted content hashes of its examples, so two
 versions trained on the same examples (in any order) show the same data hash. A manual promotion
-(rollback or roll-forward) is recorded as an Artifact row of kind "promotion" (an audit trail
-that needs no schema change); `tuneloop serve` picks up the new champion by itself.
+(rollback or roll-forward) is recorded by `versions.promote` as the gate's are (an Artifact row of
+kind "promotion": an audit trail that needs no schema change); `tuneloop serve` picks up the new
+champion by itself.
 """
 from __future__ import annotations
 
@@ -16,12 +17,9 @@ from typing import Any
 from sqlalchemy import select
 
 from tuneloop.errors import StateError
-from tuneloop.store import Artifact, EvalRun, Example, ModelVersion, Session, text_hash, utcnow
-from tuneloop.versions import Status, champion
+from tuneloop.store import EvalRun, Example, ModelVersion, Session, text_hash
+from tuneloop.versions import Status, champion, direction
 from tuneloop.versions import promote as promote_version
-
-PROMOTION = "promotion"  # Artifact.kind of a manual promotion record
-
 
 # --------------------------------------------------------------------------- lookups
 
@@ -212,20 +210,8 @@ def promote(session: Session, name: str, reason: str = "manual") -> Promotion:
     version = get_version(session, name)
     if version.status == Status.CHAMPION:
         return Promotion(version, champion(session), False, "none")
-    previous = promote_version(session, version)  # the same promotion as the gate's
-    direction = "forward" if previous is None or version.id > previous.id else "rollback"
-    at = utcnow()
-    session.add(Artifact(kind=PROMOTION, path=f"promotion:{at.isoformat()}:{version.name}",
-                         meta={"from": previous.name if previous else None, "to": version.name,
-                               "at": at.isoformat(), "reason": reason, "direction": direction}))
-    session.flush()
-    return Promotion(version, previous, True, direction)
-
-
-def promotions(session: Session) -> list[dict[str, Any]]:
-    """Recorded manual promotions, oldest first (their Artifact meta)."""
-    rows = session.scalars(select(Artifact).where(Artifact.kind == PROMOTION).order_by(Artifact.id))
-    return [dict(r.meta or {}) for r in rows]
+    previous = promote_version(session, version, reason)  # recorded as the gate's promotions are
+    return Promotion(version, previous, True, direction(previous, version))
 
 
 def fmt_time(t: datetime | None) -> str:

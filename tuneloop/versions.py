@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
-from tuneloop.store import Artifact, ModelVersion, Session
+from tuneloop.store import Artifact, ModelVersion, Session, utcnow
+
+PROMOTION = "promotion"  # Artifact.kind of a promotion record (the gate's or a person's)
 
 if TYPE_CHECKING:
     from tuneloop.config import Project
@@ -82,13 +84,31 @@ def register_adapter(session: Session, path: Path, parent: ModelVersion, cycle_i
     return version
 
 
-def promote(session: Session, version: ModelVersion) -> ModelVersion | None:
-    """Make `version` the champion: every current champion becomes "retired" first (flushed, so there
-    is one champion at a time, even for a moment). Returns the previous champion. Flushes, does not commit."""
+def promote(session: Session, version: ModelVersion, reason: str) -> ModelVersion | None:
+    """Make `version` the champion and record the promotion; the gate and `tuneloop models promote`
+    both come here. Every current champion becomes "retired" first (flushed, so there is one
+    champion at a time, even for a moment). The record is an Artifact row of kind "promotion" whose
+    meta says from, to, when, why (`reason`: "gate" or "manual") and the direction (forward, or a
+    rollback to an older version). Returns the previous champion. Flushes, does not commit."""
     previous = champion(session)
     for other in session.scalars(select(ModelVersion).where(ModelVersion.status == Status.CHAMPION.value)):
         set_status(other, Status.RETIRED)
     session.flush()
     set_status(version, Status.CHAMPION)
+    at = utcnow()
+    session.add(Artifact(kind=PROMOTION, path=f"promotion:{at.isoformat()}:{version.name}",
+                         meta={"from": previous.name if previous else None, "to": version.name,
+                               "at": at.isoformat(), "reason": reason, "direction": direction(previous, version)}))
     session.flush()
     return previous
+
+
+def direction(previous: ModelVersion | None, version: ModelVersion) -> str:
+    """"forward" to a newer version (or the first champion), else "rollback"."""
+    return "forward" if previous is None or version.id > previous.id else "rollback"
+
+
+def promotions(session: Session) -> list[dict[str, Any]]:
+    """Every recorded promotion (the gate's and people's), oldest first: their record's meta."""
+    rows = session.scalars(select(Artifact).where(Artifact.kind == PROMOTION).order_by(Artifact.id))
+    return [dict(r.meta or {}) for r in rows]

@@ -186,7 +186,7 @@ def gate(project: Project, session: Session, candidate: ModelVersion, cand_run: 
         promoted = False
         reason += "; refused by guard: " + "; ".join(guards)
     if promoted:
-        promote(session, candidate)  # `current` retires
+        promote(session, candidate, "gate")  # `current` retires
     else:
         set_status(candidate, Status.REJECTED)
     extra = {"gate_test": asdict(test)} if test is not None else {}
