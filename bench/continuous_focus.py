@@ -31,7 +31,7 @@ from tuneloop.config import load_project  # noqa: E402
 from tuneloop.loop import CycleContext  # noqa: E402
 from tuneloop.models.defaults import resolve_model_path  # noqa: E402
 from tuneloop.progress import RichReporter  # noqa: E402
-from tuneloop.stages.evaluate import score_examples  # noqa: E402
+from tuneloop.stages.eval import score_examples  # noqa: E402
 from tuneloop.stages.sft import _train, balance_yes_no, training_rows  # noqa: E402
 from tuneloop.store import Example, ModelVersion, open_store  # noqa: E402
 

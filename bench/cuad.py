@@ -47,7 +47,7 @@ from tuneloop.loop import CycleContext, run_cycle  # noqa: E402
 from tuneloop.models.registry import reply_cache_dir  # noqa: E402
 from tuneloop.progress import RichReporter  # noqa: E402
 from tuneloop.stages.anchor import evaluate_anchor  # noqa: E402
-from tuneloop.stages.evaluate import evaluate_version  # noqa: E402
+from tuneloop.stages.eval import evaluate_version  # noqa: E402
 from tuneloop.stages.seeds import import_pairs  # noqa: E402
 from tuneloop.stats import bootstrap_ci, paired_bootstrap  # noqa: E402
 from tuneloop.steps import step_result  # noqa: E402

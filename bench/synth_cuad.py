@@ -35,7 +35,7 @@ from tuneloop.programs.rag import Retriever  # noqa: E402
 from tuneloop.progress import RichReporter  # noqa: E402
 from tuneloop.stages.ingest import ingest_paths  # noqa: E402
 from tuneloop.stages.seeds import import_pairs  # noqa: E402
-from tuneloop.stages.synthesize import build_synth_models, synthesize  # noqa: E402
+from tuneloop.stages.synth import build_synth_models, synthesize  # noqa: E402
 from tuneloop.store import open_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,7 +28,7 @@ from tuneloop.ingest.index import HybridIndex
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import SilentReporter
 from tuneloop.stages.ingest import ingest_paths
-from tuneloop.stages.synthesize import KIND, synthesize
+from tuneloop.stages.synth import KIND, synthesize
 from tuneloop.store import Artifact, Chunk, Document, Example, Feedback, Interaction, open_store
 
 EMBED_SECONDS = 2.0

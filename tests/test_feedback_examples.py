@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from tuneloop.evalsets import eval_examples
 from tuneloop.splits import heldout_side, question_key
-from tuneloop.stages.evaluate import check_no_overlap
+from tuneloop.stages.eval import check_no_overlap
 from tuneloop.stages.feedback import feedback_to_examples
 from tuneloop.stages.sft import select_examples
 from tuneloop.store import CycleStep, Example, Feedback, Interaction, ModelVersion, PreferencePair, open_store

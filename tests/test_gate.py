@@ -108,7 +108,7 @@ def test_eval_runs_store_a_confidence_interval_and_a_per_category_breakdown(proj
 
     from tests.helpers import ingest_project
     from tuneloop.progress import SilentReporter
-    from tuneloop.stages.evaluate import evaluate_version
+    from tuneloop.stages.eval import evaluate_version
     from tuneloop.stages.seeds import import_pairs
 
     p = project({"eval": {"limit": None}}, pairs=False)
@@ -133,7 +133,7 @@ def test_eval_runs_store_a_confidence_interval_and_a_per_category_breakdown(proj
 def test_evaluation_refuses_held_out_questions_that_were_trained_on(project):
     from tuneloop.errors import StateError
     from tuneloop.progress import SilentReporter
-    from tuneloop.stages.evaluate import evaluate_version
+    from tuneloop.stages.eval import evaluate_version
     from tuneloop.store import Example, example_hash
 
     p = project()  # the sample seeds (train) and held-out questions (eval)

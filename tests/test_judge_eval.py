@@ -17,7 +17,7 @@ from tuneloop.programs import scoring
 from tuneloop.programs.judge import ComparePair, JudgeCorrect, build_judge, parse_yes_no, parsed_yes_no
 from tuneloop.programs.synth import JudgeGrounding
 from tuneloop.progress import SilentReporter
-from tuneloop.stages import evaluate
+from tuneloop.stages import eval as evaluate  # the eval step module
 from tuneloop.stages.judge_eval import judge_items
 from tuneloop.steps import to_row
 from tuneloop.store import Chunk, Cycle, EvalRun, ModelVersion, open_store

@@ -16,7 +16,7 @@ from tuneloop.programs import scoring
 from tuneloop.programs.judge import ScoreAnswer
 from tuneloop.programs.rag import SYSTEM_PROMPT
 from tuneloop.progress import SilentReporter
-from tuneloop.stages import evaluate
+from tuneloop.stages import eval as evaluate  # the eval step module
 from tuneloop.store import Chunk, EvalRun, Interaction, ModelVersion, SignalValue, open_store, utcnow
 from tuneloop.versions import ensure_base_version
 

@@ -23,7 +23,7 @@ from tuneloop.serve.chat import ChatHandler
 from tuneloop.serve.limits import KeyLimits
 from tuneloop.serve.schemas import ChatRequest
 from tuneloop.serve.state import ModelState
-from tuneloop.stages.evaluate import evaluate_version
+from tuneloop.stages.eval import evaluate_version
 from tuneloop.stages.prompts import compile_rag_program, rag_metric
 from tuneloop.store import Artifact, Cycle, CycleStep, EvalRun, ModelVersion, open_store
 from tuneloop.versions import ensure_base_version

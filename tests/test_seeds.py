@@ -67,7 +67,7 @@ def test_category_is_kept_and_must_be_a_string(tmp_path):
 
 def test_holdout_splits_seeds_stably_and_never_overlaps(tmp_path):
     from tuneloop.splits import heldout_side, question_key
-    from tuneloop.stages.evaluate import check_no_overlap
+    from tuneloop.stages.eval import check_no_overlap
 
     rows = [{"question": f"What is the notice period in clause {i}?", "answer": f"{i} days", "source": "a.txt"}
             for i in range(60)]

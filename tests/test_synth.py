@@ -18,7 +18,7 @@ from tuneloop.filters import NEGATIVE_ANSWER
 from tuneloop.metrics import normalize_tokens, rouge_l
 from tuneloop.models.cache import CachedChatModel
 from tuneloop.progress import SilentReporter
-from tuneloop.stages.synthesize import SynthModels, allocate, synthesize
+from tuneloop.stages.synth import SynthModels, allocate, synthesize
 from tuneloop.store import Artifact, Cycle, Example, open_store
 
 SEED_Q = "What law governs the master services agreement?"

@@ -22,7 +22,7 @@ from tuneloop.programs.dspy_bridge import (
 from tuneloop.programs.rag import SYSTEM_PROMPT
 from tuneloop.programs.synth import TASKS, JudgeGrounding, WriteAnswer, WriteQuestion, parse_verdict
 from tuneloop.progress import SilentReporter
-from tuneloop.stages.synthesize import synthesize
+from tuneloop.stages.synth import synthesize
 from tuneloop.store import open_store
 
 PARAMS = GenerationParams(max_new_tokens=32)

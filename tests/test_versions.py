@@ -7,6 +7,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 import tuneloop
+from tuneloop.loop import STEPS
 from tuneloop.store import ModelVersion, open_store
 from tuneloop.versions import NOT_CANDIDATES, Status, champion, promote, promotions, set_status
 
@@ -77,7 +78,7 @@ def _module_graph() -> dict[str, set[str]]:
 
 def test_no_import_cycles_even_through_function_level_imports():
     """An import inside a function must not hide a cycle (it once hid feedback.rlaif ->
-    stages.evaluate -> stages.judge_eval -> feedback.rlaif, and stages.align <-> stages.rloo)."""
+    stages.eval -> stages.judge_eval -> feedback.rlaif, and stages.align <-> stages.rloo)."""
     graph, cycles = _module_graph(), set()
 
     def visit(node: str, path: list[str]) -> None:
@@ -90,3 +91,9 @@ def test_no_import_cycles_even_through_function_level_imports():
     for start in graph:
         visit(start, [start])
     assert cycles == set()
+
+
+def test_every_cycle_step_has_its_module_in_stages():
+    """A newcomer finds each step of `loop.STEPS` by its name in tuneloop/stages/."""
+    missing = [name for name in STEPS if not (PACKAGE / "stages" / f"{name}.py").is_file()]
+    assert missing == []

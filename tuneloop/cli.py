@@ -151,7 +151,7 @@ def seeds_import(
 def synth(project_dir: ProjectOpt = Path(".")) -> None:
     """Generate synthetic Q/A pairs with the teacher (self-instruct + grounded) and filter them."""
     from tuneloop.models.registry import build_embedder
-    from tuneloop.stages.synthesize import build_synth_models, synthesize
+    from tuneloop.stages.synth import build_synth_models, synthesize
 
     project, sessions = _open(project_dir)
     with sessions() as s:
@@ -243,7 +243,7 @@ def eval_cmd(
     """Evaluate versions on the held-out set (default: champion and candidates) and compare them."""
     from tuneloop.errors import StateError
     from tuneloop.models.registry import build_embedder
-    from tuneloop.stages.evaluate import evaluate_version
+    from tuneloop.stages.eval import evaluate_version
     from tuneloop.store import ModelVersion
     from tuneloop.versions import Status, ensure_base_version
 

@@ -28,7 +28,7 @@ from tuneloop.progress import Reporter
 from tuneloop.stages.align import train_align
 from tuneloop.stages.anchor import evaluate_anchor
 from tuneloop.stages.dapt import dapt_parent, train_dapt
-from tuneloop.stages.evaluate import evaluate_version
+from tuneloop.stages.eval import evaluate_version
 from tuneloop.stages.feedback import feedback_to_examples
 from tuneloop.stages.gate import decide
 from tuneloop.stages.ingest import ensure_index, ingest_paths
@@ -37,8 +37,8 @@ from tuneloop.stages.prompts import compile_rag_program
 from tuneloop.stages.rlaif import build_rlaif_models, rlaif
 from tuneloop.stages.select import pick_on_dev
 from tuneloop.stages.sft import train_sft
-from tuneloop.stages.synthesize import KIND as SYNTH_KIND
-from tuneloop.stages.synthesize import build_synth_models, synthesize
+from tuneloop.stages.synth import KIND as SYNTH_KIND
+from tuneloop.stages.synth import build_synth_models, synthesize
 from tuneloop.stages.wise import choose_alpha, dev_examples
 from tuneloop.steps import (
     AlignStepResult,

@@ -1,6 +1,6 @@
 """Answer a set of examples with the retrieval-augmented student and score each answer.
 
-Shared by the held-out eval (`stages/evaluate.py`), WiSE-FT's dev-set scoring (`stages/wise.py`)
+Shared by the held-out eval (`stages/eval.py`), WiSE-FT's dev-set scoring (`stages/wise.py`)
 and the monitor's canary re-eval, so all three ask and score exactly the same way.
 """
 from __future__ import annotations

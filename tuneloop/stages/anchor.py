@@ -23,7 +23,7 @@ from tuneloop.evalsets import anchor_items, anchor_set_hash
 from tuneloop.metrics import normalize_tokens, token_f1
 from tuneloop.models.registry import build_chat_model, generation_params
 from tuneloop.progress import Reporter, batched_chat
-from tuneloop.stages.evaluate import stored_eval_run
+from tuneloop.stages.eval import stored_eval_run
 from tuneloop.store import EvalRun, ModelVersion, Session
 
 KIND = "anchor"
