@@ -56,7 +56,7 @@ from cuad import machine, update_markdown, write_project  # noqa: E402
 from tuneloop import metrics  # noqa: E402
 from tuneloop.artifacts import read_jsonl  # noqa: E402
 from tuneloop.cli import quiet_libraries  # noqa: E402
-from tuneloop.config import default_settings_yaml, load_project  # noqa: E402
+from tuneloop.config import load_project  # noqa: E402
 from tuneloop.evalsets import anchor_items, anchor_set_hash  # noqa: E402
 from tuneloop.loop import CycleContext, run_cycle  # noqa: E402
 from tuneloop.models.registry import build_embedder  # noqa: E402
@@ -66,6 +66,7 @@ from tuneloop.programs.scoring import score_examples  # noqa: E402
 from tuneloop.progress import RichReporter  # noqa: E402
 from tuneloop.report import write_report  # noqa: E402
 from tuneloop.serve import create_app  # noqa: E402
+from tuneloop.settings_template import default_settings_yaml  # noqa: E402
 from tuneloop.stages.ingest import ingest_paths  # noqa: E402
 from tuneloop.stats import bootstrap_ci, paired_bootstrap  # noqa: E402
 from tuneloop.store import Cycle, CycleStep, EvalRun, Example, ModelVersion, SignalValue, open_store  # noqa: E402

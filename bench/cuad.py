@@ -41,11 +41,12 @@ from sqlalchemy import select  # noqa: E402
 from tuneloop import metrics  # noqa: E402
 from tuneloop.artifacts import read_jsonl  # noqa: E402
 from tuneloop.cli import quiet_libraries  # noqa: E402
-from tuneloop.config import default_settings_yaml, load_project  # noqa: E402
+from tuneloop.config import load_project  # noqa: E402
 from tuneloop.evalsets import eval_examples, eval_set_hash  # noqa: E402
 from tuneloop.loop import CycleContext, run_cycle  # noqa: E402
 from tuneloop.models.registry import reply_cache_dir  # noqa: E402
 from tuneloop.progress import RichReporter  # noqa: E402
+from tuneloop.settings_template import default_settings_yaml  # noqa: E402
 from tuneloop.stages.anchor import evaluate_anchor  # noqa: E402
 from tuneloop.stages.eval import evaluate_version  # noqa: E402
 from tuneloop.stages.seeds import import_pairs  # noqa: E402

@@ -157,8 +157,9 @@ def make_project(root: Path, n_clients: int, n_interactions: int, pairs_per_clie
     `pairs_per_client[c]` A/B pairs. Returns the project, each client's interaction public ids and
     its pairs as (tag, champion public id, challenger public id)."""
     from tuneloop import store as st
-    from tuneloop.config import default_settings_yaml, load_project
+    from tuneloop.config import load_project
     from tuneloop.progress import SilentReporter
+    from tuneloop.settings_template import default_settings_yaml
     from tuneloop.stages.ingest import ingest_paths
     from tuneloop.versions import ensure_base_version
 

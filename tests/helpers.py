@@ -23,10 +23,11 @@ from typing import Any
 
 import yaml
 
-from tuneloop.config import Project, default_settings_yaml
+from tuneloop.config import Project
 from tuneloop.models.base import GenerationParams, Message
 from tuneloop.programs.rag import SYSTEM_PROMPT
 from tuneloop.programs.synth import TASKS, JudgeGrounding, RewriteAnswer, WriteAnswer, WriteQuestion
+from tuneloop.settings_template import default_settings_yaml
 
 SAMPLE = Path(str(resources.files("tuneloop") / "sample"))
 CONTRACTS = SAMPLE / "contracts"

@@ -7,8 +7,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tuneloop.config import Settings, default_settings_yaml, load_project, parse_settings
+from tuneloop.config import Settings, load_project, parse_settings
 from tuneloop.errors import ConfigError
+from tuneloop.settings_template import default_settings_yaml
 
 
 def write(root: Path, text: str) -> Path:

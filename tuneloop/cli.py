@@ -1,7 +1,6 @@
 """The command line: `tuneloop init | ingest | seeds import | synth | train sft | eval | cycle | status`."""
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 from importlib import resources
@@ -9,14 +8,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import func, select
 
-from tuneloop.config import SETTINGS_FILE, Project, default_settings_yaml, load_project
+from tuneloop.cli_common import ProjectOpt, console, err_console, fmt_metric, friendly_errors, open_project
+from tuneloop.cli_models import models_app
+from tuneloop.config import SETTINGS_FILE, Project, load_project
 from tuneloop.errors import InputError, TuneloopError
 from tuneloop.progress import RichReporter
+from tuneloop.settings_template import default_settings_yaml
 
 # Each command imports what it runs inside its function: stages, models and serving pull in torch,
 # transformers and dspy (seconds), and `tuneloop --help` or `status` should not wait for them.
@@ -28,39 +28,10 @@ app.add_typer(seeds_app, name="seeds")
 app.add_typer(train_app, name="train")
 feedback_app = typer.Typer(help="People's feedback as training data.", no_args_is_help=True)
 app.add_typer(feedback_app, name="feedback")
-console = Console()
-err_console = Console(stderr=True)
-
-ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="Project folder (holds tuneloop.yaml).")]
+app.add_typer(models_app, name="models")
 METRIC_COLUMNS = {"macro_score": "macro", "token_f1": "F1", "exact_match": "EM", "rouge_l": "ROUGE-L",
                   "cuad_match": "CUAD", "yes_no_balanced_accuracy": "Y/N bal.acc", "extract_token_f1": "extract F1"}
 JUDGE_COLUMNS = {"judge_correctness": "judge correct", "judge_faithfulness": "judge faithful"}  # eval.judge_metrics
-
-
-def friendly_errors(fn):
-    """User mistakes become one red line and a non-zero exit code, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except TuneloopError as err:
-            # escape: a file name like "[draft].docx" is not markup; soft_wrap: a long path stays
-            # on one line (rich would otherwise cut it at the terminal width, 80 in a pipe).
-            err_console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted; run the command again to resume[/yellow]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _open(project_dir: Path):
-    from tuneloop.store import open_store
-
-    project = load_project(project_dir)
-    return project, open_store(project.store_url)
 
 
 def _sample_copies(src_dir: Path, directory: Path) -> dict[Path, Path]:
@@ -111,7 +82,7 @@ def ingest(
     from tuneloop.models.registry import build_embedder
     from tuneloop.stages.ingest import ingest_paths
 
-    project, sessions = _open(project_dir)
+    project, sessions = open_project(project_dir)
     iter_files(paths, require_files=True)  # a missing, empty or unsupported path fails before the embedder loads
     with sessions() as s:
         r = ingest_paths(project, s, paths, build_embedder(project), RichReporter())
@@ -135,7 +106,7 @@ def seeds_import(
 
     if split not in ("train", "eval", "dev"):
         raise TuneloopError(f"--split must be 'train', 'eval' or 'dev', not '{split}'")
-    project, sessions = _open(project_dir)
+    project, sessions = open_project(project_dir)
     with sessions() as s:
         r = import_pairs(s, file, split, holdout)
         s.commit()
@@ -153,7 +124,7 @@ def synth(project_dir: ProjectOpt = Path(".")) -> None:
     from tuneloop.models.registry import build_embedder
     from tuneloop.stages.synth import build_synth_models, synthesize
 
-    project, sessions = _open(project_dir)
+    project, sessions = open_project(project_dir)
     with sessions() as s:
         embedder = build_embedder(project)
         retriever = _retriever(project, s, embedder)
@@ -198,7 +169,7 @@ def train_sft_cmd(project_dir: ProjectOpt = Path(".")) -> None:
     from tuneloop.stages.sft import train_sft
     from tuneloop.versions import ensure_base_version
 
-    project, sessions = _open(project_dir)
+    project, sessions = open_project(project_dir)
     with sessions() as s:
         ensure_base_version(project, s)
         r = train_sft(project, s, _retriever(project, s, build_embedder(project)), RichReporter())
@@ -221,7 +192,7 @@ def train_align_cmd(
     from tuneloop.stages.align import train_align
     from tuneloop.versions import ensure_base_version
 
-    project, sessions = _open(project_dir)
+    project, sessions = open_project(project_dir)
     with sessions() as s:
         ensure_base_version(project, s)
         try:  # stored prompts need no index; GRPO and pairs without stored prompts do (the stage says so)
@@ -247,7 +218,7 @@ def eval_cmd(
     from tuneloop.store import ModelVersion
     from tuneloop.versions import Status, ensure_base_version
 
-    project, sessions = _open(project_dir)
+    project, sessions = open_project(project_dir)
     reporter = RichReporter()
     with sessions() as s:
         ensure_base_version(project, s)
@@ -285,13 +256,9 @@ def comparison_table(project: Project, session) -> Table:
     for label in columns.values():
         table.add_column(label, justify="right")
     for version, run in rows:
-        cells = [_fmt(run.metrics.get(c)) for c in columns]
+        cells = [fmt_metric(run.metrics.get(c)) for c in columns]
         table.add_row(version.name, version.status, *cells)
     return table
-
-
-def _fmt(v) -> str:
-    return "-" if v is None or v != v else f"{v:.3f}"
 
 
 @app.command()
@@ -340,7 +307,7 @@ def monitor(project_dir: ProjectOpt = Path(".")) -> None:
     from tuneloop.models.registry import build_embedder
     from tuneloop.monitor.signals import check_signals
 
-    project, sessions = _open(project_dir)
+    project, sessions = open_project(project_dir)
     with sessions() as s:
         readings = check_signals(project, s, build_embedder(project))
         s.commit()
@@ -356,7 +323,7 @@ def report(
     """Write one self-contained HTML report: versions with CIs, cycles, feedback, signals, gate reasons."""
     from tuneloop.report import write_report
 
-    project, sessions = _open(project_dir)
+    project, sessions = open_project(project_dir)
     with sessions() as s:
         path = write_report(project, s, out)
     console.print(f"report written to {path}")
@@ -369,7 +336,7 @@ def _print_signals(readings) -> None:
     for col in ("signal", "value", "fired", "why"):
         table.add_column(col)
     for r in readings:
-        table.add_row(r.signal, _fmt(r.value), "[bold red]yes[/bold red]" if r.fired else "no", r.reason)
+        table.add_row(r.signal, fmt_metric(r.value), "[bold red]yes[/bold red]" if r.fired else "no", r.reason)
     console.print(table)
 
 
@@ -393,7 +360,7 @@ def rlaif(
 
     if mode is not None and mode not in ("pairwise", "rubric"):
         raise TuneloopError(f"--mode must be 'pairwise' or 'rubric', not '{mode}'")
-    project, sessions = _open(project_dir)
+    project, sessions = open_project(project_dir)
     with sessions() as s:
         ensure_base_version(project, s)
         s.commit()
@@ -419,15 +386,16 @@ def _print_rlaif_report(r) -> None:
                       f"{rep['consistent']} / {rep['inconsistent']} / {rep['ties']} / {rep['unparsed']}")
         table.add_row("kept preference pairs", f"{r.pairs} ({r.added.get('pairs', 0)} new in the store)")
         table.add_row("of which decided by the expert's answer", str(rep.get("reference_pairs", 0)))
-        table.add_row("first position wins", _fmt(rep["position_bias"]["first_position_rate"]))
+        table.add_row("first position wins", fmt_metric(rep["position_bias"]["first_position_rate"]))
     else:
         ru = rep["rubric"]
         table.add_row("answers scored / unparsed", f"{ru['scored']} / {ru['unparsed']}")
-        table.add_row("rewards (mean)", f"{ru['rewards']} ({_fmt(ru['mean_reward'])})")
+        table.add_row("rewards (mean)", f"{ru['rewards']} ({fmt_metric(ru['mean_reward'])})")
     cal = rep.get("calibration") or {}
     if cal.get("pairs"):
-        table.add_row("agreement with people", f"{_fmt(cal['agreement'])} ({cal['agree']} of {cal['pairs']} pairs; "
-                                               f"{cal['inconsistent']} inconsistent, {cal['unparsed']} unparsed)")
+        table.add_row("agreement with people",
+                      f"{fmt_metric(cal['agreement'])} ({cal['agree']} of {cal['pairs']} pairs; "
+                      f"{cal['inconsistent']} inconsistent, {cal['unparsed']} unparsed)")
     else:
         table.add_row("agreement with people", "- (no human A/B choices or corrections yet)")
     console.print(table)
@@ -446,7 +414,7 @@ def feedback_export(
     from tuneloop.models.registry import build_embedder
     from tuneloop.programs.prompts import PromptBuilder
 
-    project, sessions = _open(project_dir)
+    project, sessions = open_project(project_dir)
     with sessions() as s:
         builder = PromptBuilder(s, lambda: _retriever(project, s, build_embedder(project)))
         r = export_feedback(project, s, builder, RichReporter(), name=name, include_ai=ai)
@@ -472,7 +440,7 @@ def status(project_dir: ProjectOpt = Path(".")) -> None:
     from tuneloop.store import Chunk, Cycle, CycleStep, Document, Example, Feedback, Interaction, ModelVersion
     from tuneloop.versions import champion
 
-    project, sessions = _open(project_dir)
+    project, sessions = open_project(project_dir)
     primary = project.settings.eval.primary_metric
     with sessions() as s:
         champ = champion(s)
@@ -495,7 +463,7 @@ def status(project_dir: ProjectOpt = Path(".")) -> None:
         names = {v.id: v.name for v in s.scalars(select(ModelVersion))}
         for v in s.scalars(select(ModelVersion).order_by(ModelVersion.id)):
             versions.add_row(v.name, names.get(v.parent_id, "-"), v.method, v.status,
-                             _fmt((v.metrics or {}).get(primary)), str(v.cycle_id or "-"))
+                             fmt_metric((v.metrics or {}).get(primary)), str(v.cycle_id or "-"))
         console.print(versions)
         last = s.scalar(select(Cycle).order_by(Cycle.id.desc()))
         if last is None:
@@ -553,124 +521,6 @@ def serve(
     uvicorn.run(web_app, host=host, port=port, log_config=log_config)
 
 
-models_app = typer.Typer(help="Model versions: lineage tree, diff, manual promotion (rollback or forward).")
-app.add_typer(models_app, name="models")
-
-
-@models_app.callback(invoke_without_command=True)
-@friendly_errors
-def models_tree(ctx: typer.Context, project_dir: ProjectOpt = Path(".")) -> None:
-    """The version tree from the base model (method, status, primary metric, cycle, created)."""
-    if ctx.invoked_subcommand is not None:
-        return
-    from rich.tree import Tree
-
-    from tuneloop.lineage import fmt_time, version_tree
-    from tuneloop.versions import promotions
-
-    project, sessions = _open(project_dir)
-    primary = project.settings.eval.primary_metric
-    with sessions() as s:
-        roots = version_tree(s)
-        if not roots:
-            console.print("no model versions yet (the base model is registered by `tuneloop eval`, "
-                          "`tuneloop train sft` or `tuneloop cycle`)")
-            return
-        tree = Tree(f"[bold]model versions[/bold] (primary metric: {primary})")
-
-        def label(v) -> str:
-            champ = " [bold green]* champion[/bold green]" if v.status == "champion" else ""
-            style = {"champion": "green", "rejected": "red", "retired": "dim", "candidate": "yellow"}.get(v.status, "")
-            status = f"[{style}]{v.status}[/{style}]" if style else escape(v.status)
-            cycle_txt = f"cycle {v.cycle_id}" if v.cycle_id is not None else "no cycle"
-            return (f"[bold]{escape(v.name)}[/bold]{champ}  {escape(v.method)}  {status}  "
-                    f"{primary} {_fmt((v.metrics or {}).get(primary))}  {cycle_txt}  {fmt_time(v.created_at)}")
-
-        def add(branch, node) -> None:
-            sub = branch.add(label(node.version))
-            for child in node.children:
-                add(sub, child)
-
-        for root in roots:
-            add(tree, root)
-        console.print(tree)
-        history = promotions(s)
-        if history:
-            last = history[-1]
-            console.print(f"last promotion: {last.get('from') or '-'} -> {last.get('to')} "
-                          f"({last.get('reason', '')}, {last.get('direction', '')}, {str(last.get('at', ''))[:19]})")
-
-
-@models_app.command("diff")
-@friendly_errors
-def models_diff(
-    a: Annotated[str, typer.Argument(help="First version (e.g. base, v1).")],
-    b: Annotated[str, typer.Argument(help="Second version.")],
-    project_dir: ProjectOpt = Path("."),
-) -> None:
-    """What changed from A to B: method, parent, hyperparameters, training data, metrics."""
-    from tuneloop.lineage import diff_versions, get_version
-
-    project, sessions = _open(project_dir)
-    with sessions() as s:
-        va, vb = get_version(s, a), get_version(s, b)
-        d = diff_versions(s, va, vb)
-        info = Table(title=f"{va.name} -> {vb.name}")
-        for col in ("", va.name, vb.name):
-            info.add_column(col)
-        for name, x, y in d.fields:
-            mark = "" if x == y else " [yellow](changed)[/yellow]"
-            info.add_row(name, escape(str(x)), escape(str(y)) + mark)
-        console.print(info)
-        if d.hyperparams:
-            console.print("hyperparameters that differ:")
-            for key, x, y in d.hyperparams:
-                console.print(f"  {escape(key)}: {escape(repr(x))} -> {escape(repr(y))}", soft_wrap=True)
-        else:
-            console.print("hyperparameters: identical")
-        data = Table(title="training data")
-        for col in ("", va.name, vb.name):
-            data.add_column(col)
-        data.add_row("examples", str(len(d.data_a.ids)), str(len(d.data_b.ids)))
-        data.add_row("data hash", (d.data_a.data_hash or "-")[:16], (d.data_b.data_hash or "-")[:16])
-        if d.data_a.missing or d.data_b.missing:
-            data.add_row("ids no longer in the store", str(d.data_a.missing), str(d.data_b.missing))
-        console.print(data)
-        console.print(f"examples only in {va.name}: {d.only_a}; only in {vb.name}: {d.only_b}; shared: {d.shared}"
-                      f" ({'same' if d.same_data else 'different'} training data)")
-        if d.metrics:
-            m = Table(title="metrics")
-            for col in ("source", "metric", va.name, vb.name, "delta"):
-                m.add_column(col, justify="right" if col in (va.name, vb.name, "delta") else "left")
-            for row in d.metrics:
-                delta = row.delta
-                m.add_row(row.source, row.metric, _fmt(row.a), _fmt(row.b),
-                          "-" if delta is None else f"{delta:+.3f}")
-            console.print(m)
-        else:
-            console.print("metrics: none recorded")
-
-
-@models_app.command("promote")
-@friendly_errors
-def models_promote(
-    version: Annotated[str, typer.Argument(help="Version to make the champion (older: rollback; newer: forward).")],
-    project_dir: ProjectOpt = Path("."),
-) -> None:
-    """Make VERSION the champion; the current champion is retired. `tuneloop serve` swaps it in."""
-    from tuneloop.lineage import promote
-
-    project, sessions = _open(project_dir)
-    with sessions() as s:
-        p = promote(s, version)
-        s.commit()
-    if not p.changed:
-        console.print(f"{p.version.name} is already the champion; nothing to do")
-        return
-    prev = f" ({p.previous.name} retired)" if p.previous else ""
-    console.print(f"promoted {p.version.name} to champion{prev}: {p.direction}")
-
-
 @app.command("export")
 @friendly_errors
 def export_cmd(
@@ -687,7 +537,7 @@ def export_cmd(
     (safetensors, tokenizer with chat template, tuneloop.json) that transformers or vLLM can load."""
     from tuneloop.export import export_version
 
-    project, sessions = _open(project_dir)
+    project, sessions = open_project(project_dir)
     with sessions() as s:
         r = export_version(project, s, version, out, gguf=gguf, force=force)
     console.print(f"exported {version} to {r.path}" + (f"; gguf {r.gguf_path}" if r.gguf_path else ""),
