@@ -23,10 +23,12 @@ from pathlib import Path
 
 import bm25s
 import numpy as np
+from sqlalchemy import select
 
 from tuneloop.errors import InputError, StateError
 from tuneloop.models.base import Embedder
 from tuneloop.safety import safe_rmtree
+from tuneloop.store import Chunk, Document, Session
 
 FORMAT_VERSION = 2  # 2: BM25 tokens are stemmed (English Snowball)
 
@@ -43,6 +45,18 @@ def chunks_hash(chunk_ids: list[int], texts: list[str]) -> str:
         h.update(f"{cid}\x00{len(text)}\x00".encode())
         h.update(text.encode("utf-8"))
     return h.hexdigest()
+
+
+def stored_chunks(session: Session) -> list[tuple[int, str, str]]:
+    """The store's chunks as (id, document name, text), in id order: what an index is built from
+    and what `chunks_hash` of the index must match."""
+    return [tuple(r) for r in session.execute(
+        select(Chunk.id, Document.name, Chunk.text).join(Document).order_by(Chunk.id))]
+
+
+def stored_chunks_hash(chunks: list[tuple[int, str, str]]) -> str:
+    """`chunks_hash` of `stored_chunks` rows."""
+    return chunks_hash([c[0] for c in chunks], [c[2] for c in chunks])
 
 
 def leftover_paths(directory: Path) -> list[Path]:

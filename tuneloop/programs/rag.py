@@ -10,14 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
-
 from tuneloop.config import Project
 from tuneloop.errors import StateError
-from tuneloop.ingest.index import HybridIndex, chunks_hash
+from tuneloop.ingest.index import HybridIndex, stored_chunks, stored_chunks_hash
 from tuneloop.models.base import ChatModel, Embedder, GenerationParams, Message
 from tuneloop.progress import Reporter, SilentReporter, batched_chat
-from tuneloop.store import Chunk, Document, Session
+from tuneloop.store import Session
 
 SYSTEM_PROMPT = (
     "You answer questions about the user's documents using only the given excerpts. "
@@ -49,9 +47,8 @@ class Retriever:
     @classmethod
     def load(cls, project: Project, session: Session, embedder: Embedder | None) -> Retriever:
         index = HybridIndex.load(project.index_dir, embedder)
-        rows = session.execute(select(Chunk.id, Document.name, Chunk.text).join(Document).order_by(Chunk.id)).all()
-        if index.content_hash is not None and index.content_hash != chunks_hash([r[0] for r in rows],
-                                                                                 [r[2] for r in rows]):
+        rows = stored_chunks(session)
+        if index.content_hash is not None and index.content_hash != stored_chunks_hash(rows):
             # e.g. an ingest killed between its commit and the index swap: answers would cite
             # chunks the index does not hold, or the wrong document's
             raise StateError("the retrieval index was built from other chunks than the store holds "

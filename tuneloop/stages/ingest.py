@@ -21,7 +21,7 @@ from sqlalchemy import delete, select
 from tuneloop.config import Project
 from tuneloop.ingest.chunking import Chunk as Piece
 from tuneloop.ingest.chunking import chunk_text, word_offsets
-from tuneloop.ingest.index import HybridIndex, chunks_hash, clean_leftovers
+from tuneloop.ingest.index import HybridIndex, clean_leftovers, stored_chunks, stored_chunks_hash
 from tuneloop.ingest.loaders import RawDocument, document_sha, iter_files, load_file
 from tuneloop.models.base import Embedder
 from tuneloop.progress import Reporter
@@ -119,20 +119,20 @@ def ensure_index(project: Project, session: Session, embedder: Embedder | None, 
     Removes what a killed index build left beside the index first, and keeps the index folder
     private (0700)."""
     clean_leftovers(project.index_dir)
-    rows = session.execute(select(Chunk.id, Chunk.text, Document.name).join(Document).order_by(Chunk.id)).all()
-    ids, texts = [r[0] for r in rows], [r[1] for r in rows]
+    rows = stored_chunks(session)
+    ids, documents, texts = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
     if (project.index_dir / "index.json").is_file():
         project.index_dir.chmod(0o700)  # one an older version saved with the umask's mode
         try:
             current = HybridIndex.load(project.index_dir, embedder)
-            if current.content_hash == chunks_hash(ids, texts):
+            if current.content_hash == stored_chunks_hash(rows):
                 return False
         except Exception:  # unreadable or built with another embedder: rebuild below
             pass
     kind = "BM25 + dense" if embedder is not None else "BM25"
     with reporter.task(f"indexing {len(ids)} chunks ({kind})", len(ids)) as advance:
         counted = _CountingEmbedder(embedder, advance, vectors) if embedder is not None else None
-        index = HybridIndex.build(ids, texts, [r[2] for r in rows], counted)
+        index = HybridIndex.build(ids, texts, documents, counted)
         index.save(project.index_dir)
         if counted is None:
             advance(len(ids))
