@@ -108,7 +108,7 @@ def tiny_settings(model_dir: Path, name: str = "test-project") -> dict:
             "judge": {"model": m},
         },
         "ingest": {"dense": False},
-        "synth": {"questions_per_cycle": 6},
+        "synth": {"questions_per_cycle": 6, "transfer": {"enabled": False}},  # tests/test_transfer.py turns it on
         "sft": {"epochs": 1, "batch_size": 4, "learning_rate": 5e-3},
         "lora": {"r": 8, "alpha": 16},
         "eval": {"limit": 6},

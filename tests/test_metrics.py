@@ -7,6 +7,7 @@ import pytest
 
 from tuneloop.metrics import (
     aggregate,
+    answer_label,
     balanced_accuracy,
     cuad_match,
     exact_match,
@@ -215,3 +216,12 @@ def test_aggregate_averages_retrieval_hits_over_items_that_have_them():
     result = aggregate(items)
     assert result["retrieval_n"] == 2 and result["retrieval_hit"] == 0.5
     assert math.isnan(aggregate(items[1:2])["retrieval_hit"])
+
+
+def test_free_text_answers_to_yes_no_questions_are_read_not_failed():
+    assert answer_label("No, it may not be assigned") == "no"
+    assert answer_label("The document does not say.") == "no"
+    assert answer_label("twelve (12) months from delivery") == "yes"
+    assert answer_label("  ") is None
+    assert score_item("twelve (12) months from delivery", ["Yes"])["yes_no_correct"] == 1.0
+    assert score_item("The excerpts do not mention a warranty.", ["Yes"])["yes_no_correct"] == 0.0

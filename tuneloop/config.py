@@ -90,6 +90,23 @@ QUESTION_TYPES = ("self_instruct", "fact", "yes_no", "explanation", "comparison"
 QuestionType = Literal["self_instruct", "fact", "yes_no", "explanation", "comparison", "negative"]
 
 
+class TransferSettings(_Section):
+    """Seed-question transfer (`stages/transfer.py`): the experts' questions asked of other documents."""
+
+    enabled: bool = True
+    max_questions: int = Field(600, ge=0, le=1_000_000)  # (seed question, document) pairs asked per cycle
+    labeller: Literal["champion", "teacher"] = "champion"  # who answers: the champion student, or the teacher
+    samples: int = Field(3, ge=1, le=10)  # passage sets each question is answered under; all must agree
+    yes_no_margin: float = Field(1.0, ge=0.0, le=50.0)  # log-odds a yes/no decision keeps from the threshold
+    labeller_min_accuracy: float = Field(0.7, ge=0.0, le=1.0)  # dev balanced accuracy before its yes/no counts
+    min_agreement: float = Field(0.5, ge=0.0, le=1.0)  # token F1 between the answers of the passage sets
+    max_answer_chars: int = Field(300, ge=1, le=20_000)
+    # evidence-anchored yes/no labels (stages/evidence.py), per question across the documents asked:
+    evidence_no_share: float = Field(0.3, ge=0.0, le=1.0)  # lowest share of similarities labelled "No"
+    evidence_yes_share: float = Field(0.2, ge=0.0, le=1.0)  # highest share labelled "Yes" ...
+    evidence_yes_floor: float = Field(0.9, ge=0.0, le=1.0)  # ... when also above this quantile of all scores
+
+
 class SynthSettings(_Section):
     questions_per_cycle: int = Field(24, ge=1, le=100_000)
     # Strategy mix (relative weights). self_instruct: new questions in the style of the seeds
@@ -115,6 +132,8 @@ class SynthSettings(_Section):
     min_answer_chars: int = Field(1, ge=0, le=20_000)
     max_answer_chars: int = Field(200, ge=1, le=20_000)
     min_support: float = Field(0.6, ge=0.0, le=1.0)  # share of answer words found in its passages
+    transfer: TransferSettings = TransferSettings()
+    label_check: str | None = None  # a seed-format file of known labels: the report scores synthetic labels
     seed: Seed = 0
 
     @field_validator("strategies")

@@ -8,8 +8,9 @@ Every per-item metric takes one prediction and one or more reference answers and
 score over the references, in [0, 1].
 
 Yes/no questions are scored on the label, not on span overlap: when the first reference of an item
-normalises to exactly "yes" or "no", :func:`score_item` parses the prediction's leading yes/no
-(:func:`yes_no_label`) and every metric of that item is 1.0 when the labels agree, else 0.0. A small
+normalises to exactly "yes" or "no", :func:`score_item` reads the prediction's label
+(:func:`answer_label`: its leading yes/no; a free-text answer is "no" when it says the document is
+silent, else "yes") and every metric of that item is 1.0 when the labels agree, else 0.0. A small
 model answering "Yes, the contract contains a non-compete clause" is right, although its token
 overlap with the reference "Yes" is low.
 
@@ -22,6 +23,8 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from tuneloop.negative import is_negative_answer
 
 if TYPE_CHECKING:
     from rouge_score.rouge_scorer import RougeScorer
@@ -158,6 +161,17 @@ def yes_no_label(text: str) -> str | None:
     return None
 
 
+def answer_label(text: str) -> str | None:
+    """The yes/no reading of an answer to a yes/no question: its leading "Yes"/"No"
+    (:func:`yes_no_label`); else "no" when it says the source is silent ("The document does not
+    say"), "yes" when it answers with content (asked "What is the warranty period?" of a yes/no
+    category, "twelve months" says there is one); None for an empty answer."""
+    label = yes_no_label(text)
+    if label is not None or not _raw_tokens(text):
+        return label
+    return "no" if is_negative_answer(text) else "yes"
+
+
 def is_yes_no_reference(answer: str) -> bool:
     """True when the reference ``answer`` normalises to exactly "yes" or exactly "no"."""
     tokens = normalize_tokens(answer)
@@ -201,12 +215,12 @@ def score_item(prediction: str, references: Sequence[str]) -> dict[str, float]:
     Keys: "exact_match", "token_f1", "rouge_l", "cuad_match". When the first reference is a
     yes/no answer (:func:`is_yes_no_reference`) the item is a yes/no item: the key
     "yes_no_correct" is added and all five values are 1.0 when the prediction's label
-    (:func:`yes_no_label`) equals the gold label, else 0.0, because a right answer with a
+    (:func:`answer_label`) equals the gold label, else 0.0, because a right answer with a
     justification ("Yes, the contract contains ...") has little span overlap with "Yes".
     """
     _check_references(references)
     if is_yes_no_reference(references[0]):
-        correct = 1.0 if yes_no_label(prediction) == _gold_label(references[0]) else 0.0
+        correct = 1.0 if answer_label(prediction) == _gold_label(references[0]) else 0.0
         scores = {name: correct for name in _SPAN_METRICS}
         scores["yes_no_correct"] = correct
         return scores
@@ -272,7 +286,7 @@ def score_items(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         prediction, references = item["prediction"], item["references"]
         scores: dict[str, Any] = score_item(prediction, references)
         if "yes_no_correct" in scores:
-            scores = {**scores, "gold": _gold_label(references[0]), "label": yes_no_label(prediction)}
+            scores = {**scores, "gold": _gold_label(references[0]), "label": answer_label(prediction)}
         for extra in ("retrieval_hit", "semantic_similarity"):  # computed by the caller (passages, embedder)
             if item.get(extra) is not None:
                 scores[extra] = item[extra]

@@ -271,6 +271,16 @@ class HybridIndex:
         scores = self._embeddings[positions] @ query_vector
         return _ranked(positions, scores, limit)
 
+    def best_similarity(self, vectors: np.ndarray, group: str) -> float | None:
+        """The highest cosine between any of `vectors` (unit rows, from this index's embedder) and
+        a chunk of document `group`; None without dense vectors or chunks of that document."""
+        if self._embeddings is None or not len(vectors):
+            return None
+        positions = [i for i, g in enumerate(self.groups) if g == group]
+        if not positions:
+            return None
+        return float((self._embeddings[positions] @ np.asarray(vectors, dtype=np.float32).T).max())
+
     def search(
         self,
         query: str,

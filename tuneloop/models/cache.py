@@ -63,6 +63,22 @@ class CachedChatModel:
                 replies[i] = reply
         return replies  # type: ignore[return-value]  # every slot is filled now
 
+    def yes_no_margins(self, conversations: Sequence[list[Message]]) -> list[float]:
+        """The wrapped model's first-token Yes/No margins (`programs/decide.py`), cached like replies."""
+        keys = ["yes-no:" + request_key(self.name, conv, GenerationParams(max_new_tokens=1)) for conv in conversations]
+        margins: list[float | None] = [self.store.get(k) for k in keys]
+        missing = [i for i, m in enumerate(margins) if m is None]
+        self.hits += len(conversations) - len(missing)
+        if missing:
+            fresh = self.wrapped.yes_no_margins([conversations[i] for i in missing])  # type: ignore[attr-defined]
+            self.calls += len(missing)
+            with self.store.transact():
+                for i, m in zip(missing, fresh):
+                    self.store.set(keys[i], float(m))
+            for i, m in zip(missing, fresh):
+                margins[i] = float(m)
+        return margins  # type: ignore[return-value]  # every slot is filled now
+
     def close(self) -> None:
         self.store.close()
 

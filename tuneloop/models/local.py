@@ -81,6 +81,36 @@ class LocalChatModel:
             replies[i] = reply
         return replies
 
+    @torch.inference_mode()
+    def yes_no_margins(self, conversations: Sequence[list[Message]]) -> list[float]:
+        """log P(Yes) - log P(No) of each reply's first token (one forward pass, no generation).
+
+        The probability of each side is the sum over its one-token spellings ("Yes", "yes", " Yes" ...)."""
+        yes, no = self._answer_token_ids()
+        prompts = [self.render(c) for c in conversations]
+        size = AUTO_CPU if self.batch_size == "auto" else int(self.batch_size)
+        margins: list[float] = []
+        for start in range(0, len(prompts), size):
+            enc = self.tokenizer(prompts[start : start + size], return_tensors="pt", padding=True,
+                                 add_special_tokens=False).to(self.device)
+            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+            # left padding: position -1 is every prompt's last token; the LM head runs on it alone
+            logits = self.model(**enc, position_ids=positions, logits_to_keep=1).logits
+            last = logits[:, -1, :].float().log_softmax(-1)
+            margins.extend((torch.logsumexp(last[:, yes], -1) - torch.logsumexp(last[:, no], -1)).tolist())
+        return margins
+
+    def _answer_token_ids(self) -> tuple[list[int], list[int]]:
+        def single_ids(words: list[str]) -> set[int]:
+            """Ids of the spellings that are one token of their own ("YES" may be "Y"+"ES", or unknown)."""
+            ids = {w: self.tokenizer.encode(w, add_special_tokens=False) for w in words}
+            return {t[0] for w, t in ids.items() if len(t) == 1 and self.tokenizer.decode(t).strip() == w.strip()}
+
+        yes, no = single_ids(["Yes", "yes", " Yes", "YES"]), single_ids(["No", "no", " No", "NO"])
+        if not yes or not no or yes & no:
+            raise ValueError(f"the tokenizer of {self.name} does not tell 'Yes' from 'No' by their first token")
+        return sorted(yes), sorted(no)
+
     def _chat_fixed(self, prompts: list[str], params: GenerationParams, size: int) -> list[str]:
         out: list[str] = []
         for start in range(0, len(prompts), size):

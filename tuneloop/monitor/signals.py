@@ -36,8 +36,9 @@ from tuneloop.ingest.index import IndexNotFoundError
 from tuneloop.ingest.loaders import scan_documents
 from tuneloop.models.base import ChatModel, Embedder
 from tuneloop.monitor.drift import change_points, mmd_test
+from tuneloop.programs.decide import threshold_of
 from tuneloop.programs.prompts import PromptBuilder
-from tuneloop.programs.rag import Retriever
+from tuneloop.programs.rag import Retriever, rag_program_path
 from tuneloop.programs.scoring import score_examples
 from tuneloop.progress import Reporter, SilentReporter
 from tuneloop.store import Cycle, EvalRun, Example, Feedback, Interaction, Session, SignalValue, utcnow
@@ -234,7 +235,8 @@ def canary(project: Project, session: Session, retriever: Retriever | Callable[[
         return Reading("canary", None, bool(shared), "no retrieval index: the champion cannot answer with "
                        "retrieval", detail)
     adapter = Path(champ.adapter_path) if champ.adapter_path else None
-    items, _ = score_examples(project, adapter, asked, retriever, reporter or SilentReporter())
+    items, _ = score_examples(project, adapter, asked, retriever, reporter or SilentReporter(), rag_program_path(champ),
+                              threshold_of(champ.hyperparams))
     fresh = detail["now"] = _primary(project, items)
     what = f"{metric} {'undefined' if fresh is None else f'{fresh:.4f}'} on {len(asked)} canary questions"
     if not shared:

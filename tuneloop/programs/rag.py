@@ -14,6 +14,7 @@ from tuneloop.config import Project
 from tuneloop.errors import StateError
 from tuneloop.ingest.index import HybridIndex, stored_chunks, stored_chunks_hash
 from tuneloop.models.base import ChatModel, Embedder, GenerationParams, Message
+from tuneloop.programs.decide import answer_conversations, decides
 from tuneloop.progress import Reporter, SilentReporter, batched_chat
 from tuneloop.store import Session
 
@@ -76,13 +77,17 @@ class Retriever:
 class Answer:
     text: str
     passages: list[Passage]
+    yes_no_margin: float | None = None  # log P(Yes) - log P(No) when the answer was decided (programs/decide.py)
 
 
 class RagAnswerer:
-    """Retrieve, then answer with the chat model, in batches."""
+    """Retrieve, then answer with the chat model, in batches; yes/no questions are decided by the
+    first-token margin against `yes_no_threshold` (`programs/decide.py`), as serving decides them."""
 
-    def __init__(self, retriever: Retriever, model: ChatModel, params: GenerationParams):
+    def __init__(self, retriever: Retriever, model: ChatModel, params: GenerationParams,
+                 yes_no_threshold: float | None = None):
         self.retriever, self.model, self.params = retriever, model, params
+        self.yes_no_threshold = yes_no_threshold
 
     def answer_many(
         self, questions: Sequence[tuple[str, str | None]], reporter: Reporter | None = None, batch: int = 8
@@ -90,8 +95,13 @@ class RagAnswerer:
         """Answer (question, document-or-None) pairs."""
         contexts = [self.retriever.retrieve(q, doc) for q, doc in questions]
         convs = [build_messages(q, ctx) for (q, _), ctx in zip(questions, contexts)]
-        replies = batched_chat(self.model, convs, self.params, reporter or SilentReporter(), "answering", batch)
-        return [Answer(r, ctx) for r, ctx in zip(replies, contexts)]
+
+        def chat(conversations, params):
+            return batched_chat(self.model, conversations, params, reporter or SilentReporter(), "answering", batch)
+
+        replies = answer_conversations(self.model, [q for q, _ in questions], convs, self.params,
+                                       self.yes_no_threshold, decides(self.model), chat)
+        return [Answer(r.text, ctx, r.margin) for r, ctx in zip(replies, contexts)]
 
 
 PROGRAM_KEY = "rag_program"  # ModelVersion.hyperparams key: the version's compiled DSPy program (stages/prompts.py)

@@ -95,8 +95,9 @@ class ProgramAnswerer(RagAnswerer):
 
 
 def make_answerer(retriever: Retriever, model: ChatModel, params: GenerationParams,
-                  program: Path | None = None) -> RagAnswerer:
-    """The answerer of a model version: its compiled program when it has one, else the plain prompt."""
+                  program: Path | None = None, yes_no_threshold: float | None = None) -> RagAnswerer:
+    """The answerer of a model version: its compiled program when it has one, else the plain prompt
+    (which decides yes/no questions against `yes_no_threshold`, `programs/decide.py`)."""
     if program is None:
-        return RagAnswerer(retriever, model, params)
+        return RagAnswerer(retriever, model, params, yes_no_threshold)
     return ProgramAnswerer(retriever, model, params, CompiledRag(program))

@@ -20,12 +20,15 @@ from tuneloop.store import Example
 
 
 def score_examples(project: Project, adapter: Path | None, examples: list[Example], retriever: Retriever,
-                   reporter: Reporter, program: Path | None = None) -> tuple[list[dict], dict]:
+                   reporter: Reporter, program: Path | None = None,
+                   yes_no_threshold: float | None = None) -> tuple[list[dict], dict]:
     """Answer `examples` with the retrieval-augmented student (`adapter` applied; `program`: a
-    compiled DSPy RAG program, else the plain prompt): per-item rows and the aggregate metrics.
+    compiled DSPy RAG program, else the plain prompt deciding yes/no questions against
+    `yes_no_threshold`): per-item rows and the aggregate metrics.
     Shared by the held-out eval and WiSE-FT's dev-set scoring."""
     role = project.settings.models.student
-    answerer = make_answerer(retriever, build_chat_model(project, role, adapter), generation_params(role), program)
+    answerer = make_answerer(retriever, build_chat_model(project, role, adapter), generation_params(role), program,
+                             yes_no_threshold)
     answers = answerer.answer_many([(e.question, e.document) for e in examples], reporter, role.batch_size)
     items = []
     for e, a in zip(examples, answers):
@@ -35,6 +38,7 @@ def score_examples(project: Project, adapter: Path | None, examples: list[Exampl
                           refs[0]) else "extraction"),
                       "chunk_ids": [p.chunk_id for p in a.passages],
                       "retrieval_hit": metrics.retrieval_hit([p.text for p in a.passages], refs),
+                      **({"yes_no_margin": a.yes_no_margin} if a.yes_no_margin is not None else {}),
                       **metrics.score_item(a.text, refs)})
     embedder = getattr(retriever, "embedder", None)
     if embedder is not None:

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tuneloop.config import Project
 from tuneloop.errors import StateError
 from tuneloop.models.base import ChatModel, Embedder, GenerationParams, Message
+from tuneloop.programs.decide import answer_conversations, decides, is_yes_no_question, threshold_of
 from tuneloop.programs.rag import Passage, Retriever, build_messages, rag_program_path
 from tuneloop.store import ModelVersion
 from tuneloop.versions import Status, champion
@@ -92,27 +93,39 @@ class LoadedModel:
     model: ChatModel
     lock: threading.Lock = field(default_factory=threading.Lock)
     program: Any = None  # the version's compiled RAG program (programs/rag_dspy.CompiledRag), if it has one
+    yes_no_threshold: float | None = None  # the version's calibrated yes/no threshold (programs/decide.py)
 
     def conversation(self, question: str, passages: list[Passage]) -> list[Message]:
         """The prompt: the compiled program's when the version has one, else the student's `build_messages`."""
         return build_messages(question, passages) if self.program is None else self.program.messages(question, passages)
 
-    def chat(self, conversation: list[Message], params: GenerationParams) -> tuple[str, Usage]:
+    def _decided(self, question: str) -> bool:
+        """A yes/no question this version answers by its calibrated decision (`programs/decide.py`)."""
+        return decides(self.model, self.program) and is_yes_no_question(question)
+
+    def _reply(self, question: str, conversation: list[Message], params: GenerationParams) -> str:
+        reply = answer_conversations(self.model, [question], [conversation], params, self.yes_no_threshold,
+                                     decides(self.model, self.program))[0].text
+        return reply if self.program is None else self.program.parse(reply)
+
+    def chat(self, question: str, conversation: list[Message], params: GenerationParams) -> tuple[str, Usage]:
+        """The answer to `question` (prompt: `conversation`), exactly as eval answers it, and its usage."""
         with self.lock:  # waits for the generations ahead; each stops at its own params.max_time
             start = time.perf_counter()
-            reply = self.model.chat([conversation], params)[0]
+            reply = self._reply(question, conversation, params)
             seconds = time.perf_counter() - start
             usage = count_usage(self.model, conversation, reply)
         usage.seconds = seconds
-        return (reply if self.program is None else self.program.parse(reply)), usage
+        return reply, usage
 
-    def _pieces(self, conversation: list[Message], params: GenerationParams) -> Iterator[str]:
-        """Streamed pieces; a compiled program's reply is parsed first, so its answer is one piece."""
-        if self.program is None:
+    def _pieces(self, question: str, conversation: list[Message], params: GenerationParams) -> Iterator[str]:
+        """Streamed pieces; a decided yes/no answer, or a compiled program's parsed reply, is one piece."""
+        if self.program is None and not self._decided(question):
             return stream_reply(self.model, conversation, params)
-        return iter([self.program.parse(self.model.chat([conversation], params)[0])])
+        return iter([self._reply(question, conversation, params)])
 
-    def stream(self, conversation: list[Message], params: GenerationParams, usage: Usage) -> Iterator[str]:
+    def stream(self, question: str, conversation: list[Message], params: GenerationParams,
+               usage: Usage) -> Iterator[str]:
         """Reply pieces as they are generated; `usage` is filled in when the reply is complete.
 
         A producer thread holds the lock for the whole generation and hands pieces over a queue,
@@ -124,7 +137,7 @@ class LoadedModel:
             try:
                 with self.lock:
                     start, parts = time.perf_counter(), []
-                    for piece in self._pieces(conversation, params):
+                    for piece in self._pieces(question, conversation, params):
                         parts.append(piece)
                         pieces.put(("piece", piece))
                     seconds = time.perf_counter() - start
@@ -170,15 +183,16 @@ def _load_program(path: Path | None):
     return CompiledRag(path)
 
 
-def _loaded_key(m: LoadedModel | None) -> tuple[int, str | None] | None:
-    return None if m is None else (m.version_id, m.program and str(m.program.path))
+def _loaded_key(m: LoadedModel | None) -> tuple[int, str | None, float | None] | None:
+    return None if m is None else (m.version_id, m.program and str(m.program.path), m.yes_no_threshold)
 
 
-def _version_key(v: ModelVersion | None) -> tuple[int, str | None] | None:
+def _version_key(v: ModelVersion | None) -> tuple[int, str | None, float | None] | None:
+    """What serving a version depends on besides its weights: its compiled program and yes/no threshold."""
     if v is None:
         return None
     path = rag_program_path(v)
-    return v.id, path and str(path)
+    return v.id, path and str(path), threshold_of(v.hyperparams)
 
 
 class ModelState:
@@ -280,14 +294,15 @@ class ModelState:
             log.info("loading model version %s", version.name)
             try:
                 program = _load_program(rag_program_path(version))
-                if version.id in loaded:  # same model, newly compiled program: keep the model (and its lock)
-                    return replace(loaded[version.id], program=program)
+                threshold = threshold_of(version.hyperparams)
+                if version.id in loaded:  # same model, new program or threshold: keep the model (and its lock)
+                    return replace(loaded[version.id], program=program, yes_no_threshold=threshold)
                 model = self.model_factory(self.project, version)
             except Exception:
                 self._failed[version.id] = time.monotonic()
                 raise
             self._failed.pop(version.id, None)
-            return LoadedModel(version.id, version.name, model, program=program)
+            return LoadedModel(version.id, version.name, model, program=program, yes_no_threshold=threshold)
 
         if old is not None and old.index_stamp == stamp:
             retriever, retriever_lock = old.retriever, old.retriever_lock

@@ -22,6 +22,7 @@ from tuneloop.programs.rag import Retriever, rag_program_path
 from tuneloop.programs.scoring import score_examples
 from tuneloop.progress import Reporter
 from tuneloop.splits import question_key
+from tuneloop.stages.calibrate import calibrate_version
 from tuneloop.stages.judge_eval import judge_items
 from tuneloop.stats import bootstrap_ci
 from tuneloop.store import Artifact, EvalRun, Example, ModelVersion, Session
@@ -93,7 +94,8 @@ def check_no_overlap(session: Session, examples: list[Example]) -> None:
 
 def evaluate_version(project: Project, session: Session, version: ModelVersion, retriever: Retriever,
                      reporter: Reporter, cycle_id: int | None = None, judge=None) -> EvalRun:
-    """Score `version` on the held-out set (reusing a stored run for the same set).
+    """Score `version` on the held-out set (reusing a stored run for the same set), its yes/no
+    threshold chosen first on the dev split (`stages/calibrate.py`).
 
     With `eval.judge_metrics` the judge also rates each answer (`stages/judge_eval.py`); `judge`
     (an EvalJudge or a factory; default: the judge role) is built only when a run is scored."""
@@ -107,7 +109,11 @@ def evaluate_version(project: Project, session: Session, version: ModelVersion, 
         reporter.log(f"evaluating {version.name} on {len(examples)} held-out questions")
         adapter = Path(version.adapter_path) if version.adapter_path else None
         program = rag_program_path(version)  # the (model, program) pair the gate judges
-        items, summary = score_examples(project, adapter, examples, retriever, reporter, program)
+        threshold = calibrate_version(project, session, version, retriever, reporter)
+        items, summary = score_examples(project, adapter, examples, retriever, reporter, program,
+                                        threshold.value if threshold else None)
+        if threshold is not None:
+            summary["yes_no_threshold"] = threshold.value
         summary = {**summary, **intervals(project, items)}  # not in score_examples: WiSE-FT needs no CI
         if project.settings.eval.judge_metrics:
             summary.update(judge_items(project, session, items, judge, reporter))

@@ -13,8 +13,10 @@ from sqlalchemy import select
 
 from tuneloop.config import LoraSettings, Project, SFTSettings
 from tuneloop.errors import StateError
-from tuneloop.metrics import yes_no_reference_label
-from tuneloop.programs.rag import Retriever, build_messages
+from tuneloop.evalsets import references
+from tuneloop.filters import copied_span
+from tuneloop.metrics import is_yes_no_reference, yes_no_reference_label
+from tuneloop.programs.rag import Passage, Retriever, build_messages
 from tuneloop.progress import Reporter
 from tuneloop.stages.common import balance_labels, training_parent
 from tuneloop.stages.methods import METHODS
@@ -70,10 +72,23 @@ def training_rows(examples: list[Example], retriever: Retriever) -> list[dict]:
         passages = retriever.retrieve(e.question, e.document)
         rows.append({
             "prompt": build_messages(e.question, passages),
-            "completion": [{"role": "assistant", "content": e.answer}],
+            "completion": [{"role": "assistant", "content": training_target(e, passages)}],
             "example_id": e.id,
         })
     return rows
+
+
+def training_target(example: Example, passages: list[Passage]) -> str:
+    """What the student learns to answer: the example's answer, except that an answer not found in
+    the prompt's passages is replaced by an evidence span (`meta["references"]`) that is, copied in
+    the document's own words. The student learns to copy the clause it can see ("15th day of June,
+    2015") instead of a rewording it cannot ("6/15/2015"); yes/no answers are kept as they are."""
+    answer = example.answer
+    if is_yes_no_reference(answer) or copied_span(answer, [p.text for p in passages]) is not None:
+        return answer
+    spans = [copied_span(r, [p.text for p in passages]) for r in references(example)[1:]]
+    found = [s for s in spans if s]
+    return min(found, key=len) if found else answer
 
 
 def _train(model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: SFTSettings, lora: LoraSettings,

@@ -60,6 +60,8 @@ from tuneloop.programs.dspy_bridge import make_adapter, predict_many
 from tuneloop.programs.rag import Passage, Retriever, build_messages
 from tuneloop.programs.synth import TASKS, SynthPrograms, clean_answer, clean_question, number_passages
 from tuneloop.progress import Reporter, batched_chat
+from tuneloop.stages.label_quality import with_label_quality
+from tuneloop.stages.transfer import merge_reports, transfer_pass
 from tuneloop.store import Artifact, Example, Session, example_hash
 
 KIND = "datasets"
@@ -525,6 +527,9 @@ def synthesize(project: Project, session: Session, models: SynthModels | ChatMod
             raise StateError("no documents ingested yet: run `tuneloop ingest PATH` first")
         engine = Engine(project, session, models, retriever, reporter, cycle_id)
         kept, rejected, report = engine.run()
+        t_kept, t_rejected, t_report = transfer_pass(project, session, models.teacher, retriever, reporter, cycle_id)
+        kept, rejected, report = kept + t_kept, rejected + t_rejected, merge_reports(report, t_report)
+        report = with_label_quality(project, kept, report)
 
         def write(tmp: Path) -> None:
             write_jsonl(tmp / "data.jsonl", kept)
