@@ -65,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--no-transfer", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true", help="rewrite the markdown section from the JSON file")
     p.add_argument("--json-out", type=Path, default=ROOT / "docs" / "benchmarks" / "quality.json")
     p.add_argument("--md-out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     return p.parse_args()
@@ -159,8 +160,51 @@ def champion_name(project) -> str:
         return c.name if c else "base"
 
 
+def fmt(v) -> str:
+    return "-" if v is None or v != v else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def markdown(result: dict) -> str:
+    """The quality section of docs/benchmarks.md: base and each cycle's candidate, with the paired tests."""
+    cols = ["extract_token_f1", "extract_cuad_match", "yes_no_balanced_accuracy", "retrieval_hit", "anchor_score",
+            "macro_score"]
+    lines = ["<!-- quality:start -->",
+             "## Quality on CUAD dev: calibrated yes/no, seed-question transfer (`bench/quality.py`)",
+             "", f"Machine: {result['machine']}. Command: `{result['command']}` ({result['minutes']:.1f} min).", "",
+             f"Seeds: {result['seeds_train']} answered questions of 3 contracts (+ {result['seeds_dev']} in the dev "
+             f"split, where each version's yes/no threshold is chosen); held-out: {result['eval']} answered questions "
+             "of the other contracts; all 60 contracts ingested.", "",
+             "| version | " + " | ".join(cols) + " | synthetic kept | synthetic yes/no label precision | "
+             "vs base (paired, 95% CI, p) | promoted |", "|---" * (len(cols) + 5) + "|"]
+    if result["cycles"]:
+        base = result["cycles"][0]["base"]
+        lines.append("| base | " + " | ".join(fmt(base.get(c)) for c in cols) + " | - | - | - | - |")
+    for c in result["cycles"]:
+        vs = c.get("vs_base") or {}
+        test = f"{vs['diff']:+.3f} [{vs['low']:+.3f}, {vs['high']:+.3f}], p={vs['p_value']:.3f}" if vs else "-"
+        lines.append(f"| cycle {c['cycle']}: {c['candidate']} | " + " | ".join(fmt(c.get(k)) for k in cols)
+                     + f" | {fmt(c.get('synthetic_kept'))} | {fmt(c.get('synthetic_yes_no_label_precision'))} | "
+                     f"{test} | {fmt(c.get('promoted'))} |")
+    for c in result["cycles"]:
+        lines += ["", f"Cycle {c['cycle']} synthetic label quality (against the lawyers' labels, never trained on):",
+                  "", "| strategy | checked | yes/no label precision | Yes precision | No precision | gold Yes share "
+                  "| extraction token F1 |", "|---|---|---|---|---|---|---|"]
+        for name, q in c.get("label_quality", {}).items():
+            lines.append(f"| {name} | {q['checked']} | {fmt(q['yes_no_label_precision'])} | {fmt(q['yes_precision'])} "
+                         f"| {fmt(q['no_precision'])} | {fmt(q['gold_yes_share'])} | {fmt(q['extraction_token_f1'])} |")
+        t = c.get("transfer") or {}
+        lines += ["", f"Transfer: asked {t.get('asked')}, kept {t.get('kept')} ({t.get('kept_yes')} Yes, "
+                  f"{t.get('kept_no')} No); rejected {json.dumps(t.get('rejected'))}. Steps (s): "
+                  + ", ".join(f"{k} {v['seconds']}" for k, v in c["steps"].items())]
+    lines += ["", "Data: CUAD v1 (The Atticus Project), CC BY 4.0.", "<!-- quality:end -->"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
+    if args.report_only:
+        cuad.update_markdown(args.md_out, markdown(json.loads(args.json_out.read_text())), tag="quality")
+        return
     quiet_libraries()
     t0 = time.time()
     project, sizes = build(args)
@@ -171,7 +215,12 @@ def main() -> None:
         result["cycles"].append(cycle_row(load_project(project.root), cycle.id, before))
         result["minutes"] = (time.time() - t0) / 60
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        result["command"] = "python bench/quality.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k in ("cycles", "seed_contracts", "eval_questions", "dev_fraction", "synth_questions",
+                     "transfer_questions", "epochs", "seed")) + (" --no-transfer" if args.no_transfer else "")
         args.json_out.write_text(json.dumps(result, indent=2, default=str))
+        cuad.update_markdown(args.md_out, markdown(result), tag="quality")
         print(json.dumps({k: v for k, v in result["cycles"][-1].items() if k not in ("steps",)}, indent=2,
                          default=str))
 

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuad import machine, make_project, split_questions  # noqa: E402
+from cuad import machine, make_project, split_questions, update_markdown  # noqa: E402
 
 from tuneloop.cli import quiet_libraries  # noqa: E402
 from tuneloop.config import Project, load_project  # noqa: E402
@@ -80,7 +80,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path, default=ROOT / "docs" / "benchmarks" / "retriever_cuad.json")
-    p.add_argument("--md-out", type=Path, default=ROOT / "docs" / "benchmarks" / "retriever_cuad.md")
+    p.add_argument("--md-out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     return p.parse_args()
 
 
@@ -254,8 +254,9 @@ def main() -> None:
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(result, indent=2, default=str))
     text = markdown(result)
-    args.md_out.write_text("# CUAD dev: retrieval, base vs fine-tuned embedder\n" + text + "\n\nData: CUAD v1 "
-                           "(The Atticus Project), CC BY 4.0.\n", encoding="utf-8")
+    update_markdown(args.md_out, "<!-- retriever:start -->\n## CUAD dev: retrieval, base vs fine-tuned embedder "
+                    "(`bench/retriever_cuad.py`)\n" + text + "\n\nData: CUAD v1 (The Atticus Project), CC BY 4.0.\n"
+                    "<!-- retriever:end -->", tag="retriever")
     print(text)
 
 

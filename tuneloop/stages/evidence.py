@@ -11,7 +11,8 @@ documents it is asked of, because how similar a clause must be depends on the cl
 * "Yes" for those in the highest `evidence_yes_share`, and only when the score is also in the top
   `1 - evidence_yes_floor` of all evidence scores of the pass (a question whose best match is
   still a poor match gets no "Yes");
-* no label in between.
+* no label in between: those go to the labeller of `stages/transfer.py` (the champion student,
+  once its own yes/no decisions are accurate enough).
 
 On CUAD dev (`bench/label_quality.py` prints the measurement) this orders documents far better than
 the 135M student's own Yes/No preference (AUC 0.67 pooled, 0.8-0.9 for clauses such as insurance,

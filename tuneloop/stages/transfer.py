@@ -129,10 +129,11 @@ def run_transfer(session: Session, retriever: Retriever, labeller: Labeller, set
     for c, label in zip(anchored, evidence_labels([(c.question, c.document) for c in anchored],
                                                   [c.similarity for c in anchored], settings)):
         c.evidence_label = label
+    anchored = [c for c in anchored if c.evidence_label is not None]  # the ones in between: the labeller's
     decided = decides(labeller.model)
     by_model, untrusted = [], []
     for c in candidates:
-        if c.similarity is None:
+        if c.evidence_label is None:
             c.yes_no = decided and is_yes_no_question(c.question)
             (untrusted if c.yes_no and not _trusted(labeller, settings) else by_model).append(c)
     by_model = by_model[: settings.max_questions]
@@ -156,7 +157,7 @@ def run_transfer(session: Session, retriever: Retriever, labeller: Labeller, set
                for c in untrusted]
     kept, rejected = [], skipped
     for c in candidates:
-        row, reason = (_judge_anchored(c) if c.similarity is not None else
+        row, reason = (_judge_anchored(c) if c.evidence_label is not None else
                        _judge_yes_no(c, labeller, settings) if c.yes_no else _judge_free(c, settings))
         if row is None:
             rejected.append(_provenance(c, labeller, {"filter": "transfer", "reason": reason}))
@@ -196,8 +197,6 @@ def _trusted(labeller: Labeller, s: TransferSettings) -> bool:
 
 
 def _judge_anchored(c: Candidate) -> tuple[dict | None, str]:
-    if c.evidence_label is None:
-        return None, "evidence similarity in between"
     return {"answer": c.evidence_label, "passages": c.contexts[0]}, ""
 
 
@@ -227,13 +226,14 @@ def _judge_free(c: Candidate, s: TransferSettings) -> tuple[dict | None, str]:
 
 def _provenance(c: Candidate, labeller: Labeller, row: dict) -> dict:
     passages = row.pop("passages", c.contexts[0] if c.contexts else [])
-    anchored = c.similarity is not None
+    anchored = c.evidence_label is not None
     return {"question": c.question, "document": c.document, "strategy": EVIDENCE if anchored else STRATEGY,
             "question_type": "yes_no" if c.yes_no or anchored else "extraction", "seed_ids": [c.seed.id],
             "teacher": "evidence" if anchored else labeller.name,
             "context_chunk_ids": [p.chunk_id for p in passages], "source_chunk_ids": [p.chunk_id for p in passages],
             "scores": {"evidence_similarity": c.similarity} if anchored else {
-                "margins": [round(m, 4) for m in c.margins], "answers": c.answers, "threshold": labeller.threshold},
+                "margins": [round(m, 4) for m in c.margins], "answers": c.answers, "threshold": labeller.threshold,
+                "evidence_similarity": c.similarity},
             **row}
 
 
