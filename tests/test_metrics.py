@@ -223,5 +223,6 @@ def test_free_text_answers_to_yes_no_questions_are_read_not_failed():
     assert answer_label("The document does not say.") == "no"
     assert answer_label("twelve (12) months from delivery") == "yes"
     assert answer_label("  ") is None
+    assert answer_label("I am not sure.") is None and answer_label("I'm uncertain about this") is None
     assert score_item("twelve (12) months from delivery", ["Yes"])["yes_no_correct"] == 1.0
     assert score_item("The excerpts do not mention a warranty.", ["Yes"])["yes_no_correct"] == 0.0

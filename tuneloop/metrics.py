@@ -161,15 +161,22 @@ def yes_no_label(text: str) -> str | None:
     return None
 
 
+_HEDGE = re.compile(r"\b(?:not sure|unsure|uncertain|not certain|no idea"
+                    r"|(?:do not|don't|cannot|can't) (?:know|tell|say))\b")
+
+
 def answer_label(text: str) -> str | None:
     """The yes/no reading of an answer to a yes/no question: its leading "Yes"/"No"
     (:func:`yes_no_label`); else "no" when it says the source is silent ("The document does not
     say"), "yes" when it answers with content (asked "What is the warranty period?" of a yes/no
-    category, "twelve months" says there is one); None for an empty answer."""
+    category, "twelve months" says there is one); None for an empty or hedging answer ("I am not
+    sure"), which is wrong whatever the gold label."""
     label = yes_no_label(text)
     if label is not None or not _raw_tokens(text):
         return label
-    return "no" if is_negative_answer(text) else "yes"
+    if is_negative_answer(text):
+        return "no"
+    return None if _HEDGE.search(text.lower().replace("\u2019", "'")) else "yes"
 
 
 def is_yes_no_reference(answer: str) -> bool:
