@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-project
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint venv lock chromium bench-faults bench-cuad bench-continuous bench-synth clean
+.PHONY: demo test lint venv lock chromium bench-faults bench-cuad bench-continuous bench-synth bench-quality clean
 
 venv: $(VENV)/.installed
 
@@ -64,6 +64,11 @@ chromium:
 # The CUAD benchmark (../shared/data/cuad-dev): base vs SFT vs SFT -> RLAIF -> DPO, and a DAPT arm; ~65 min on 2 cores.
 bench-cuad: venv
 	$(BIN)/python bench/cuad.py
+
+# Quality (issue 17): cycles on CUAD dev with calibrated yes/no and seed-question transfer; per
+# cycle quality, synthetic label precision, paired tests (~45 min a cycle on 2 cores)
+bench-quality: venv
+	$(BIN)/python bench/quality.py
 
 # The continuous scenario (../shared/data/cuad-dev): new contract types arrive, a signal fires, a cycle
 # runs (30-55 min on 2 cores, 53.5 in the last run); then the focus diagnostic on its project (SFT on the new questions alone, ~18 min).
