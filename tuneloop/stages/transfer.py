@@ -6,11 +6,15 @@ construction; only the answers come from a model, the **labeller** (`synth.trans
 the champion student (self-training: the promoted model of cycle N labels for cycle N+1, with its
 calibrated yes/no threshold) or the teacher. An answer is kept only when it can be checked:
 
-* **yes/no** questions are decided by the labeller's first-token margin (`programs/decide.py`),
-  under several passage sets (`samples`: the top passages, a wider set, and the wider set in
-  reverse order): kept when every decision agrees and each margin is at least `yes_no_margin`
-  (log-odds) away from the threshold;
-* **other** questions are answered greedily under the same passage sets: kept when the answers
+* **yes/no** questions whose seeds answered "Yes" with evidence clauses are labelled by how close
+  each document comes to those clauses (`stages/evidence.py`); the documents in between, and the
+  yes/no questions without evidence, go to the labeller: its first-token margin
+  (`programs/decide.py`) under several passage sets (`samples`: the top passages, a wider set,
+  and the wider set in reverse order), kept when every decision agrees and each margin is at
+  least `yes_no_margin` (log-odds) away from its threshold, and only when its calibrated dev
+  balanced accuracy reaches `labeller_min_accuracy` (the base 135M model is at chance);
+* **other** questions (up to `max_questions` a pass) are answered greedily under the same passage
+  sets: kept when the answers
   agree (token F1 >= `min_agreement` with the first) and the answer is *copied*: its words are a
   contiguous span of one passage (`copied_span`), which then becomes the training target, in the
   document's own words. Answers saying the document does not say are not kept (nothing to check).
