@@ -94,7 +94,7 @@ class TransferSettings(_Section):
     """Seed-question transfer (`stages/transfer.py`): the experts' questions asked of other documents."""
 
     enabled: bool = True
-    max_questions: int = Field(600, ge=0, le=1_000_000)  # (seed question, document) pairs asked per cycle
+    max_questions: int = Field(64, ge=0, le=1_000_000)  # pairs the labeller answers per cycle (3 generations each)
     labeller: Literal["champion", "teacher"] = "champion"  # who answers: the champion student, or the teacher
     samples: int = Field(3, ge=1, le=10)  # passage sets each question is answered under; all must agree
     yes_no_margin: float = Field(1.0, ge=0.0, le=50.0)  # log-odds a yes/no decision keeps from the threshold

@@ -45,7 +45,7 @@ synth:
   self_distill: false    # the student rewrites kept answers in its own words
   transfer:              # the experts' seed questions asked of every other document (weak teachers welcome)
     enabled: true
-    max_questions: 600   # pairs answered by the labeller per cycle (evidence-labelled yes/no ones are free)
+    max_questions: 64    # pairs answered by the labeller per cycle (evidence-labelled yes/no ones are free)
     labeller: champion   # champion: the promoted student labels (self-training); or teacher
     samples: 3           # passage sets each answer must agree across
     labeller_min_accuracy: 0.7  # the labeller's dev balanced accuracy before its Yes/No answers count
