@@ -141,8 +141,9 @@ def test_synth_adds_transferred_examples_with_provenance(project, fake_teacher, 
     (proj.root / "labels.jsonl").write_text("".join(
         json.dumps({**r, "source": d}) + "\n" for r in labels for d in sorted(p.name for p in CONTRACTS.glob("*.md"))))
     retriever = ingest_project(proj)
-    monkeypatch.setattr("tuneloop.stages.transfer.build_chat_model", lambda *a, **k: PassageLabeller())
-    monkeypatch.setattr("tuneloop.stages.transfer.calibrate_version", lambda *a, **k: None)
+    # the champion of an earlier cycle (a tuned version, accurate on yes/no at its threshold) labels
+    monkeypatch.setattr("tuneloop.stages.transfer.build_labeller", lambda *a, **k: Labeller(
+        "champion:v1", PassageLabeller(), 0.0, yes_no_accuracy=0.9))
     with open_store(proj.store_url)() as s:
         result = synthesize(proj, s, fake_teacher, retriever, RecordingReporter())
         s.commit()
@@ -154,7 +155,7 @@ def test_synth_adds_transferred_examples_with_provenance(project, fake_teacher, 
     # every transferred pair has a (made-up) label in the file: the report scores all of them
     assert report["label_quality"]["transfer"]["checked"] == len(transferred)
     assert report["kept"] == result.kept >= len(transferred)
-    assert {e.meta["teacher"] for e in transferred} == {"champion:base"}  # cycle 1: the base model labels
+    assert {e.meta["teacher"] for e in transferred} == {"champion:v1"}
     assert all(e.meta["seed_ids"] for e in transferred)
     assert not held & {(e.question, e.document) for e in transferred}
 
@@ -229,3 +230,12 @@ def test_a_labeller_at_chance_on_yes_no_labels_none(project):
                                               TransferSettings(), GenerationParams(), RecordingReporter(),
                                               random.Random(0))
     assert kept == [] and report["rejected"] == {"labeller not accurate enough on yes/no": 5}
+
+
+def test_the_untuned_base_model_answers_no_extraction_question(project):
+    proj, retriever = _seed_project(project, [(GOVERNING, "the laws of the State of Delaware")])
+    with open_store(proj.store_url)() as s:
+        base = Labeller("champion:base", PassageLabeller(), None, trained=False)
+        kept, rejected, report = run_transfer(s, retriever, base, TransferSettings(samples=2), GenerationParams(),
+                                              RecordingReporter(), random.Random(0))
+    assert kept == [] and report["rejected"] == {"labeller is the untuned base model": 5}
