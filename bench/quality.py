@@ -143,6 +143,7 @@ def cycle_row(project, cycle_id: int, champion_before: str) -> dict:
     row["synthetic_yes_no_label_precision"] = correct / yes_no_checked if yes_no_checked else None
     if candidate in runs:
         row.update({k: runs[candidate].metrics.get(k) for k in KEYS if k != "anchor_score"})
+        row["retrieval_hit_at_k"] = row["retrieval_hit"]  # the key: hit within the top_k passages served
         row["anchor_score"] = anchors.get(candidate)
         row["yes_no_threshold"] = runs[candidate].metrics.get("yes_no_threshold")
         scored = {n: scored_items(r) for n, r in runs.items()}
