@@ -48,36 +48,31 @@ class CachedChatModel:
 
     def chat(self, conversations: Sequence[list[Message]], params: GenerationParams) -> list[str]:
         keys = [request_key(self.name, conv, params) for conv in conversations]
-        replies: list[str | None] = [self.store.get(k) for k in keys]
-        missing = [i for i, r in enumerate(replies) if r is None]
-        self.hits += len(conversations) - len(missing)
-        if missing:
-            fresh = self.wrapped.chat([conversations[i] for i in missing], params)
-            if len(fresh) != len(missing):
-                raise RuntimeError(f"{self.name} returned {len(fresh)} replies for {len(missing)} conversations")
-            self.calls += len(missing)
-            with self.store.transact():  # one write per batch, before anything else can fail
-                for i, reply in zip(missing, fresh):
-                    self.store.set(keys[i], reply)
-            for i, reply in zip(missing, fresh):
-                replies[i] = reply
-        return replies  # type: ignore[return-value]  # every slot is filled now
+        return self._through_cache(keys, conversations, lambda convs: self.wrapped.chat(convs, params))
 
     def yes_no_margins(self, conversations: Sequence[list[Message]]) -> list[float]:
         """The wrapped model's first-token Yes/No margins (`programs/decide.py`), cached like replies."""
         keys = ["yes-no:" + request_key(self.name, conv, GenerationParams(max_new_tokens=1)) for conv in conversations]
-        margins: list[float | None] = [self.store.get(k) for k in keys]
-        missing = [i for i, m in enumerate(margins) if m is None]
+        return self._through_cache(keys, conversations,
+                                   lambda convs: [float(m) for m in self.wrapped.yes_no_margins(convs)])  # type: ignore[attr-defined]
+
+    def _through_cache(self, keys: list[str], conversations: Sequence[list[Message]], compute) -> list:
+        """The cached value of each key; the misses computed by `compute(conversations)` in one call
+        and written in one transaction before anything else can fail."""
+        values: list = [self.store.get(k) for k in keys]
+        missing = [i for i, v in enumerate(values) if v is None]
         self.hits += len(conversations) - len(missing)
         if missing:
-            fresh = self.wrapped.yes_no_margins([conversations[i] for i in missing])  # type: ignore[attr-defined]
+            fresh = compute([conversations[i] for i in missing])
+            if len(fresh) != len(missing):
+                raise RuntimeError(f"{self.name} returned {len(fresh)} results for {len(missing)} conversations")
             self.calls += len(missing)
             with self.store.transact():
-                for i, m in zip(missing, fresh):
-                    self.store.set(keys[i], float(m))
-            for i, m in zip(missing, fresh):
-                margins[i] = float(m)
-        return margins  # type: ignore[return-value]  # every slot is filled now
+                for i, value in zip(missing, fresh):
+                    self.store.set(keys[i], value)
+            for i, value in zip(missing, fresh):
+                values[i] = value
+        return values
 
     def close(self) -> None:
         self.store.close()

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from tuneloop.metrics import balanced_accuracy
 from tuneloop.models.base import ChatModel, GenerationParams, Message
 
 THRESHOLD_KEY = "yes_no_threshold"  # ModelVersion.hyperparams: {"value", "source", "n", "balanced_accuracy"}
@@ -91,10 +92,10 @@ def choose_threshold(margins: Sequence[float], labels: Sequence[bool], source: s
     points = sorted(set(margins))
     candidates = [points[0] - 1.0, *((a + b) / 2 for a, b in zip(points, points[1:])), points[-1] + 1.0, 0.0]
 
+    golds = ["yes" if y else "no" for y in labels]
+
     def balanced(t: float) -> float:
-        tp = sum(1 for m, y in zip(margins, labels) if y and m >= t)
-        tn = sum(1 for m, y in zip(margins, labels) if not y and m < t)
-        return (tp / n_yes + tn / n_no) / 2
+        return balanced_accuracy(golds, [decide(m, t).lower() for m in margins])
 
     best = max(candidates, key=lambda t: (round(balanced(t), 12), -abs(t)))
     return Threshold(value=float(best), source=source, n=len(margins), balanced_accuracy=balanced(best))
