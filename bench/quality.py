@@ -48,8 +48,8 @@ from tuneloop.store import Cycle, CycleStep, EvalRun, ModelVersion, open_store  
 from tuneloop.versions import champion, promotions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-KEYS = ("extract_token_f1", "extract_cuad_match", "yes_no_balanced_accuracy", "retrieval_hit", "anchor_score",
-        "macro_score")
+KEYS = ("extract_token_f1", "extract_exact_match", "extract_cuad_match", "yes_no_balanced_accuracy",
+        "retrieval_hit", "anchor_score", "macro_score")
 
 
 def parse_args() -> argparse.Namespace:
@@ -167,8 +167,8 @@ def fmt(v) -> str:
 
 def markdown(result: dict) -> str:
     """The quality section of docs/benchmarks.md: base and each cycle's candidate, with the paired tests."""
-    cols = ["extract_token_f1", "extract_cuad_match", "yes_no_balanced_accuracy", "retrieval_hit", "anchor_score",
-            "macro_score"]
+    cols = ["extract_token_f1", "extract_exact_match", "extract_cuad_match", "yes_no_balanced_accuracy",
+            "retrieval_hit", "anchor_score", "macro_score"]
     lines = ["<!-- quality:start -->",
              "## Quality on CUAD dev: calibrated yes/no, seed-question transfer (`bench/quality.py`)",
              "", f"Machine: {result['machine']}. Command: `{result['command']}` ({result['minutes']:.1f} min).", "",

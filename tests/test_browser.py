@@ -26,7 +26,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from tests.helpers import CONTRACTS, ingest_project, prompt_question, tiny_settings, write_settings
+from tests.helpers import CONTRACTS, deep_merge, ingest_project, prompt_question, tiny_settings, write_settings
 from tuneloop import store as st
 from tuneloop.config import Project, load_project
 from tuneloop.models.base import GenerationParams, Message
@@ -102,7 +102,8 @@ def served(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[ServerThread, Pro
     root = tmp_path_factory.mktemp("browser") / "project"
     root.mkdir()
     shutil.copytree(CONTRACTS, root / "documents")
-    write_settings(root, tiny_settings(tiny_model_dir))
+    # the fake models' replies are asserted verbatim: not turned into passage spans (programs/copy.py)
+    write_settings(root, deep_merge(tiny_settings(tiny_model_dir), {"answer": {"copy_spans": False}}))
     project = load_project(root)
     ingest_project(project)
     with st.open_store(project.store_url)() as s:

@@ -169,6 +169,7 @@ def test_aggregate_splits_yes_no_and_extraction():
     assert result["yes_no_balanced_accuracy"] == pytest.approx(0.5)
     assert result["extract_token_f1"] == pytest.approx((1.0 + 0.4) / 2)
     assert result["extract_cuad_match"] == pytest.approx(1.0)
+    assert result["extract_exact_match"] == pytest.approx(0.5)  # the span itself, over extraction items only
     assert result["exact_match"] == pytest.approx((1 + 1 + 0 + 1 + 0) / 5)
     assert result["token_f1"] == pytest.approx((1 + 1 + 0 + 1 + 0.4) / 5)
     assert result["cuad_match"] == pytest.approx((1 + 1 + 0 + 1 + 1) / 5)
@@ -190,7 +191,7 @@ def test_aggregate_empty_subsets_are_nan():
     empty = aggregate([])
     assert empty["n"] == 0
     for key in ("exact_match", "token_f1", "rouge_l", "cuad_match", "yes_no_accuracy",
-                "yes_no_balanced_accuracy", "extract_token_f1", "extract_cuad_match"):
+                "yes_no_balanced_accuracy", "extract_token_f1", "extract_cuad_match", "extract_exact_match"):
         assert math.isnan(empty[key]), key
 
 

@@ -75,7 +75,8 @@ def keys(monkeypatch):
 @pytest.fixture
 def served(project, keys):
     """A project on the tiny model, documents ingested (BM25), checking for a new champion often."""
-    proj = project(overrides={"serve": {"reload_seconds": 0.05}}, pairs=False)
+    # the fake models' replies are asserted verbatim: not turned into passage spans (programs/copy.py)
+    proj = project(overrides={"serve": {"reload_seconds": 0.05}, "answer": {"copy_spans": False}}, pairs=False)
     ingest_project(proj)
     return proj
 
@@ -140,9 +141,14 @@ def wait_for(predicate, timeout: float = 15.0) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-def test_openai_client_answers_streams_and_feedback_sticks(served):
-    """The real openai package against a real uvicorn server on the tiny model."""
+@pytest.mark.parametrize("copy_spans", [False, True])
+def test_openai_client_answers_streams_and_feedback_sticks(project, keys, copy_spans):
+    """The real openai package against a real uvicorn server on the tiny model. Copying extraction
+    answers from the passages (answer.copy_spans) needs the whole reply: it streams as one piece."""
     import openai
+
+    served = project(overrides={"serve": {"reload_seconds": 0.05}, "answer": {"copy_spans": copy_spans}}, pairs=False)
+    ingest_project(served)
 
     app = create_app(served)  # the default factory: the student role (tiny model)
     with live_server(app) as url:
@@ -174,7 +180,7 @@ def test_openai_client_answers_streams_and_feedback_sticks(served):
                 deltas.append(chunk.choices[0].delta.content)
             if chunk.choices and chunk.choices[0].finish_reason in ("stop", "length"):
                 finals.append(chunk.model_extra)
-        assert len(deltas) > 1  # real token streaming, not one final blob
+        assert len(deltas) == 1 if copy_spans else len(deltas) > 1  # else real token streaming, not one blob
         assert len(finals) == 1 and finals[0]["citations"] == extra["citations"]
         stored = next(i for i in rows(served, Interaction) if i.public_id == finals[0]["interaction_id"])
         assert stored.answer == "".join(deltas) == answer  # greedy: streamed text == the plain answer

@@ -55,8 +55,9 @@ def make(project, keys):
     """`make(**serve_settings)` -> an ingested project with those serve settings (limits off by default)."""
 
     def build(**serve) -> object:
-        proj = project(overrides={"serve": {"requests_per_minute": 0, "tokens_per_minute": 0, **serve}},
-                       pairs=False)
+        # the fake models' replies are asserted verbatim: not turned into passage spans (programs/copy.py)
+        proj = project(overrides={"serve": {"requests_per_minute": 0, "tokens_per_minute": 0, **serve},
+                                  "answer": {"copy_spans": False}}, pairs=False)
         ingest_project(proj)
         return proj
 

@@ -86,6 +86,18 @@ class IngestSettings(_Section):
         return self
 
 
+class AnswerSettings(_Section):
+    """How the assistant answers: the same in eval, the gate, the canary and `tuneloop serve`."""
+
+    copy_spans: bool = True  # an extraction reply becomes the passage span it points at (programs/copy.py)
+    copy_min_overlap: float = Field(0.5, ge=0.0, le=1.0)  # ... when that span's token F1 against the reply reaches this
+
+    @property
+    def copy_threshold(self) -> float | None:
+        """`copy_min_overlap` when copying is on, else None (the form the answerers take)."""
+        return self.copy_min_overlap if self.copy_spans else None
+
+
 QUESTION_TYPES = ("self_instruct", "fact", "yes_no", "explanation", "comparison", "negative")
 QuestionType = Literal["self_instruct", "fact", "yes_no", "explanation", "comparison", "negative"]
 
@@ -350,6 +362,7 @@ class Settings(_Section):
     cache_dir: str | None = None  # converted default models; default ~/.cache/tuneloop or $TUNELOOP_CACHE
     models: ModelsSettings = ModelsSettings()
     ingest: IngestSettings = IngestSettings()
+    answer: AnswerSettings = AnswerSettings()
     synth: SynthSettings = SynthSettings()
     lora: LoraSettings = LoraSettings()
     sft: SFTSettings = SFTSettings()

@@ -272,7 +272,8 @@ def aggregate(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     - "n" and the means over all items of "exact_match", "token_f1", "rouge_l", "cuad_match"
       (yes/no items contribute their label correctness, see :func:`score_item`);
     - over yes/no items: "yes_no_n", "yes_no_accuracy", "yes_no_balanced_accuracy";
-    - over the other (extraction) items: "extract_n", "extract_token_f1", "extract_cuad_match";
+    - over the other (extraction) items: "extract_n", "extract_token_f1", "extract_cuad_match" and
+      "extract_exact_match" (the answer is the reference span, normalised);
     - "extract_semantic_similarity": over extraction items carrying a "semantic_similarity"
       (embedding cosine of prediction and reference, added by the evaluation stage);
     - "retrieval_n" and "retrieval_hit": over items carrying a "retrieval_hit" (see
@@ -314,6 +315,7 @@ def summarize(scored: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     result["extract_n"] = len(extract)
     result["extract_token_f1"] = _mean([s["token_f1"] for s in extract])
     result["extract_cuad_match"] = _mean([s["cuad_match"] for s in extract])
+    result["extract_exact_match"] = _mean([s["exact_match"] for s in extract])
     result["extract_semantic_similarity"] = _mean([s["semantic_similarity"] for s in extract
                                                     if "semantic_similarity" in s])
     hits = [s["retrieval_hit"] for s in scored if "retrieval_hit" in s]

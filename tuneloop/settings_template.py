@@ -31,6 +31,11 @@ ingest:
   dense: true            # false: BM25 only
   max_document_mb: 20    # a larger document (file, or JSONL record) is refused
 
+answer:                  # how the assistant answers, in eval, the gate and `tuneloop serve` alike
+  copy_spans: true       # an extraction reply becomes the passage span it points at (markers,
+                         # section numbers and restated question words dropped)
+  copy_min_overlap: 0.5  # ... when that span's token F1 against the reply reaches this
+
 synth:
   questions_per_cycle: 24
   # relative weights of the question strategies (0 switches one off)

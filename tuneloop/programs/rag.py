@@ -82,12 +82,14 @@ class Answer:
 
 class RagAnswerer:
     """Retrieve, then answer with the chat model, in batches; yes/no questions are decided by the
-    first-token margin against `yes_no_threshold` (`programs/decide.py`), as serving decides them."""
+    first-token margin against `yes_no_threshold` (`programs/decide.py`), and with
+    `copy_min_overlap` the other replies become the passage span they point at
+    (`programs/copy.py`), as serving answers them."""
 
     def __init__(self, retriever: Retriever, model: ChatModel, params: GenerationParams,
-                 yes_no_threshold: float | None = None):
+                 yes_no_threshold: float | None = None, copy_min_overlap: float | None = None):
         self.retriever, self.model, self.params = retriever, model, params
-        self.yes_no_threshold = yes_no_threshold
+        self.yes_no_threshold, self.copy_min_overlap = yes_no_threshold, copy_min_overlap
 
     def answer_many(
         self, questions: Sequence[tuple[str, str | None]], reporter: Reporter | None = None, batch: int = 8
@@ -100,7 +102,8 @@ class RagAnswerer:
             return batched_chat(self.model, conversations, params, reporter or SilentReporter(), "answering", batch)
 
         replies = answer_conversations(self.model, [q for q, _ in questions], convs, self.params,
-                                       self.yes_no_threshold, decides(self.model), chat)
+                                       self.yes_no_threshold, decides(self.model), chat,
+                                       [[p.text for p in ctx] for ctx in contexts], self.copy_min_overlap)
         return [Answer(r.text, ctx, r.margin) for r, ctx in zip(replies, contexts)]
 
 

@@ -95,9 +95,11 @@ class ProgramAnswerer(RagAnswerer):
 
 
 def make_answerer(retriever: Retriever, model: ChatModel, params: GenerationParams,
-                  program: Path | None = None, yes_no_threshold: float | None = None) -> RagAnswerer:
+                  program: Path | None = None, yes_no_threshold: float | None = None,
+                  copy_min_overlap: float | None = None) -> RagAnswerer:
     """The answerer of a model version: its compiled program when it has one, else the plain prompt
-    (which decides yes/no questions against `yes_no_threshold`, `programs/decide.py`)."""
+    (which decides yes/no questions against `yes_no_threshold`, `programs/decide.py`, and copies
+    extraction answers from the passages with `copy_min_overlap`, `programs/copy.py`)."""
     if program is None:
-        return RagAnswerer(retriever, model, params, yes_no_threshold)
+        return RagAnswerer(retriever, model, params, yes_no_threshold, copy_min_overlap)
     return ProgramAnswerer(retriever, model, params, CompiledRag(program))

@@ -28,7 +28,7 @@ def score_examples(project: Project, adapter: Path | None, examples: list[Exampl
     Shared by the held-out eval and WiSE-FT's dev-set scoring."""
     role = project.settings.models.student
     answerer = make_answerer(retriever, build_chat_model(project, role, adapter), generation_params(role), program,
-                             yes_no_threshold)
+                             yes_no_threshold, project.settings.answer.copy_threshold)
     answers = answerer.answer_many([(e.question, e.document) for e in examples], reporter, role.batch_size)
     items = []
     for e, a in zip(examples, answers):

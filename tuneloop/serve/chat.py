@@ -155,7 +155,7 @@ class ChatHandler:
         for arm in arms:
             t = time.perf_counter()
             try:
-                arm.answer, arm.usage = arm.model.chat(question, arm.model.conversation(question, passages), params)
+                arm.answer, arm.usage = arm.model.chat(question, passages, params)
             except Exception:
                 _raise_if_late(t, params)
                 raise
@@ -187,7 +187,7 @@ class ChatHandler:
                 yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
                 t, usage, parts = time.perf_counter(), Usage(), []
                 try:
-                    for piece in arm.model.stream(question, arm.model.conversation(question, passages), params, usage):
+                    for piece in arm.model.stream(question, passages, params, usage):
                         parts.append(piece)
                         yield chunk([{"index": index, "delta": {"content": piece}, "finish_reason": None}])
                 finally:

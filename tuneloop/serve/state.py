@@ -94,37 +94,45 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
     program: Any = None  # the version's compiled RAG program (programs/rag_dspy.CompiledRag), if it has one
     yes_no_threshold: float | None = None  # the version's calibrated yes/no threshold (programs/decide.py)
+    copy_min_overlap: float | None = None  # extraction replies copied from the passages (programs/copy.py); None: off
 
     def conversation(self, question: str, passages: list[Passage]) -> list[Message]:
         """The prompt: the compiled program's when the version has one, else the student's `build_messages`."""
         return build_messages(question, passages) if self.program is None else self.program.messages(question, passages)
 
-    def _decided(self, question: str) -> bool:
-        """A yes/no question this version answers by its calibrated decision (`programs/decide.py`)."""
-        return decides(self.model, self.program) and is_yes_no_question(question)
+    def _generated(self, question: str) -> bool:
+        """Whether the reply streams as generated: not a calibrated yes/no decision, not a compiled
+        program's parsed reply, not a reply turned into a passage span (those come whole)."""
+        if self.program is not None:
+            return False
+        if decides(self.model, self.program) and is_yes_no_question(question):
+            return False
+        return self.copy_min_overlap is None
 
-    def _reply(self, question: str, conversation: list[Message], params: GenerationParams) -> str:
-        reply = answer_conversations(self.model, [question], [conversation], params, self.yes_no_threshold,
-                                     decides(self.model, self.program))[0].text
+    def _reply(self, question: str, passages: list[Passage], params: GenerationParams) -> str:
+        reply = answer_conversations(self.model, [question], [self.conversation(question, passages)], params,
+                                     self.yes_no_threshold, decides(self.model, self.program),
+                                     passages=[[p.text for p in passages]],
+                                     copy_min_overlap=self.copy_min_overlap if self.program is None else None)[0].text
         return reply if self.program is None else self.program.parse(reply)
 
-    def chat(self, question: str, conversation: list[Message], params: GenerationParams) -> tuple[str, Usage]:
-        """The answer to `question` (prompt: `conversation`), exactly as eval answers it, and its usage."""
+    def chat(self, question: str, passages: list[Passage], params: GenerationParams) -> tuple[str, Usage]:
+        """The answer to `question` from `passages`, exactly as eval answers it, and its usage."""
         with self.lock:  # waits for the generations ahead; each stops at its own params.max_time
             start = time.perf_counter()
-            reply = self._reply(question, conversation, params)
+            reply = self._reply(question, passages, params)
             seconds = time.perf_counter() - start
-            usage = count_usage(self.model, conversation, reply)
+            usage = count_usage(self.model, self.conversation(question, passages), reply)
         usage.seconds = seconds
         return reply, usage
 
-    def _pieces(self, question: str, conversation: list[Message], params: GenerationParams) -> Iterator[str]:
-        """Streamed pieces; a decided yes/no answer, or a compiled program's parsed reply, is one piece."""
-        if self.program is None and not self._decided(question):
-            return stream_reply(self.model, conversation, params)
-        return iter([self._reply(question, conversation, params)])
+    def _pieces(self, question: str, passages: list[Passage], params: GenerationParams) -> Iterator[str]:
+        """Streamed pieces; a reply that is decided, parsed or copied comes as one piece (`_generated`)."""
+        if self._generated(question):
+            return stream_reply(self.model, self.conversation(question, passages), params)
+        return iter([self._reply(question, passages, params)])
 
-    def stream(self, question: str, conversation: list[Message], params: GenerationParams,
+    def stream(self, question: str, passages: list[Passage], params: GenerationParams,
                usage: Usage) -> Iterator[str]:
         """Reply pieces as they are generated; `usage` is filled in when the reply is complete.
 
@@ -137,11 +145,11 @@ class LoadedModel:
             try:
                 with self.lock:
                     start, parts = time.perf_counter(), []
-                    for piece in self._pieces(question, conversation, params):
+                    for piece in self._pieces(question, passages, params):
                         parts.append(piece)
                         pieces.put(("piece", piece))
                     seconds = time.perf_counter() - start
-                    done = count_usage(self.model, conversation, "".join(parts))
+                    done = count_usage(self.model, self.conversation(question, passages), "".join(parts))
                 usage.prompt_tokens, usage.completion_tokens, usage.seconds = (
                     done.prompt_tokens, done.completion_tokens, seconds)
                 pieces.put(("end", None))
@@ -302,7 +310,8 @@ class ModelState:
                 self._failed[version.id] = time.monotonic()
                 raise
             self._failed.pop(version.id, None)
-            return LoadedModel(version.id, version.name, model, program=program, yes_no_threshold=threshold)
+            return LoadedModel(version.id, version.name, model, program=program, yes_no_threshold=threshold,
+                               copy_min_overlap=self.project.settings.answer.copy_threshold)
 
         if old is not None and old.index_stamp == stamp:
             retriever, retriever_lock = old.retriever, old.retriever_lock
