@@ -38,6 +38,7 @@ demo: venv
 	rm -rf $(DEMO_DIR)
 	$(BIN)/tuneloop init $(DEMO_DIR) --sample
 	$(BIN)/tuneloop seeds import $(DEMO_DIR)/seeds.jsonl --project $(DEMO_DIR)
+	$(BIN)/tuneloop seeds import $(DEMO_DIR)/dev.jsonl --split dev --project $(DEMO_DIR)
 	$(BIN)/tuneloop seeds import $(DEMO_DIR)/heldout.jsonl --split eval --project $(DEMO_DIR)
 	$(BIN)/tuneloop cycle --project $(DEMO_DIR)
 	$(BIN)/tuneloop status --project $(DEMO_DIR)

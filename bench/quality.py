@@ -64,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--transfer-questions", type=int, default=150, help="transfer pairs answered by the labeller")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--no-transfer", action="store_true")
+    p.add_argument("--no-copy", action="store_true", help="answer.copy_spans off (ablation)")
+    p.add_argument("--no-retriever", action="store_true", help="retriever.fine_tune off (ablation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", action="store_true", help="rewrite the markdown section from the JSON file")
     p.add_argument("--json-out", type=Path, default=ROOT / "docs" / "benchmarks" / "quality.json")
@@ -90,7 +92,8 @@ def build(args) -> object:
                                        rlaif_prompts=8, rlaif_candidates=2)
     overrides = {"align": {"enabled": False},
                  "synth": {"transfer": {"enabled": not args.no_transfer, "max_questions": args.transfer_questions},
-                           "label_check": "labels.jsonl"}}
+                           "label_check": "labels.jsonl"},
+                 "answer": {"copy_spans": not args.no_copy}, "retriever": {"fine_tune": not args.no_retriever}}
     project = cuad.make_project(settings_args, args.workdir, train, heldout, overrides)
     write_labels(project.root / "labels.jsonl", args.data)
     cuad.write_pairs(project.root / "dev.jsonl", dev)
@@ -170,7 +173,8 @@ def markdown(result: dict) -> str:
     cols = ["extract_token_f1", "extract_exact_match", "extract_cuad_match", "yes_no_balanced_accuracy",
             "retrieval_hit", "anchor_score", "macro_score"]
     lines = ["<!-- quality:start -->",
-             "## Quality on CUAD dev: calibrated yes/no, seed-question transfer (`bench/quality.py`)",
+             "## Quality on CUAD dev: calibrated yes/no, seed-question transfer, copied answers, a learnt retriever "
+             "(`bench/quality.py`)",
              "", f"Machine: {result['machine']}. Command: `{result['command']}` ({result['minutes']:.1f} min).", "",
              f"Seeds: {result['seeds_train']} answered questions of 3 contracts (+ {result['seeds_dev']} in the dev "
              f"split, where each version's yes/no threshold is chosen); held-out: {result['eval']} answered questions "
@@ -193,6 +197,12 @@ def markdown(result: dict) -> str:
         for name, q in c.get("label_quality", {}).items():
             lines.append(f"| {name} | {q['checked']} | {fmt(q['yes_no_label_precision'])} | {fmt(q['yes_precision'])} "
                          f"| {fmt(q['no_precision'])} | {fmt(q['gold_yes_share'])} | {fmt(q['extraction_token_f1'])} |")
+        r = c["steps"].get("retriever") or {}
+        lines += ["", "Retriever step: " + (f"skipped ({r['skipped']})" if r.get("skipped") else
+                  f"{r.get('pairs')} (question, evidence chunk) pairs from {r.get('examples')} training examples, "
+                  f"loss {fmt(r.get('loss_before'))} -> {fmt(r.get('loss_after'))} in {r.get('steps')} steps, "
+                  f"{r.get('seconds')} s with re-embedding every chunk; the candidate's retrieval_hit above "
+                  "is with its own index, base's with the project's")]
         t = c.get("transfer") or {}
         lines += ["", f"Transfer: asked {t.get('asked')}, kept {t.get('kept')} ({t.get('kept_yes')} Yes, "
                   f"{t.get('kept_no')} No); rejected {json.dumps(t.get('rejected'))}. Steps (s): "
@@ -219,7 +229,9 @@ def main() -> None:
         result["command"] = "python bench/quality.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
             if k in ("cycles", "seed_contracts", "eval_questions", "dev_fraction", "synth_questions",
-                     "transfer_questions", "epochs", "seed")) + (" --no-transfer" if args.no_transfer else "")
+                     "transfer_questions", "epochs", "seed")) + "".join(
+            f" --{flag}" for flag in ("no-transfer", "no-copy", "no-retriever")
+            if getattr(args, flag.replace("-", "_")))
         args.json_out.write_text(json.dumps(result, indent=2, default=str))
         cuad.update_markdown(args.md_out, markdown(result), tag="quality")
         print(json.dumps({k: v for k, v in result["cycles"][-1].items() if k not in ("steps",)}, indent=2,

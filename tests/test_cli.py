@@ -79,7 +79,7 @@ def counts(root: Path) -> tuple[int, int]:
 def test_init_writes_settings_and_sample(runner, tmp_path):
     root = tmp_path / "proj"
     ok(invoke(runner, "init", root, "--sample"))
-    assert (root / "tuneloop.yaml").is_file() and (root / "seeds.jsonl").is_file()
+    assert all((root / name).is_file() for name in ("tuneloop.yaml", "seeds.jsonl", "dev.jsonl", "heldout.jsonl"))
     assert len(list((root / "documents").glob("*.md"))) == 6
     assert yaml.safe_load((root / "tuneloop.yaml").read_text())["documents"] == ["documents"]
     out = fails(invoke(runner, "init", root), "already exists", "--force")

@@ -46,12 +46,17 @@ def test_the_best_span_is_the_highest_f1_and_the_shortest_among_equals():
     span, f1 = best_span("laws of New South Wales Australia", ["nothing here", LAW])
     assert span == "laws of New South Wales, Australia" and f1 == 1.0  # trailing "." dropped
     assert best_span("unrelated words", [LAW]) == ("", 0.0)
+    # ties on F1 (articles are no F1 token) go to the answer's own words; Markdown emphasis is dropped
+    assert best_span("the laws of the State of Delaware", ["governed by the laws of the State of Delaware, without"]
+                     ) == ("the laws of the State of Delaware", 1.0)
+    assert best_span("Northwind Robotics GmbH", ["and **Northwind Robotics GmbH**, a company"]) == (
+        "Northwind Robotics GmbH", 1.0)
 
 
 def test_a_reply_becomes_the_span_it_points_at_or_stays_when_none_is_close():
     q = "What law governs the supply agreement?"
     assert copy_answer("The law governing the supply agreement is the laws of New South Wales.", q, [LAW]) == (
-        "laws of New South Wales")  # "the" is no token of F1: the shorter span wins
+        "the laws of New South Wales")  # the reply's own "the" kept (ties go to its words)
     # nothing in the passages is close: the (cleaned) reply is kept, not replaced by a random quote
     assert copy_answer("The law governing the supply agreement is the Consumer Law of 2018.", q, [LAW]) == (
         "the Consumer Law of 2018")
@@ -87,7 +92,7 @@ def test_eval_and_serving_copy_the_same_span(project, monkeypatch):
         run = evaluate_version(proj, s, base, Retriever.load(proj, s, None), RecordingReporter())
         s.commit()
     rows = [json.loads(line) for line in (run.artifact_path and open(f"{run.artifact_path}/predictions.jsonl"))]
-    assert [r["prediction"] for r in rows] == ["laws of New South Wales"]
+    assert [r["prediction"] for r in rows] == ["the laws of New South Wales"]
     assert rows[0]["token_f1"] > 0.8 and rows[0]["exact_match"] == 0.0  # "Australia" is missing: F1, not EM
 
     with TestClient(create_app(proj, model_factory=lambda project, version: model, auth=False)) as c:
@@ -101,7 +106,7 @@ def test_eval_and_serving_copy_the_same_span(project, monkeypatch):
                 text = "".join(p for p in pieces if p)
             else:
                 text = r.json()["choices"][0]["message"]["content"]
-            assert text == "laws of New South Wales"  # exactly eval's answer
+            assert text == "the laws of New South Wales"  # exactly eval's answer
 
     with TestClient(create_app(proj, model_factory=lambda project, version: model, auth=False)) as c:
         assert c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Who pays?"}]}

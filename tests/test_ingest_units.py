@@ -304,7 +304,7 @@ def _one_line(n_chars: int) -> str:
 
 def _seconds(fn) -> float:
     best = float("inf")
-    for _ in range(2):  # the better of two runs: other processes share the CPU
+    for _ in range(3):  # the best of three runs: other processes share the CPU
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
@@ -315,7 +315,7 @@ def test_chunking_time_grows_linearly_with_a_single_line() -> None:
     small, large = _one_line(1_000_000), _one_line(4_000_000)
     t_small = _seconds(lambda: chunk_text(small, word_offsets, 128, 24))
     t_large = _seconds(lambda: chunk_text(large, word_offsets, 128, 24))
-    assert t_large / t_small < 6, (t_small, t_large)
+    assert t_large / t_small < 8, (t_small, t_large)  # 4x the text: linear ~4x, quadratic ~16x
     assert t_large < 10
 
 

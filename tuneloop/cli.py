@@ -36,7 +36,7 @@ JUDGE_COLUMNS = {"judge_correctness": "judge correct", "judge_faithfulness": "ju
 
 def _sample_copies(src_dir: Path, directory: Path) -> dict[Path, Path]:
     """Sample file -> where `init --sample` copies it."""
-    copies = {src_dir / name: directory / name for name in ("seeds.jsonl", "heldout.jsonl")}
+    copies = {src_dir / name: directory / name for name in ("seeds.jsonl", "dev.jsonl", "heldout.jsonl")}
     contracts = sorted(f for f in (src_dir / "contracts").iterdir() if f.is_file())
     return copies | {f: directory / "documents" / f.name for f in contracts}
 
@@ -45,7 +45,8 @@ def _sample_copies(src_dir: Path, directory: Path) -> dict[Path, Path]:
 @friendly_errors
 def init(
     directory: Annotated[Path, typer.Argument(help="Project folder to create.")],
-    sample: Annotated[bool, typer.Option(help="Copy the bundled sample contracts, seeds and held-out set.")] = False,
+    sample: Annotated[bool, typer.Option(
+        help="Copy the bundled sample contracts, seeds, dev and held-out sets.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing tuneloop.yaml (and sample files).")] = False,
 ) -> None:
     """Write a commented default tuneloop.yaml (and optionally the sample data)."""
@@ -68,7 +69,7 @@ def init(
             raise InputError(f"cannot write into {directory}: {exc.strerror or exc}") from None
     console.print(f"wrote {target}")
     if sample:
-        console.print(f"copied sample documents, seeds.jsonl and heldout.jsonl into {directory}")
+        console.print(f"copied sample documents, seeds.jsonl, dev.jsonl and heldout.jsonl into {directory}")
 
 
 @app.command()
@@ -150,12 +151,16 @@ def _print_synth_report(r) -> None:
     console.print("diversity: " + ", ".join(f"{k} {v}" for k, v in div.items()))
 
 
-def _retriever(project: Project, session, embedder):
+def _retriever(project: Project, session, embedder, version=None):
+    """The project's retriever, or with `version` the one that version answers with (its own
+    fine-tuned embedder's index, when the cycle's `retriever` step gave it one)."""
     from tuneloop.errors import StateError
     from tuneloop.ingest.index import IndexNotFoundError
     from tuneloop.programs.rag import Retriever
 
     try:
+        if version is not None:
+            return Retriever.for_version(project, session, version, embedder)
         return Retriever.load(project, session, embedder)
     except IndexNotFoundError:
         raise StateError("no retrieval index yet: run `tuneloop ingest PATH` first") from None
@@ -231,9 +236,9 @@ def eval_cmd(
         else:
             current = ModelVersion.status.in_([Status.CHAMPION, Status.CANDIDATE])
             chosen = list(s.scalars(select(ModelVersion).where(current)))
-        retriever = _retriever(project, s, build_embedder(project))
+        embedder = build_embedder(project)
         for v in chosen:
-            evaluate_version(project, s, v, retriever, reporter)
+            evaluate_version(project, s, v, _retriever(project, s, embedder, v), reporter)
             s.commit()
         console.print(comparison_table(project, s))
 

@@ -86,6 +86,19 @@ class IngestSettings(_Section):
         return self
 
 
+class RetrieverSettings(_Section):
+    """Cycle step `retriever`: fine-tune the local dense embedder on the training examples'
+    (question, evidence passage) pairs; the candidate answers from an index built with it."""
+
+    fine_tune: bool = True
+    min_pairs: int = Field(16, ge=2, le=1_000_000)  # fewer pairs: skipped (the candidate keeps the champion's)
+    epochs: float = Field(3.0, gt=0, le=100)
+    batch_size: int = Field(16, ge=2, le=4_096)  # in-batch negatives: larger batches, more negatives
+    learning_rate: float = Field(2e-5, gt=0, lt=1.0)
+    hard_negatives: bool = True  # plus, per pair, the same-document chunk the base embedder ranks highest wrongly
+    seed: Seed = 0
+
+
 class AnswerSettings(_Section):
     """How the assistant answers: the same in eval, the gate, the canary and `tuneloop serve`."""
 
@@ -363,6 +376,7 @@ class Settings(_Section):
     models: ModelsSettings = ModelsSettings()
     ingest: IngestSettings = IngestSettings()
     answer: AnswerSettings = AnswerSettings()
+    retriever: RetrieverSettings = RetrieverSettings()
     synth: SynthSettings = SynthSettings()
     lora: LoraSettings = LoraSettings()
     sft: SFTSettings = SFTSettings()

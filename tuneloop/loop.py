@@ -34,6 +34,7 @@ from tuneloop.stages.gate import decide
 from tuneloop.stages.ingest import ensure_index, ingest_paths
 from tuneloop.stages.methods import PAIR_METHODS
 from tuneloop.stages.prompts import compile_rag_program
+from tuneloop.stages.retriever import tune_retriever
 from tuneloop.stages.rlaif import build_rlaif_models, rlaif
 from tuneloop.stages.select import pick_on_dev
 from tuneloop.stages.sft import train_sft
@@ -48,6 +49,7 @@ from tuneloop.steps import (
     GateStepResult,
     IngestStepResult,
     PromptsStepResult,
+    RetrieverStepResult,
     RlaifStepResult,
     RoutedCounts,
     SelectStepResult,
@@ -63,7 +65,8 @@ from tuneloop.versions import NOT_CANDIDATES, Status, champion, ensure_base_vers
 
 # where a dev split comes from, for the steps that skip without one (select, wise)
 NO_DEV_SET = "no dev set (feedback.dev_fraction, or tuneloop seeds import FILE --split dev)"
-STEPS = ("ingest", "feedback", "synth", "dapt", "sft", "rlaif", "align", "select", "wise", "prompts", "eval", "gate")
+STEPS = ("ingest", "feedback", "synth", "dapt", "sft", "rlaif", "align", "select", "wise", "prompts", "retriever",
+         "eval", "gate")
 
 
 @dataclass
@@ -84,6 +87,10 @@ class CycleContext:
 
     def retriever(self, session: Session) -> Retriever:
         return Retriever.load(self.project, session, self.embedder())
+
+    def version_retriever(self, session: Session, version: ModelVersion) -> Retriever:
+        """The retriever `version` answers with (its own, from the `retriever` step, or the project's)."""
+        return Retriever.for_version(self.project, session, version, self.embedder())
 
 
 def step_ingest(ctx: CycleContext, s: Session) -> IngestStepResult:
@@ -226,10 +233,18 @@ def step_prompts(ctx: CycleContext, s: Session) -> PromptsStepResult:
     return PromptsStepResult(**{"version": candidate.name, **r.report, "program": str(r.program)})
 
 
+def step_retriever(ctx: CycleContext, s: Session) -> RetrieverStepResult:
+    """Fine-tune the embedder on the training examples' evidence passages; the candidate retrieves
+    with it, and eval and the gate judge the pair (`stages/retriever.py`)."""
+    r = tune_retriever(ctx.project, s, cycle_candidate(s, ctx.cycle_id), champion(s), ctx.embedder(), ctx.reporter,
+                       ctx.cycle_id)
+    return RetrieverStepResult(**r)
+
+
 def step_eval(ctx: CycleContext, s: Session) -> EvalStepResult:
-    retriever = ctx.retriever(s)
     out = {}
     for version in (champion(s), cycle_candidate(s, ctx.cycle_id)):
+        retriever = ctx.version_retriever(s, version)  # each version retrieves as it will be served
         run = evaluate_version(ctx.project, s, version, retriever, ctx.reporter, ctx.cycle_id)
         out[version.name] = {k: v for k, v in run.metrics.items() if v == v}  # drop NaN
         if ctx.project.settings.continual.anchor:  # forgetting shows up as a number
@@ -249,7 +264,7 @@ def step_gate(ctx: CycleContext, s: Session) -> GateStepResult:
 STEP_FUNCTIONS: dict[str, Callable[[CycleContext, Session], StepResult]] = {
     "ingest": step_ingest, "feedback": step_feedback, "synth": step_synth, "dapt": step_dapt, "sft": step_sft,
     "rlaif": step_rlaif, "align": step_align, "select": step_select,
-    "wise": step_wise, "prompts": step_prompts, "eval": step_eval, "gate": step_gate,
+    "wise": step_wise, "prompts": step_prompts, "retriever": step_retriever, "eval": step_eval, "gate": step_gate,
 }
 
 

@@ -38,7 +38,7 @@ _SPAN_METRICS = ("exact_match", "token_f1", "rouge_l", "cuad_match")
 CUAD_JACCARD_THRESHOLD = 0.5
 
 
-def _raw_tokens(text: str) -> list[str]:
+def raw_tokens(text: str) -> list[str]:
     """Lowercase, replace non-[a-z0-9] characters with spaces and split (articles kept)."""
     return _NON_ALNUM.sub(" ", text.lower()).split()
 
@@ -49,7 +49,7 @@ def normalize_tokens(text: str) -> list[str]:
     Lowercases, replaces every character outside ``[a-z0-9]`` with a space, splits on whitespace
     and drops the articles "a", "an" and "the".
     """
-    return [token for token in _raw_tokens(text) if token not in _ARTICLES]
+    return [token for token in raw_tokens(text) if token not in _ARTICLES]
 
 
 def _check_references(references: Sequence[str]) -> None:
@@ -117,10 +117,10 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
     """
     _check_references(references)
     scorer = _rouge_scorer()
-    prediction_empty = not _raw_tokens(prediction)
+    prediction_empty = not raw_tokens(prediction)
     best = 0.0
     for ref in references:
-        if prediction_empty and not _raw_tokens(ref):
+        if prediction_empty and not raw_tokens(ref):
             return 1.0
         best = max(best, scorer.score(ref, prediction)["rougeL"].fmeasure)
     return float(best)
@@ -155,7 +155,7 @@ def yes_no_label(text: str) -> str | None:
     ignored and the word must end there: "No." and "No, it does not" give "no", "Yes - section 4"
     gives "yes", while "None", "Nothing", "Yesterday" and "" give None.
     """
-    tokens = _raw_tokens(text)
+    tokens = raw_tokens(text)
     if tokens and tokens[0] in _YES_NO:
         return tokens[0]
     return None
@@ -172,7 +172,7 @@ def answer_label(text: str) -> str | None:
     category, "twelve months" says there is one); None for an empty or hedging answer ("I am not
     sure"), which is wrong whatever the gold label."""
     label = yes_no_label(text)
-    if label is not None or not _raw_tokens(text):
+    if label is not None or not raw_tokens(text):
         return label
     if is_negative_answer(text):
         return "no"

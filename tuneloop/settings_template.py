@@ -36,6 +36,15 @@ answer:                  # how the assistant answers, in eval, the gate and `tun
                          # section numbers and restated question words dropped)
   copy_min_overlap: 0.5  # ... when that span's token F1 against the reply reaches this
 
+retriever:               # cycle step `retriever`: fine-tune the (local) embedder on the training
+  fine_tune: true        # examples' (question, evidence chunk) pairs; the candidate retrieves from
+  min_pairs: 16          # an index built with it, judged by eval and the gate with the model
+  epochs: 3.0
+  batch_size: 16         # MultipleNegativesRankingLoss: the other positives in a batch are negatives
+  learning_rate: 2.0e-5
+  hard_negatives: true   # plus the same-document chunk the base embedder wrongly ranks highest
+  seed: 0
+
 synth:
   questions_per_cycle: 24
   # relative weights of the question strategies (0 switches one off)

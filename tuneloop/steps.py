@@ -133,6 +133,22 @@ class PromptsStepResult(StepResult):
     program: str | None = None
 
 
+class RetrieverStepResult(StepResult):
+    """The candidate's fine-tuned embedder and index (`stages/retriever.py`), or why it kept the champion's."""
+
+    version: str | None = None
+    examples: int | None = None  # training examples read
+    pairs: int | None = None  # (question, evidence passage) pairs trained on
+    not_paired: dict[str, int] | None = None  # reason -> examples that gave no pair
+    embedder: str | None = None
+    index: str | None = None
+    loss_before: float | None = None  # MultipleNegativesRankingLoss on the pairs
+    loss_after: float | None = None
+    steps: int | None = None
+    hard_negatives: bool | None = None
+    inherited: str | None = None  # skipped: the champion's retriever the candidate keeps
+
+
 class EvalStepResult(StepResult):
     """Held-out (and anchor) metrics per version; stored with the version names as keys."""
 
@@ -153,7 +169,7 @@ RESULT_TYPES: dict[str, type[StepResult]] = {
     "ingest": IngestStepResult, "feedback": FeedbackStepResult, "synth": SynthStepResult,
     "dapt": DaptStepResult, "sft": SftStepResult, "rlaif": RlaifStepResult, "align": AlignStepResult,
     "select": SelectStepResult, "wise": WiseStepResult, "prompts": PromptsStepResult,
-    "eval": EvalStepResult, "gate": GateStepResult,
+    "retriever": RetrieverStepResult, "eval": EvalStepResult, "gate": GateStepResult,
 }
 
 

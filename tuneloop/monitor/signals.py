@@ -259,14 +259,15 @@ def check_signals(project: Project, session: Session, embedder: Embedder | None,
     """Every signal's reading, recorded in the session (caller commits).
 
     `judge` and `retriever` (objects or factories) are built only when live_judge or a due canary
-    needs them; by default the judge role and the project's index (`embedder` for its dense half).
+    needs them; by default the judge role and the champion's retriever (its own fine-tuned index
+    when it has one, else the project's; `embedder` for the dense half).
     """
     m = project.settings.monitor
     readings = [satisfaction(project, session), documents(project, session)]
     if embedder is not None:
         readings.append(query_drift(project, session, embedder))
-    retriever = retriever if retriever is not None else functools.cache(
-        lambda: Retriever.load(project, session, embedder))
+    retriever = retriever if retriever is not None else functools.cache(  # the champion's, as it is served
+        lambda: Retriever.for_version(project, session, champion(session), embedder))
     if m.judge_sample:
         readings.append(live_judge(project, session, judge if judge is not None else functools.cache(
             lambda: _judge_model(project)), retriever, reporter))

@@ -27,7 +27,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from tuneloop.metrics import normalize_tokens
+from tuneloop.metrics import normalize_tokens, raw_tokens
 from tuneloop.negative import is_negative_answer
 
 # "[2] ..." (an excerpt marker), "3.2 The ..." / "9. General" (a section number before a capital);
@@ -66,34 +66,42 @@ def strip_restatement(reply: str, question: str) -> str:
 
 
 def best_span(answer: str, passages: Sequence[str]) -> tuple[str, float]:
-    """The word span of `passages` with the highest token F1 against `answer`, and that F1
-    (ties: the shorter span, then the earlier). Spans are at most twice the answer's length + 3 words."""
+    """The word span of `passages` with the highest token F1 against `answer`, and that F1. Ties
+    go to the span closest to the answer's own words (F1 with articles kept: "the laws of X" stays
+    "the laws of X"), then the shorter, then the earlier. Spans are at most twice the answer's
+    length + 3 words."""
     target = Counter(normalize_tokens(answer))
-    size = sum(target.values())
-    best, best_key = "", (0.0, 0, 0)
+    raw_target = Counter(raw_tokens(answer))
+    size, raw_size = sum(target.values()), sum(raw_target.values())
+    best, best_key = "", (0.0, 0.0, 0, 0)
     if not size:
         return best, 0.0
+    limit = 2 * len(answer.split()) + 3
     for p_index, text in enumerate(passages):
         words = text.split()
         tokens = [normalize_tokens(w) for w in words]
-        limit = 2 * len(answer.split()) + 3
+        raws = [raw_tokens(w) for w in words]
         for start in range(len(words)):
-            if not any(t in target for t in tokens[start]):
+            if not any(t in raw_target for t in raws[start]):
                 continue  # a best span starts on a shared word (a leading extra word only lowers F1)
             seen: Counter[str] = Counter()
-            common = length = 0
+            raw_seen: Counter[str] = Counter()
+            common = length = raw_common = raw_length = 0
             for end in range(start, min(len(words), start + limit)):
                 for t in tokens[end]:
                     seen[t] += 1
                     length += 1
-                    if seen[t] <= target[t]:
-                        common += 1
-                if common and any(t in target for t in tokens[end]):
-                    f1 = 2 * common / (length + size)
-                    key = (f1, -(end - start), -p_index)
+                    common += seen[t] <= target[t]
+                for t in raws[end]:
+                    raw_seen[t] += 1
+                    raw_length += 1
+                    raw_common += raw_seen[t] <= raw_target[t]
+                if common and any(t in raw_target for t in raws[end]):
+                    key = (2 * common / (length + size), 2 * raw_common / (raw_length + raw_size),
+                           -(end - start), -p_index)
                     if key > best_key:
                         best_key, best = key, " ".join(words[start : end + 1])
-    return best.strip(" ,;:.\"'()"), best_key[0]
+    return best.strip(" ,;:.\"'*_`"), best_key[0]  # no trailing punctuation, quotes or Markdown emphasis
 
 
 def copy_answer(reply: str, question: str, passages: Sequence[str], min_overlap: float = 0.5) -> str:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from tuneloop.config import Project
 from tuneloop.errors import StateError
-from tuneloop.ingest.index import HybridIndex, stored_chunks, stored_chunks_hash
+from tuneloop.ingest.index import HybridIndex, IndexNotFoundError, stored_chunks, stored_chunks_hash
 from tuneloop.models.base import ChatModel, Embedder, GenerationParams, Message
+from tuneloop.models.embed import LocalEmbedder
 from tuneloop.programs.decide import answer_conversations, decides
 from tuneloop.progress import Reporter, SilentReporter, batched_chat
 from tuneloop.store import Session
@@ -54,6 +55,33 @@ class Retriever:
             # chunks the index does not hold, or the wrong document's
             raise StateError("the retrieval index was built from other chunks than the store holds "
                              "(an interrupted ingest?): run `tuneloop ingest` to rebuild it")
+        return cls._over(project, index, rows)
+
+    @classmethod
+    def for_version(cls, project: Project, session: Session, version, embedder: Embedder | None) -> Retriever:
+        """The retriever `version` answers with: its own fine-tuned embedder's index when the
+        `retriever` step gave it one (`version_retriever_paths`), else the project's (`load`).
+
+        A version's index built before documents were added or changed is rebuilt here with its
+        embedder (every chunk re-embedded), so it never cites chunks the store no longer holds."""
+        paths = version_retriever_paths(version)
+        if paths is None:
+            return cls.load(project, session, embedder)
+        embedder_dir, index_dir = paths
+        tuned = LocalEmbedder(embedder_dir, batch_size=project.settings.models.embedder.batch_size)
+        rows = stored_chunks(session)
+        current = stored_chunks_hash(rows)
+        try:
+            index = HybridIndex.load(index_dir, tuned)
+        except IndexNotFoundError:
+            index = None
+        if index is None or index.content_hash != current:
+            index = HybridIndex.build([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows], tuned)
+            index.save(index_dir)
+        return cls._over(project, index, rows)
+
+    @classmethod
+    def _over(cls, project: Project, index: HybridIndex, rows: list[tuple[int, str, str]]) -> Retriever:
         passages = {cid: Passage(cid, doc, text) for cid, doc, text in rows}
         s = project.settings.ingest
         return cls(index, passages, s.top_k, s.rrf_k)
@@ -105,6 +133,17 @@ class RagAnswerer:
                                        self.yes_no_threshold, decides(self.model), chat,
                                        [[p.text for p in ctx] for ctx in contexts], self.copy_min_overlap)
         return [Answer(r.text, ctx, r.margin) for r, ctx in zip(replies, contexts)]
+
+
+RETRIEVER_KEY = "retriever"  # ModelVersion.hyperparams key: {"embedder", "index", ...} (stages/retriever.py)
+
+
+def version_retriever_paths(version) -> tuple[Path, Path] | None:
+    """(fine-tuned embedder folder, index folder) of a version's own retriever, or None (the project's)."""
+    stored = (getattr(version, "hyperparams", None) or {}).get(RETRIEVER_KEY)
+    if not isinstance(stored, dict) or not stored.get("embedder") or not stored.get("index"):
+        return None
+    return Path(stored["embedder"]), Path(stored["index"])
 
 
 PROGRAM_KEY = "rag_program"  # ModelVersion.hyperparams key: the version's compiled DSPy program (stages/prompts.py)

@@ -26,7 +26,7 @@ from tuneloop.config import Project
 from tuneloop.errors import StateError
 from tuneloop.models.base import ChatModel, Embedder, GenerationParams, Message
 from tuneloop.programs.decide import answer_conversations, decides, is_yes_no_question, threshold_of
-from tuneloop.programs.rag import Passage, Retriever, build_messages, rag_program_path
+from tuneloop.programs.rag import Passage, Retriever, build_messages, rag_program_path, version_retriever_paths
 from tuneloop.store import ModelVersion
 from tuneloop.versions import Status, champion
 
@@ -172,10 +172,11 @@ class Served:
 
     champion: LoadedModel
     challenger: LoadedModel | None
-    retriever: Retriever
+    retriever: Retriever  # the champion's: its own fine-tuned index (stages/retriever.py), else the project's
     retriever_lock: threading.Lock
     index_stamp: int
     documents: frozenset[str]  # names retrieval can be restricted to
+    retriever_paths: tuple[Path, Path] | None = None  # the champion's (embedder, index) folders; None: the project's
 
     def retrieve(self, question: str, document: str | None) -> list[Passage]:
         with self.retriever_lock:  # tokenizers and embedders are not safe to share across threads
@@ -313,10 +314,11 @@ class ModelState:
             return LoadedModel(version.id, version.name, model, program=program, yes_no_threshold=threshold,
                                copy_min_overlap=self.project.settings.answer.copy_threshold)
 
-        if old is not None and old.index_stamp == stamp:
+        paths = version_retriever_paths(champ)  # a challenger is answered from the champion's passages
+        if old is not None and (old.index_stamp, old.retriever_paths) == (stamp, paths):
             retriever, retriever_lock = old.retriever, old.retriever_lock
         else:  # first: a missing index fails before any model is loaded
-            retriever, retriever_lock = self._load_retriever(initial), threading.Lock()
+            retriever, retriever_lock = self._load_retriever(initial, champ), threading.Lock()
         new_champion = get(champ)
         new_challenger = None
         if challenger is not None:
@@ -324,18 +326,20 @@ class ModelState:
                 new_challenger = get(challenger)
             except Exception:  # a broken candidate must not stop the champion from serving
                 log.exception("could not load challenger %s; serving without it", challenger.name)
-        return Served(new_champion, new_challenger, retriever, retriever_lock, stamp, frozenset(retriever.documents()))
+        return Served(new_champion, new_challenger, retriever, retriever_lock, stamp, frozenset(retriever.documents()),
+                      paths)
 
     def _failed_recently(self, version_id: int) -> bool:
         failed_at = self._failed.get(version_id)
         return failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED_SECONDS
 
-    def _load_retriever(self, initial: bool) -> Retriever:
+    def _load_retriever(self, initial: bool, champ: ModelVersion) -> Retriever:
+        """The champion's retriever, as eval judged it (`Retriever.for_version`)."""
         from tuneloop.ingest.index import IndexNotFoundError
 
         try:
             with self.sessions() as s:
-                return Retriever.load(self.project, s, self.embedder)
+                return Retriever.for_version(self.project, s, champ, self.embedder)
         except IndexNotFoundError:
             if initial:
                 raise StateError("no retrieval index yet: run `tuneloop ingest PATH` first") from None

@@ -1,0 +1,98 @@
+"""The cycle's `retriever` step: a fine-tuned embedder and index per candidate, used wherever that
+version answers (eval, the canary, serving), inherited when the step skips."""
+from __future__ import annotations
+
+import shutil
+
+from sqlalchemy import select
+
+from tests.helpers import CONTRACTS, RecordingReporter
+from tuneloop.ingest.index import HybridIndex
+from tuneloop.programs.rag import RETRIEVER_KEY, Retriever, version_retriever_paths
+from tuneloop.serve.state import ModelState
+from tuneloop.stages.ingest import ingest_paths
+from tuneloop.stages.retriever import tune_retriever
+from tuneloop.store import ModelVersion, open_store
+from tuneloop.versions import Status, ensure_base_version
+
+SETTINGS = {"ingest": {"dense": True},
+            "retriever": {"min_pairs": 4, "epochs": 1.0, "batch_size": 4, "hard_negatives": True}}
+
+
+def _ingested(project, real_embedder, overrides=None):
+    proj = project(overrides={**SETTINGS, **(overrides or {})})
+    with open_store(proj.store_url)() as s:
+        ingest_paths(proj, s, [proj.path("documents")], real_embedder, RecordingReporter())
+        s.commit()
+    return proj
+
+
+def _candidate(s, parent: ModelVersion, name: str) -> ModelVersion:
+    v = ModelVersion(name=name, parent_id=parent.id, base_model="tiny", method="sft", status=Status.CANDIDATE)
+    s.add(v)
+    s.flush()
+    return v
+
+
+def test_the_candidate_gets_its_own_embedder_and_index_and_answers_with_them(project, real_embedder, tmp_path):
+    proj = _ingested(project, real_embedder)
+    with open_store(proj.store_url)() as s:
+        champion = ensure_base_version(proj, s)
+        candidate = _candidate(s, champion, "v1")
+        r = tune_retriever(proj, s, candidate, champion, real_embedder, RecordingReporter(), cycle_id=1)
+        s.commit()
+        assert r.get("skipped") is None, r
+        assert r["pairs"] >= 4 and r["steps"] >= 1 and r["hard_negatives"] is True
+        assert r["not_paired"].get("no_evidence", 0) >= 1  # the sample's yes/no seeds carry no evidence clauses
+        embedder_dir, index_dir = version_retriever_paths(candidate)
+        assert (embedder_dir / "modules.json").is_file() and (index_dir / "index.json").is_file()
+
+        own = Retriever.for_version(proj, s, candidate, real_embedder)
+        project_wide = Retriever.for_version(proj, s, champion, real_embedder)  # no retriever of its own
+        assert own.index.embedder_name == embedder_dir.name != project_wide.index.embedder_name
+        assert project_wide.index.embedder_name == real_embedder.name
+        question = "What law governs the supply agreement?"
+        assert own.retrieve(question, "05-supply-agreement.md")  # it answers from the same chunks
+        assert {p.chunk_id for p in own.passages.values()} == {p.chunk_id for p in project_wide.passages.values()}
+
+        # documents added after the step: the version's index is rebuilt with its embedder, never stale
+        extra = tmp_path / "more"
+        extra.mkdir()
+        shutil.copy(CONTRACTS / "05-supply-agreement.md", extra / "07-second-supply-agreement.md")
+        ingest_paths(proj, s, [extra], real_embedder, RecordingReporter())
+        s.commit()
+        before = HybridIndex.load(index_dir, own.index.embedder).content_hash
+        again = Retriever.for_version(proj, s, candidate, real_embedder)
+        assert "07-second-supply-agreement.md" in again.documents()
+        assert again.index.content_hash != before and again.index.embedder_name == embedder_dir.name
+
+    # serving answers with the champion's retriever: promote the candidate
+    with open_store(proj.store_url)() as s:
+        for v in s.scalars(select(ModelVersion)):
+            v.status = Status.CHAMPION if v.name == "v1" else Status.RETIRED
+        s.commit()
+    state = ModelState(proj, open_store(proj.store_url), model_factory=lambda project, version: object(),
+                       embedder=real_embedder)
+    served = state.load()
+    assert served.champion.name == "v1"
+    assert served.retriever.index.embedder_name == embedder_dir.name
+    assert served.retriever_paths == (embedder_dir, index_dir)
+
+
+def test_a_skipped_step_keeps_the_champions_retriever(project, real_embedder):
+    proj = _ingested(project, real_embedder, {"retriever": {**SETTINGS["retriever"], "min_pairs": 1000}})
+    with open_store(proj.store_url)() as s:
+        champion = ensure_base_version(proj, s)
+        learned = {"name": "cycle-0001-v1-embedder", "embedder": "/x/embedder", "index": "/x/index", "pairs": 9}
+        champion.hyperparams = {**(champion.hyperparams or {}), RETRIEVER_KEY: learned}
+        candidate = _candidate(s, champion, "v2")
+        r = tune_retriever(proj, s, candidate, champion, real_embedder, RecordingReporter(), cycle_id=2)
+        assert "fewer than retriever.min_pairs (1000)" in r["skipped"] and r["pairs"] >= 1
+        assert r["inherited"] == "cycle-0001-v1-embedder"
+        assert candidate.hyperparams[RETRIEVER_KEY] == learned  # promoting v2 keeps the learned retriever
+
+        off = _candidate(s, champion, "v3")
+        proj.settings.retriever.fine_tune = False
+        assert tune_retriever(proj, s, off, None, real_embedder, RecordingReporter(), 3) == {
+            "skipped": "retriever.fine_tune is false", "inherited": None}
+        assert RETRIEVER_KEY not in (off.hyperparams or {})  # nothing to inherit: the project's index

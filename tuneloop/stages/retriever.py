@@ -1,0 +1,87 @@
+"""Cycle step `retriever`: a retriever that learns, versioned and gated with the model.
+
+The answer is bounded by retrieval: a clause the student never sees, it cannot copy. This step
+fine-tunes the dense embedder on (question, evidence passage) pairs from the training examples
+(`ingest/tune_embedder.training_pairs`: the stored chunk of the example's document that holds its
+answer or, for a yes/no seed, its evidence clauses; with hard negatives, the chunk of the same
+document the base embedder wrongly ranks highest), with sentence-transformers'
+MultipleNegativesRankingLoss, then re-embeds every chunk into an index of its own. The cycle's
+candidate records both (`ModelVersion.hyperparams["retriever"]`), so eval, the gate, the canary
+and `tuneloop serve` retrieve for that version exactly as it was judged
+(`programs/rag.Retriever.for_version`). The project's index is never touched: a rejected
+candidate's retriever goes with it.
+
+Each cycle trains from the base embedder on all the pairs the training split holds then (seeds
+and accepted examples accumulate), so a retriever is a function of the data, not of the history.
+Skipped, the candidate keeps the champion's retriever (a promotion never drops a learned one):
+when the step is off, when the embedder is not a local model (an endpoint cannot be fine-tuned
+here), when the index is BM25-only, or with fewer than `retriever.min_pairs` pairs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from tuneloop.config import Project
+from tuneloop.ingest.index import HybridIndex, stored_chunks
+from tuneloop.ingest.tune_embedder import finetune_embedder, training_pairs
+from tuneloop.models.base import Embedder
+from tuneloop.models.defaults import resolve_model_path
+from tuneloop.models.embed import LocalEmbedder
+from tuneloop.programs.rag import RETRIEVER_KEY
+from tuneloop.progress import Reporter
+from tuneloop.store import Example, ModelVersion, Session
+
+INDEX_KIND = "indexes"  # artifacts/indexes/<embedder name>/: a fine-tuned embedder's index of every chunk
+
+
+def inherit(candidate: ModelVersion, champion: ModelVersion | None) -> str | None:
+    """Give `candidate` the champion's retriever when it has none; the name it inherited, if any."""
+    stored = (champion.hyperparams or {}).get(RETRIEVER_KEY) if champion is not None else None
+    if not stored or RETRIEVER_KEY in (candidate.hyperparams or {}):
+        return None
+    candidate.hyperparams = {**(candidate.hyperparams or {}), RETRIEVER_KEY: stored}
+    return str(stored.get("name") or stored.get("embedder"))
+
+
+def tune_retriever(project: Project, session: Session, candidate: ModelVersion, champion: ModelVersion | None,
+                   embedder: Embedder | None, reporter: Reporter, cycle_id: int) -> dict[str, Any]:
+    """Fine-tune the embedder for `candidate` and index every chunk with it (see the module
+    docstring); what happened, as the fields of the step's result (`steps.RetrieverStepResult`)."""
+    settings = project.settings.retriever
+    role = project.settings.models.embedder
+
+    def skip(why: str, **counts) -> dict[str, Any]:
+        return {"skipped": why, "inherited": inherit(candidate, champion), **counts}
+
+    if not settings.fine_tune:
+        return skip("retriever.fine_tune is false")
+    if embedder is None:
+        return skip("no dense index (ingest.dense is false)")
+    if role.backend != "local":
+        return skip("the embedder is an endpoint: only a local embedder is fine-tuned")
+    base_dir = resolve_model_path(role.model, project.cache)
+    examples = list(session.scalars(select(Example).where(Example.split == "train").order_by(Example.id)))
+    chunks = stored_chunks(session)
+    reporter.log(f"retriever: pairs from {len(examples)} training examples")
+    pairs = training_pairs(examples, chunks, negatives_from=embedder if settings.hard_negatives else None)
+    counts = {"examples": pairs.examples, "pairs": len(pairs.pairs), "not_paired": pairs.skipped or None}
+    if len(pairs.pairs) < settings.min_pairs:
+        return skip(f"{len(pairs.pairs)} (question, evidence passage) pairs, fewer than retriever.min_pairs "
+                    f"({settings.min_pairs})", **counts)
+    name = f"cycle-{cycle_id:04d}-{candidate.name}-embedder"
+    reporter.log(f"retriever: fine-tuning {role.model} on {len(pairs.pairs)} pairs")
+    tuned = finetune_embedder(base_dir, pairs.pairs, project.artifacts, name, epochs=settings.epochs,
+                              batch_size=settings.batch_size, lr=settings.learning_rate, seed=settings.seed)
+    reporter.log(f"retriever: re-embedding {len(chunks)} chunks")
+    index_dir = project.artifacts / INDEX_KIND / tuned.name
+    model = LocalEmbedder(Path(tuned.path), batch_size=role.batch_size)
+    HybridIndex.build([c[0] for c in chunks], [c[2] for c in chunks], [c[1] for c in chunks], model).save(index_dir)
+    candidate.hyperparams = {**(candidate.hyperparams or {}), RETRIEVER_KEY: {
+        "name": tuned.name, "embedder": str(tuned.path), "index": str(index_dir), "pairs": tuned.pairs,
+        "hard_negatives": tuned.hard_negatives}}
+    return {"version": candidate.name, "embedder": str(tuned.path), "index": str(index_dir),
+            "loss_before": tuned.loss_before, "loss_after": tuned.loss_after, "steps": tuned.steps,
+            "hard_negatives": tuned.hard_negatives, **counts}
