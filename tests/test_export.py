@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from tests.helpers import sample_texts
@@ -171,6 +172,27 @@ def test_export_never_writes_over_the_projects_own_folders(project, runner):
     assert not proj.artifacts.exists()
     one_line_error(invoke(runner, "export", "base", proj.artifacts, "-p", proj.root), "refusing to replace")
     assert not proj.artifacts.exists()
+
+
+def test_export_carries_the_versions_fine_tuned_embedder(project, runner, tmp_path):
+    proj = project(pairs=False)
+    register(proj, None)
+    embedder = tmp_path / "cycle-0001-v1-embedder"  # what stages/retriever.py records (a stand-in folder)
+    embedder.mkdir()
+    (embedder / "modules.json").write_text("[]")
+    with open_store(proj.store_url)() as s:
+        v1 = s.scalar(select(ModelVersion).where(ModelVersion.name == "v1"))
+        v1.hyperparams = {"retriever": {"embedder": str(embedder), "index": str(tmp_path / "index")}}
+        s.commit()
+    out = tmp_path / "exported"
+    ok(invoke(runner, "export", "v1", out, "-p", proj.root))
+    assert (out / "embedder" / "modules.json").read_text() == "[]"
+    assert json.loads((out / "tuneloop.json").read_text())["embedder"] == "embedder"
+    assert "THIS_FOLDER/embedder" in (out / "README.md").read_text()
+    (embedder / "modules.json").unlink()  # gone: refused before anything is written
+    one_line_error(invoke(runner, "export", "v1", tmp_path / "again", "-p", proj.root),
+                   "fine-tuned embedder of v1 is missing")
+    assert not (tmp_path / "again").exists()
 
 
 def test_export_base_version_without_adapter(project, runner, tiny_model_dir, tmp_path):

@@ -2,7 +2,8 @@
 
 `export_version` loads the version's base model, merges its LoRA adapter (if any) into the
 weights, and writes a Hugging Face folder: safetensors weights, config and generation config,
-the tokenizer with its chat template, `tuneloop.json` (lineage and metrics) and a README. The
+the tokenizer with its chat template, `tuneloop.json` (lineage and metrics), a README and, for a
+version the `retriever` step gave its own embedder, that embedder in `embedder/`. The
 folder is written next to OUT under a temporary name and renamed into place, so a crash never
 leaves a half-written export. Every export holds a `.tuneloop-export` marker: `force` replaces
 only a folder with that marker (one tuneloop exported), never the project folder, a folder above
@@ -19,6 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +30,14 @@ from sqlalchemy.engine import make_url
 
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, InputError, StateError
+from tuneloop.programs.rag import version_retriever_paths
 from tuneloop.safety import holds_project, safe_rmtree
 from tuneloop.store import ModelVersion, Session, utcnow
 
 META_FILE = "tuneloop.json"
 MARKER_FILE = ".tuneloop-export"  # in every export: only such a folder may be replaced (--force)
 GGUF_FILE = "model.gguf"
+EMBEDDER_DIR = "embedder"  # the fine-tuned embedder the version retrieves with, when it has one
 CONVERT_HINT = ("run llama.cpp's convert_hf_to_gguf.py on the exported folder instead "
                 "(python convert_hf_to_gguf.py OUT --outfile OUT/model.gguf)")
 
@@ -104,6 +108,9 @@ def export_version(project: Project, session: Session, name: str, out: Path, ggu
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise StateError(f"the adapter of {version.name} is missing: {adapter}")
     model_dir = base_model_dir(project, version)
+    retriever = version_retriever_paths(version)  # stages/retriever.py: it answers with its own embedder
+    if retriever is not None and not (retriever[0] / "modules.json").is_file():
+        raise StateError(f"the fine-tuned embedder of {version.name} is missing: {retriever[0]}")
     if gguf:
         check_gguf_supported(model_dir)  # before the (slow) merge
 
@@ -116,6 +123,7 @@ def export_version(project: Project, session: Session, name: str, out: Path, ggu
         "hyperparams": version.hyperparams or {}, "metrics": _jsonable(version.metrics or {}),
         "training_examples": len(data.ids), "training_data_hash": data.data_hash,
         "tuneloop_version": tuneloop_version(), "exported_at": utcnow().isoformat(),
+        "embedder": EMBEDDER_DIR if retriever is not None else None,
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +134,8 @@ def export_version(project: Project, session: Session, name: str, out: Path, ggu
         (tmp / MARKER_FILE).write_text("exported by tuneloop; `tuneloop export --force` may replace this folder\n",
                                        encoding="utf-8")
         write_merged(model_dir, adapter, tmp)
+        if retriever is not None:  # a sentence-transformers folder: SentenceTransformer(OUT/embedder)
+            shutil.copytree(retriever[0], tmp / EMBEDDER_DIR)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
         (tmp / "README.md").write_text(_readme(meta), encoding="utf-8")
         if gguf:
@@ -200,7 +210,10 @@ def _readme(meta: dict[str, Any]) -> str:
             "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "model = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')\n"
             "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')\n```\n\n"
-            "or `vllm serve THIS_FOLDER`. Lineage and hyperparameters: tuneloop.json.\n")
+            "or `vllm serve THIS_FOLDER`. Lineage and hyperparameters: tuneloop.json.\n"
+            + ("\nThe version retrieves with its own fine-tuned embedder: "
+               "`SentenceTransformer('THIS_FOLDER/embedder')` (re-embed your chunks with it).\n"
+               if meta.get("embedder") else ""))
 
 
 # --------------------------------------------------------------------------- GGUF
