@@ -120,6 +120,26 @@ def test_balance_yes_no_caps_the_majority_answer_and_keeps_extractions():
     assert [e.answer for e in balance_yes_no(only_no, random.Random(0))] == ["No"]
 
 
+def test_balance_kinds_repeats_the_rarer_kind_up_to_its_share_and_the_cap():
+    from tuneloop.stages.sft import balance_kinds
+
+    def rows(n_yes_no: int, n_extract: int) -> list[Example]:
+        answers = ["Yes", "No"] * (n_yes_no // 2) + [f"clause {i}" for i in range(n_extract)]
+        return [Example(id=i, kind="seed", split="train", question=f"q{i}", answer=a, content_hash=str(i))
+                for i, a in enumerate(answers)]
+
+    mixed = rows(20, 4)  # extraction is 1/6: repeated (round-robin) to 30% of the rows
+    out = balance_kinds(mixed, 0.3)
+    extract = [e for e in out if e.answer not in ("Yes", "No")]
+    assert out[: len(mixed)] == mixed and len(extract) == 9 and len(extract) / len(out) >= 0.3
+    assert max(extract.count(e) for e in extract) - min(extract.count(e) for e in extract) <= 1
+    capped = balance_kinds(rows(100, 2), 0.3)  # 2 extraction examples: at most 4 showings each
+    assert sum(e.answer.startswith("clause") for e in capped) == 8
+    assert balance_kinds(mixed, 0.0) == mixed  # off
+    met, single = rows(6, 12), rows(0, 3)
+    assert balance_kinds(met, 0.3) == met and balance_kinds(single, 0.3) == single  # share met; one kind only
+
+
 def test_activation_checkpointing_only_on_cuda():
     """TRL checkpoints activations by default; on CPU that recomputes every forward pass for no
     memory the run needs, so the trainers' arguments turn it off there."""

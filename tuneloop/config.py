@@ -200,6 +200,9 @@ class SFTSettings(_Section):
     # steps go to what is new (feedback from use, fresh synthetic data) plus the replay share.
     seeds_every_cycle: bool = True
     balance_yes_no: bool = True  # down-sample the majority Yes/No answer in training data
+    # the rarer answer kind (yes/no or extraction) is repeated until it is this share of the rows
+    # (each example at most 4 times); 0 turns it off
+    min_kind_share: float = Field(0.3, ge=0.0, le=0.5)
     save_steps: int = Field(10, ge=1)  # checkpoint interval; a killed run resumes from the last one
     seed: Seed = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA that has it, else fp32

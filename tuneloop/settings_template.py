@@ -78,6 +78,7 @@ sft:
   batch_size: 4
   replay_fraction: 0.1   # share of earlier cycles' synthetic data mixed into training
   balance_yes_no: true   # down-sample the majority Yes/No answer (contracts are mostly "No")
+  min_kind_share: 0.3    # repeat the rarer answer kind (yes/no or extraction) up to this share of rows (<= 4x each)
   precision: auto        # fp32 on CPU; bf16 on CUDA that supports it
 
 align:                   # preference alignment after SFT, when preference data exists

@@ -6,6 +6,7 @@ prompt-completion data). The run itself (resume, artifact, registration) is `sta
 """
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -39,7 +40,8 @@ SFT = METHODS["sft"]
 def select_examples(session: Session, settings: SFTSettings, seed: int) -> tuple[list[Example], list[Example]]:
     """(new, replay): the seeds (all of them when `seeds_every_cycle`, else those no model was
     trained on yet) + the other examples no model was trained on yet, yes/no answers balanced when
-    `balance_yes_no`; and a replay share of the examples earlier versions were trained on."""
+    `balance_yes_no` and the rarer answer kind repeated up to `min_kind_share` (`balance_kinds`);
+    and a replay share of the examples earlier versions were trained on."""
     trained_on: set[int] = set()
     for ids in session.scalars(select(ModelVersion.training_example_ids)):
         trained_on.update(ids or [])
@@ -57,7 +59,30 @@ def select_examples(session: Session, settings: SFTSettings, seed: int) -> tuple
     fresh = seeds + new
     if settings.balance_yes_no:
         fresh = balance_yes_no(fresh, rng)
-    return fresh, replay
+    return balance_kinds(fresh, settings.min_kind_share), replay
+
+
+MAX_REPEATS = 4  # `balance_kinds` shows an example at most this many times in one run
+
+
+def balance_kinds(examples: list[Example], min_share: float) -> list[Example]:
+    """`examples` plus repeats of the rarer answer kind (yes/no or extraction), round-robin, until
+    it makes up `min_share` of the rows, each example at most `MAX_REPEATS` times in all.
+
+    Seed-question transfer labels far more yes/no questions than extraction ones (168 of 182 rows
+    on CUAD); trained on that mix, the student answered "Yes" or "No" to extraction questions too.
+    Repeating the rarer kind is the mixing rule of multi-task fine-tuning (T5, FLAN): a small task
+    is up-sampled, with a cap so that a few examples are not memorised."""
+    if min_share <= 0:
+        return examples
+    yes_no = [e for e in examples if is_yes_no_reference(e.answer)]
+    other = [e for e in examples if not is_yes_no_reference(e.answer)]
+    if not yes_no or not other:
+        return examples
+    minority, majority = sorted((yes_no, other), key=len)
+    wanted = math.ceil(min_share * len(majority) / (1 - min_share))  # min_share <= 0.5 (SFTSettings)
+    extra = min(wanted, MAX_REPEATS * len(minority)) - len(minority)
+    return examples + [minority[i % len(minority)] for i in range(max(0, extra))]
 
 
 def balance_yes_no(examples: list[Example], rng: random.Random) -> list[Example]:
@@ -118,7 +143,8 @@ def train_sft(project: Project, session: Session, retriever: Retriever | None, r
         trainer, tokenizer = _train(run.model_dir, run.parent_adapter, rows, s, project.settings.lora, work_dir,
                                     reporter)
         return Trained(trainer, tokenizer, rows, {
-            "example_ids": [r["example_id"] for r in rows], "n_new": len(new), "n_replay": len(replay),
+            "example_ids": list(dict.fromkeys(r["example_id"] for r in rows)), "n_new": len(new),
+            "n_replay": len(replay), "n_rows": len(rows),
             "hyperparams": {**s.model_dump(), "lora": project.settings.lora.model_dump()}})
 
     return train_and_register(session, run, train)
