@@ -144,7 +144,7 @@ def variant(index_dir: Path, embedder, mode: str, embeddings: np.ndarray | None 
 def build_index(chunks: list[tuple[int, str, str]], embedder, directory: Path) -> float:
     """Re-embed every chunk with `embedder` into its own index folder; return the seconds taken."""
     t0 = time.monotonic()
-    HybridIndex.build([c[0] for c in chunks], [c[2] for c in chunks], [c[1] for c in chunks], embedder).save(directory)
+    HybridIndex.from_rows(chunks, embedder).save(directory)
     return time.monotonic() - t0
 
 

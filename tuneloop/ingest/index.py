@@ -174,6 +174,11 @@ class HybridIndex:
                 embeddings = np.zeros((0, 0), dtype=np.float32)
         return cls(list(chunk_ids), list(groups), bm25, embeddings, embedder, chunks_hash(chunk_ids, texts))
 
+    @classmethod
+    def from_rows(cls, rows: list[tuple[int, str, str]], embedder: Embedder | None) -> HybridIndex:
+        """Index `stored_chunks` rows (id, document, text)."""
+        return cls.build([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows], embedder)
+
     def save(self, directory: Path) -> None:
         """Write the index to `directory`, replacing any index there, atomically: it is written
         in a temporary sibling and renamed into place, so a crash never leaves a half-written

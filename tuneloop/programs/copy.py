@@ -19,7 +19,7 @@ Why post-processing and not constrained decoding: generation restricted token by
 of the passages (transformers' `prefix_allowed_tokens_fn`) was measured first on the demo's 18
 held-out extraction questions and fell from token F1 0.189 to 0.019: the model's first choice
 ("The ...") commits it to a wrong span or to the negative answer. Letting it write, then copying
-the span it meant, kept its choice and fixed the words (0.189 -> 0.354, docs/benchmarks.md).
+the span it meant, kept its choice and fixed the words (0.189 -> 0.348, docs/benchmarks.md).
 """
 from __future__ import annotations
 

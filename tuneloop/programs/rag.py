@@ -76,7 +76,7 @@ class Retriever:
         except IndexNotFoundError:
             index = None
         if index is None or index.content_hash != current:
-            index = HybridIndex.build([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows], tuned)
+            index = HybridIndex.from_rows(rows, tuned)
             index.save(index_dir)
         return cls._over(project, index, rows)
 

@@ -19,7 +19,6 @@ here), when the index is BM25-only, or with fewer than `retriever.min_pairs` pai
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -77,8 +76,8 @@ def tune_retriever(project: Project, session: Session, candidate: ModelVersion, 
                               batch_size=settings.batch_size, lr=settings.learning_rate, seed=settings.seed)
     reporter.log(f"retriever: re-embedding {len(chunks)} chunks")
     index_dir = project.artifacts / INDEX_KIND / tuned.name
-    model = LocalEmbedder(Path(tuned.path), batch_size=role.batch_size)
-    HybridIndex.build([c[0] for c in chunks], [c[2] for c in chunks], [c[1] for c in chunks], model).save(index_dir)
+    model = LocalEmbedder(tuned.path, batch_size=role.batch_size)
+    HybridIndex.from_rows(chunks, model).save(index_dir)
     candidate.hyperparams = {**(candidate.hyperparams or {}), RETRIEVER_KEY: {
         "name": tuned.name, "embedder": str(tuned.path), "index": str(index_dir), "pairs": tuned.pairs,
         "hard_negatives": tuned.hard_negatives}}
