@@ -202,6 +202,31 @@ def test_seeds_join_the_replay_pool_once_trained_on_unless_seeds_every_cycle(pro
     assert len(replay) == 2 and {e.id for e in replay} <= seed_ids  # replay_fraction 0.5 of the 4 new
 
 
+def test_a_rejected_candidates_data_is_new_again_for_the_next_cycle_from_the_champion(project):
+    """v2 (rejected, trained on the first corrections) is not an ancestor of the champion v1, so
+    training from v1 takes those examples as new; what v1 itself saw is only replayed."""
+    p = project({"feedback": {"heldout_fraction": 0.0},
+                 "sft": {"balance_yes_no": False, "replay_fraction": 0.5, "seeds_every_cycle": False}})
+    with open_store(p.store_url)() as s:
+        seed_ids = sorted(s.scalars(select(Example.id).where(Example.kind == "seed", Example.split == "train")))
+        v1 = ModelVersion(name="v1", base_model="tiny", method="sft", status="champion",
+                          training_example_ids=seed_ids)
+        s.add(v1)
+        s.flush()
+        for q in questions(4):
+            correct(s, q, "No.", "Within thirty days of the order.")
+        feedback_to_examples(p, s)
+        first = sorted(s.scalars(select(Example.id).where(Example.kind == "feedback")))
+        s.add(ModelVersion(name="v2", base_model="tiny", method="sft", status="rejected", parent_id=v1.id,
+                           training_example_ids=first))
+        s.flush()
+        fresh, replay = select_examples(s, p.settings.sft, seed=0, parent=v1)
+        assert sorted(e.id for e in fresh) == first  # v2's data, lost with v2, is trained on again
+        assert {e.id for e in replay} <= set(seed_ids) and len(replay) == 2
+        fresh_any, _ = select_examples(s, p.settings.sft, seed=0)  # no parent: every version counts
+    assert fresh_any == []
+
+
 def test_a_dev_share_follows_the_held_out_share_without_moving_it():
     keys = [question_key(q, "doc.md") for q in questions(400)]
     sides = [heldout_side(k, 0.2, 0.15) for k in keys]

@@ -16,6 +16,7 @@ from tuneloop.config import LoraSettings, Project, SFTSettings
 from tuneloop.errors import StateError
 from tuneloop.evalsets import references
 from tuneloop.filters import copied_span
+from tuneloop.lineage import ancestry
 from tuneloop.metrics import is_yes_no_reference, yes_no_reference_label
 from tuneloop.programs.rag import Passage, Retriever, build_messages
 from tuneloop.progress import Reporter
@@ -37,14 +38,21 @@ from tuneloop.store import Example, ModelVersion, Session
 SFT = METHODS["sft"]
 
 
-def select_examples(session: Session, settings: SFTSettings, seed: int) -> tuple[list[Example], list[Example]]:
-    """(new, replay): the seeds (all of them when `seeds_every_cycle`, else those no model was
-    trained on yet) + the other examples no model was trained on yet, yes/no answers balanced when
-    `balance_yes_no` and the rarer answer kind repeated up to `min_kind_share` (`balance_kinds`);
-    and a replay share of the examples earlier versions were trained on."""
+def select_examples(session: Session, settings: SFTSettings, seed: int,
+                    parent: ModelVersion | None = None) -> tuple[list[Example], list[Example]]:
+    """(new, replay): the seeds (all of them when `seeds_every_cycle`, else those not trained on
+    yet) + the other examples not trained on yet, yes/no answers balanced when `balance_yes_no`
+    and the rarer answer kind repeated up to `min_kind_share` (`balance_kinds`); and a replay
+    share of the examples trained on before.
+
+    "Trained on" means by `parent` or one of its ancestors (the weights training continues), or
+    by any version when `parent` is None. So the data of a rejected candidate is new again for
+    the next cycle, which trains from the champion: what the rejected adapter learnt was dropped
+    with it, and without this rule the next cycle would see that data only as a 10% replay."""
+    versions = ancestry(session, parent) if parent is not None else session.scalars(select(ModelVersion))
     trained_on: set[int] = set()
-    for ids in session.scalars(select(ModelVersion.training_example_ids)):
-        trained_on.update(ids or [])
+    for version in versions:
+        trained_on.update(version.training_example_ids or [])
     train = session.scalars(select(Example).where(Example.split == "train").order_by(Example.id)).all()
 
     def always(e: Example) -> bool:  # trained on in every cycle, never replayed
@@ -136,7 +144,7 @@ def train_sft(project: Project, session: Session, retriever: Retriever | None, r
         if retriever is None:
             raise StateError("training needs the retrieval index: run `tuneloop ingest` first")
         s = project.settings.sft
-        new, replay = select_examples(session, s, s.seed + (cycle_id or 0))
+        new, replay = select_examples(session, s, s.seed + (cycle_id or 0), parent)
         if not new:
             raise StateError("no training examples: import seeds (`tuneloop seeds import`) or run `tuneloop synth`")
         rows = training_rows(new + replay, retriever)
