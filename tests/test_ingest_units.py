@@ -357,7 +357,19 @@ def test_fused_scores_follow_reciprocal_rank_fusion() -> None:
     index = build(HashEmbedder())
     [(chunk_id, score)] = index.search("Delaware laws", k=1, rrf_k=10)
     assert chunk_id == 107
-    assert score == pytest.approx(2 / 11)  # first in both rankings: 1/(10+1) twice
+    assert score == pytest.approx(1 / 11)  # first in both rankings: 0.5/(10+1) twice
+
+
+def test_dense_weight_moves_the_fusion_between_bm25_and_dense() -> None:
+    index = build(HashEmbedder())
+    query = "When can the contract be ended?"  # only the dense side finds chunk 103 (see above)
+    dense_only = index.search(query, k=3, dense_weight=1.0)
+    assert dense_only[0][0] == 103
+    assert 103 not in [cid for cid, _ in index.search(query, k=3, dense_weight=0.0)]
+    [(_, score)] = index.search("Delaware laws", k=1, rrf_k=10, dense_weight=0.25)
+    assert score == pytest.approx(0.75 / 11 + 0.25 / 11)
+    with pytest.raises(ValueError, match="dense_weight"):
+        index.search(query, dense_weight=1.5)
 
 
 def test_group_filter_keeps_only_that_document() -> None:

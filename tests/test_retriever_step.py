@@ -2,17 +2,20 @@
 version answers (eval, the canary, serving), inherited when the step skips."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 
+import numpy as np
 from sqlalchemy import select
 
 from tests.helpers import CONTRACTS, RecordingReporter
-from tuneloop.ingest.index import HybridIndex
-from tuneloop.programs.rag import RETRIEVER_KEY, Retriever, version_retriever_paths
+from tuneloop.ingest.chunking import word_offsets
+from tuneloop.ingest.index import HybridIndex, stored_chunks
+from tuneloop.programs.rag import RETRIEVER_KEY, Retriever, version_dense_weight, version_retriever_paths
 from tuneloop.serve.state import ModelState
 from tuneloop.stages.ingest import ingest_paths
 from tuneloop.stages.retriever import tune_retriever
-from tuneloop.store import ModelVersion, open_store
+from tuneloop.store import Example, ModelVersion, open_store, text_hash
 from tuneloop.versions import Status, ensure_base_version
 
 SETTINGS = {"ingest": {"dense": True},
@@ -94,5 +97,66 @@ def test_a_skipped_step_keeps_the_champions_retriever(project, real_embedder):
         off = _candidate(s, champion, "v3")
         proj.settings.retriever.fine_tune = False
         assert tune_retriever(proj, s, off, None, real_embedder, RecordingReporter(), 3) == {
-            "skipped": "retriever.fine_tune is false", "inherited": None}
+            "skipped": "retriever.fine_tune is false", "inherited": None,
+            "fusion_kept": "0 dev questions with a textual reference, fewer than retriever.min_dev_items (8): "
+                           "ingest.dense_weight 0.5"}
         assert RETRIEVER_KEY not in (off.hyperparams or {})  # nothing to inherit: the project's index
+
+
+class RandomEmbedder:
+    """A dense side that knows nothing: a fixed pseudo-random unit vector per text."""
+
+    name = "random-embedder"
+
+    def token_offsets(self, text):
+        return word_offsets(text)
+
+    def embed(self, texts):
+        out = []
+        for text in texts:
+            rng = np.random.default_rng(int(hashlib.md5(text.encode()).hexdigest()[:8], 16))
+            v = rng.normal(size=32)
+            out.append(v / np.linalg.norm(v))
+        return np.asarray(out, dtype=np.float32)
+
+
+def _dev_questions(s, n: int) -> list[tuple[str, str]]:
+    """(question, document) dev items whose answer is a stretch of one stored chunk, asked with its words."""
+    items = []
+    for _, document, text in stored_chunks(s)[::3][:n]:
+        words = text.split()
+        answer = " ".join(words[len(words) // 3: len(words) // 3 + 12])
+        question = "Where does the contract say " + " ".join(answer.split()[:8]) + "?"
+        s.add(Example(kind="seed", split="dev", question=question, answer=answer, document=document,
+                      content_hash=text_hash(question, answer, document), meta={}))
+        items.append((question, document))
+    s.flush()
+    return items
+
+
+def test_the_fusion_weight_is_chosen_on_dev_and_used_where_the_version_answers(project):
+    """With a dense side that ranks at random and questions that share the evidence's words, the
+    dev split chooses a BM25-heavy fusion; for_version (eval, serving) then retrieves with it."""
+    proj = project(overrides={"ingest": {"dense": True, "top_k": 1}, "retriever": {"fine_tune": False}})
+    embedder = RandomEmbedder()
+    with open_store(proj.store_url)() as s:
+        ingest_paths(proj, s, [proj.path("documents")], embedder, RecordingReporter())
+        champion = ensure_base_version(proj, s)
+        candidate = _candidate(s, champion, "v1")
+        _dev_questions(s, 12)
+        r = tune_retriever(proj, s, candidate, champion, embedder, RecordingReporter(), cycle_id=1)
+        s.commit()
+        hit = r["dev_hit"]
+        assert r["dev_items"] == 12 and hit["0.0"] == hit["0.25"] == 1.0 > hit["0.5"] > hit["1.0"], hit
+        assert r["dense_weight"] == 0.25  # of the best, the one nearest ingest.dense_weight (0.5)
+        assert version_dense_weight(candidate) == 0.25
+        assert Retriever.for_version(proj, s, candidate, embedder).dense_weight == 0.25
+        assert Retriever.for_version(proj, s, champion, embedder).dense_weight == 0.5  # ingest.dense_weight
+
+        few = project(overrides={"ingest": {"dense": True}, "retriever": {"fine_tune": False, "min_dev_items": 50}})
+    with open_store(few.store_url)() as s:
+        ingest_paths(few, s, [few.path("documents")], embedder, RecordingReporter())
+        v = _candidate(s, ensure_base_version(few, s), "v1")
+        _dev_questions(s, 12)
+        r = tune_retriever(few, s, v, None, embedder, RecordingReporter(), cycle_id=1)
+    assert "fewer than retriever.min_dev_items (50)" in r["fusion_kept"] and version_dense_weight(v) is None

@@ -74,6 +74,7 @@ class IngestSettings(_Section):
     overlap_tokens: int = Field(24, ge=0)
     top_k: int = Field(2, ge=1, le=20)  # chunks put in the prompt
     rrf_k: int = Field(60, ge=1, le=10_000)
+    dense_weight: float = Field(0.5, ge=0.0, le=1.0)  # fusion: 0 BM25 only, 1 dense only (retriever step chooses)
     dense: bool = True  # False: BM25 only (no embedder needed)
     # A larger document is refused (a .txt/.md/.pdf file, or one JSONL record's text): ingest time
     # grows with size (embedding ~15,000 chunks per 10 MB of text takes minutes on a CPU).
@@ -97,6 +98,19 @@ class RetrieverSettings(_Section):
     learning_rate: float = Field(2e-5, gt=0, lt=1.0)
     hard_negatives: bool = True  # plus, per pair, the same-document chunk the base embedder ranks highest wrongly
     seed: Seed = 0
+    # The BM25/dense fusion weight is chosen on the dev split (hit@top_k of the evidence) among
+    # these, when at least `min_dev_items` dev questions carry a textual reference; else
+    # ingest.dense_weight stays. Empty: never chosen.
+    dense_weights: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    min_dev_items: int = Field(8, ge=1, le=1_000_000)
+
+    @field_validator("dense_weights")
+    @classmethod
+    def _weights_in_range(cls, v: list[float]) -> list[float]:
+        bad = [w for w in v if not 0.0 <= w <= 1.0]
+        if bad:
+            raise ValueError(f"dense weights must be between 0 and 1, got {bad}")
+        return sorted(set(v))
 
 
 class AnswerSettings(_Section):

@@ -28,6 +28,8 @@ ingest:
   chunk_tokens: 128      # chunk size in embedder tokens
   overlap_tokens: 24
   top_k: 2               # retrieved chunks placed in the prompt (training and serving alike)
+  dense_weight: 0.5      # BM25/dense fusion: 0 BM25 only, 1 dense only (the retriever step
+                         # chooses it per version on the dev split)
   dense: true            # false: BM25 only
   max_document_mb: 20    # a larger document (file, or JSONL record) is refused
 
@@ -44,6 +46,8 @@ retriever:               # cycle step `retriever`: fine-tune the (local) embedde
   learning_rate: 2.0e-5
   hard_negatives: true   # plus the same-document chunk the base embedder wrongly ranks highest
   seed: 0
+  dense_weights: [0.0, 0.25, 0.5, 0.75, 1.0]   # fusion weights tried on the dev split (hit@top_k
+  min_dev_items: 8       # of the evidence), when it holds this many questions with a textual reference
 
 synth:
   questions_per_cycle: 24

@@ -147,6 +147,10 @@ class RetrieverStepResult(StepResult):
     steps: int | None = None
     hard_negatives: bool | None = None
     inherited: str | None = None  # skipped: the champion's retriever the candidate keeps
+    dense_weight: float | None = None  # the BM25/dense fusion weight chosen on the dev split
+    dev_items: int | None = None  # dev questions with a textual reference it was chosen on
+    dev_hit: dict[str, float] | None = None  # weight -> share of them whose evidence was retrieved
+    fusion_kept: str | None = None  # why no weight was chosen (ingest.dense_weight stays)
 
 
 class EvalStepResult(StepResult):

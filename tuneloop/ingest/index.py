@@ -293,17 +293,21 @@ class HybridIndex:
         group: str | None = None,
         rrf_k: int = 60,
         candidates: int = 50,
+        dense_weight: float = 0.5,
     ) -> list[tuple[int, float]]:
         """The `k` best chunks for `query` as (chunk_id, fused score), best first.
 
         Each ranker (BM25, dense) ranks its top `candidates` chunks (only those of document
-        `group` when given); a chunk's score is the sum over rankers of 1 / (rrf_k + rank),
-        rank starting at 1.
+        `group` when given); a chunk's score is the weighted sum over rankers of
+        1 / (rrf_k + rank), rank starting at 1 (weighted reciprocal rank fusion): the dense
+        ranking weighs `dense_weight`, BM25's 1 - `dense_weight` (0: BM25 only, 1: dense only).
         """
         if candidates < 1:
             raise ValueError(f"candidates must be at least 1, got {candidates}")
         if rrf_k < 0:
             raise ValueError(f"rrf_k must be non-negative, got {rrf_k}")
+        if not 0.0 <= dense_weight <= 1.0:
+            raise ValueError(f"dense_weight must be between 0 and 1, got {dense_weight}")
         if k < 1 or not self.chunk_ids or not query.strip():
             return []
         if group is None:
@@ -312,12 +316,13 @@ class HybridIndex:
             positions = np.array([i for i, g in enumerate(self.groups) if g == group], dtype=int)
             if not len(positions):
                 return []
+        if self._embedder is None or self._embeddings is None:  # BM25-only index: BM25 alone
+            dense_weight = 0.0
         fused: dict[int, float] = {}
-        for ranking in (
-            self._bm25_ranking(query, positions, candidates),
-            self._dense_ranking(query, positions, candidates),
-        ):
-            for rank, position in enumerate(ranking, start=1):
-                fused[position] = fused.get(position, 0.0) + 1.0 / (rrf_k + rank)
+        for weight, ranker in ((1.0 - dense_weight, self._bm25_ranking), (dense_weight, self._dense_ranking)):
+            if weight == 0.0:  # a ranker without weight is not run (a BM25-only search embeds nothing)
+                continue
+            for rank, position in enumerate(ranker(query, positions, candidates), start=1):
+                fused[position] = fused.get(position, 0.0) + weight / (rrf_k + rank)
         best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:k]
         return [(self.chunk_ids[position], score) for position, score in best]

@@ -43,11 +43,15 @@ def build_messages(question: str, passages: Sequence[Passage]) -> list[Message]:
 class Retriever:
     """Hybrid search over the project's chunks, returning passages with their text."""
 
-    def __init__(self, index: HybridIndex, passages: dict[int, Passage], top_k: int, rrf_k: int):
+    def __init__(self, index: HybridIndex, passages: dict[int, Passage], top_k: int, rrf_k: int,
+                 dense_weight: float = 0.5):
         self.index, self.passages, self.top_k, self.rrf_k = index, passages, top_k, rrf_k
+        self.dense_weight = dense_weight  # BM25/dense fusion (HybridIndex.search)
 
     @classmethod
-    def load(cls, project: Project, session: Session, embedder: Embedder | None) -> Retriever:
+    def load(cls, project: Project, session: Session, embedder: Embedder | None,
+             dense_weight: float | None = None) -> Retriever:
+        """The project's index (`dense_weight`: the fusion weight, else `ingest.dense_weight`)."""
         index = HybridIndex.load(project.index_dir, embedder)
         rows = stored_chunks(session)
         if index.content_hash is not None and index.content_hash != stored_chunks_hash(rows):
@@ -55,18 +59,19 @@ class Retriever:
             # chunks the index does not hold, or the wrong document's
             raise StateError("the retrieval index was built from other chunks than the store holds "
                              "(an interrupted ingest?): run `tuneloop ingest` to rebuild it")
-        return cls._over(project, index, rows)
+        return cls._over(project, index, rows, dense_weight)
 
     @classmethod
     def for_version(cls, project: Project, session: Session, version, embedder: Embedder | None) -> Retriever:
         """The retriever `version` answers with: its own fine-tuned embedder's index when the
-        `retriever` step gave it one (`version_retriever_paths`), else the project's (`load`).
+        `retriever` step gave it one (`version_retriever_paths`), else the project's (`load`),
+        with the fusion weight the step chose for it on the dev split (`version_dense_weight`).
 
         A version's index built before documents were added or changed is rebuilt here with its
         embedder (every chunk re-embedded), so it never cites chunks the store no longer holds."""
-        paths = version_retriever_paths(version)
+        paths, weight = version_retriever_paths(version), version_dense_weight(version)
         if paths is None:
-            return cls.load(project, session, embedder)
+            return cls.load(project, session, embedder, weight)
         embedder_dir, index_dir = paths
         tuned = LocalEmbedder(embedder_dir, batch_size=project.settings.models.embedder.batch_size)
         rows = stored_chunks(session)
@@ -78,13 +83,18 @@ class Retriever:
         if index is None or index.content_hash != current:
             index = HybridIndex.from_rows(rows, tuned)
             index.save(index_dir)
-        return cls._over(project, index, rows)
+        return cls._over(project, index, rows, weight)
 
     @classmethod
-    def _over(cls, project: Project, index: HybridIndex, rows: list[tuple[int, str, str]]) -> Retriever:
+    def _over(cls, project: Project, index: HybridIndex, rows: list[tuple[int, str, str]],
+              dense_weight: float | None) -> Retriever:
         passages = {cid: Passage(cid, doc, text) for cid, doc, text in rows}
         s = project.settings.ingest
-        return cls(index, passages, s.top_k, s.rrf_k)
+        return cls(index, passages, s.top_k, s.rrf_k, s.dense_weight if dense_weight is None else dense_weight)
+
+    def with_dense_weight(self, dense_weight: float) -> Retriever:
+        """The same index and passages, fused with another weight."""
+        return Retriever(self.index, self.passages, self.top_k, self.rrf_k, dense_weight)
 
     @property
     def embedder(self) -> Embedder | None:
@@ -97,7 +107,8 @@ class Retriever:
     def retrieve(self, question: str, document: str | None = None, k: int | None = None) -> list[Passage]:
         """Top passages for a question; `document` restricts the search to one document."""
         group = document if document in self.documents() else None
-        hits = self.index.search(question, k=k or self.top_k, group=group, rrf_k=self.rrf_k)
+        hits = self.index.search(question, k=k or self.top_k, group=group, rrf_k=self.rrf_k,
+                                 dense_weight=self.dense_weight)
         return [self.passages[cid] for cid, _ in hits if cid in self.passages]
 
 
@@ -144,6 +155,13 @@ def version_retriever_paths(version) -> tuple[Path, Path] | None:
     if not isinstance(stored, dict) or not stored.get("embedder") or not stored.get("index"):
         return None
     return Path(stored["embedder"]), Path(stored["index"])
+
+
+def version_dense_weight(version) -> float | None:
+    """The BM25/dense fusion weight the `retriever` step chose for a version on the dev split, or None."""
+    stored = (getattr(version, "hyperparams", None) or {}).get(RETRIEVER_KEY)
+    weight = stored.get("dense_weight") if isinstance(stored, dict) else None
+    return float(weight) if isinstance(weight, (int, float)) and 0.0 <= weight <= 1.0 else None
 
 
 PROGRAM_KEY = "rag_program"  # ModelVersion.hyperparams key: the version's compiled DSPy program (stages/prompts.py)

@@ -16,6 +16,14 @@ and accepted examples accumulate), so a retriever is a function of the data, not
 Skipped, the candidate keeps the champion's retriever (a promotion never drops a learned one):
 when the step is off, when the embedder is not a local model (an endpoint cannot be fine-tuned
 here), when the index is BM25-only, or with fewer than `retriever.min_pairs` pairs.
+
+Then the BM25/dense fusion weight (`HybridIndex.search`, weighted reciprocal rank fusion) is
+chosen for the candidate's index on the dev split: among `retriever.dense_weights`, the one whose
+top_k passages hold the evidence (`metrics.retrieval_hit`, as eval scores it) for the most dev
+questions, ties going to the weight nearest `ingest.dense_weight`. The embedder was trained on the
+training split, never on dev, so the choice is not fitted to its own training pairs. top_k and the
+chunk size are not chosen here: a larger value always finds more evidence, and what it costs
+(a longer prompt for a small student) only an answer-level eval can weigh.
 """
 from __future__ import annotations
 
@@ -24,12 +32,14 @@ from typing import Any
 from sqlalchemy import select
 
 from tuneloop.config import Project
+from tuneloop.evalsets import references
 from tuneloop.ingest.index import HybridIndex, stored_chunks
 from tuneloop.ingest.tune_embedder import finetune_embedder, training_pairs
+from tuneloop.metrics import retrieval_hit
 from tuneloop.models.base import Embedder
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.models.embed import LocalEmbedder
-from tuneloop.programs.rag import RETRIEVER_KEY
+from tuneloop.programs.rag import RETRIEVER_KEY, Retriever
 from tuneloop.progress import Reporter
 from tuneloop.store import Example, ModelVersion, Session
 
@@ -47,8 +57,44 @@ def inherit(candidate: ModelVersion, champion: ModelVersion | None) -> str | Non
 
 def tune_retriever(project: Project, session: Session, candidate: ModelVersion, champion: ModelVersion | None,
                    embedder: Embedder | None, reporter: Reporter, cycle_id: int) -> dict[str, Any]:
-    """Fine-tune the embedder for `candidate` and index every chunk with it (see the module
-    docstring); what happened, as the fields of the step's result (`steps.RetrieverStepResult`)."""
+    """Fine-tune the embedder for `candidate`, index every chunk with it, then choose the fusion
+    weight on dev (see the module docstring); what happened, as the fields of the step's result
+    (`steps.RetrieverStepResult`)."""
+    tuned = fine_tune(project, session, candidate, champion, embedder, reporter, cycle_id)
+    return {**tuned, **choose_fusion(project, session, candidate, embedder, reporter)}
+
+
+def choose_fusion(project: Project, session: Session, candidate: ModelVersion, embedder: Embedder | None,
+                  reporter: Reporter) -> dict[str, Any]:
+    """Store in `candidate` the dense weight whose retrieval finds the evidence of the most dev
+    questions; the step-result fields (`dense_weight`, `dev_items`, `dev_hit`, or `fusion_kept`)."""
+    settings = project.settings.retriever
+    default = project.settings.ingest.dense_weight
+    if not settings.dense_weights or embedder is None:
+        return {}
+    dev = [(e, references(e)) for e in session.scalars(select(Example).where(Example.split == "dev")
+                                                           .order_by(Example.id))]
+    dev = [(e, refs) for e, refs in dev if retrieval_hit([], refs) is not None]  # a textual reference to find
+    if len(dev) < settings.min_dev_items:
+        return {"fusion_kept": f"{len(dev)} dev questions with a textual reference, fewer than "
+                               f"retriever.min_dev_items ({settings.min_dev_items}): ingest.dense_weight {default}"}
+    retriever = Retriever.for_version(project, session, candidate, embedder)
+    reporter.log(f"retriever: choosing the BM25/dense weight on {len(dev)} dev questions")
+    hit = {}
+    for weight in settings.dense_weights:
+        fused = retriever.with_dense_weight(weight)
+        hit[weight] = sum(retrieval_hit([p.text for p in fused.retrieve(e.question, e.document)], refs)
+                          for e, refs in dev) / len(dev)
+    best = max(hit, key=lambda w: (hit[w], -abs(w - default)))
+    stored = (candidate.hyperparams or {}).get(RETRIEVER_KEY) or {}
+    candidate.hyperparams = {**(candidate.hyperparams or {}), RETRIEVER_KEY: {**stored, "dense_weight": best}}
+    return {"dense_weight": best, "dev_items": len(dev), "dev_hit": {str(w): round(h, 4) for w, h in hit.items()}}
+
+
+def fine_tune(project: Project, session: Session, candidate: ModelVersion, champion: ModelVersion | None,
+              embedder: Embedder | None, reporter: Reporter, cycle_id: int) -> dict[str, Any]:
+    """Fine-tune the embedder for `candidate` and index every chunk with it, or give it the
+    champion's retriever (`inherit`)."""
     settings = project.settings.retriever
     role = project.settings.models.embedder
 
