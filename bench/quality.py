@@ -66,6 +66,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-transfer", action="store_true")
     p.add_argument("--no-copy", action="store_true", help="answer.copy_spans off (ablation)")
     p.add_argument("--no-retriever", action="store_true", help="retriever.fine_tune off (ablation)")
+    p.add_argument("--evidence-spans", action="store_true", help="synth.transfer.evidence_spans on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", action="store_true", help="rewrite the markdown section from the JSON file")
     p.add_argument("--json-out", type=Path, default=ROOT / "docs" / "benchmarks" / "quality.json")
@@ -91,7 +92,8 @@ def build(args) -> object:
     settings_args = argparse.Namespace(data=args.data, synth_questions=args.synth_questions, epochs=args.epochs,
                                        rlaif_prompts=8, rlaif_candidates=2)
     overrides = {"align": {"enabled": False},
-                 "synth": {"transfer": {"enabled": not args.no_transfer, "max_questions": args.transfer_questions},
+                 "synth": {"transfer": {"enabled": not args.no_transfer, "max_questions": args.transfer_questions,
+                                        "evidence_spans": args.evidence_spans},
                            "label_check": "labels.jsonl"},
                  "answer": {"copy_spans": not args.no_copy}, "retriever": {"fine_tune": not args.no_retriever}}
     project = cuad.make_project(settings_args, args.workdir, train, heldout, overrides)
@@ -202,10 +204,14 @@ def markdown(result: dict) -> str:
                   f"{r.get('pairs')} (question, evidence chunk) pairs from {r.get('examples')} training examples, "
                   f"loss {fmt(r.get('loss_before'))} -> {fmt(r.get('loss_after'))} in {r.get('steps')} steps, "
                   f"{r.get('seconds')} s with re-embedding every chunk; the candidate's retrieval_hit above "
-                  "is with its own index, base's with the project's")]
+                  "is with its own index, base's with the project's") + (
+                  f". Fusion weight chosen on {r['dev_items']} dev questions: {r['dense_weight']} (dev hit by weight "
+                  f"{json.dumps(r['dev_hit'])})" if r.get("dense_weight") is not None else
+                  f". Fusion weight kept: {r['fusion_kept']}" if r.get("fusion_kept") else "")]
         t = c.get("transfer") or {}
         lines += ["", f"Transfer: asked {t.get('asked')}, kept {t.get('kept')} ({t.get('kept_yes')} Yes, "
-                  f"{t.get('kept_no')} No); rejected {json.dumps(t.get('rejected'))}. Steps (s): "
+                  f"{t.get('kept_no')} No, {t.get('kept_evidence_spans') or 0} evidence sentences); "
+                  f"rejected {json.dumps(t.get('rejected'))}. Steps (s): "
                   + ", ".join(f"{k} {v['seconds']}" for k, v in c["steps"].items())]
     lines += ["", "Data: CUAD v1 (The Atticus Project), CC BY 4.0.", "<!-- quality:end -->"]
     return "\n".join(lines)
@@ -230,7 +236,7 @@ def main() -> None:
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
             if k in ("cycles", "seed_contracts", "eval_questions", "dev_fraction", "synth_questions",
                      "transfer_questions", "epochs", "seed")) + "".join(
-            f" --{flag}" for flag in ("no-transfer", "no-copy", "no-retriever")
+            f" --{flag}" for flag in ("no-transfer", "no-copy", "no-retriever", "evidence-spans")
             if getattr(args, flag.replace("-", "_")))
         args.json_out.write_text(json.dumps(result, indent=2, default=str))
         cuad.update_markdown(args.md_out, markdown(result), tag="quality")

@@ -216,10 +216,53 @@ def test_evidence_labelled_transfer_on_real_embeddings(project, real_embedder):
         settings = TransferSettings(evidence_no_share=0.4, evidence_yes_share=0.2, evidence_yes_floor=0.5)
         kept, rejected, report = run_transfer(s, retriever, Labeller("unused", PassageLabeller(), 0.0), settings,
                                               GenerationParams(), RecordingReporter(), random.Random(0))
-    assert {r["strategy"] for r in kept} == {"transfer-evidence"} and len(kept) + len(rejected) == 5
-    insured = {p.name for p in (proj.root / "documents").glob("*.md") if "insurance" in p.read_text().lower()}
-    assert {r["document"] for r in kept if r["answer"] == "Yes"} <= insured
-    assert not {r["document"] for r in kept if r["answer"] == "No"} & insured
+        assert {r["strategy"] for r in kept} == {"transfer-evidence"} and len(kept) + len(rejected) == 5
+        insured = {p.name for p in (proj.root / "documents").glob("*.md") if "insurance" in p.read_text().lower()}
+        assert {r["document"] for r in kept if r["answer"] == "Yes"} <= insured
+        assert not {r["document"] for r in kept if r["answer"] == "No"} & insured
+
+        # the next cycle: the labelled pairs are stored; the cuts stay where they were, so the
+        # documents in between are not labelled now (they go to the labeller, untrusted here)
+        for r in kept:
+            s.add(Example(kind="synthetic", split="train", question=r["question"], answer=r["answer"],
+                          document=r["document"], content_hash=text_hash(r["question"], r["document"])))
+        s.flush()
+        again, rejected_again, _ = run_transfer(s, retriever, Labeller("base", PassageLabeller(), 0.0,
+                                                                       yes_no_accuracy=0.5),
+                                                settings, GenerationParams(), RecordingReporter(), random.Random(0))
+    assert kept and again == [] and len(rejected_again) == 5 - len(kept)
+
+
+def test_evidence_spans_answer_in_the_other_documents_own_sentence(project, real_embedder):
+    """The governing-law clause of one contract, as evidence, finds each other contract's
+    governing-law sentence; the question's own passages must hold it (the verifier)."""
+    proj = project(pairs=False, overrides={"ingest": {"dense": True, "top_k": 2}})
+    with open_store(proj.store_url)() as s:
+        ingest_paths(proj, s, [proj.path(p) for p in proj.settings.documents], real_embedder, RecordingReporter())
+        s.commit()
+        retriever = Retriever.load(proj, s, real_embedder)
+        clause = ("This Agreement shall be governed by and construed in accordance with the laws of the State of "
+                  "Delaware, without regard to its conflict of laws principles.")
+        s.add(Example(kind="seed", split="train", question=GOVERNING, answer="Delaware",
+                      document="01-master-services-agreement.md", content_hash="gov", meta={"references": [clause]}))
+        s.commit()
+        settings = TransferSettings(evidence_spans=True, evidence_span_share=1.0, evidence_span_floor=0.0)
+        base = Labeller("champion:base", PassageLabeller(), None, trained=False)
+        kept, rejected, report = run_transfer(s, retriever, base, settings, GenerationParams(), RecordingReporter(),
+                                              random.Random(0))
+        assert len(kept) + len(rejected) == 5 and report["kept_evidence_spans"] == len(kept) >= 3
+        for row in kept:
+            assert row["strategy"] == "transfer-evidence-span" and row["question_type"] == "extraction"
+            assert "governed by" in row["answer"]  # that document's own governing-law sentence
+            text = (proj.root / "documents" / row["document"]).read_text()
+            assert row["answer"] in text
+            chunks = {p.chunk_id: p.text for p in retriever.retrieve(GOVERNING, row["document"])}
+            assert set(row["context_chunk_ids"]) == set(chunks) and any(row["answer"] in t for t in chunks.values())
+        assert all(r["reason"] == "evidence sentence not among the question's passages" for r in rejected)
+
+        off = run_transfer(s, retriever, base, TransferSettings(evidence_spans=False), GenerationParams(),
+                           RecordingReporter(), random.Random(0))
+    assert off[0] == [] and off[2]["rejected"] == {"labeller is the untuned base model": 5}
 
 
 def test_a_labeller_at_chance_on_yes_no_labels_none(project):

@@ -144,6 +144,10 @@ class TransferSettings(_Section):
     evidence_no_share: float = Field(0.3, ge=0.0, le=1.0)  # lowest share of similarities labelled "No"
     evidence_yes_share: float = Field(0.2, ge=0.0, le=1.0)  # highest share labelled "Yes" ...
     evidence_yes_floor: float = Field(0.9, ge=0.0, le=1.0)  # ... when also above this quantile of all scores
+    # evidence-anchored answers in words: the sentence closest to the experts' evidence spans
+    evidence_spans: bool = False
+    evidence_span_share: float = Field(0.3, ge=0.0, le=1.0)  # highest share of a question's documents answered ...
+    evidence_span_floor: float = Field(0.5, ge=0.0, le=1.0)  # ... when also above this quantile of all scores
 
 
 class SynthSettings(_Section):

@@ -67,6 +67,9 @@ synth:
     labeller: champion   # champion: the promoted student labels (self-training); or teacher
     samples: 3           # passage sets each answer must agree across
     labeller_min_accuracy: 0.7  # the labeller's dev balanced accuracy before its Yes/No answers count
+    evidence_spans: false  # questions answered in words: the document's sentence closest to the
+                           # experts' evidence spans and the question, kept when the question's own
+                           # passages hold it (evidence_span_share 0.3, evidence_span_floor 0.5)
   # label_check: labels.jsonl  # known labels (seed format): the synth report scores the synthetic ones
 
 lora:                    # the LoRA adapter every training run starts from the base model

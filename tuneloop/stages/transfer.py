@@ -13,7 +13,11 @@ calibrated yes/no threshold) or the teacher. An answer is kept only when it can 
   and the wider set in reverse order), kept when every decision agrees and each margin is at
   least `yes_no_margin` (log-odds) away from its threshold, and only when its calibrated dev
   balanced accuracy reaches `labeller_min_accuracy` (the base 135M model is at chance);
-* **other** questions (up to `max_questions` a pass; not by the untuned base model, whose answers
+* **other** questions whose seeds carry evidence spans, with `evidence_spans`: the document's
+  sentence closest to those spans and to the question (`stages/evidence.evidence_sentences`),
+  kept only when the question's own passages hold it (the verifier), so the training prompt shows
+  the sentence the student learns to copy;
+* the rest of the **other** questions (up to `max_questions` a pass; not by the untuned base model, whose answers
   kept 0 of 48 on CUAD and 0 of 100 on the bundled sample) are answered greedily under the same
   passage sets: kept when the answers
   agree (token F1 >= `min_agreement` with the first) and the answer is *copied*: its words are a
@@ -44,12 +48,19 @@ from tuneloop.programs.rag import Passage, Retriever, build_messages
 from tuneloop.progress import Reporter, batched_chat
 from tuneloop.splits import question_key
 from tuneloop.stages.calibrate import calibrate_version
-from tuneloop.stages.evidence import anchor_clauses, evidence_labels, similarity_scores
+from tuneloop.stages.evidence import (
+    anchor_clauses,
+    evidence_labels,
+    evidence_sentences,
+    similarity_scores,
+    span_anchors,
+)
 from tuneloop.store import Example, Session
 from tuneloop.versions import champion, ensure_base_version
 
 STRATEGY = "transfer"  # answered by the labeller
 EVIDENCE = "transfer-evidence"  # yes/no labelled by the experts' evidence clauses (stages/evidence.py)
+EVIDENCE_SPAN = "transfer-evidence-span"  # answered in words by the sentence closest to the experts' evidence
 
 
 @dataclass
@@ -73,19 +84,23 @@ class Candidate:
     answers: list[str] = field(default_factory=list)
     margins: list[float] = field(default_factory=list)
     similarity: float | None = None  # to the experts' evidence clauses (stages/evidence.py)
-    evidence_label: str | None = None
+    evidence_label: str | None = None  # "Yes"/"No", or the evidence sentence of a question answered in words
+    evidence_chunk: int | None = None  # the chunk holding that sentence
 
     @property
     def question(self) -> str:
         return self.seed.question
 
 
-def plan(session: Session, retriever: Retriever, limit: int | None, rng: random.Random) -> list[Candidate]:
-    """Up to `limit` (None: all) (seed question, other document) pairs not in the store yet, spread evenly:
-    every seed question before any is asked twice, documents in a seeded random order."""
+def plan(session: Session, retriever: Retriever, limit: int | None, rng: random.Random,
+         skip_known: bool = True) -> list[Candidate]:
+    """Up to `limit` (None: all) (seed question, other document) pairs not in the store yet (with
+    `skip_known`; else also those), spread evenly: every seed question before any is asked twice,
+    documents in a seeded random order."""
     seeds = list(session.scalars(select(Example).where(Example.kind == "seed", Example.split == "train")
                                  .order_by(Example.id)))
-    known = {question_key(q, d) for q, d in session.execute(select(Example.question, Example.document))}
+    known = {question_key(q, d) for q, d in session.execute(select(Example.question, Example.document))} \
+        if skip_known else set()
     documents = sorted(retriever.documents())
     per_seed = []
     for seed in seeds:
@@ -126,16 +141,24 @@ def run_transfer(session: Session, retriever: Retriever, labeller: Labeller, set
     """(kept rows, rejected rows, report) of one transfer pass."""
     candidates = plan(session, retriever, None, rng)
     seeds = list({c.seed.id: c.seed for c in candidates}.values())
-    scores = similarity_scores(retriever, [(c.question, c.document) for c in candidates], anchor_clauses(seeds))
+    # the evidence cuts are taken of every pair, asked before or not, so they do not move across cycles
+    everywhere = [(c.question, c.document) for c in plan(session, retriever, None, random.Random(0), False)]
+    clauses = anchor_clauses(seeds)
+    scores = similarity_scores(retriever, [(c.question, c.document) for c in candidates], clauses)
+    yes_no_everywhere = [pair for pair in everywhere if is_yes_no_question(pair[0])]
+    population = (yes_no_everywhere, similarity_scores(retriever, yes_no_everywhere, clauses))
     anchored = []
     for c, score in zip(candidates, scores):
         if score is not None and is_yes_no_question(c.question):
             c.similarity = score
             anchored.append(c)
     for c, label in zip(anchored, evidence_labels([(c.question, c.document) for c in anchored],
-                                                  [c.similarity for c in anchored], settings)):
+                                                  [c.similarity for c in anchored], settings, population)):
         c.evidence_label = label
     anchored = [c for c in anchored if c.evidence_label is not None]  # the ones in between: the labeller's
+    if settings.evidence_spans:
+        anchored += _anchor_spans(retriever, [c for c in candidates if not is_yes_no_question(c.question)], seeds,
+                                  settings, [pair for pair in everywhere if not is_yes_no_question(pair[0])])
     decided = decides(labeller.model)
     by_model, untrusted = [], []
     for c in candidates:
@@ -148,8 +171,10 @@ def run_transfer(session: Session, retriever: Retriever, labeller: Labeller, set
         c.contexts = passage_sets(retriever, c.question, c.document, settings.samples if c in by_model else 1)
     yes_no = [c for c in by_model if c.yes_no]
     free = [c for c in by_model if not c.yes_no]
-    reporter.log(f"transfer: seed questions asked of other documents: {len(anchored)} yes/no labelled by their "
-                 f"experts' evidence; {len(yes_no)} yes/no and {len(free)} other answered by {labeller.name}")
+    spans = sum(1 for c in anchored if c.evidence_chunk is not None)
+    reporter.log(f"transfer: seed questions asked of other documents: {len(anchored) - spans} yes/no and "
+                 f"{spans} other answered by their experts' evidence; {len(yes_no)} yes/no and {len(free)} "
+                 f"other answered by {labeller.name}")
     if yes_no:
         margins = _margins(labeller, [build_messages(c.question, ctx) for c in yes_no for ctx in c.contexts], reporter)
         for c, part in zip(yes_no, _split(margins, yes_no)):
@@ -164,7 +189,7 @@ def run_transfer(session: Session, retriever: Retriever, labeller: Labeller, set
                                          if c.yes_no else "labeller is the untuned base model"}) for c in untrusted]
     kept, rejected = [], skipped
     for c in candidates:
-        row, reason = (_judge_anchored(c) if c.evidence_label is not None else
+        row, reason = (_judge_anchored(c, settings) if c.evidence_label is not None else
                        _judge_yes_no(c, labeller, settings) if c.yes_no else _judge_free(c, settings))
         if row is None:
             rejected.append(_provenance(c, labeller, {"filter": "transfer", "reason": reason}))
@@ -173,6 +198,7 @@ def run_transfer(session: Session, retriever: Retriever, labeller: Labeller, set
     report = {"asked": len(kept) + len(rejected), "kept": len(kept),
               "kept_yes": sum(1 for r in kept if r["answer"] == "Yes"),
               "kept_no": sum(1 for r in kept if r["answer"] == "No"),
+              "kept_evidence_spans": sum(1 for r in kept if r["strategy"] == EVIDENCE_SPAN),
               "rejected": dict(Counter(r["reason"] for r in rejected)), "labeller": labeller.name}
     return kept, rejected, report
 
@@ -203,7 +229,25 @@ def _trusted(labeller: Labeller, s: TransferSettings) -> bool:
     return labeller.yes_no_accuracy is not None and labeller.yes_no_accuracy >= s.labeller_min_accuracy
 
 
-def _judge_anchored(c: Candidate) -> tuple[dict | None, str]:
+def _anchor_spans(retriever: Retriever, candidates: list[Candidate], seeds: list[Example],
+                  settings: TransferSettings, population: list[tuple[str, str]]) -> list[Candidate]:
+    """The candidates answered in words by their evidence sentence (`stages/evidence.py`)."""
+    found = evidence_sentences(retriever, [(c.question, c.document) for c in candidates], span_anchors(seeds),
+                               settings, population)
+    out = []
+    for c, match in zip(candidates, found):
+        if match is not None:
+            c.evidence_label, c.evidence_chunk, c.similarity = match.sentence, match.chunk_id, match.similarity
+            out.append(c)
+    return out
+
+
+def _judge_anchored(c: Candidate, s: TransferSettings) -> tuple[dict | None, str]:
+    if c.evidence_chunk is not None:  # the verifier: the question's own passages hold the evidence sentence
+        if c.evidence_chunk not in {p.chunk_id for p in c.contexts[0]}:
+            return None, "evidence sentence not among the question's passages"
+        if len(c.evidence_label or "") > s.max_answer_chars:
+            return None, "answer too long"
     return {"answer": c.evidence_label, "passages": c.contexts[0]}, ""
 
 
@@ -233,9 +277,11 @@ def _judge_free(c: Candidate, s: TransferSettings) -> tuple[dict | None, str]:
 
 def _provenance(c: Candidate, labeller: Labeller, row: dict) -> dict:
     passages = row.pop("passages", c.contexts[0] if c.contexts else [])
-    anchored = c.evidence_label is not None
-    return {"question": c.question, "document": c.document, "strategy": EVIDENCE if anchored else STRATEGY,
-            "question_type": "yes_no" if c.yes_no or anchored else "extraction", "seed_ids": [c.seed.id],
+    anchored, span = c.evidence_label is not None, c.evidence_chunk is not None
+    return {"question": c.question, "document": c.document,
+            "strategy": EVIDENCE_SPAN if span else EVIDENCE if anchored else STRATEGY,
+            "question_type": "yes_no" if c.yes_no or (anchored and not span) else "extraction",
+            "seed_ids": [c.seed.id],
             "teacher": "evidence" if anchored else labeller.name,
             "context_chunk_ids": [p.chunk_id for p in passages], "source_chunk_ids": [p.chunk_id for p in passages],
             "scores": {"evidence_similarity": c.similarity} if anchored else {
