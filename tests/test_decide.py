@@ -53,6 +53,16 @@ def test_the_threshold_maximises_balanced_accuracy():
     assert [decide(m, None) for m in margins] == ["No"] * 7  # uncalibrated: the likelier token always says No
 
 
+def test_a_threshold_that_beats_zero_only_by_chance_stays_at_zero():
+    # 4 dev questions: 0.6 separates them perfectly, but 0 misses only one; on so few that is chance
+    t = choose_threshold([1.5, 1.0, 0.2, -0.5], [True, True, False, False], "dev")
+    assert t.value == 0.0 and t.balanced_accuracy == 0.75
+    # the same shift seen on 24 questions is no longer chance
+    margins = [1.5, 1.0, 0.9, 0.8] * 3 + [0.2, 0.3, 0.1, -0.5] * 3
+    t = choose_threshold(margins, [True] * 12 + [False] * 12, "dev")
+    assert 0.3 < t.value < 0.8 and t.balanced_accuracy == 1.0
+
+
 def test_ties_prefer_the_threshold_nearest_zero_and_one_answer_is_refused():
     t = choose_threshold([5.0, -5.0], [True, False], "dev")  # every threshold in (-5, 5] is perfect
     assert t.value == 0.0 and t.balanced_accuracy == 1.0
@@ -106,25 +116,26 @@ def _add(session, question: str, answer: str, split: str, document: str | None) 
 def test_the_threshold_is_chosen_on_dev_stored_and_used_by_eval_and_serving(project, monkeypatch):
     proj = project(pairs=False)
     ingest_project(proj)
-    margins = {"Is the dev question one a yes?": 1.5, "Is the dev question two a yes?": 1.0,
-               "Is the dev question three a yes?": 0.2, "Is the dev question four a yes?": -0.5,
-               "Is the train question a yes?": 9.0, "Does the held-out question hold?": 0.4}
+    # the model leans to "Yes": on dev every "No" question has a margin between 0.1 and 0.3
+    dev = {f"Is dev question {i} a yes?": (m, "Yes") for i, m in enumerate([1.5, 1.4, 1.2, 1.0, 0.9, 0.8])}
+    dev |= {f"Is dev question {i} a no?": (m, "No") for i, m in enumerate([0.3, 0.25, 0.2, 0.15, 0.1, -0.5])}
+    margins = {q: m for q, (m, _) in dev.items()} | {"Is the train question a yes?": 9.0,
+                                                      "Does the held-out question hold?": 0.4}
     model = ScriptedScorer(margins)
     monkeypatch.setattr("tuneloop.stages.calibrate.build_chat_model", lambda *a, **k: model)
     monkeypatch.setattr("tuneloop.programs.scoring.build_chat_model", lambda *a, **k: model)
     with open_store(proj.store_url)() as s:
-        for q, a in [("Is the dev question one a yes?", "Yes"), ("Is the dev question two a yes?", "Yes"),
-                     ("Is the dev question three a yes?", "No"), ("Is the dev question four a yes?", "No")]:
+        for q, (_, a) in dev.items():
             _add(s, q, a, "dev", None)
         _add(s, "Is the train question a yes?", "No", "train", None)
         _add(s, "Does the held-out question hold?", "No", "eval", None)
         s.commit()
         examples, source = calibration_set(s)
-        assert source == "dev" and len(examples) == 4  # dev has both answers: the train question is not used
+        assert source == "dev" and len(examples) == 12  # dev has both answers: the train question is not used
         base = ensure_base_version(proj, s)
         retriever = Retriever.load(proj, s, None)
         threshold = calibrate_version(proj, s, base, retriever, RecordingReporter())
-        assert 0.2 < threshold.value <= 1.0 and threshold.balanced_accuracy == 1.0
+        assert 0.3 < threshold.value <= 0.8 and threshold.balanced_accuracy == 1.0
         assert base.hyperparams[THRESHOLD_KEY]["source"] == "dev"
         run = evaluate_version(proj, s, base, retriever, RecordingReporter())
         s.commit()

@@ -4,7 +4,8 @@ A small model asked a yes/no question often writes something that is neither "Ye
 says "No" to almost everything. Its *preference* between the two is still informative: the
 log-probability of "Yes" minus that of "No" as the first answer token (the **margin**). The answer
 is "Yes" when the margin reaches the version's threshold, else "No". The threshold is chosen on
-the dev split to maximise balanced accuracy (`choose_threshold`, run by `stages/calibrate.py`) and
+the dev split to maximise balanced accuracy, and moves from 0 only when that beats 0 beyond chance
+on the dev split (`choose_threshold`, run by `stages/calibrate.py`); it is
 stored with the model version (`ModelVersion.hyperparams["yes_no_threshold"]`), like its compiled
 prompt, so every place that answers for that version decides identically (`answer_conversations`).
 
@@ -27,6 +28,7 @@ from typing import Protocol, runtime_checkable
 from tuneloop.metrics import balanced_accuracy
 from tuneloop.models.base import ChatModel, GenerationParams, Message
 from tuneloop.programs.copy import copy_answer
+from tuneloop.stats import paired_bootstrap
 
 THRESHOLD_KEY = "yes_no_threshold"  # ModelVersion.hyperparams: {"value", "source", "n", "balanced_accuracy"}
 YES, NO = "Yes", "No"
@@ -83,7 +85,8 @@ def choose_threshold(margins: Sequence[float], labels: Sequence[bool], source: s
 
     Candidates are the midpoints between consecutive distinct margins (and one below/above all);
     among equally good ones the one closest to 0 wins, so few or separable points do not push the
-    threshold to an extreme. Needs at least one question of each class."""
+    threshold to an extreme; and the best stays 0 unless it beats 0 beyond chance (`_beats_zero`).
+    Needs at least one question of each class."""
     if len(margins) != len(labels):
         raise ValueError("margins and labels differ in length")
     n_yes = sum(1 for y in labels if y)
@@ -99,7 +102,27 @@ def choose_threshold(margins: Sequence[float], labels: Sequence[bool], source: s
         return balanced_accuracy(golds, [decide(m, t).lower() for m in margins])
 
     best = max(candidates, key=lambda t: (round(balanced(t), 12), -abs(t)))
+    if best != 0.0 and not _beats_zero(golds, margins, best):
+        best = 0.0
     return Threshold(value=float(best), source=source, n=len(margins), balanced_accuracy=balanced(best))
+
+
+THRESHOLD_P = 0.05  # a threshold other than 0 must beat 0 on the dev split at this one-sided p
+
+
+def _beats_zero(golds: list[str], margins: Sequence[float], threshold: float) -> bool:
+    """Whether `threshold` beats 0 (the model's own preference) on these questions beyond chance:
+    paired bootstrap of balanced accuracy, p <= `THRESHOLD_P`.
+
+    The best threshold of a small dev split is mostly noise: on CUAD (20 dev yes/no questions) the
+    chosen thresholds (0.24-0.74) scored below 0 on all four versions' 120 held-out questions
+    (balanced accuracy 0.570 vs 0.605 for the first SFT candidate, 0.510 vs 0.613 for the second;
+    `bench/calibration_off.py`). A model fine-tuned on balanced Yes/No labels is calibrated at 0 by
+    its training; the threshold moves only when the dev split shows it must."""
+    def at(t: float):
+        return lambda idx: balanced_accuracy([golds[i] for i in idx], [decide(margins[i], t).lower() for i in idx])
+
+    return paired_bootstrap(len(golds), at(threshold), at(0.0), 1000).p_value <= THRESHOLD_P
 
 
 @dataclass(frozen=True)
