@@ -28,26 +28,17 @@ from sqlalchemy import select  # noqa: E402
 
 from tuneloop.cli import quiet_libraries  # noqa: E402
 from tuneloop.config import load_project  # noqa: E402
-from tuneloop.evalsets import eval_examples, references  # noqa: E402
-from tuneloop.metrics import retrieval_hit  # noqa: E402
+from tuneloop.evalsets import eval_examples  # noqa: E402
 from tuneloop.models.registry import build_embedder  # noqa: E402
 from tuneloop.programs.rag import Retriever, version_dense_weight  # noqa: E402
+from tuneloop.stages.retriever import fusion_hits, with_textual_reference  # noqa: E402
 from tuneloop.store import Example, ModelVersion, open_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def hit_rates(retriever: Retriever, items: list[tuple[Example, list[str]]], weights: list[float]) -> dict[str, float]:
-    out = {}
-    for w in weights:
-        fused = retriever.with_dense_weight(w)
-        out[str(w)] = sum(retrieval_hit([p.text for p in fused.retrieve(e.question, e.document)], refs)
-                          for e, refs in items) / len(items)
-    return out
-
-
-def with_reference(examples) -> list[tuple[Example, list[str]]]:
-    return [(e, references(e)) for e in examples if retrieval_hit([], references(e)) is not None]
+def by_name(hits: dict[float, float]) -> dict[str, float]:
+    return {str(w): h for w, h in hits.items()}
 
 
 def main() -> None:
@@ -62,12 +53,13 @@ def main() -> None:
     embedder = build_embedder(project)
     rows = []
     with open_store(project.store_url)() as s:
-        heldout = with_reference(eval_examples(project, s))
-        dev = with_reference(s.scalars(select(Example).where(Example.split == "dev").order_by(Example.id)))
+        heldout = with_textual_reference(eval_examples(project, s))
+        dev = with_textual_reference(s.scalars(select(Example).where(Example.split == "dev").order_by(Example.id)))
         for version in s.scalars(select(ModelVersion).order_by(ModelVersion.id)):
             retriever = Retriever.for_version(project, s, version, embedder)
             rows.append({"version": version.name, "chosen_on_dev": version_dense_weight(version),
-                         "dev": hit_rates(retriever, dev, weights), "heldout": hit_rates(retriever, heldout, weights)})
+                         "dev": by_name(fusion_hits(retriever, dev, weights)),
+                         "heldout": by_name(fusion_hits(retriever, heldout, weights))})
             print(json.dumps(rows[-1]))
     result = {"command": f"python bench/fusion_heldout.py --workdir {args.workdir}",
               "top_k": project.settings.ingest.top_k, "n_dev": len(dev), "n_heldout": len(heldout),

@@ -21,9 +21,10 @@ documents of the highest `evidence_span_share` of that question's scores (and ab
 and the question is the candidate answer. `stages/transfer.py` keeps it only when that chunk
 is also among the passages the question itself retrieves (the verifier: two signals, the
 evidence's meaning and the question's words, point at the same place), so the training prompt
-holds the sentence the student learns to copy. Measured on CUAD dev before it was built (8
-question types, 14 extraction seeds with evidence, 466 pairs): 62 sentences kept, token F1 0.72
-against the lawyers' answers and evidence spans.
+holds the sentence the student learns to copy. Measured on CUAD dev (14 extraction seeds with
+evidence, 466 pairs; docs/benchmarks.md): 54 sentences kept, token F1 0.753 against the lawyers'
+answers and evidence spans; trained on, they did not lift the student's extraction F1, so
+`evidence_spans` is off by default.
 
 On CUAD dev (`bench/label_quality.py` prints the measurement) this orders documents far better than
 the 135M student's own Yes/No preference (AUC 0.67 pooled, 0.8-0.9 for clauses such as insurance,
@@ -144,17 +145,19 @@ def evidence_sentences(retriever: Retriever, pairs: Sequence[tuple[str, str]], a
     if embedder is None or not anchors:
         return [None] * len(pairs)
     vectors = {q: _unit(embedder.embed(spans)) for q, spans in anchors.items()}
-    def score(question: str, document: str) -> float | None:
+    reference = list(population) if population is not None else list(pairs)
+    score_of = {}  # each distinct pair scored once: `pairs` are normally part of `population`
+    for question, document in dict.fromkeys([*reference, *pairs]):
         k = question_key(question, None)[0]
-        return retriever.index.best_similarity(vectors[k], document) if k in vectors else None
-
-    scores = [score(q, d) for q, d in pairs]
-    reference = (population, [score(q, d) for q, d in population]) if population is not None else None
-    chosen = top_share(pairs, scores, settings.evidence_span_share, settings.evidence_span_floor, reference)
+        score_of[question, document] = retriever.index.best_similarity(vectors[k], document) if k in vectors else None
+    scores = [score_of[pair] for pair in pairs]
+    chosen = top_share(pairs, scores, settings.evidence_span_share, settings.evidence_span_floor,
+                       (reference, [score_of[pair] for pair in reference]))
     by_document: dict[str, tuple[list[tuple[int, str]], np.ndarray]] = {}
+    by_question: dict[str, np.ndarray] = {}
     out: list[EvidenceSentence | None] = []
-    for (question, document), score, keep in zip(pairs, scores, chosen):
-        if not keep or score is None:
+    for (question, document), similarity, keep in zip(pairs, scores, chosen):
+        if not keep or similarity is None:
             out.append(None)
             continue
         if document not in by_document:
@@ -165,10 +168,11 @@ def evidence_sentences(retriever: Retriever, pairs: Sequence[tuple[str, str]], a
         if not found:
             out.append(None)
             continue
+        if question not in by_question:
+            by_question[question] = _unit(embedder.embed([question]))[0]
         to_anchors = (sentence_vectors @ vectors[question_key(question, None)[0]].T).max(axis=1)
-        to_question = sentence_vectors @ _unit(embedder.embed([question]))[0]
-        best = int(np.argmax(to_anchors + to_question))
-        out.append(EvidenceSentence(found[best][0], found[best][1], score))
+        best = int(np.argmax(to_anchors + sentence_vectors @ by_question[question]))
+        out.append(EvidenceSentence(found[best][0], found[best][1], similarity))
     return out
 
 

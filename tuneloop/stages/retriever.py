@@ -72,23 +72,36 @@ def choose_fusion(project: Project, session: Session, candidate: ModelVersion, e
     default = project.settings.ingest.dense_weight
     if not settings.dense_weights or embedder is None:
         return {}
-    dev = [(e, references(e)) for e in session.scalars(select(Example).where(Example.split == "dev")
-                                                           .order_by(Example.id))]
-    dev = [(e, refs) for e, refs in dev if retrieval_hit([], refs) is not None]  # a textual reference to find
+    dev = with_textual_reference(session.scalars(select(Example).where(Example.split == "dev").order_by(Example.id)))
     if len(dev) < settings.min_dev_items:
         return {"fusion_kept": f"{len(dev)} dev questions with a textual reference, fewer than "
                                f"retriever.min_dev_items ({settings.min_dev_items}): ingest.dense_weight {default}"}
     retriever = Retriever.for_version(project, session, candidate, embedder)
     reporter.log(f"retriever: choosing the BM25/dense weight on {len(dev)} dev questions")
-    hit = {}
-    for weight in settings.dense_weights:
-        fused = retriever.with_dense_weight(weight)
-        hit[weight] = sum(retrieval_hit([p.text for p in fused.retrieve(e.question, e.document)], refs)
-                          for e, refs in dev) / len(dev)
+    hit = fusion_hits(retriever, dev, settings.dense_weights)
     best = max(hit, key=lambda w: (hit[w], -abs(w - default)))
     stored = (candidate.hyperparams or {}).get(RETRIEVER_KEY) or {}
     candidate.hyperparams = {**(candidate.hyperparams or {}), RETRIEVER_KEY: {**stored, "dense_weight": best}}
     return {"dense_weight": best, "dev_items": len(dev), "dev_hit": {str(w): round(h, 4) for w, h in hit.items()}}
+
+
+Item = tuple[Example, list[str]]  # an example and its references
+
+
+def with_textual_reference(examples) -> list[Item]:
+    """The examples whose references hold text a passage can contain (`metrics.retrieval_hit`)."""
+    items = [(e, references(e)) for e in examples]
+    return [(e, refs) for e, refs in items if retrieval_hit([], refs) is not None]
+
+
+def fusion_hits(retriever: Retriever, items: list[Item], weights: list[float]) -> dict[float, float]:
+    """Weight -> share of `items` whose top_k passages, fused with that weight, hold a reference."""
+    hit = {}
+    for weight in weights:
+        fused = retriever.with_dense_weight(weight)
+        hit[weight] = sum(retrieval_hit([p.text for p in fused.retrieve(e.question, e.document)], refs)
+                          for e, refs in items) / len(items)
+    return hit
 
 
 def fine_tune(project: Project, session: Session, candidate: ModelVersion, champion: ModelVersion | None,

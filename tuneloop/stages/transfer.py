@@ -143,10 +143,10 @@ def run_transfer(session: Session, retriever: Retriever, labeller: Labeller, set
     seeds = list({c.seed.id: c.seed for c in candidates}.values())
     # the evidence cuts are taken of every pair, asked before or not, so they do not move across cycles
     everywhere = [(c.question, c.document) for c in plan(session, retriever, None, random.Random(0), False)]
-    clauses = anchor_clauses(seeds)
-    scores = similarity_scores(retriever, [(c.question, c.document) for c in candidates], clauses)
     yes_no_everywhere = [pair for pair in everywhere if is_yes_no_question(pair[0])]
-    population = (yes_no_everywhere, similarity_scores(retriever, yes_no_everywhere, clauses))
+    population = (yes_no_everywhere, similarity_scores(retriever, yes_no_everywhere, anchor_clauses(seeds)))
+    score_of = {question_key(q, d): score for (q, d), score in zip(*population)}  # the candidates are part of it
+    scores = [score_of.get(question_key(c.question, c.document)) for c in candidates]
     anchored = []
     for c, score in zip(candidates, scores):
         if score is not None and is_yes_no_question(c.question):
