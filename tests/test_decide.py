@@ -63,6 +63,19 @@ def test_a_threshold_that_beats_zero_only_by_chance_stays_at_zero():
     assert 0.3 < t.value < 0.8 and t.balanced_accuracy == 1.0
 
 
+def test_the_threshold_must_hold_on_other_documents():
+    margins = [1.5, 1.0, 0.9, 0.8] * 3 + [0.2, 0.3, 0.1, -0.5] * 3
+    labels = [True] * 12 + [False] * 12
+    # six contracts, each with Yes and No questions: a threshold chosen on three holds on the others
+    spread = [f"c{i % 6}" for i in range(24)]
+    assert 0.3 < choose_threshold(margins, labels, "dev", spread).value < 0.8
+    # every Yes question about one contract and every No about another: half of the contracts
+    # cannot choose a threshold for the other half, so it stays at the model's own preference
+    split = ["a"] * 12 + ["b"] * 12
+    t = choose_threshold(margins, labels, "dev", split)
+    assert t.value == 0.0 and t.balanced_accuracy == 0.625  # 0.2, 0.3 and 0.1 stay "Yes"
+
+
 def test_ties_prefer_the_threshold_nearest_zero_and_one_answer_is_refused():
     t = choose_threshold([5.0, -5.0], [True, False], "dev")  # every threshold in (-5, 5] is perfect
     assert t.value == 0.0 and t.balanced_accuracy == 1.0

@@ -11,7 +11,13 @@ from sqlalchemy import select
 from tests.helpers import CONTRACTS, RecordingReporter
 from tuneloop.ingest.chunking import word_offsets
 from tuneloop.ingest.index import HybridIndex, stored_chunks
-from tuneloop.programs.rag import RETRIEVER_KEY, Retriever, version_dense_weight, version_retriever_paths
+from tuneloop.programs.rag import (
+    RETRIEVER_KEY,
+    Retriever,
+    version_dense_weight,
+    version_retriever_paths,
+    version_top_k,
+)
 from tuneloop.serve.state import ModelState
 from tuneloop.stages.ingest import ingest_paths
 from tuneloop.stages.retriever import tune_retriever
@@ -99,7 +105,8 @@ def test_a_skipped_step_keeps_the_champions_retriever(project, real_embedder):
         assert tune_retriever(proj, s, off, None, real_embedder, RecordingReporter(), 3) == {
             "skipped": "retriever.fine_tune is false", "inherited": None,
             "fusion_kept": "0 dev questions with a textual reference, fewer than retriever.min_dev_items (8): "
-                           "ingest.dense_weight 0.5"}
+                           "ingest.dense_weight 0.5",
+            "top_k_kept": "0 dev questions, fewer than retriever.min_dev_items (8): ingest.top_k 2"}
         assert RETRIEVER_KEY not in (off.hyperparams or {})  # nothing to inherit: the project's index
 
 
@@ -160,3 +167,59 @@ def test_the_fusion_weight_is_chosen_on_dev_and_used_where_the_version_answers(p
         _dev_questions(s, 12)
         r = tune_retriever(few, s, v, None, embedder, RecordingReporter(), cycle_id=1)
     assert "fewer than retriever.min_dev_items (50)" in r["fusion_kept"] and version_dense_weight(v) is None
+
+
+class OnePassageReader:
+    """A chat model that knows every dev answer but finds it only in a prompt holding one excerpt
+    (more passages distract it); with `distracted=False` it answers whatever the prompt."""
+
+    name = "one-passage-reader"
+
+    def __init__(self, answers: dict[str, str], distracted: bool = True):
+        self.answers, self.distracted, self.excerpts = answers, distracted, []
+
+    def chat(self, conversations, params):
+        replies = []
+        for conv in conversations:
+            user = conv[-1]["content"]
+            question = user.rsplit("Question: ", 1)[1]
+            self.excerpts.append(user.count("\n\n[") + 1)
+            one = "[2]" not in user
+            replies.append(self.answers[question] if one or not self.distracted else "The document does not say.")
+        return replies
+
+
+def test_top_k_is_chosen_on_dev_by_the_candidates_answers_and_used_where_it_answers(project, monkeypatch):
+    proj = project(overrides={"ingest": {"dense": False, "top_k": 2}, "retriever": {"fine_tune": False}})
+    with open_store(proj.store_url)() as s:
+        ingest_paths(proj, s, [proj.path("documents")], None, RecordingReporter())
+        champion = ensure_base_version(proj, s)
+        candidate = _candidate(s, champion, "v1")
+        _dev_questions(s, 12)
+        answers = {e.question: e.answer for e in s.scalars(select(Example).where(Example.split == "dev"))}
+        reader = OnePassageReader(answers)
+        monkeypatch.setattr("tuneloop.programs.scoring.build_chat_model", lambda *a, **k: reader)
+        r = tune_retriever(proj, s, candidate, champion, None, RecordingReporter(), cycle_id=1)
+        assert sorted(set(reader.excerpts)) == [1, 2, 3]  # every dev question asked with 1, 2 and 3 passages
+        assert r["top_k_scores"] == {"1": 1.0, "2": 0.0, "3": 0.0} and r["top_k"] == 1 and r["top_k_p"] == 0.0
+        assert version_top_k(candidate) == 1
+        assert Retriever.for_version(proj, s, candidate, None).top_k == 1  # eval, the gate and serving
+        assert Retriever.for_version(proj, s, champion, None).top_k == 2  # ingest.top_k
+
+        # a reader that answers alike with any number of passages: no reason to move from ingest.top_k
+        other = _candidate(s, champion, "v2")
+        monkeypatch.setattr("tuneloop.programs.scoring.build_chat_model",
+                            lambda *a, **k: OnePassageReader(answers, distracted=False))
+        r = tune_retriever(proj, s, other, champion, None, RecordingReporter(), cycle_id=2)
+        assert r["top_k"] == 2 and r["top_k_p"] is None and Retriever.for_version(proj, s, other, None).top_k == 2
+
+
+def test_top_k_is_not_chosen_on_a_small_dev_split(project):
+    proj = project(overrides={"ingest": {"dense": False}, "retriever": {"fine_tune": False, "min_dev_items": 50}})
+    with open_store(proj.store_url)() as s:
+        ingest_paths(proj, s, [proj.path("documents")], None, RecordingReporter())
+        v = _candidate(s, ensure_base_version(proj, s), "v1")
+        _dev_questions(s, 12)
+        r = tune_retriever(proj, s, v, None, None, RecordingReporter(), cycle_id=1)
+    assert r["top_k_kept"] == "12 dev questions, fewer than retriever.min_dev_items (50): ingest.top_k 2"
+    assert version_top_k(v) is None

@@ -103,6 +103,10 @@ class RetrieverSettings(_Section):
     # ingest.dense_weight stays. Empty: never chosen.
     dense_weights: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]
     min_dev_items: int = Field(8, ge=1, le=1_000_000)
+    # The number of passages in the prompt is chosen on the dev split by the candidate's own answers
+    # (eval.primary_metric) among these, when at least `min_dev_items` dev questions exist; it
+    # moves from ingest.top_k only when it beats it beyond chance. Fewer than two: never chosen.
+    top_ks: list[int] = [1, 2, 3]
 
     @field_validator("dense_weights")
     @classmethod
@@ -110,6 +114,14 @@ class RetrieverSettings(_Section):
         bad = [w for w in v if not 0.0 <= w <= 1.0]
         if bad:
             raise ValueError(f"dense weights must be between 0 and 1, got {bad}")
+        return sorted(set(v))
+
+    @field_validator("top_ks")
+    @classmethod
+    def _top_ks_in_range(cls, v: list[int]) -> list[int]:
+        bad = [k for k in v if not 1 <= k <= 20]
+        if bad:
+            raise ValueError(f"top_ks must be between 1 and 20 passages, got {bad}")
         return sorted(set(v))
 
 

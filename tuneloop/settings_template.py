@@ -48,6 +48,8 @@ retriever:               # cycle step `retriever`: fine-tune the (local) embedde
   seed: 0
   dense_weights: [0.0, 0.25, 0.5, 0.75, 1.0]   # fusion weights tried on the dev split (hit@top_k
   min_dev_items: 8       # of the evidence), when it holds this many questions with a textual reference
+  top_ks: [1, 2, 3]      # passages per prompt tried on the dev split by the candidate's answers;
+                         # ingest.top_k stays unless another beats it beyond chance
 
 synth:
   questions_per_cycle: 24

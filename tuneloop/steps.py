@@ -151,6 +151,10 @@ class RetrieverStepResult(StepResult):
     dev_items: int | None = None  # dev questions with a textual reference it was chosen on
     dev_hit: dict[str, float] | None = None  # weight -> share of them whose evidence was retrieved
     fusion_kept: str | None = None  # why no weight was chosen (ingest.dense_weight stays)
+    top_k: int | None = None  # the passages per prompt chosen on the dev split
+    top_k_scores: dict[str, float] | None = None  # top_k -> the candidate's primary metric on dev
+    top_k_p: float | None = None  # paired bootstrap p of the best top_k against ingest.top_k
+    top_k_kept: str | None = None  # why ingest.top_k stays
 
 
 class EvalStepResult(StepResult):

@@ -4,8 +4,8 @@ A small model asked a yes/no question often writes something that is neither "Ye
 says "No" to almost everything. Its *preference* between the two is still informative: the
 log-probability of "Yes" minus that of "No" as the first answer token (the **margin**). The answer
 is "Yes" when the margin reaches the version's threshold, else "No". The threshold is chosen on
-the dev split to maximise balanced accuracy, and moves from 0 only when that beats 0 beyond chance
-on the dev split (`choose_threshold`, run by `stages/calibrate.py`); it is
+the dev split to maximise balanced accuracy, and moves from 0 only when choosing it that way beats
+0 on dev questions it was not chosen on (`choose_threshold`, run by `stages/calibrate.py`); it is
 stored with the model version (`ModelVersion.hyperparams["yes_no_threshold"]`), like its compiled
 prompt, so every place that answers for that version decides identically (`answer_conversations`).
 
@@ -80,49 +80,92 @@ def decide(margin: float, threshold: float | None) -> str:
     return YES if margin >= (threshold if threshold is not None else 0.0) else NO
 
 
-def choose_threshold(margins: Sequence[float], labels: Sequence[bool], source: str) -> Threshold:
+def choose_threshold(margins: Sequence[float], labels: Sequence[bool], source: str,
+                     documents: Sequence[str | None] | None = None) -> Threshold:
     """The threshold that maximises balanced accuracy of `decide` on (margin, is-yes) pairs.
 
     Candidates are the midpoints between consecutive distinct margins (and one below/above all);
     among equally good ones the one closest to 0 wins, so few or separable points do not push the
-    threshold to an extreme; and the best stays 0 unless it beats 0 beyond chance (`_beats_zero`).
+    threshold to an extreme; and the best stays 0 unless choosing a threshold this way beats 0 on
+    questions it was not chosen on, about other `documents` when given (`_holds_out_of_sample`).
     Needs at least one question of each class."""
     if len(margins) != len(labels):
         raise ValueError("margins and labels differ in length")
-    n_yes = sum(1 for y in labels if y)
-    n_no = len(labels) - n_yes
-    if n_yes == 0 or n_no == 0:
+    golds = ["yes" if y else "no" for y in labels]
+    if len(set(golds)) < 2:
         raise ValueError("choosing a yes/no threshold needs questions of both answers (Yes and No)")
+    best = _best_threshold(margins, golds)
+    if best != 0.0 and not _holds_out_of_sample(golds, margins, documents):
+        best = 0.0
+    return Threshold(value=float(best), source=source, n=len(margins),
+                     balanced_accuracy=_balanced(golds, margins, [best] * len(margins)))
+
+
+THRESHOLD_P = 0.05  # a threshold other than 0 must beat 0 out of sample at this one-sided p
+
+
+def _halves(golds: Sequence[str], documents: Sequence[str | None] | None) -> list[int]:
+    """0/1 per question: whole documents go to the half with fewer questions (largest first, then
+    by name); without two documents, questions alternate within each answer."""
+    if documents is None or len(set(documents)) < 2:
+        ranks: dict[str, int] = {}
+        half = []
+        for g in golds:
+            half.append(ranks.get(g, 0) % 2)
+            ranks[g] = ranks.get(g, 0) + 1
+        return half
+    sizes: dict[str | None, int] = {}
+    for doc in documents:
+        sizes[doc] = sizes.get(doc, 0) + 1
+    side, load = {}, [0, 0]
+    for doc in sorted(sizes, key=lambda d: (-sizes[d], str(d))):
+        side[doc] = 0 if load[0] <= load[1] else 1
+        load[side[doc]] += sizes[doc]
+    return [side[doc] for doc in documents]
+
+
+def _balanced(golds: Sequence[str], margins: Sequence[float], thresholds: Sequence[float]) -> float:
+    return balanced_accuracy(list(golds), [decide(m, t).lower() for m, t in zip(margins, thresholds)])
+
+
+def _best_threshold(margins: Sequence[float], golds: Sequence[str]) -> float:
+    """The candidate threshold with the best balanced accuracy on these questions (ties: nearest 0)."""
     points = sorted(set(margins))
     candidates = [points[0] - 1.0, *((a + b) / 2 for a, b in zip(points, points[1:])), points[-1] + 1.0, 0.0]
-
-    golds = ["yes" if y else "no" for y in labels]
-
-    def balanced(t: float) -> float:
-        return balanced_accuracy(golds, [decide(m, t).lower() for m in margins])
-
-    best = max(candidates, key=lambda t: (round(balanced(t), 12), -abs(t)))
-    if best != 0.0 and not _beats_zero(golds, margins, best):
-        best = 0.0
-    return Threshold(value=float(best), source=source, n=len(margins), balanced_accuracy=balanced(best))
+    return max(candidates, key=lambda t: (round(_balanced(golds, margins, [t] * len(margins)), 12), -abs(t)))
 
 
-THRESHOLD_P = 0.05  # a threshold other than 0 must beat 0 on the dev split at this one-sided p
+def _holds_out_of_sample(golds: list[str], margins: Sequence[float], documents: Sequence[str | None] | None) -> bool:
+    """Whether choosing a threshold beats 0 (the model's own preference) on questions it was not
+    chosen on: the questions are split in two halves (by document when there are two or more, as
+    the held-out set asks about contracts the model never saw; else alternating within each
+    answer), each half is decided by the threshold chosen on the other, and those decisions must
+    beat threshold 0 by a paired bootstrap of balanced accuracy at p <= `THRESHOLD_P`.
 
+    Testing the best threshold on the questions it was picked from trusts it too much. On CUAD (20
+    dev yes/no questions) thresholds picked that way scored below 0 on 120 held-out questions of
+    other contracts for all seven versions measured (0.570 vs 0.605 and 0.510 vs 0.613 without a
+    test; 0.503 vs 0.617 for one that beat 0 on dev at p <= 0.05; `bench/calibration_off.py`).
+    That loss is far beyond what i.i.d. questions would give (`bench/threshold_guard.py`: there
+    the in-sample test costs < 0.005 on average): margins shift between documents, so the halves
+    are split by document. The price, in the same simulation: when a threshold other than 0 is
+    really better, this test finds it less often (0.25 vs 0.66 of draws at a 1-sd effect on 20
+    questions) and keeps less of the gain."""
+    half = _halves(golds, documents)
+    thresholds = [0.0] * len(golds)
+    for h in (0, 1):
+        fit = [i for i in range(len(golds)) if half[i] != h]
+        if len({golds[i] for i in fit}) < 2:
+            return False  # a half without both answers cannot choose a threshold
+        chosen = _best_threshold([margins[i] for i in fit], [golds[i] for i in fit])
+        for i in range(len(golds)):
+            if half[i] == h:
+                thresholds[i] = chosen
 
-def _beats_zero(golds: list[str], margins: Sequence[float], threshold: float) -> bool:
-    """Whether `threshold` beats 0 (the model's own preference) on these questions beyond chance:
-    paired bootstrap of balanced accuracy, p <= `THRESHOLD_P`.
+    def at(ts: Sequence[float]):
+        return lambda idx: _balanced([golds[i] for i in idx], [margins[i] for i in idx], [ts[i] for i in idx])
 
-    The best threshold of a small dev split is mostly noise: on CUAD (20 dev yes/no questions) the
-    chosen thresholds (0.24-0.74) scored below 0 on all four versions' 120 held-out questions
-    (balanced accuracy 0.570 vs 0.605 for the first SFT candidate, 0.510 vs 0.613 for the second;
-    `bench/calibration_off.py`). A model fine-tuned on balanced Yes/No labels is calibrated at 0 by
-    its training; the threshold moves only when the dev split shows it must."""
-    def at(t: float):
-        return lambda idx: balanced_accuracy([golds[i] for i in idx], [decide(margins[i], t).lower() for i in idx])
-
-    return paired_bootstrap(len(golds), at(threshold), at(0.0), 1000).p_value <= THRESHOLD_P
+    return paired_bootstrap(len(golds), at(thresholds), at([0.0] * len(golds)), 1000).p_value <= THRESHOLD_P
 
 
 @dataclass(frozen=True)

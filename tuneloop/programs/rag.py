@@ -65,13 +65,15 @@ class Retriever:
     def for_version(cls, project: Project, session: Session, version, embedder: Embedder | None) -> Retriever:
         """The retriever `version` answers with: its own fine-tuned embedder's index when the
         `retriever` step gave it one (`version_retriever_paths`), else the project's (`load`),
-        with the fusion weight the step chose for it on the dev split (`version_dense_weight`).
+        with the fusion weight and the number of passages the step chose for it on the dev split
+        (`version_dense_weight`, `version_top_k`).
 
         A version's index built before documents were added or changed is rebuilt here with its
         embedder (every chunk re-embedded), so it never cites chunks the store no longer holds."""
-        paths, weight = version_retriever_paths(version), version_dense_weight(version)
+        paths, weight, top_k = version_retriever_paths(version), version_dense_weight(version), version_top_k(version)
         if paths is None:
-            return cls.load(project, session, embedder, weight)
+            retriever = cls.load(project, session, embedder, weight)
+            return retriever.with_top_k(top_k) if top_k else retriever
         embedder_dir, index_dir = paths
         tuned = LocalEmbedder(embedder_dir, batch_size=project.settings.models.embedder.batch_size)
         rows = stored_chunks(session)
@@ -83,7 +85,8 @@ class Retriever:
         if index is None or index.content_hash != current:
             index = HybridIndex.from_rows(rows, tuned)
             index.save(index_dir)
-        return cls._over(project, index, rows, weight)
+        retriever = cls._over(project, index, rows, weight)
+        return retriever.with_top_k(top_k) if top_k else retriever
 
     @classmethod
     def _over(cls, project: Project, index: HybridIndex, rows: list[tuple[int, str, str]],
@@ -95,6 +98,10 @@ class Retriever:
     def with_dense_weight(self, dense_weight: float) -> Retriever:
         """The same index and passages, fused with another weight."""
         return Retriever(self.index, self.passages, self.top_k, self.rrf_k, dense_weight)
+
+    def with_top_k(self, top_k: int) -> Retriever:
+        """The same index and passages, putting `top_k` passages in the prompt."""
+        return Retriever(self.index, self.passages, top_k, self.rrf_k, self.dense_weight)
 
     @property
     def embedder(self) -> Embedder | None:
@@ -162,6 +169,13 @@ def version_dense_weight(version) -> float | None:
     stored = (getattr(version, "hyperparams", None) or {}).get(RETRIEVER_KEY)
     weight = stored.get("dense_weight") if isinstance(stored, dict) else None
     return float(weight) if isinstance(weight, (int, float)) and 0.0 <= weight <= 1.0 else None
+
+
+def version_top_k(version) -> int | None:
+    """The number of passages the `retriever` step chose for a version on the dev split, or None."""
+    stored = (getattr(version, "hyperparams", None) or {}).get(RETRIEVER_KEY)
+    top_k = stored.get("top_k") if isinstance(stored, dict) else None
+    return top_k if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1 else None
 
 
 PROGRAM_KEY = "rag_program"  # ModelVersion.hyperparams key: the version's compiled DSPy program (stages/prompts.py)

@@ -3,7 +3,9 @@
 The student answers a yes/no question "Yes" when log P(Yes) - log P(No) of its first answer token
 reaches the version's threshold (`programs/decide.py`). Here the threshold is chosen to maximise
 balanced accuracy on the yes/no questions of the dev split (never trained on, never the held-out
-set), answered with retrieval exactly as eval and serving answer them, and stored in
+set), answered with retrieval exactly as eval and serving answer them; it moves from 0 only when a
+threshold chosen on half of the dev documents beats 0 on the other half (`decide.choose_threshold`);
+it is stored in
 `ModelVersion.hyperparams["yes_no_threshold"]` with where it was chosen. Evaluation, the gate and
 `tuneloop serve` then decide with that one value.
 
@@ -66,7 +68,7 @@ def calibrate_version(project: Project, session: Session, version: ModelVersion,
             [(e.question, e.document) for e in examples], reporter, role.batch_size)
         labels = [metrics.yes_no_reference_label(e.answer) == "yes" for e in examples]
         threshold = choose_threshold([a.yes_no_margin if a.yes_no_margin is not None else 0.0 for a in answers],
-                                     labels, source)
+                                     labels, source, [e.document for e in examples])
     else:
         threshold = Threshold(value=0.0, source="none", n=0, balanced_accuracy=None)
     version.hyperparams = {**(version.hyperparams or {}), THRESHOLD_KEY: threshold.as_dict()}

@@ -21,26 +21,39 @@ Then the BM25/dense fusion weight (`HybridIndex.search`, weighted reciprocal ran
 chosen for the candidate's index on the dev split: among `retriever.dense_weights`, the one whose
 top_k passages hold the evidence (`metrics.retrieval_hit`, as eval scores it) for the most dev
 questions, ties going to the weight nearest `ingest.dense_weight`. The embedder was trained on the
-training split, never on dev, so the choice is not fitted to its own training pairs. top_k and the
-chunk size are not chosen here: a larger value always finds more evidence, and what it costs
-(a longer prompt for a small student) only an answer-level eval can weigh.
+training split, never on dev, so the choice is not fitted to its own training pairs.
+
+Last, the number of passages in the prompt (top_k) is chosen by the candidate's own answers: more
+passages always hold more evidence, and what they cost (a longer prompt, more distractors for a
+small student) only its answers show. Every dev question is answered with each of
+`retriever.top_ks` (the fusion weight above, threshold 0 for yes/no: the threshold is chosen
+after, in eval, for the chosen top_k) and scored with `eval.primary_metric`; the best replaces
+`ingest.top_k` only when a paired bootstrap over the dev questions gives p <= 0.05 divided by the
+number of alternatives (a few dozen dev questions rarely tell them apart, and a choice fitted to
+their noise would be worse than the setting). The chunk size is not chosen per version: chunks are
+the store's unit (their ids key evidence labels, training pairs and feedback), so it stays an
+ingest setting.
 """
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
+from tuneloop import metrics
 from tuneloop.config import Project
 from tuneloop.evalsets import references
 from tuneloop.ingest.index import HybridIndex, stored_chunks
 from tuneloop.ingest.tune_embedder import finetune_embedder, training_pairs
-from tuneloop.metrics import retrieval_hit
 from tuneloop.models.base import Embedder
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.models.embed import LocalEmbedder
-from tuneloop.programs.rag import RETRIEVER_KEY, Retriever
+from tuneloop.programs.rag import RETRIEVER_KEY, Retriever, rag_program_path
+from tuneloop.programs.scoring import score_examples
 from tuneloop.progress import Reporter
+from tuneloop.stats import paired_bootstrap
 from tuneloop.store import Example, ModelVersion, Session
 
 INDEX_KIND = "indexes"  # artifacts/indexes/<embedder name>/: a fine-tuned embedder's index of every chunk
@@ -61,7 +74,8 @@ def tune_retriever(project: Project, session: Session, candidate: ModelVersion, 
     weight on dev (see the module docstring); what happened, as the fields of the step's result
     (`steps.RetrieverStepResult`)."""
     tuned = fine_tune(project, session, candidate, champion, embedder, reporter, cycle_id)
-    return {**tuned, **choose_fusion(project, session, candidate, embedder, reporter)}
+    fusion = choose_fusion(project, session, candidate, embedder, reporter)
+    return {**tuned, **fusion, **choose_top_k(project, session, candidate, embedder, reporter)}
 
 
 def choose_fusion(project: Project, session: Session, candidate: ModelVersion, embedder: Embedder | None,
@@ -85,13 +99,56 @@ def choose_fusion(project: Project, session: Session, candidate: ModelVersion, e
     return {"dense_weight": best, "dev_items": len(dev), "dev_hit": {str(w): round(h, 4) for w, h in hit.items()}}
 
 
+TOP_K_P = 0.05  # family-wise: each alternative to ingest.top_k must reach TOP_K_P / alternatives
+
+
+def choose_top_k(project: Project, session: Session, candidate: ModelVersion, embedder: Embedder | None,
+                 reporter: Reporter) -> dict[str, Any]:
+    """Store in `candidate` the number of passages its answers score best with on the dev split,
+    when that beats `ingest.top_k` beyond chance (see the module docstring); the step-result
+    fields (`top_k`, `top_k_scores`, `top_k_p`, or `top_k_kept`)."""
+    settings, default = project.settings.retriever, project.settings.ingest.top_k
+    metric = project.settings.eval.primary_metric
+    top_ks = sorted({*settings.top_ks, default})
+    if len(settings.top_ks) < 2:
+        return {}
+    dev = list(session.scalars(select(Example).where(Example.split == "dev").order_by(Example.id)))
+    if len(dev) < settings.min_dev_items:
+        return {"top_k_kept": f"{len(dev)} dev questions, fewer than retriever.min_dev_items "
+                              f"({settings.min_dev_items}): ingest.top_k {default}"}
+    retriever = Retriever.for_version(project, session, candidate, embedder)
+    adapter = Path(candidate.adapter_path) if candidate.adapter_path else None
+    scored = {}
+    for k in top_ks:
+        reporter.log(f"retriever: answering {len(dev)} dev questions with {k} passage(s)")
+        items, _ = score_examples(project, adapter, dev, retriever.with_top_k(k), reporter,
+                                  rag_program_path(candidate), 0.0)
+        scored[k] = metrics.score_items(items)
+
+    def value(k: int):
+        return lambda idx: metrics.summarize([scored[k][i] for i in idx]).get(metric, math.nan)
+
+    scores = {k: value(k)(range(len(dev))) for k in top_ks}
+    best = max(top_ks, key=lambda k: (_finite(scores[k]), -abs(k - default)))
+    p = paired_bootstrap(len(dev), value(best), value(default), 1000).p_value if best != default else None
+    chosen = best if p is not None and p <= TOP_K_P / (len(top_ks) - 1) else default
+    stored = (candidate.hyperparams or {}).get(RETRIEVER_KEY) or {}
+    candidate.hyperparams = {**(candidate.hyperparams or {}), RETRIEVER_KEY: {**stored, "top_k": chosen}}
+    return {"top_k": chosen, "top_k_scores": {str(k): round(v, 4) for k, v in scores.items()},
+            "top_k_p": None if p is None else round(p, 4)}
+
+
+def _finite(value: float) -> float:
+    return value if not math.isnan(value) else -math.inf
+
+
 Item = tuple[Example, list[str]]  # an example and its references
 
 
 def with_textual_reference(examples) -> list[Item]:
     """The examples whose references hold text a passage can contain (`metrics.retrieval_hit`)."""
     items = [(e, references(e)) for e in examples]
-    return [(e, refs) for e, refs in items if retrieval_hit([], refs) is not None]
+    return [(e, refs) for e, refs in items if metrics.retrieval_hit([], refs) is not None]
 
 
 def fusion_hits(retriever: Retriever, items: list[Item], weights: list[float]) -> dict[float, float]:
@@ -99,7 +156,7 @@ def fusion_hits(retriever: Retriever, items: list[Item], weights: list[float]) -
     hit = {}
     for weight in weights:
         fused = retriever.with_dense_weight(weight)
-        hit[weight] = sum(retrieval_hit([p.text for p in fused.retrieve(e.question, e.document)], refs)
+        hit[weight] = sum(metrics.retrieval_hit([p.text for p in fused.retrieve(e.question, e.document)], refs)
                           for e, refs in items) / len(items)
     return hit
 
