@@ -127,7 +127,11 @@ def test_cycle_command_and_status(runner, tmp_path, tiny_model_dir, monkeypatch)
     # the tiny random-weight student cannot learn to answer in a few SFT steps, so its candidate
     # does not beat the base model on the held-out set (fixed seeds: the same every run): rejected
     assert "cycle 1 done:" in out and "rejected v1" in out and "promoted" not in out, out
+    # not a terminal: progress comes as plain lines, at least one when each task ends
+    assert any(ln.startswith("  fine-tuning (LoRA SFT): ") and ln.endswith(", done") for ln in out.splitlines()), out
     out = ok(invoke(runner, "status", "-p", root))
+    minutes = [ln.split("│")[-2].strip() for ln in out.splitlines() if ln.count("│") > 5]
+    assert minutes[-1] and float(minutes[-1]) >= 0  # the "all" row: the cycle's minutes, summed per step
     assert "last cycle 1: done (trigger: nightly)" in out
     for step in ("ingest", "synth", "sft", "eval", "gate"):
         assert any(ln.split("│")[1:2] and ln.split("│")[1].strip() == step and "done" in ln

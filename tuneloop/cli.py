@@ -478,8 +478,14 @@ def status(project_dir: ProjectOpt = Path(".")) -> None:
         steps = Table()
         for col in ("step", "status", "started", "finished"):
             steps.add_column(col)
+        steps.add_column("minutes", justify="right")
+        total = 0.0
         for st in s.scalars(select(CycleStep).where(CycleStep.cycle_id == last.id).order_by(CycleStep.id)):
-            steps.add_row(st.name, st.status, str(st.started_at)[:19], str(st.finished_at or "")[:19])
+            took = (st.finished_at - st.started_at).total_seconds() / 60 if st.finished_at and st.started_at else None
+            total += took or 0.0
+            steps.add_row(st.name, st.status, str(st.started_at)[:19], str(st.finished_at or "")[:19],
+                          "" if took is None else f"{took:.1f}")
+        steps.add_row("all", "", "", "", f"{total:.1f}")
         console.print(steps)
 
 

@@ -1,6 +1,7 @@
 """Progress reporting, passed explicitly to long-running stages (the CLI passes a rich one)."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -27,15 +28,22 @@ class SilentReporter:
 
 
 class RichReporter:
-    """Progress bars and messages on the terminal."""
+    """Progress bars and messages on the terminal; when the output is not a terminal (redirected to
+    a file or a CI log), a plain line per task every `line_interval` seconds and when it ends, since
+    rich draws nothing in between there."""
 
-    def __init__(self, console=None):
+    def __init__(self, console=None, line_interval: float = 30.0):
         from rich.console import Console
 
         self.console = console or Console(stderr=True)
+        self.line_interval = line_interval
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
+        if not self.console.is_terminal:
+            with self._lines(description, total) as advance:
+                yield advance
+            return
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -51,6 +59,25 @@ class RichReporter:
         with Progress(*columns, console=self.console, transient=False) as bar:
             tid = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(tid, n)
+
+    @contextmanager
+    def _lines(self, description: str, total: int | None) -> Iterator[Advance]:
+        start = last = time.monotonic()
+        done = 0
+
+        def line(suffix: str = "") -> None:
+            self.console.print(f"  {description}: {done}/{total if total is not None else '?'} "
+                               f"({time.monotonic() - start:.0f} s){suffix}", highlight=False, soft_wrap=True)
+
+        def advance(n: int = 1) -> None:
+            nonlocal done, last
+            done += n
+            if time.monotonic() - last >= self.line_interval:
+                last = time.monotonic()
+                line()
+
+        yield advance
+        line(", done")
 
     def log(self, message: str) -> None:
         self.console.print(message)
