@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-project
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint venv lock chromium bench-faults bench-cuad bench-continuous bench-synth bench-quality clean
+.PHONY: demo test lint venv lock chromium bench-faults bench-cuad bench-continuous bench-synth bench-quality bench-speed clean
 
 venv: $(VENV)/.installed
 
@@ -70,6 +70,11 @@ bench-cuad: venv
 # cycle quality, synthetic label precision, paired tests (~45 min a cycle on 2 cores)
 bench-quality: venv
 	$(BIN)/python bench/quality.py
+
+# Speed (issue 18): tuneloop's SFT against TRL's SFTTrainer with its defaults, same rows and steps,
+# each arm in its own process; writes docs/benchmarks/speed.json (~5 min on 2 cores)
+bench-speed: venv
+	$(BIN)/python bench/speed.py --json-out docs/benchmarks/speed.json
 
 # The continuous scenario (../shared/data/cuad-dev): new contract types arrive, a signal fires, a cycle
 # runs (30-55 min on 2 cores, 53.5 in the last run); then the focus diagnostic on its project (SFT on the new questions alone, ~18 min).

@@ -16,6 +16,7 @@ from tuneloop.errors import ConfigError, StateError
 from tuneloop.progress import SilentReporter
 from tuneloop.stages import align as align_stage
 from tuneloop.stages.align import train_align
+from tuneloop.stages.rewards import f1_reward
 from tuneloop.store import Example, ModelVersion, PreferencePair, open_store
 from tuneloop.versions import ensure_base_version
 
@@ -184,8 +185,18 @@ def test_kto_reads_an_export_folder(aligned_project, tmp_path):
     assert_changed(adapter(champ_path), adapter(result.artifact))
 
 
-def test_grpo_with_metric_reward_and_a_new_lora_on_the_base_champion(aligned_project):
+def test_grpo_with_metric_reward_and_a_new_lora_on_the_base_champion(aligned_project, monkeypatch):
     p, _ = aligned_project(champion_adapter=False, pairs=0)
+    # The tiny random model's answers share no token with the references, so token F1 is 0 for
+    # every sample, every group's advantages are 0, and at the start (lora_B = 0, policy = reference)
+    # nothing moves the adapter. A reward that tells the samples apart (shorter is better) does.
+    seen = []
+
+    def shorter_is_better(completions, reference, **kw):
+        seen.append(f1_reward(completions, reference, **kw))
+        return [-len(c[-1]["content"]) / 100 for c in completions]
+
+    monkeypatch.setattr(align_stage, "f1_reward", shorter_is_better)
     retriever = ingest_project(p)
     with open_store(p.store_url)() as s:
         result = train_align(p, s, retriever, SilentReporter(), method="grpo", name="grpo-run")
@@ -196,6 +207,7 @@ def test_grpo_with_metric_reward_and_a_new_lora_on_the_base_champion(aligned_pro
     history = json.loads((result.artifact / "log_history.json").read_text())
     assert history[-1]["step"] == 10  # 20 prompts / 2 per step
     assert any("reward" in h for h in history)
+    assert seen and any(h.get("reward_std", 0) > 0 for h in history)
     b = {k: v for k, v in adapter(result.artifact).items() if "lora_B" in k}
     assert b and any(v.abs().max() > 0 for v in b.values())  # PEFT starts lora_B at zero
 

@@ -30,6 +30,10 @@ TRL_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
+# SFT and DAPT: TRL's SFTTrainer with the LM head run on labelled positions only (`stages/sft_trainer.py`)
+_SFT_TRAINER = "tuneloop.stages.sft_trainer:CompletionHeadSFTTrainer"
+
+
 def _load(dotted: str) -> Any:
     module, _, name = dotted.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -74,9 +78,9 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("sft", "trl:SFTConfig", "trl:SFTTrainer", "completions", "none", _sft_options,
+    Method("sft", "trl:SFTConfig", _SFT_TRAINER, "completions", "none", _sft_options,
            "fine-tuning (LoRA SFT)"),
-    Method("dapt", "trl:SFTConfig", "trl:SFTTrainer", "text", "none", _dapt_options,
+    Method("dapt", "trl:SFTConfig", _SFT_TRAINER, "text", "none", _dapt_options,
            "domain-adaptive pre-training (LoRA)"),
     Method("dpo", "trl:DPOConfig", "trl:DPOTrainer", "pairs", "champion",
            lambda s: {"beta": s.beta, "max_length": s.max_length}, "aligning (DPO, LoRA)"),

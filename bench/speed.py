@@ -1,0 +1,192 @@
+"""Speed, side by side on one machine: tuneloop's SFT against TRL's SFTTrainer with its defaults.
+
+The same rows (CUAD dev seeds of `--contracts` contracts, each prompt built by
+`programs/rag.build_messages` from the project's hybrid retrieval, as a cycle builds them), the
+same base model (the built-in SmolLM2-135M-Instruct), the same LoRA (the `lora` settings), the same
+optimiser settings (`sft` settings: learning rate, cosine schedule, batch size), the same number
+of optimizer steps, fp32, each arm in a fresh process (its own peak RSS):
+
+- `trl_default`: `trl.SFTTrainer` as TRL configures it (activation checkpointing on, every position
+  through the LM head on CPU; LoRA dropout 0.05, `trl.ModelConfig`'s default);
+- `tuneloop`: what `tuneloop train sft` runs (`stages/methods.METHODS["sft"]`: the LM head only on
+  labelled positions, `stages/sft_trainer.py`; no activation checkpointing on CPU; LoRA dropout 0,
+  the `lora` settings' default).
+
+Printed and written to `--json-out`: non-padding tokens per second, the ratio, each arm's loss
+curve, the loss of each trained model on all rows (the "final loss"), their relative gap, peak
+RSS, and the fraction of this machine's measured fp32 matmul peak reached (LoRA training costs
+about 4 FLOP per parameter per token: forward 2, backward through the frozen weights 2).
+
+    .venv/bin/python bench/speed.py [--steps 12] [--contracts 3] [--json-out docs/benchmarks/speed.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import cuad  # noqa: E402
+import torch  # noqa: E402
+from sqlalchemy import select  # noqa: E402
+
+from tuneloop.artifacts import read_jsonl, write_jsonl  # noqa: E402
+from tuneloop.cli import quiet_libraries  # noqa: E402
+from tuneloop.config import load_project  # noqa: E402
+from tuneloop.models.defaults import resolve_model_path  # noqa: E402
+from tuneloop.models.registry import build_embedder  # noqa: E402
+from tuneloop.programs.rag import Retriever  # noqa: E402
+from tuneloop.progress import SilentReporter  # noqa: E402
+from tuneloop.stages.ingest import ingest_paths  # noqa: E402
+from tuneloop.stages.methods import METHODS  # noqa: E402
+from tuneloop.stages.policy import load_policy  # noqa: E402
+from tuneloop.stages.sft import training_rows  # noqa: E402
+from tuneloop.stages.training import build_trainer, train_args, trl_rows  # noqa: E402
+from tuneloop.store import Example, open_store  # noqa: E402
+
+ARMS = ("trl_default", "tuneloop")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/cuad-dev"))
+    ap.add_argument("--contracts", type=int, default=3, help="CUAD contracts whose seeds give the rows")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per arm")
+    ap.add_argument("--workdir", type=Path, default=Path("bench-runs/speed"))
+    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--arm", choices=ARMS, default=None, help=argparse.SUPPRESS)  # one arm, in a child process
+    return ap.parse_args()
+
+
+def build_rows(args) -> Path:
+    """The SFT rows of the seed contracts' questions, written once to the workdir."""
+    path = args.workdir / "rows.jsonl"
+    if path.exists():
+        return path
+    _, seeds, heldout = cuad.split_questions(args.data, args.contracts, 10, 0)  # the project needs a held-out set
+    work = args.workdir / "project"
+    settings = argparse.Namespace(data=args.data, synth_questions=1, epochs=2.0, rlaif_prompts=1, rlaif_candidates=2)
+    project = cuad.make_project(settings, work, seeds, heldout, {})
+    contracts = sorted({r["contract"] for r in seeds})
+    with open_store(project.store_url)() as s:
+        embedder = build_embedder(project)
+        ingest_paths(project, s, [args.data / "contracts" / c for c in contracts], embedder, SilentReporter())
+        s.commit()
+        examples = list(s.scalars(select(Example).where(Example.split == "train").order_by(Example.id)))
+        rows = training_rows(examples, Retriever.load(project, s, embedder))
+    write_jsonl(path, [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    return path
+
+
+def matmul_peak_gflops(size: int = 1536, repeats: int = 10) -> float:
+    """Best fp32 matmul throughput of this machine with torch's threads, GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best / 1e9
+
+
+def run_arm(arm: str, rows_path: Path, steps: int, work: Path) -> dict:
+    """Train `steps` steps with one arm; its measurements. Both arms share `training.train_args`
+    (no checkpoint is saved: it costs both the same and is not training throughput)."""
+    from datasets import Dataset
+    from trl import ModelConfig, SFTConfig, SFTTrainer
+
+    project = load_project(work.parent / "project")
+    s = project.settings.sft.model_copy(update={"epochs": 1.0, "save_steps": 10**6})  # one pass, no checkpoint
+    rows = trl_rows(read_jsonl(rows_path)[: steps * s.batch_size], METHODS["sft"])
+    lora = project.settings.lora  # the same rank, alpha and target modules in both arms
+    if arm == "trl_default":  # TRL's LoRA dropout default (`trl.ModelConfig.lora_dropout`, 0.05)
+        lora = lora.model_copy(update={"dropout": ModelConfig().lora_dropout})
+    policy = load_policy(resolve_model_path(project.settings.models.student.model, project.cache), None, lora,
+                         "fp32")
+    if arm == "tuneloop":
+        trainer = build_trainer(METHODS["sft"], policy, rows, s, work / arm)
+    else:  # TRL's SFTTrainer and SFTConfig, fp32 forced; activation checkpointing as TRL defaults it (on)
+        args = SFTConfig(**{**train_args(s, work / arm, policy.device, policy.dtype), "gradient_checkpointing": True},
+                         **METHODS["sft"].options(s))
+        trainer = SFTTrainer(model=policy.model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=policy.tokenizer, peft_config=policy.peft_config)
+    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"arm": arm, "trainer": type(trainer).__name__, "steps": trainer.state.global_step, "rows": len(rows),
+            "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+            "loss_curve": losses, "final_loss": round(mean_loss(trainer), 5), "peak_rss_mib": peak_rss_mib(),
+            "threads": torch.get_num_threads(), "lora": lora.model_dump(include={"r", "alpha", "dropout"})}
+
+
+@torch.no_grad()
+def mean_loss(trainer) -> float:
+    """The trained model's mean loss over the answer tokens of every row (eval mode, one pass)."""
+    model = trainer.model
+    model.eval()
+    total, count = 0.0, 0
+    for batch in trainer.get_train_dataloader():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        total += torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask], reduction="sum").item()
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def peak_rss_mib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def main() -> None:
+    args = parse_args()
+    quiet_libraries()
+    if args.arm:  # child: one arm, its JSON on the last line
+        print(json.dumps(run_arm(args.arm, args.workdir / "rows.jsonl", args.steps, args.workdir / "work")))
+        return
+    if not (args.data / "qa.jsonl").exists():
+        raise SystemExit(f"no CUAD data at {args.data} (see its README; pass --data)")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    build_rows(args)
+    arms = {}
+    for arm in ARMS:
+        print(f"training: {arm} ({args.steps} steps)", flush=True)
+        out = subprocess.run([sys.executable, __file__, "--arm", arm, "--steps", str(args.steps), "--workdir",
+                              str(args.workdir), "--data", str(args.data)], check=True, capture_output=True, text=True)
+        arms[arm] = json.loads(out.stdout.strip().splitlines()[-1])
+    trl, ours = arms["trl_default"], arms["tuneloop"]
+    peak = matmul_peak_gflops()
+    params = 134_515_008  # SmolLM2-135M
+    result = {
+        "sft_speedup_vs_trl": round(ours["tokens_per_s"] / trl["tokens_per_s"], 3),
+        "sft_final_loss_gap": round(abs(ours["final_loss"] - trl["final_loss"]) / trl["final_loss"], 4),
+        "sft_tokens_per_s": {a: arms[a]["tokens_per_s"] for a in ARMS},
+        "sft_fraction_of_matmul_peak": {a: round(4 * params * arms[a]["tokens_per_s"] / (peak * 1e9), 3)
+                                        for a in ARMS},
+        "matmul_peak_gflops": round(peak, 1),
+        "sft": arms,
+        "machine": cuad.machine(),
+        "command": f"python bench/speed.py --steps {args.steps} --contracts {args.contracts}",
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "sft"}, indent=2))
+    for a in ARMS:
+        print(f"{a}: loss curve {[round(x, 3) for x in arms[a]['loss_curve']]}")
+    if args.json_out:
+        old = json.loads(args.json_out.read_text()) if args.json_out.exists() else {}
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps({**old, **result}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
