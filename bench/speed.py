@@ -17,7 +17,10 @@ curve, the loss of each trained model on all rows (the "final loss"), their rela
 RSS, and the fraction of this machine's measured fp32 matmul peak reached (LoRA training costs
 about 4 FLOP per parameter per token: forward 2, backward through the frozen weights 2).
 
-    .venv/bin/python bench/speed.py [--steps 12] [--contracts 3] [--json-out docs/benchmarks/speed.json]
+With `--demo`, `make demo` is timed too (a fresh project in the workdir): `demo_minutes` and each
+step's minutes.
+
+    .venv/bin/python bench/speed.py [--steps 12] [--contracts 3] [--demo] [--json-out docs/benchmarks/speed.json]
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ from tuneloop.stages.methods import METHODS  # noqa: E402
 from tuneloop.stages.policy import load_policy  # noqa: E402
 from tuneloop.stages.sft import training_rows  # noqa: E402
 from tuneloop.stages.training import build_trainer, train_args, trl_rows  # noqa: E402
-from tuneloop.store import Example, open_store  # noqa: E402
+from tuneloop.store import CycleStep, Example, open_store  # noqa: E402
 
 ARMS = ("trl_default", "tuneloop")
 
@@ -62,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per arm")
     ap.add_argument("--workdir", type=Path, default=Path("bench-runs/speed"))
     ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--demo", action="store_true", help="also time `make demo` (a fresh sample project; ~7 min)")
     ap.add_argument("--arm", choices=ARMS, default=None, help=argparse.SUPPRESS)  # one arm, in a child process
     return ap.parse_args()
 
@@ -145,6 +149,18 @@ def mean_loss(trainer) -> float:
     return total / max(count, 1)
 
 
+def demo_minutes(workdir: Path) -> dict:
+    """Wall minutes of `make demo` into a fresh folder (the venv in place), and each step's minutes."""
+    folder = (workdir / "demo").resolve()
+    t0 = time.perf_counter()
+    subprocess.run(["make", "demo", f"DEMO_DIR={folder}"], check=True, capture_output=True, text=True)
+    minutes = (time.perf_counter() - t0) / 60
+    with open_store(load_project(folder).store_url)() as s:
+        steps = {st.name: round((st.finished_at - st.started_at).total_seconds() / 60, 2)
+                 for st in s.scalars(select(CycleStep).order_by(CycleStep.id))}
+    return {"demo_minutes": round(minutes, 2), "demo_step_minutes": steps}
+
+
 def peak_rss_mib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
@@ -177,8 +193,12 @@ def main() -> None:
         "matmul_peak_gflops": round(peak, 1),
         "sft": arms,
         "machine": cuad.machine(),
-        "command": f"python bench/speed.py --steps {args.steps} --contracts {args.contracts}",
+        "command": f"python bench/speed.py --steps {args.steps} --contracts {args.contracts}"
+                   + (" --demo" if args.demo else ""),
     }
+    if args.demo:
+        print("timing: make demo", flush=True)
+        result |= demo_minutes(args.workdir)
     print(json.dumps({k: v for k, v in result.items() if k != "sft"}, indent=2))
     for a in ARMS:
         print(f"{a}: loss curve {[round(x, 3) for x in arms[a]['loss_curve']]}")
