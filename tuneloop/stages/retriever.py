@@ -94,8 +94,7 @@ def choose_fusion(project: Project, session: Session, candidate: ModelVersion, e
     reporter.log(f"retriever: choosing the BM25/dense weight on {len(dev)} dev questions")
     hit = fusion_hits(retriever, dev, settings.dense_weights)
     best = max(hit, key=lambda w: (hit[w], -abs(w - default)))
-    stored = (candidate.hyperparams or {}).get(RETRIEVER_KEY) or {}
-    candidate.hyperparams = {**(candidate.hyperparams or {}), RETRIEVER_KEY: {**stored, "dense_weight": best}}
+    _store(candidate, dense_weight=best)
     return {"dense_weight": best, "dev_items": len(dev), "dev_hit": {str(w): round(h, 4) for w, h in hit.items()}}
 
 
@@ -132,10 +131,15 @@ def choose_top_k(project: Project, session: Session, candidate: ModelVersion, em
     best = max(top_ks, key=lambda k: (_finite(scores[k]), -abs(k - default)))
     p = paired_bootstrap(len(dev), value(best), value(default), 1000).p_value if best != default else None
     chosen = best if p is not None and p <= TOP_K_P / (len(top_ks) - 1) else default
-    stored = (candidate.hyperparams or {}).get(RETRIEVER_KEY) or {}
-    candidate.hyperparams = {**(candidate.hyperparams or {}), RETRIEVER_KEY: {**stored, "top_k": chosen}}
+    _store(candidate, top_k=chosen)
     return {"top_k": chosen, "top_k_scores": {str(k): round(v, 4) for k, v in scores.items()},
             "top_k_p": None if p is None else round(p, 4)}
+
+
+def _store(candidate: ModelVersion, **fields) -> None:
+    """Add `fields` to the candidate's retriever settings (`hyperparams.retriever`)."""
+    stored = (candidate.hyperparams or {}).get(RETRIEVER_KEY) or {}
+    candidate.hyperparams = {**(candidate.hyperparams or {}), RETRIEVER_KEY: {**stored, **fields}}
 
 
 def _finite(value: float) -> float:
