@@ -72,9 +72,9 @@ bench-quality: venv
 	$(BIN)/python bench/quality.py
 
 # Speed (issue 18): tuneloop's SFT against TRL's SFTTrainer with its defaults, same rows and steps,
-# each arm in its own process, then `make demo` timed; writes docs/benchmarks/speed.json (~12 min on 2 cores)
+# each arm in its own process, the same for DPO, then `make demo` timed; writes docs/benchmarks/speed.json (~20 min on 2 cores)
 bench-speed: venv
-	$(BIN)/python bench/speed.py --demo --json-out docs/benchmarks/speed.json
+	$(BIN)/python bench/speed.py --dpo --demo --json-out docs/benchmarks/speed.json
 
 # The continuous scenario (../shared/data/cuad-dev): new contract types arrive, a signal fires, a cycle
 # runs (30-55 min on 2 cores, 53.5 in the last run); then the focus diagnostic on its project (SFT on the new questions alone, ~18 min).

@@ -17,10 +17,11 @@ curve, the loss of each trained model on all rows (the "final loss"), their rela
 RSS, and the fraction of this machine's measured fp32 matmul peak reached (LoRA training costs
 about 4 FLOP per parameter per token: forward 2, backward through the frozen weights 2).
 
-With `--demo`, `make demo` is timed too (a fresh project in the workdir): `demo_minutes` and each
-step's minutes.
+With `--dpo`, the same two arms train DPO (TRL's `DPOTrainer` both ways; each row's answer chosen,
+the next row's rejected; the prompt counted twice per pair): `dpo_speedup_vs_trl`. With `--demo`,
+`make demo` is timed too (a fresh project in the workdir): `demo_minutes` and each step's minutes.
 
-    .venv/bin/python bench/speed.py [--steps 12] [--contracts 3] [--demo] [--json-out docs/benchmarks/speed.json]
+    .venv/bin/python bench/speed.py [--steps 12] [--contracts 3] [--dpo] [--demo] [--json-out FILE]
 """
 from __future__ import annotations
 
@@ -66,7 +67,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, default=Path("bench-runs/speed"))
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--demo", action="store_true", help="also time `make demo` (a fresh sample project; ~7 min)")
+    ap.add_argument("--dpo", action="store_true", help="also DPO: TRL's DPOTrainer defaults vs tuneloop's")
     ap.add_argument("--arm", choices=ARMS, default=None, help=argparse.SUPPRESS)  # one arm, in a child process
+    ap.add_argument("--method", choices=("sft", "dpo"), default="sft", help=argparse.SUPPRESS)
     return ap.parse_args()
 
 
@@ -102,36 +105,59 @@ def matmul_peak_gflops(size: int = 1536, repeats: int = 10) -> float:
     return 2 * size ** 3 / best / 1e9
 
 
-def run_arm(arm: str, rows_path: Path, steps: int, work: Path) -> dict:
-    """Train `steps` steps with one arm; its measurements. Both arms share `training.train_args`
-    (no checkpoint is saved: it costs both the same and is not training throughput)."""
+def method_rows(method: str, rows: list[dict]) -> list[dict]:
+    """SFT rows as they are; DPO pairs: each row's answer chosen, the next row's answer rejected."""
+    if method == "sft":
+        return rows
+    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": rows[(i + 1) % len(rows)]["completion"]}
+            for i, r in enumerate(rows)]
+
+
+def processed_tokens(method: str, dataset) -> int:
+    """Non-padding tokens one pass over `dataset` feeds the model (DPO: the prompt twice)."""
+    if method == "sft":
+        return sum(len(ids) for ids in dataset["input_ids"])
+    return sum(2 * len(p) + len(c) + len(r)
+               for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]))
+
+
+def run_arm(arm: str, method: str, rows_path: Path, steps: int, work: Path) -> dict:
+    """Train `steps` steps of `method` with one arm; its measurements. Both arms share
+    `training.train_args` (no checkpoint is saved: it costs both the same and is not training
+    throughput)."""
+    import trl
     from datasets import Dataset
-    from trl import ModelConfig, SFTConfig, SFTTrainer
 
     project = load_project(work.parent / "project")
-    s = project.settings.sft.model_copy(update={"epochs": 1.0, "save_steps": 10**6})  # one pass, no checkpoint
-    rows = trl_rows(read_jsonl(rows_path)[: steps * s.batch_size], METHODS["sft"])
+    settings = project.settings.sft if method == "sft" else project.settings.align
+    s = settings.model_copy(update={"epochs": 1.0, "save_steps": 10**6})  # one pass, no checkpoint
+    spec = METHODS[method]
+    rows = trl_rows(method_rows(method, read_jsonl(rows_path))[: steps * s.batch_size], spec)
     lora = project.settings.lora  # the same rank, alpha and target modules in both arms
     if arm == "trl_default":  # TRL's LoRA dropout default (`trl.ModelConfig.lora_dropout`, 0.05)
-        lora = lora.model_copy(update={"dropout": ModelConfig().lora_dropout})
+        lora = lora.model_copy(update={"dropout": trl.ModelConfig().lora_dropout})
     policy = load_policy(resolve_model_path(project.settings.models.student.model, project.cache), None, lora,
-                         "fp32")
+                         "fp32", spec.padding_side)
     if arm == "tuneloop":
-        trainer = build_trainer(METHODS["sft"], policy, rows, s, work / arm)
-    else:  # TRL's SFTTrainer and SFTConfig, fp32 forced; activation checkpointing as TRL defaults it (on)
-        args = SFTConfig(**{**train_args(s, work / arm, policy.device, policy.dtype), "gradient_checkpointing": True},
-                         **METHODS["sft"].options(s))
-        trainer = SFTTrainer(model=policy.model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=policy.tokenizer, peft_config=policy.peft_config)
-    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+        trainer = build_trainer(spec, policy, rows, s, work / f"{method}-{arm}")
+    else:  # TRL's trainer and config, fp32 forced; activation checkpointing as TRL defaults it (on)
+        config_class, trainer_class = {"sft": (trl.SFTConfig, trl.SFTTrainer),
+                                       "dpo": (trl.DPOConfig, trl.DPOTrainer)}[method]
+        args = config_class(**{**train_args(s, work / f"{method}-{arm}", policy.device, policy.dtype),
+                               "gradient_checkpointing": True}, **spec.options(s))
+        trainer = trainer_class(model=policy.model, args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=policy.tokenizer, peft_config=policy.peft_config)
+    tokens = processed_tokens(method, trainer.train_dataset)
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"arm": arm, "trainer": type(trainer).__name__, "steps": trainer.state.global_step, "rows": len(rows),
-            "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-            "loss_curve": losses, "final_loss": round(mean_loss(trainer), 5), "peak_rss_mib": peak_rss_mib(),
-            "threads": torch.get_num_threads(), "lora": lora.model_dump(include={"r", "alpha", "dropout"})}
+    return {"arm": arm, "method": method, "trainer": type(trainer).__name__, "steps": trainer.state.global_step,
+            "rows": len(rows), "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1), "loss_curve": losses,
+            "final_loss": round(mean_loss(trainer), 5) if method == "sft" else None,
+            "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads(),
+            "lora": lora.model_dump(include={"r", "alpha", "dropout"})}
 
 
 @torch.no_grad()
@@ -169,18 +195,22 @@ def main() -> None:
     args = parse_args()
     quiet_libraries()
     if args.arm:  # child: one arm, its JSON on the last line
-        print(json.dumps(run_arm(args.arm, args.workdir / "rows.jsonl", args.steps, args.workdir / "work")))
+        print(json.dumps(run_arm(args.arm, args.method, args.workdir / "rows.jsonl", args.steps,
+                                 args.workdir / "work")))
         return
     if not (args.data / "qa.jsonl").exists():
         raise SystemExit(f"no CUAD data at {args.data} (see its README; pass --data)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     build_rows(args)
-    arms = {}
-    for arm in ARMS:
-        print(f"training: {arm} ({args.steps} steps)", flush=True)
-        out = subprocess.run([sys.executable, __file__, "--arm", arm, "--steps", str(args.steps), "--workdir",
-                              str(args.workdir), "--data", str(args.data)], check=True, capture_output=True, text=True)
-        arms[arm] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    def arm(name: str, method: str) -> dict:
+        print(f"training: {method} {name} ({args.steps} steps)", flush=True)
+        out = subprocess.run([sys.executable, __file__, "--arm", name, "--method", method, "--steps", str(args.steps),
+                              "--workdir", str(args.workdir), "--data", str(args.data)],
+                             check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    arms = {name: arm(name, "sft") for name in ARMS}
     trl, ours = arms["trl_default"], arms["tuneloop"]
     peak = matmul_peak_gflops()
     params = 134_515_008  # SmolLM2-135M
@@ -194,12 +224,16 @@ def main() -> None:
         "sft": arms,
         "machine": cuad.machine(),
         "command": f"python bench/speed.py --steps {args.steps} --contracts {args.contracts}"
-                   + (" --demo" if args.demo else ""),
+                   + (" --dpo" if args.dpo else "") + (" --demo" if args.demo else ""),
     }
+    if args.dpo:
+        dpo = {name: arm(name, "dpo") for name in ARMS}
+        result |= {"dpo_speedup_vs_trl": round(dpo["tuneloop"]["tokens_per_s"] / dpo["trl_default"]["tokens_per_s"], 3),
+                   "dpo_tokens_per_s": {a: dpo[a]["tokens_per_s"] for a in ARMS}, "dpo": dpo}
     if args.demo:
         print("timing: make demo", flush=True)
         result |= demo_minutes(args.workdir)
-    print(json.dumps({k: v for k, v in result.items() if k != "sft"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("sft", "dpo")}, indent=2))
     for a in ARMS:
         print(f"{a}: loss curve {[round(x, 3) for x in arms[a]['loss_curve']]}")
     if args.json_out:
