@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import cuad  # noqa: E402
 from sqlalchemy import select  # noqa: E402
+from synth_throughput import timed  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 
 from tuneloop.cli import quiet_libraries  # noqa: E402
@@ -56,12 +56,6 @@ def prompts(project, n: int) -> list:
         questions = [e for e in rows if not is_yes_no_question(e.question)][:n]
         retriever = Retriever.load(project, s, build_embedder(project))
         return [build_messages(e.question, retriever.retrieve(e.question, e.document)) for e in questions]
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
 
 
 def main() -> None:

@@ -22,9 +22,13 @@ from tuneloop.store import EvalRun, Example, Session, text_hash
 EVAL_KIND = "evals"  # artifacts/evals/: held-out eval runs
 
 
+def split_examples(session: Session, split: str) -> list[Example]:
+    """The examples of one split ("train", "dev", "eval"), in the order they were stored."""
+    return list(session.scalars(select(Example).where(Example.split == split).order_by(Example.id)))
+
+
 def eval_examples(project: Project, session: Session) -> list[Example]:
-    q = select(Example).where(Example.split == "eval").order_by(Example.id)
-    rows = list(session.scalars(q))
+    rows = split_examples(session, "eval")
     if project.settings.eval.limit:
         rows = rows[: project.settings.eval.limit]
     return rows

@@ -50,8 +50,9 @@ class Retriever:
 
     @classmethod
     def load(cls, project: Project, session: Session, embedder: Embedder | None,
-             dense_weight: float | None = None) -> Retriever:
-        """The project's index (`dense_weight`: the fusion weight, else `ingest.dense_weight`)."""
+             dense_weight: float | None = None, top_k: int | None = None) -> Retriever:
+        """The project's index (`dense_weight`: the fusion weight, else `ingest.dense_weight`;
+        `top_k`: the passages per prompt, else `ingest.top_k`)."""
         index = HybridIndex.load(project.index_dir, embedder)
         rows = stored_chunks(session)
         if index.content_hash is not None and index.content_hash != stored_chunks_hash(rows):
@@ -59,7 +60,7 @@ class Retriever:
             # chunks the index does not hold, or the wrong document's
             raise StateError("the retrieval index was built from other chunks than the store holds "
                              "(an interrupted ingest?): run `tuneloop ingest` to rebuild it")
-        return cls._over(project, index, rows, dense_weight)
+        return cls._over(project, index, rows, dense_weight, top_k)
 
     @classmethod
     def for_version(cls, project: Project, session: Session, version, embedder: Embedder | None) -> Retriever:
@@ -72,8 +73,7 @@ class Retriever:
         embedder (every chunk re-embedded), so it never cites chunks the store no longer holds."""
         paths, weight, top_k = version_retriever_paths(version), version_dense_weight(version), version_top_k(version)
         if paths is None:
-            retriever = cls.load(project, session, embedder, weight)
-            return retriever.with_top_k(top_k) if top_k else retriever
+            return cls.load(project, session, embedder, weight, top_k)
         embedder_dir, index_dir = paths
         tuned = LocalEmbedder(embedder_dir, batch_size=project.settings.models.embedder.batch_size)
         rows = stored_chunks(session)
@@ -85,15 +85,15 @@ class Retriever:
         if index is None or index.content_hash != current:
             index = HybridIndex.from_rows(rows, tuned)
             index.save(index_dir)
-        retriever = cls._over(project, index, rows, weight)
-        return retriever.with_top_k(top_k) if top_k else retriever
+        return cls._over(project, index, rows, weight, top_k)
 
     @classmethod
     def _over(cls, project: Project, index: HybridIndex, rows: list[tuple[int, str, str]],
-              dense_weight: float | None) -> Retriever:
+              dense_weight: float | None, top_k: int | None = None) -> Retriever:
         passages = {cid: Passage(cid, doc, text) for cid, doc, text in rows}
         s = project.settings.ingest
-        return cls(index, passages, s.top_k, s.rrf_k, s.dense_weight if dense_weight is None else dense_weight)
+        return cls(index, passages, s.top_k if top_k is None else top_k, s.rrf_k,
+                   s.dense_weight if dense_weight is None else dense_weight)
 
     def with_dense_weight(self, dense_weight: float) -> Retriever:
         """The same index and passages, fused with another weight."""

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import select
-
 from tuneloop import metrics
 from tuneloop.config import Project
+from tuneloop.evalsets import split_examples
 from tuneloop.models.registry import build_chat_model, generation_params
 from tuneloop.programs.decide import THRESHOLD_KEY, Threshold, choose_threshold, decides, is_yes_no_question
 from tuneloop.programs.rag import RagAnswerer, Retriever, rag_program_path
@@ -31,8 +30,8 @@ from tuneloop.store import Example, ModelVersion, Session
 
 def yes_no_examples(session: Session, split: str) -> list[Example]:
     """The split's questions that are yes/no by their wording and answered Yes or No."""
-    rows = session.scalars(select(Example).where(Example.split == split).order_by(Example.id))
-    return [e for e in rows if is_yes_no_question(e.question) and metrics.is_yes_no_reference(e.answer)]
+    return [e for e in split_examples(session, split)
+            if is_yes_no_question(e.question) and metrics.is_yes_no_reference(e.answer)]
 
 
 def _both_answers(examples: list[Example]) -> bool:

@@ -40,11 +40,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from tuneloop import metrics
 from tuneloop.config import Project
-from tuneloop.evalsets import references
+from tuneloop.evalsets import references, split_examples
 from tuneloop.ingest.index import HybridIndex, stored_chunks
 from tuneloop.ingest.tune_embedder import finetune_embedder, training_pairs
 from tuneloop.models.base import Embedder
@@ -86,7 +84,7 @@ def choose_fusion(project: Project, session: Session, candidate: ModelVersion, e
     default = project.settings.ingest.dense_weight
     if not settings.dense_weights or embedder is None:
         return {}
-    dev = with_textual_reference(session.scalars(select(Example).where(Example.split == "dev").order_by(Example.id)))
+    dev = with_textual_reference(split_examples(session, "dev"))
     if len(dev) < settings.min_dev_items:
         return {"fusion_kept": f"{len(dev)} dev questions with a textual reference, fewer than "
                                f"retriever.min_dev_items ({settings.min_dev_items}): ingest.dense_weight {default}"}
@@ -111,7 +109,7 @@ def choose_top_k(project: Project, session: Session, candidate: ModelVersion, em
     top_ks = sorted({*settings.top_ks, default})
     if len(settings.top_ks) < 2:
         return {}
-    dev = list(session.scalars(select(Example).where(Example.split == "dev").order_by(Example.id)))
+    dev = split_examples(session, "dev")
     if len(dev) < settings.min_dev_items:
         return {"top_k_kept": f"{len(dev)} dev questions, fewer than retriever.min_dev_items "
                               f"({settings.min_dev_items}): ingest.top_k {default}"}
@@ -182,7 +180,7 @@ def fine_tune(project: Project, session: Session, candidate: ModelVersion, champ
     if role.backend != "local":
         return skip("the embedder is an endpoint: only a local embedder is fine-tuned")
     base_dir = resolve_model_path(role.model, project.cache)
-    examples = list(session.scalars(select(Example).where(Example.split == "train").order_by(Example.id)))
+    examples = split_examples(session, "train")
     chunks = stored_chunks(session)
     reporter.log(f"retriever: pairs from {len(examples)} training examples")
     pairs = training_pairs(examples, chunks, negatives_from=embedder if settings.hard_negatives else None)

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from tuneloop.config import LoraSettings, Project, SFTSettings
 from tuneloop.errors import StateError
-from tuneloop.evalsets import references
+from tuneloop.evalsets import references, split_examples
 from tuneloop.filters import copied_span
 from tuneloop.lineage import ancestry
 from tuneloop.metrics import is_yes_no_reference, yes_no_reference_label
@@ -53,7 +53,7 @@ def select_examples(session: Session, settings: SFTSettings, seed: int,
     trained_on: set[int] = set()
     for version in versions:
         trained_on.update(version.training_example_ids or [])
-    train = session.scalars(select(Example).where(Example.split == "train").order_by(Example.id)).all()
+    train = split_examples(session, "train")
 
     def always(e: Example) -> bool:  # trained on in every cycle, never replayed
         return e.kind == "seed" and settings.seeds_every_cycle

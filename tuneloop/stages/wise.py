@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from sqlalchemy import select
 
 from tuneloop.artifacts import artifact_path, is_complete, read_meta, run_name, write_artifact
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, StateError
-from tuneloop.evalsets import anchor_items
+from tuneloop.evalsets import anchor_items, split_examples
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.programs.rag import Retriever
 from tuneloop.programs.scoring import score_examples
@@ -89,7 +88,7 @@ def average_adapters(base_model_dir: Path, champion_adapter: Path | None, candid
 
 
 def dev_examples(project: Project, session: Session) -> list[Example]:
-    rows = list(session.scalars(select(Example).where(Example.split == "dev").order_by(Example.id)))
+    rows = split_examples(session, "dev")
     if project.settings.eval.limit:
         rows = rows[: project.settings.eval.limit]
     return rows
