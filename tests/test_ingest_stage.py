@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 
 from tests.helpers import HELDOUT, RecordingReporter
+from tests.test_ingest_units import HashEmbedder
 from tuneloop.errors import InputError
+from tuneloop.ingest.index import HybridIndex, stored_chunks
 from tuneloop.programs.rag import Retriever
 from tuneloop.progress import SilentReporter
 from tuneloop.stages.ingest import ingest_paths
@@ -175,3 +178,70 @@ def test_two_files_of_the_same_name_make_one_document_the_later_one_wins(project
     with open_store(p.store_url)() as s:
         assert [d.name for d in s.scalars(select(Document))] == ["notes.md"]
         assert [c.text for c in s.scalars(select(Chunk))] == [later]
+
+
+class CountingEmbedder(HashEmbedder):
+    """HashEmbedder that records every text it embeds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    def embed(self, texts):
+        self.texts.extend(texts)
+        return super().embed(texts)
+
+
+def _ingest_with(project, embedder, paths):
+    with open_store(project.store_url)() as s:
+        r = ingest_paths(project, s, paths, embedder, SilentReporter())
+        s.commit()
+    return r
+
+
+def _chunk_texts(project, names):
+    with open_store(project.store_url)() as s:
+        return [t for t, n in s.execute(select(Chunk.text, Document.name).join(Document)) if n in names]
+
+
+def test_adding_and_changing_documents_embeds_only_their_chunks(project, tmp_path):
+    """The index's vectors of kept chunks are reused; the result equals a build from scratch."""
+    p = project(pairs=False)
+    docs = sorted((p.root / "documents").iterdir())
+    embedder = CountingEmbedder()
+    first = _ingest_with(p, embedder, docs[:5])
+    assert first.embedded == len(embedder.texts) > 0 and first.reused == 0
+
+    embedder.texts.clear()
+    added = _ingest_with(p, embedder, docs)  # one new document, five unchanged
+    new_texts = _chunk_texts(p, {docs[5].name})
+    assert added.added == [docs[5].name] and sorted(embedder.texts) == sorted(set(new_texts))
+    assert added.embedded == len(set(new_texts)) and added.reused == first.embedded
+
+    embedder.texts.clear()
+    docs[0].write_text(docs[0].read_text() + "\n\n## 99. Parking\n\nThe Tenant may park four zeppelins on the roof.\n")
+    changed = _ingest_with(p, embedder, docs)
+    assert changed.changed == [docs[0].name]
+    assert set(embedder.texts) <= set(_chunk_texts(p, {docs[0].name})) and "zeppelins" in " ".join(embedder.texts)
+
+    with open_store(p.store_url)() as s:
+        incremental = HybridIndex.load(p.index_dir, embedder)
+        fresh = HybridIndex.from_rows(stored_chunks(s), HashEmbedder())
+    assert incremental.chunk_ids == fresh.chunk_ids and incremental.content_hash == fresh.content_hash
+    a, b = incremental.dense_vectors(), fresh.dense_vectors()
+    assert all(np.allclose(a[i], b[i]) for i in fresh.chunk_ids)
+
+
+def test_a_stale_index_is_not_trusted_for_vectors(project):
+    """An index left behind by a kill (its content hash differs from the store) gives no vectors:
+    every chunk is embedded again."""
+    p = project(pairs=False)
+    docs = sorted((p.root / "documents").iterdir())
+    embedder = CountingEmbedder()
+    _ingest_with(p, embedder, docs[:5])
+    meta = json.loads((p.index_dir / "index.json").read_text())
+    meta["content_hash"] = "stale"
+    (p.index_dir / "index.json").write_text(json.dumps(meta))
+    embedder.texts.clear()
+    r = _ingest_with(p, embedder, docs)
+    assert r.reused == 0 and r.embedded == len(set(_chunk_texts(p, {d.name for d in docs})))

@@ -89,7 +89,8 @@ def ingest(
         r = ingest_paths(project, s, paths, build_embedder(project), RichReporter())
         s.commit()
     console.print(f"documents: {len(r.added)} added, {len(r.changed)} changed, {len(r.unchanged)} unchanged; "
-                  f"{r.chunks} new chunks; index {'rebuilt' if r.index_rebuilt else 'up to date'}")
+                  f"{r.chunks} new chunks; {r.embedded} chunks embedded, {r.reused} vectors reused; "
+                  f"index {'rebuilt' if r.index_rebuilt else 'up to date'}")
 
 
 @seeds_app.command("import")

@@ -97,7 +97,8 @@ def step_ingest(ctx: CycleContext, s: Session) -> IngestStepResult:
     paths = [ctx.project.path(p) for p in ctx.project.settings.documents]
     if paths:
         r = ingest_paths(ctx.project, s, paths, ctx.embedder(), ctx.reporter)
-        result = IngestStepResult(added=len(r.added), changed=len(r.changed), unchanged=len(r.unchanged))
+        result = IngestStepResult(added=len(r.added), changed=len(r.changed), unchanged=len(r.unchanged),
+                                  embedded=r.embedded, reused=r.reused)
     else:
         result = IngestStepResult(index_rebuilt=ensure_index(ctx.project, s, ctx.embedder(), ctx.reporter))
     if not s.scalar(select(Chunk.id).limit(1)):

@@ -34,6 +34,8 @@ class IngestStepResult(StepResult):
     added: int | None = None
     changed: int | None = None
     unchanged: int | None = None
+    embedded: int | None = None  # chunk texts embedded (new and changed chunks only)
+    reused: int | None = None  # kept chunks whose vectors came from the index
     index_rebuilt: bool | None = None
 
 

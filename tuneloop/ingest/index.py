@@ -256,6 +256,13 @@ class HybridIndex:
             )
         return cls(chunk_ids, groups, bm25, embeddings, embedder, content_hash)
 
+    def dense_vectors(self) -> dict[int, np.ndarray]:
+        """Chunk id -> its stored unit vector ({} without a dense part): what an ingest reuses
+        for chunks it keeps, so only new and changed chunks are embedded."""
+        if self._embeddings is None or not len(self.chunk_ids):
+            return {}
+        return dict(zip(self.chunk_ids, self._embeddings))
+
     def _bm25_ranking(self, query: str, positions: np.ndarray, limit: int) -> list[int]:
         if self._bm25 is None:
             return []

@@ -34,6 +34,8 @@ class IngestResult:
     changed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     chunks: int = 0
+    embedded: int = 0  # chunk texts sent to the embedder
+    reused: int = 0  # chunk texts whose vectors came from the current index
     index_rebuilt: bool = False
 
 
@@ -73,24 +75,47 @@ def ingest_paths(project: Project, session: Session, paths: list[Path], embedder
                 result.chunks += len(pieces)
             advance(1)
     todo = list(planned.values())
-    vectors = _embed_new_state(session, todo, embedder, reporter) if todo and embedder is not None else None
+    vectors = None
+    if todo and embedder is not None:
+        vectors, result.embedded, result.reused = _embed_new_state(project, session, todo, embedder, reporter)
     if todo:
         _write(session, todo)
     result.index_rebuilt = ensure_index(project, session, embedder, reporter, vectors)
     return result
 
 
-def _embed_new_state(session: Session, planned: list[_Planned], embedder: Embedder,
-                     reporter: Reporter) -> dict[str, np.ndarray]:
-    """Embed every chunk text the store will hold once `planned` is written, before the write
-    transaction opens: the index built after the commit then needs no model calls, so the
-    window in which the committed store and the old index differ stays short."""
+def _embed_new_state(project: Project, session: Session, planned: list[_Planned], embedder: Embedder,
+                     reporter: Reporter) -> tuple[dict[str, np.ndarray], int, int]:
+    """Vectors of every chunk text the store will hold once `planned` is written, computed before
+    the write transaction opens: the index built after the commit then needs no model calls, so
+    the window in which the committed store and the old index differ stays short.
+
+    Kept chunks take their vectors from the current index, so only new and changed chunks are
+    embedded. Returns (text -> vector, texts embedded, texts reused)."""
     replaced = {p.old_id for p in planned if p.old_id is not None}
     kept = [text for text, doc_id in session.execute(select(Chunk.text, Chunk.document_id)) if doc_id not in replaced]
     texts = list(dict.fromkeys(kept + [c.text for p in planned for c in p.pieces]))
-    with reporter.task(f"embedding {len(texts)} chunks", len(texts)) as advance:
-        vectors = _CountingEmbedder(embedder, advance).embed(texts) if texts else []
-    return dict(zip(texts, vectors))
+    known = _current_vectors(project, session, embedder)
+    reused = sum(t in known for t in texts)
+    with reporter.task(f"embedding {len(texts) - reused} new chunks ({reused} kept)", len(texts)) as advance:
+        vectors = _CountingEmbedder(embedder, advance, known).embed(texts) if texts else []
+    return dict(zip(texts, vectors)), len(texts) - reused, reused
+
+
+def _current_vectors(project: Project, session: Session, embedder: Embedder) -> dict[str, np.ndarray]:
+    """Chunk text -> vector from the saved index, when that index is current (built by this
+    embedder from exactly the stored chunks, so each id's vector is its stored text's); else {}."""
+    if not (project.index_dir / "index.json").is_file():
+        return {}
+    rows = stored_chunks(session)
+    try:
+        index = HybridIndex.load(project.index_dir, embedder)
+    except Exception:  # unreadable or built with another embedder: embed everything
+        return {}
+    if index.content_hash != stored_chunks_hash(rows):
+        return {}
+    by_id = index.dense_vectors()
+    return {text: by_id[cid] for cid, _, text in rows if cid in by_id}
 
 
 def _write(session: Session, planned: list[_Planned]) -> None:
