@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,6 @@ from tuneloop.cli import quiet_libraries  # noqa: E402
 from tuneloop.config import load_project  # noqa: E402
 from tuneloop.models.registry import build_embedder  # noqa: E402
 from tuneloop.progress import SilentReporter  # noqa: E402
-from tuneloop.safety import safe_rmtree  # noqa: E402
 from tuneloop.settings_template import default_settings_yaml  # noqa: E402
 from tuneloop.stages.ingest import ingest_paths  # noqa: E402
 from tuneloop.store import Chunk, open_store  # noqa: E402
@@ -52,7 +52,7 @@ def timed_ingest(project, embedder, paths: list[Path]) -> dict:
 def scenario(folder: Path, embedder, first: list[Path], then: list[Path]) -> dict:
     """A fresh project: ingest `first`, then add `then` (empty: nothing more)."""
     if folder.exists():
-        safe_rmtree(folder, inside=folder.parent)
+        shutil.rmtree(folder)  # this bench's own project from an earlier run
     folder.mkdir(parents=True)
     (folder / "tuneloop.yaml").write_text(default_settings_yaml(folder.name))
     project = load_project(folder)

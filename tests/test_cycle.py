@@ -55,7 +55,7 @@ def test_one_full_cycle(project, fake_teacher, monkeypatch):
     assert (cycle.status, cycle.trigger) == ("done", "test") and cycle.finished_at is not None
     st = steps(p, cycle.id)
     assert list(st) == list(loop.STEPS) and all(status == "done" for status, _ in st.values())
-    assert st["ingest"][1] == {"added": 6, "changed": 0, "unchanged": 0}
+    assert st["ingest"][1] == {"added": 6, "changed": 0, "unchanged": 0, "embedded": 0, "reused": 0}  # BM25 only
     assert st["synth"][1]["kept"] > 0 and fake_teacher.calls > 0
     with open_store(p.store_url)() as s:
         versions = {v.name: v for v in s.scalars(select(ModelVersion))}
@@ -120,7 +120,7 @@ def test_two_cycles_chain_and_do_not_repeat_questions(project, monkeypatch):
     assert q1 and q2
     for q in q2:
         assert q not in q1 and rouge_l(q, q1) < p.settings.synth.rouge_threshold
-    assert steps(p, c2.id)["ingest"][1] == {"added": 0, "changed": 0, "unchanged": 6}
+    assert steps(p, c2.id)["ingest"][1] == {"added": 0, "changed": 0, "unchanged": 6, "embedded": 0, "reused": 0}
     assert steps(p, c2.id)["sft"][1]["parent"] == "v1"
     assert_no_duplicates(p)
 

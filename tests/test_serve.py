@@ -517,9 +517,9 @@ def test_cli_serve_runs_uvicorn_with_the_options(served, runner, monkeypatch):
 
 @pytest.mark.parametrize("pieces", [["  Yes", " it", " is ", " ", "\n"], ["\n", " ", "A"], [" ", ""], ["a b ", "c"]])
 def test_streamed_pieces_concatenate_to_the_stripped_reply(pieces):
-    from tuneloop.models.local import _stripped
+    from tuneloop.models.local import stripped
 
-    out = list(_stripped(iter(pieces)))
+    out = list(stripped(iter(pieces)))
     assert "".join(out) == "".join(pieces).strip() and all(out)
 
 

@@ -385,6 +385,6 @@ def test_a_local_model_stops_at_max_time(tiny_model_dir):
 
     model = LocalChatModel(tiny_model_dir, batch_size=1)
     prompt = [model.render([{"role": "user", "content": "Which law governs the supply agreement?"}])]
-    full = model._generate_ids(prompt, GenerationParams(max_new_tokens=64), seed=0)
-    cut = model._generate_ids(prompt, GenerationParams(max_new_tokens=64, max_time=1e-6), seed=0)
+    full = model.generate_ids(prompt, GenerationParams(max_new_tokens=64), seed=0)
+    cut = model.generate_ids(prompt, GenerationParams(max_new_tokens=64, max_time=1e-6), seed=0)
     assert full.shape[1] == 64 and cut.shape[1] <= 2

@@ -320,6 +320,10 @@ class ServeSettings(_Section):
     tokens_per_minute: int = Field(4096, ge=0)  # generated (completion) tokens
     max_tokens_limit: int = Field(512, ge=1)  # largest max_tokens a request may ask for (more: 422)
     generation_timeout_seconds: float = Field(60.0, gt=0)  # one generation stops here (answer cut, "length")
+    # Concurrent requests to one local model answered together, up to this many per batch
+    # (models/batching.py); 1: one at a time. A batch waits batch_wait_ms for requests sent together.
+    max_batch: int = Field(8, ge=1, le=256)
+    batch_wait_ms: float = Field(10.0, ge=0, le=1000)
 
 
 class FeedbackSettings(_Section):

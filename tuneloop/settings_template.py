@@ -119,6 +119,8 @@ serve:                   # `tuneloop serve`: OpenAI-compatible API, feedback API
   tokens_per_minute: 4096   # generated tokens per key (admin exempt; 0 = unlimited)
   max_tokens_limit: 512     # the largest max_tokens a request may ask for
   generation_timeout_seconds: 60  # a generation stops here; the answer so far is returned (finish_reason "length")
+  max_batch: 8           # concurrent requests to one local model answered together (1: one at a time)
+  batch_wait_ms: 10      # how long a batch waits for requests sent at the same moment
 
 feedback:
   rlaif_prompts: 32      # prompts per RLAIF run (recent interactions, then synthetic, then seed questions)

@@ -154,7 +154,7 @@ class LocalChatModel:
         def run() -> None:
             try:
                 with torch.inference_mode():
-                    self._generate_ids([self.render(conversation)], params, params.seed, streamer=streamer)
+                    self.generate_ids([self.render(conversation)], params, params.seed, streamer=streamer)
             except BaseException as err:  # noqa: BLE001 - re-raised in the consuming thread below
                 failure.append(err)
                 streamer.end()
@@ -162,18 +162,20 @@ class LocalChatModel:
         worker = threading.Thread(target=run, name="tuneloop-stream", daemon=True)
         worker.start()
         try:
-            yield from _stripped(streamer)
+            yield from stripped(streamer)
         finally:
             worker.join()
         if failure:
             raise failure[0]
 
     def _generate(self, prompts: list[str], params: GenerationParams, seed: int) -> list[str]:
-        new = self._generate_ids(prompts, params, seed)
+        new = self.generate_ids(prompts, params, seed)
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    def _generate_ids(self, prompts: list[str], params: GenerationParams, seed: int, streamer=None) -> torch.Tensor:
-        """Generated token ids (prompt removed) for a batch of rendered prompts."""
+    def generate_ids(self, prompts: list[str], params: GenerationParams, seed: int, streamer=None,
+                     stopping_criteria=None) -> torch.Tensor:
+        """Generated token ids (prompt removed) for a batch of rendered prompts; `streamer` gets each
+        step's tokens and `stopping_criteria` (a transformers StoppingCriteriaList) may end rows early."""
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         sample = params.temperature > 0
         torch.manual_seed(seed)
@@ -187,11 +189,12 @@ class LocalChatModel:
             pad_token_id=self.tokenizer.pad_token_id,
             streamer=streamer,
             max_time=params.max_time,  # transformers' MaxTimeCriteria: stop after this many seconds
+            stopping_criteria=stopping_criteria,
         )
         return out[:, enc["input_ids"].shape[1] :]
 
 
-def _stripped(pieces: Iterator[str]) -> Iterator[str]:
+def stripped(pieces: Iterator[str]) -> Iterator[str]:
     """Re-chunk text pieces so that they concatenate to `"".join(pieces).strip()`."""
     pending, started = "", False
     for text in pieces:

@@ -182,13 +182,21 @@ def _add_api_routes(app: FastAPI) -> None:
 
 
 async def _in_threads(events: Iterator[str], limiter: CapacityLimiter) -> AsyncIterator[str]:
-    """Iterate a blocking iterator on the generation threads (not the shared thread pool)."""
+    """Iterate a blocking iterator on the generation threads (not the shared thread pool).
+
+    When the client goes away the response task is cancelled here; the iterator is then closed
+    at once (not whenever it is garbage-collected), so its generation stops at its next step."""
     done = object()
-    while True:
-        event = await to_thread.run_sync(next, events, done, limiter=limiter)
-        if event is done:
-            return
-        yield event  # type: ignore[misc]
+    try:
+        while True:
+            event = await to_thread.run_sync(next, events, done, limiter=limiter)
+            if event is done:
+                return
+            yield event  # type: ignore[misc]
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # quick: it only signals the generating thread
 
 
 def _page(request: Request, name: str) -> FileResponse:

@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tuneloop.config import Project
 from tuneloop.errors import StateError
 from tuneloop.models.base import ChatModel, Embedder, GenerationParams, Message
+from tuneloop.models.batching import ModelWorker, batched
 from tuneloop.programs.decide import answer_conversations, decides, is_yes_no_question, threshold_of
 from tuneloop.programs.rag import Passage, Retriever, build_messages, rag_program_path, version_retriever_paths
 from tuneloop.store import ModelVersion
@@ -85,8 +87,9 @@ def count_usage(model: ChatModel, conversation: list[Message], reply: str) -> Us
 
 @dataclass
 class LoadedModel:
-    """One model version in memory. Local models are not thread-safe: one generation at a time
-    (token counting included: a fast tokenizer is not safe to share across threads either)."""
+    """One model version in memory. A local model is not thread-safe: one generation at a time,
+    unless it batches concurrent requests itself (`thread_safe`, models/batching.py); token counting
+    always takes the lock (a fast tokenizer is not safe to share across threads)."""
 
     version_id: int
     name: str
@@ -116,15 +119,22 @@ class LoadedModel:
                                      copy_min_overlap=self.copy_min_overlap if self.program is None else None)[0].text
         return reply if self.program is None else self.program.parse(reply)
 
-    def chat(self, question: str, passages: list[Passage], params: GenerationParams) -> tuple[str, Usage]:
-        """The answer to `question` from `passages`, exactly as eval answers it, and its usage."""
-        with self.lock:  # waits for the generations ahead; each stops at its own params.max_time
-            start = time.perf_counter()
-            reply = self._reply(question, passages, params)
-            seconds = time.perf_counter() - start
+    def _generating(self):
+        """Held while generating: the lock, or nothing for a model that batches concurrent callers."""
+        return nullcontext() if getattr(self.model, "thread_safe", False) else self.lock
+
+    def _usage(self, question: str, passages: list[Passage], reply: str, seconds: float) -> Usage:
+        with self.lock:
             usage = count_usage(self.model, self.conversation(question, passages), reply)
         usage.seconds = seconds
-        return reply, usage
+        return usage
+
+    def chat(self, question: str, passages: list[Passage], params: GenerationParams) -> tuple[str, Usage]:
+        """The answer to `question` from `passages`, exactly as eval answers it, and its usage."""
+        start = time.perf_counter()  # the deadline counts the wait for the generations ahead too
+        with self._generating():
+            reply = self._reply(question, passages, params)
+        return reply, self._usage(question, passages, reply, time.perf_counter() - start)
 
     def _pieces(self, question: str, passages: list[Passage], params: GenerationParams) -> Iterator[str]:
         """Streamed pieces; a reply that is decided, parsed or copied comes as one piece (`_generated`)."""
@@ -136,34 +146,45 @@ class LoadedModel:
                usage: Usage) -> Iterator[str]:
         """Reply pieces as they are generated; `usage` is filled in when the reply is complete.
 
-        A producer thread holds the lock for the whole generation and hands pieces over a queue,
-        so the lock is released even when the consumer (a client that disconnected) stops reading.
+        A producer thread generates (holding the lock, for a model that needs it) and hands pieces
+        over a queue, so the lock is released even when the consumer (a client that disconnected)
+        stops reading; the producer then stops at its next piece, which ends the request's row in
+        a shared batch.
         """
         pieces: queue.Queue[tuple[str, object]] = queue.Queue()
+        gone = threading.Event()
 
         def produce() -> None:
             try:
-                with self.lock:
-                    start, parts = time.perf_counter(), []
-                    for piece in self._pieces(question, passages, params):
+                start, parts = time.perf_counter(), []
+                with self._generating():
+                    generated = self._pieces(question, passages, params)
+                    for piece in generated:
                         parts.append(piece)
                         pieces.put(("piece", piece))
-                    seconds = time.perf_counter() - start
-                    done = count_usage(self.model, self.conversation(question, passages), "".join(parts))
+                        if gone.is_set():
+                            break
+                    close = getattr(generated, "close", None)
+                    if close is not None:
+                        close()
+                done = self._usage(question, passages, "".join(parts), time.perf_counter() - start)
                 usage.prompt_tokens, usage.completion_tokens, usage.seconds = (
-                    done.prompt_tokens, done.completion_tokens, seconds)
+                    done.prompt_tokens, done.completion_tokens, done.seconds)
                 pieces.put(("end", None))
             except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
                 pieces.put(("error", err))
 
         threading.Thread(target=produce, name=f"tuneloop-generate-{self.name}", daemon=True).start()
-        while True:
-            kind, value = pieces.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value  # type: ignore[misc]
-            yield value  # type: ignore[misc]
+        try:
+            while True:
+                kind, value = pieces.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value  # type: ignore[misc]
+                yield value  # type: ignore[misc]
+        finally:
+            gone.set()
 
 
 @dataclass(frozen=True)
@@ -173,14 +194,33 @@ class Served:
     champion: LoadedModel
     challenger: LoadedModel | None
     retriever: Retriever  # the champion's: its own fine-tuned index (stages/retriever.py), else the project's
-    retriever_lock: threading.Lock
+    worker: ModelWorker  # runs every model computation of the process (models/batching.py)
     index_stamp: int
     documents: frozenset[str]  # names retrieval can be restricted to
     retriever_paths: tuple[Path, Path] | None = None  # the champion's (embedder, index) folders; None: the project's
 
     def retrieve(self, question: str, document: str | None) -> list[Passage]:
-        with self.retriever_lock:  # tokenizers and embedders are not safe to share across threads
-            return self.retriever.retrieve(question, document)
+        # on the worker's thread: the query embedding is model computation, and embedders and
+        # tokenizers are not safe to share across threads
+        return self.worker.call(self.retriever.retrieve, question, document)
+
+
+def _on_fresh_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` run on a new thread that ends with it; its result, or its exception raised here."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread
+            out["error"] = err
+
+    thread = threading.Thread(target=run, name="tuneloop-load", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
 
 
 def _load_program(path: Path | None):
@@ -219,6 +259,8 @@ class ModelState:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failed: dict[int, float] = {}  # version id -> when loading it failed
+        serve = project.settings.serve
+        self.worker = ModelWorker(serve.max_batch, serve.batch_wait_ms / 1000)
 
     def current(self) -> Served:
         """The snapshot to answer with; also starts a background check when one is due."""
@@ -288,7 +330,9 @@ class ModelState:
         if old is not None and (_loaded_key(old.champion), _loaded_key(old.challenger), old.index_stamp) == (
                 _version_key(champ), _version_key(challenger), stamp):
             return True
-        self._served = self._build(old, champ, challenger, stamp, initial)  # the swap: one assignment
+        # the swap: one assignment. Loading runs on a thread that then ends, so the OpenMP team
+        # that loading (adapter merges, re-embedding an index) starts goes with it (models/batching.py)
+        self._served = _on_fresh_thread(self._build, old, champ, challenger, stamp, initial)
         if old is not None and old.champion.version_id != champ.id:
             log.info("now serving champion %s (was %s)", champ.name, old.champion.name)
         return True
@@ -306,7 +350,7 @@ class ModelState:
                 threshold = threshold_of(version.hyperparams)
                 if version.id in loaded:  # same model, new program or threshold: keep the model (and its lock)
                     return replace(loaded[version.id], program=program, yes_no_threshold=threshold)
-                model = self.model_factory(self.project, version)
+                model = batched(self.model_factory(self.project, version), self.worker)
             except Exception:
                 self._failed[version.id] = time.monotonic()
                 raise
@@ -316,9 +360,9 @@ class ModelState:
 
         paths = version_retriever_paths(champ)  # a challenger is answered from the champion's passages
         if old is not None and (old.index_stamp, old.retriever_paths) == (stamp, paths):
-            retriever, retriever_lock = old.retriever, old.retriever_lock
+            retriever = old.retriever
         else:  # first: a missing index fails before any model is loaded
-            retriever, retriever_lock = self._load_retriever(initial, champ), threading.Lock()
+            retriever = self._load_retriever(initial, champ)
         new_champion = get(champ)
         new_challenger = None
         if challenger is not None:
@@ -326,7 +370,7 @@ class ModelState:
                 new_challenger = get(challenger)
             except Exception:  # a broken candidate must not stop the champion from serving
                 log.exception("could not load challenger %s; serving without it", challenger.name)
-        return Served(new_champion, new_challenger, retriever, retriever_lock, stamp, frozenset(retriever.documents()),
+        return Served(new_champion, new_challenger, retriever, self.worker, stamp, frozenset(retriever.documents()),
                       paths)
 
     def _failed_recently(self, version_id: int) -> bool:
