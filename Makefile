@@ -72,9 +72,10 @@ bench-quality: venv
 	$(BIN)/python bench/quality.py
 
 # Speed (issue 18): tuneloop's SFT against TRL's SFTTrainer with its defaults, same rows and steps,
-# each arm in its own process, the same for DPO, then `make demo` timed; writes docs/benchmarks/speed.json (~20 min on 2 cores)
+# each arm in its own process, the same for DPO, then `make demo` timed, generation on its project,
+# serving 1 vs 8 clients and incremental ingest; writes docs/benchmarks/speed.json (~30 min on 2 cores)
 bench-speed: venv
-	$(BIN)/python bench/speed.py --dpo --demo --json-out docs/benchmarks/speed.json
+	$(BIN)/python bench/speed.py --dpo --demo --serve --ingest --json-out docs/benchmarks/speed.json
 
 # The continuous scenario (../shared/data/cuad-dev): new contract types arrive, a signal fires, a cycle
 # runs (30-55 min on 2 cores, 53.5 in the last run); then the focus diagnostic on its project (SFT on the new questions alone, ~18 min).

@@ -4,7 +4,9 @@ continuous batching (`model.generate_batch`, paged attention), on the prompts ev
 The prompts are a project's extraction questions (held-out and dev splits) with their retrieved
 passages (`programs/rag.build_messages`, ~400 tokens each), the model is the project's student
 (the built-in SmolLM2-135M-Instruct), greedy decoding, `--max-new-tokens` new tokens. Every way
-must give the same replies as one prompt at a time; the script counts them.
+must give the same replies as one prompt at a time; the script counts them. It also times the
+prefill alone (one forward pass per prompt, one at a time and in batches): no batching makes
+generation faster than one-at-a-time time / prefill time where the prefill is compute-bound.
 
     make demo
     .venv/bin/python bench/generation.py --project demo-project [--n 24] [--json-out docs/benchmarks/speed.json]
@@ -22,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import cuad  # noqa: E402
+import torch  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 from synth_throughput import timed  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
@@ -58,6 +61,16 @@ def prompts(project, n: int) -> list:
         return [build_messages(e.question, retriever.retrieve(e.question, e.document)) for e in questions]
 
 
+@torch.inference_mode()
+def prefill(model: LocalChatModel, convs: list, batch: int) -> None:
+    """One forward pass over every prompt (the LM head on the last position only), `batch` at a
+    time: the part of generation that batching cannot shorten where the prefill is compute-bound."""
+    for start in range(0, len(convs), batch):
+        enc = model.tokenizer([model.render(c) for c in convs[start : start + batch]], return_tensors="pt",
+                              padding=True, add_special_tokens=False)
+        model.model(**enc, logits_to_keep=1)
+
+
 def main() -> None:
     args = parse_args()
     quiet_libraries()
@@ -89,8 +102,15 @@ def main() -> None:
                                            "identical": sum(a == b for a, b in zip(single, replies))}
     for way in ways.values():
         way["speedup_vs_one_at_a_time"] = round(t_single / way["seconds"], 2)
+    model.set_attn_implementation("sdpa")
+    _, t_prefill_1 = timed(lambda: prefill(batched_model, convs, 1))
+    _, t_prefill_b = timed(lambda: prefill(batched_model, convs, args.batch))
+    bound = {"prefill_one_at_a_time_s": round(t_prefill_1, 1),
+             f"prefill_batches_of_{args.batch}_s": round(t_prefill_b, 1),
+             "max_speedup_if_decoding_were_free": round(t_single / min(t_prefill_1, t_prefill_b), 2)}
     result = {"generation_speedup_vs_naive": ways[f"tuneloop_batches_of_{args.batch}"]["speedup_vs_one_at_a_time"],
               "generation": {"prompts": len(convs), "max_new_tokens": args.max_new_tokens, "ways": ways,
+                             "prefill_bound": bound,
                              "machine": cuad.machine(),
                              "command": f"python bench/generation.py --project {args.project} --n {args.n}"}}
     print(json.dumps(result, indent=2))

@@ -197,10 +197,11 @@ def test_top_k_is_chosen_on_dev_by_the_candidates_answers_and_used_where_it_answ
         candidate = _candidate(s, champion, "v1")
         _dev_questions(s, 12)
         answers = {e.question: e.answer for e in s.scalars(select(Example).where(Example.split == "dev"))}
-        reader = OnePassageReader(answers)
-        monkeypatch.setattr("tuneloop.programs.scoring.build_chat_model", lambda *a, **k: reader)
+        reader, built = OnePassageReader(answers), []
+        monkeypatch.setattr("tuneloop.stages.retriever.build_chat_model", lambda *a, **k: built.append(a) or reader)
         r = tune_retriever(proj, s, candidate, champion, None, RecordingReporter(), cycle_id=1)
         assert sorted(set(reader.excerpts)) == [1, 2, 3]  # every dev question asked with 1, 2 and 3 passages
+        assert len(built) == 1  # the student is loaded once for the three top_k
         assert r["top_k_scores"] == {"1": 1.0, "2": 0.0, "3": 0.0} and r["top_k"] == 1 and r["top_k_p"] == 0.0
         assert version_top_k(candidate) == 1
         assert Retriever.for_version(proj, s, candidate, None).top_k == 1  # eval, the gate and serving
@@ -208,7 +209,7 @@ def test_top_k_is_chosen_on_dev_by_the_candidates_answers_and_used_where_it_answ
 
         # a reader that answers alike with any number of passages: no reason to move from ingest.top_k
         other = _candidate(s, champion, "v2")
-        monkeypatch.setattr("tuneloop.programs.scoring.build_chat_model",
+        monkeypatch.setattr("tuneloop.stages.retriever.build_chat_model",
                             lambda *a, **k: OnePassageReader(answers, distracted=False))
         r = tune_retriever(proj, s, other, champion, None, RecordingReporter(), cycle_id=2)
         assert r["top_k"] == 2 and r["top_k_p"] is None and Retriever.for_version(proj, s, other, None).top_k == 2

@@ -12,6 +12,7 @@ import numpy as np
 from tuneloop import metrics
 from tuneloop.config import Project
 from tuneloop.evalsets import references
+from tuneloop.models.base import ChatModel
 from tuneloop.models.registry import build_chat_model, generation_params
 from tuneloop.programs.rag import Retriever
 from tuneloop.programs.rag_dspy import make_answerer
@@ -21,13 +22,17 @@ from tuneloop.store import Example
 
 def score_examples(project: Project, adapter: Path | None, examples: list[Example], retriever: Retriever,
                    reporter: Reporter, program: Path | None = None,
-                   yes_no_threshold: float | None = None) -> tuple[list[dict], dict]:
+                   yes_no_threshold: float | None = None, model: ChatModel | None = None,
+                   semantic_similarity: bool = True) -> tuple[list[dict], dict]:
     """Answer `examples` with the retrieval-augmented student (`adapter` applied; `program`: a
     compiled DSPy RAG program, else the plain prompt deciding yes/no questions against
-    `yes_no_threshold`): per-item rows and the aggregate metrics.
-    Shared by the held-out eval and WiSE-FT's dev-set scoring."""
+    `yes_no_threshold`): per-item rows and the aggregate metrics. `model`: the student already
+    built with `adapter` (a caller scoring several times builds it once); `semantic_similarity`:
+    whether extraction items get that column (it embeds every prediction).
+    Shared by the held-out eval, WiSE-FT's dev-set scoring and the retriever step's top_k choice."""
     role = project.settings.models.student
-    answerer = make_answerer(retriever, build_chat_model(project, role, adapter), generation_params(role), program,
+    model = model if model is not None else build_chat_model(project, role, adapter)
+    answerer = make_answerer(retriever, model, generation_params(role), program,
                              yes_no_threshold, project.settings.answer.copy_threshold)
     answers = answerer.answer_many([(e.question, e.document) for e in examples], reporter, role.batch_size)
     items = []
@@ -41,7 +46,7 @@ def score_examples(project: Project, adapter: Path | None, examples: list[Exampl
                       **({"yes_no_margin": a.yes_no_margin} if a.yes_no_margin is not None else {}),
                       **metrics.score_item(a.text, refs)})
     embedder = getattr(retriever, "embedder", None)
-    if embedder is not None:
+    if embedder is not None and semantic_similarity:
         add_semantic_similarity(items, embedder)
     return items, metrics.aggregate(items)
 

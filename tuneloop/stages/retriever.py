@@ -48,6 +48,7 @@ from tuneloop.ingest.tune_embedder import finetune_embedder, training_pairs
 from tuneloop.models.base import Embedder
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.models.embed import LocalEmbedder
+from tuneloop.models.registry import build_chat_model
 from tuneloop.programs.rag import RETRIEVER_KEY, Retriever, rag_program_path
 from tuneloop.programs.scoring import score_examples
 from tuneloop.progress import Reporter
@@ -115,11 +116,12 @@ def choose_top_k(project: Project, session: Session, candidate: ModelVersion, em
                               f"({settings.min_dev_items}): ingest.top_k {default}"}
     retriever = Retriever.for_version(project, session, candidate, embedder)
     adapter = Path(candidate.adapter_path) if candidate.adapter_path else None
+    model = build_chat_model(project, project.settings.models.student, adapter)  # once for every top_k
     scored = {}
     for k in top_ks:
         reporter.log(f"retriever: answering {len(dev)} dev questions with {k} passage(s)")
         items, _ = score_examples(project, adapter, dev, retriever.with_top_k(k), reporter,
-                                  rag_program_path(candidate), 0.0)
+                                  rag_program_path(candidate), 0.0, model=model, semantic_similarity=False)
         scored[k] = metrics.score_items(items)
 
     def value(k: int):
