@@ -281,6 +281,13 @@ def update_markdown(path: Path, section: str, tag: str = "cuad") -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def merge_json(path: Path, result: dict) -> None:
+    """Write `result`'s keys into the JSON file at `path`, keeping its other keys (one file, many benches)."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**old, **result}, indent=2) + "\n")
+
+
 def machine() -> str:
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
             f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}")

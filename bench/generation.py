@@ -115,8 +115,7 @@ def main() -> None:
                              "command": f"python bench/generation.py --project {args.project} --n {args.n}"}}
     print(json.dumps(result, indent=2))
     if args.json_out:
-        old = json.loads(args.json_out.read_text()) if args.json_out.exists() else {}
-        args.json_out.write_text(json.dumps({**old, **result}, indent=2) + "\n")
+        cuad.merge_json(args.json_out, result)
 
 
 if __name__ == "__main__":

@@ -212,8 +212,7 @@ def main() -> None:
     if any(a[p]["errors"] for a in arms for p in ("one_client", "many_clients")):
         raise SystemExit("some requests failed (see errors above)")
     if args.json_out:
-        old = json.loads(args.json_out.read_text()) if args.json_out.exists() else {}
-        args.json_out.write_text(json.dumps({**old, **result}, indent=2) + "\n")
+        cuad.merge_json(args.json_out, result)
 
 
 if __name__ == "__main__":

@@ -303,8 +303,7 @@ def main() -> None:
         result = cuda_run(args, arm, child)
         print(json.dumps(result, indent=2))
         if args.json_out:
-            old = json.loads(args.json_out.read_text()) if args.json_out.exists() else {}
-            args.json_out.write_text(json.dumps({**old, "cuda": result}, indent=2) + "\n")
+            cuad.merge_json(args.json_out, {"cuda": result})
         return
 
     arms = {name: arm(name, "sft") for name in ARMS}
@@ -341,9 +340,7 @@ def main() -> None:
     for a in ARMS:
         print(f"{a}: loss curve {[round(x, 3) for x in arms[a]['loss_curve']]}")
     if args.json_out:
-        old = json.loads(args.json_out.read_text()) if args.json_out.exists() else {}
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps({**old, **result}, indent=2) + "\n")
+        cuad.merge_json(args.json_out, result)
 
 
 if __name__ == "__main__":

@@ -210,3 +210,15 @@ def test_calls_run_on_the_worker_thread_between_generation_steps(local, monkeypa
     with pytest.raises(ZeroDivisionError):
         worker.call(lambda: 1 / 0)
     assert worker.call(lambda x: x + 1, 41) == 42
+
+
+def test_a_fault_in_the_scheduler_fails_its_callers_and_the_next_request_is_served(local, monkeypatch):
+    worker = ModelWorker(8, 0.0)
+    model = BatchingChatModel(local, worker)
+    monkeypatch.setattr(worker, "_take", lambda: (_ for _ in ()).throw(RuntimeError("scheduler fault")))
+    with pytest.raises(RuntimeError, match="scheduler fault"):
+        model.chat([conv(0)], GenerationParams(max_new_tokens=2))
+    monkeypatch.undo()
+    assert not worker.running
+    two = GenerationParams(max_new_tokens=2)
+    assert model.chat([conv(0)], two)[0] == local.chat([conv(0)], two)[0]

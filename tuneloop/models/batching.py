@@ -38,6 +38,7 @@ when it is alone in its batch (greedy replies do not depend on it).
 from __future__ import annotations
 
 import copy
+import logging
 import queue
 import threading
 import time
@@ -52,6 +53,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from tuneloop.models.base import ChatModel, GenerationParams, Message
 from tuneloop.models.local import LocalChatModel, stripped
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -175,6 +178,20 @@ class ModelWorker:
                 self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as err:  # a fault here must not leave callers waiting for ever
+            with self._lock:
+                self._thread = None  # the next job starts a new thread
+                waiting, self._pending = self._pending, []
+                while not self._queue.empty():
+                    waiting.append(self._queue.get_nowait())
+            for item in waiting:
+                if not item.future.done():
+                    item.future.set_exception(err)
+            log.exception("the model worker failed; the requests waiting on it got the error")
+
+    def _serve(self) -> None:
         """Answer batches while jobs wait; end when none is left (started again by `_put`)."""
         while True:
             self._take()
