@@ -1,7 +1,6 @@
 """In-process chat generation with transformers (optionally with a LoRA adapter)."""
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -137,36 +136,6 @@ class LocalChatModel:
 
         run()
         return out
-
-    def stream(self, conversation: list[Message], params: GenerationParams) -> Iterator[str]:
-        """Yield the reply to one conversation piece by piece as it is generated.
-
-        Uses transformers' TextIteratorStreamer with generate() in a worker thread. The pieces
-        concatenate to the stripped reply, the same text `chat` returns for this conversation
-        (leading whitespace is dropped, trailing whitespace is held back until more text follows).
-        Not thread-safe: callers serialise access to one model, as with `chat`.
-        """
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    self.generate_ids([self.render(conversation)], params, params.seed, streamer=streamer)
-            except BaseException as err:  # noqa: BLE001 - re-raised in the consuming thread below
-                failure.append(err)
-                streamer.end()
-
-        worker = threading.Thread(target=run, name="tuneloop-stream", daemon=True)
-        worker.start()
-        try:
-            yield from stripped(streamer)
-        finally:
-            worker.join()
-        if failure:
-            raise failure[0]
 
     def _generate(self, prompts: list[str], params: GenerationParams, seed: int) -> list[str]:
         new = self.generate_ids(prompts, params, seed)
