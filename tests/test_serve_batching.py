@@ -10,11 +10,12 @@ import pytest
 from sqlalchemy import select
 
 from tests.helpers import ingest_project
-from tests.test_serve import CLIENT, CLIENT_KEY, keys, live_server, wait_for  # noqa: F401 - keys is a fixture
+from tests.test_serve import CLIENT, CLIENT_KEY, add_version, keys, live_server, wait_for  # noqa: F401 - a fixture
 from tuneloop.models import batching
 from tuneloop.models.batching import BatchingChatModel
 from tuneloop.serve import create_app
 from tuneloop.store import Interaction, open_store
+from tuneloop.versions import ensure_base_version
 
 QUESTIONS = ["Which law governs the supply agreement?", "What notice ends the office lease?",
              "Who pays for delivery of the goods?", "How long does the confidentiality obligation last?",
@@ -101,3 +102,45 @@ def test_a_client_that_disconnects_mid_stream_does_not_stall_the_others(app_and_
     assert len(steps) < 200  # the abandoned 400-token row ended soon after its client left
     after = ask(client, QUESTIONS[2], 4)  # the server still answers
     assert after.choices[0].message.content and after.usage.completion_tokens <= 4
+
+
+def test_ab_answers_from_two_models_share_the_one_model_thread(project, keys, monkeypatch):  # noqa: F811
+    """Champion and challenger (here the same weights) answer concurrent A/B requests on the one
+    worker; batches never mix the two models, and each arm's answer is its model's own."""
+    proj = project(overrides={"serve": {"batch_wait_ms": 300, "requests_per_minute": 0, "tokens_per_minute": 0},
+                              "answer": {"copy_spans": False}}, pairs=False)
+    ingest_project(proj)
+    with open_store(proj.store_url)() as s:
+        ensure_base_version(proj, s)
+        s.commit()
+    add_version(proj, "v1", "candidate")
+    app = create_app(proj)
+    served = app.state.models.current()
+    assert served.challenger is not None and served.champion.model.worker is served.challenger.model.worker
+    batches: list[set[int]] = []
+    real = batching.BatchingChatModel.answer
+    monkeypatch.setattr(batching.BatchingChatModel, "answer",
+                        lambda self, batch, between: batches.append({id(self), *(id(r.model) for r in batch)})
+                        or real(self, batch, between))
+    with live_server(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=60)
+        alone = ask(client, QUESTIONS[0], 6).choices[0].message.content
+        replies: list = [None] * 3
+        barrier = threading.Barrier(3)
+
+        def one(i: int) -> None:
+            own = openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=60)
+            barrier.wait()
+            replies[i] = own.chat.completions.create(model="tuneloop", max_tokens=6, extra_body={"ab": True},
+                                                     messages=[{"role": "user", "content": QUESTIONS[0]}])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    for r in replies:
+        assert [c.message.content for c in r.choices] == [alone, alone]  # both arms, the same weights
+        assert r.model_extra["ab_pair"]
+    assert batches and all(len(models) == 1 for models in batches)  # one model per batch
+    assert set().union(*batches) == {id(served.champion.model), id(served.challenger.model)}  # both answered
