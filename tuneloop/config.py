@@ -404,6 +404,30 @@ class PromptsSettings(_Section):
     allow_local: bool = False  # a local student too (only one that follows DSPy's [[ ## field ## ]] format)
 
 
+class ComputeSettings(_Section):
+    """Where the heavy steps run: in this process (`local`, the default) or on a Ray cluster
+    (`ray`, the `tuneloop[ray]` extra; tuneloop/compute/). Every node must reach the project's
+    artifacts folder (a shared filesystem path)."""
+
+    engine: Literal["local", "ray"] = "local"
+    # "": a local Ray started by tuneloop; "auto": the cluster this machine belongs to;
+    # "HOST:PORT" (a head node's GCS) or "ray://HOST:PORT" (Ray Client)
+    address: str = ""
+    workers: int = Field(2, ge=1, le=4_096)  # actors (or training workers) per step
+    cpus_per_worker: float = Field(1.0, gt=0, le=1_024)
+    gpus_per_worker: float = Field(0.0, ge=0, le=64)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        v = v.strip()
+        host_port = v.removeprefix("ray://")
+        if v in ("", "auto") or (host_port.rpartition(":")[0] and host_port.rpartition(":")[2].isdigit()):
+            return v
+        raise ValueError(f"{v!r} is not a Ray address: use '' (a local Ray), 'auto', 'HOST:PORT' or "
+                         "'ray://HOST:PORT'")
+
+
 class Settings(_Section):
     """All settings of one project. Paths are relative to the project folder."""
 
@@ -426,6 +450,7 @@ class Settings(_Section):
     feedback: FeedbackSettings = FeedbackSettings()
     monitor: MonitorSettings = MonitorSettings()
     prompts: PromptsSettings = PromptsSettings()
+    compute: ComputeSettings = ComputeSettings()
 
     @field_validator("store_url")
     @classmethod

@@ -163,6 +163,13 @@ prompts:                 # cycle step `prompts`: compile the student's RAG promp
   max_bootstrapped_demos: 4
   max_labeled_demos: 4
   allow_local: false     # endpoints only: small local models cannot follow DSPy's field format
+
+compute:                 # where the heavy steps run (`pip install 'tuneloop[ray]'` for ray)
+  engine: local          # local (this process) | ray (a Ray cluster; every node must reach artifacts_dir)
+  address: ""            # "": a local Ray started by tuneloop | auto | HOST:PORT | ray://HOST:PORT
+  workers: 2             # actors or training workers per step
+  cpus_per_worker: 1
+  gpus_per_worker: 0
 """
 
 

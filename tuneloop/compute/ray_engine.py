@@ -1,0 +1,94 @@
+"""The Ray side of `compute.engine: ray`: connecting to a cluster, and mapping items over a pool
+of actors that each load their model once (Ray Data).
+
+Ray Data's actor-pool API has changed across releases (`compute=ActorPoolStrategy(...)` replaced
+the `concurrency=` argument, deprecated since Ray 2.51); `map_with_actors` is the one place that
+calls it. Results come back to the driver in input order: the driver alone writes the store.
+
+The dashboard is never started (`include_dashboard=False`): it has had remote-code CVEs, and a
+cluster's own dashboard should stay bound to localhost (README, "Running on a cluster").
+"""
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from tuneloop.config import ComputeSettings
+from tuneloop.errors import ConfigError
+
+try:
+    import ray
+    import ray.data
+except ImportError as exc:  # the `ray` extra is not installed
+    raise ConfigError("compute.engine: ray needs Ray: pip install 'tuneloop[ray]'") from exc
+
+INDEX = "__tuneloop_index"  # the column that carries each item's position through the pool
+CONNECT_TIMEOUT_S = 5.0
+
+
+def connect(settings: ComputeSettings) -> None:
+    """Join the cluster at `compute.address`, or start a local Ray with the CPUs that
+    `workers` x `cpus_per_worker` need (address ""). A second call in the process does nothing."""
+    if ray.is_initialized():
+        return
+    context = ray.data.DataContext.get_current()  # the driver's output is tuneloop's progress, not Ray's
+    context.enable_progress_bars, context.print_on_execution_start = False, False
+    address = settings.address
+    if address not in ("", "auto"):
+        _check_reachable(address)
+    try:
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(num_cpus=max(1, round(settings.workers * settings.cpus_per_worker)),
+                     num_gpus=round(settings.workers * settings.gpus_per_worker),
+                     include_dashboard=False, log_to_driver=False)
+    except ConnectionError as exc:
+        raise ConfigError(f"compute.address {address!r}: no Ray cluster could be joined ({exc})") from None
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, with the setting named, when nothing listens at HOST:PORT (Ray itself
+    retries for a minute before it gives up)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"compute.address {address!r}: no Ray cluster answers there ({exc.strerror or exc})") \
+            from None
+
+
+def map_with_actors(items: list[dict[str, Any]], actor: type, actor_args: tuple, settings: ComputeSettings,
+                    batch_size: int = 16) -> list[dict[str, Any]]:
+    """`actor(*actor_args)` built once in each of `compute.workers` actors (each with
+    `cpus_per_worker` and `gpus_per_worker`), called on batches of `items` (a dict of columns in,
+    a dict of columns out, one value per row); each item with the actor's columns added, in the
+    order of `items`."""
+    if not items:
+        return []
+    rows = [{**item, INDEX: i} for i, item in enumerate(items)]
+    dataset = ray.data.from_items(rows).map_batches(
+        _Indexed, fn_constructor_args=(actor, actor_args), batch_size=batch_size, batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=settings.workers),
+        num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker)
+    out = sorted(dataset.take_all(), key=lambda row: row[INDEX])
+    if [row[INDEX] for row in out] != list(range(len(items))):
+        raise RuntimeError(f"Ray returned {len(out)} rows for {len(items)} items (lost or duplicated rows)")
+    return [{k: v for k, v in row.items() if k != INDEX} for row in out]
+
+
+class _Indexed:
+    """Wraps the user's actor: passes the index column through, hands the rest to the actor."""
+
+    def __init__(self, actor: type, actor_args: tuple) -> None:
+        self.inner: Callable[[dict[str, list]], dict[str, list]] = actor(*actor_args)
+
+    def __call__(self, batch):
+        columns = {c: batch[c].tolist() for c in batch.columns if c != INDEX}
+        result = self.inner(columns)
+        out = batch.copy()
+        for name, values in result.items():
+            out[name] = list(values)
+        return out
