@@ -86,3 +86,23 @@ def test_a_cycle_with_the_ray_engine_is_refused_until_a_step_runs_there(project)
         loop.run_cycle(p, SilentReporter())
     with open_store(p.store_url)() as s:
         assert s.query(Cycle).count() == 0  # refused before anything was written
+
+
+class DiesOnce:
+    """Kills its own process on its first batch (once per test, marked by a file): a worker lost mid-map."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return {"out": [x + 1 for x in batch["x"]]}
+
+
+def test_an_actor_killed_mid_map_is_replaced_and_no_item_is_lost_or_doubled(cluster, tmp_path):
+    items = [{"x": i} for i in range(24)]
+    rows = ray_engine.map_with_actors(items, DiesOnce, (str(tmp_path / "died"),), cluster, batch_size=4)
+    assert (tmp_path / "died").exists()  # an actor did die
+    assert [r["out"] for r in rows] == [i + 1 for i in range(24)]
