@@ -421,11 +421,16 @@ class ComputeSettings(_Section):
     @classmethod
     def _address(cls, v: str) -> str:
         v = v.strip()
-        host_port = v.removeprefix("ray://")
-        if v in ("", "auto") or (host_port.rpartition(":")[0] and host_port.rpartition(":")[2].isdigit()):
+        if v in ("", "auto") or ray_host_port(v) is not None:
             return v
         raise ValueError(f"{v!r} is not a Ray address: use '' (a local Ray), 'auto', 'HOST:PORT' or "
                          "'ray://HOST:PORT'")
+
+
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a `compute.address` of the form HOST:PORT or ray://HOST:PORT; else None."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
 
 
 class Settings(_Section):

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from tuneloop.config import ComputeSettings
+from tuneloop.config import ComputeSettings, ray_host_port
 from tuneloop.errors import ConfigError
 
 try:
@@ -51,9 +51,10 @@ def connect(settings: ComputeSettings) -> None:
 def _check_reachable(address: str) -> None:
     """Fail in seconds, with the setting named, when nothing listens at HOST:PORT (Ray itself
     retries for a minute before it gives up)."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host_port = ray_host_port(address)
+    assert host_port is not None, address  # the settings accept no other form
     try:
-        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+        with socket.create_connection(host_port, timeout=CONNECT_TIMEOUT_S):
             pass
     except OSError as exc:
         raise ConfigError(f"compute.address {address!r}: no Ray cluster answers there ({exc.strerror or exc})") \

@@ -100,8 +100,9 @@ class _Request:
 
 
 class _RowRouter(BaseStreamer):
-    """Hands each generation step's token of row i to request i, ends rows that are done, and
-    between two steps lets the worker run waiting calls (`between_steps`)."""
+    """Hands each generation step's token of row i to request i, ends a row at its end of
+    sequence, and between two steps lets the worker run waiting calls (`between_steps`); rows
+    past their limit or deadline are ended right after by `_RowsDone`."""
 
     def __init__(self, rows: list[_Request], eos_ids: set[int], finish, between_steps) -> None:
         self.rows, self.eos_ids, self.finish, self.between_steps = rows, eos_ids, finish, between_steps
@@ -112,7 +113,6 @@ class _RowRouter(BaseStreamer):
         if not self.prompt_seen:  # generate() puts the prompt ids first
             self.prompt_seen = True
             return
-        now = time.monotonic()
         for row, token in zip(self.rows, value.reshape(-1).tolist()):
             if row.done:
                 continue
@@ -122,15 +122,14 @@ class _RowRouter(BaseStreamer):
             row.tokens.append(token)
             if row.streamer is not None:
                 row.streamer.put(torch.tensor([token]))
-            if row.should_stop(now):
-                self.finish(row)
 
     def end(self) -> None:
         pass
 
 
 class _RowsDone(StoppingCriteria):
-    """Per-row stopping: a row is done when its request is (also a client gone between steps)."""
+    """Per-row stopping, after each step's tokens are routed: a row ends at its own limit, at its
+    deadline, or when its client has gone."""
 
     def __init__(self, rows: list[_Request], finish) -> None:
         self.rows, self.finish = rows, finish
@@ -167,10 +166,11 @@ class ModelWorker:
         if threading.current_thread() is self._thread:
             return fn(*args)
         job = _Call(fn, args)
-        self._put(job)
+        self.submit(job)
         return job.future.result()
 
-    def _put(self, item: _Call | _Request) -> None:
+    def submit(self, item: _Call | _Request) -> None:
+        """Queue a call or a request, starting the thread when none runs."""
         with self._lock:
             self._queue.put(item)
             if self._thread is None:
@@ -192,7 +192,7 @@ class ModelWorker:
             log.exception("the model worker failed; the requests waiting on it got the error")
 
     def _serve(self) -> None:
-        """Answer batches while jobs wait; end when none is left (started again by `_put`)."""
+        """Answer batches while jobs wait; end when none is left (started again by `submit`)."""
         while True:
             self._take()
             if not self._pending:
@@ -261,7 +261,7 @@ class BatchingChatModel:
         request.future.result()  # re-raises a failed generation
 
     def _submit(self, request: _Request) -> _Request:
-        self.worker._put(request)
+        self.worker.submit(request)
         return request
 
     # ------------------------------------------------------------------ on the worker thread

@@ -105,17 +105,24 @@ def _embed_new_state(project: Project, session: Session, planned: list[_Planned]
 def _current_vectors(project: Project, session: Session, embedder: Embedder) -> dict[str, np.ndarray]:
     """Chunk text -> vector from the saved index, when that index is current (built by this
     embedder from exactly the stored chunks, so each id's vector is its stored text's); else {}."""
-    if not (project.index_dir / "index.json").is_file():
-        return {}
     rows = stored_chunks(session)
-    try:
-        index = HybridIndex.load(project.index_dir, embedder)
-    except Exception:  # unreadable or built with another embedder: embed everything
-        return {}
-    if index.content_hash != stored_chunks_hash(rows):
+    index = _current_index(project, rows, embedder)
+    if index is None:
         return {}
     by_id = index.dense_vectors()
     return {text: by_id[cid] for cid, _, text in rows if cid in by_id}
+
+
+def _current_index(project: Project, rows: list[tuple[int, str, str]], embedder: Embedder | None) -> HybridIndex | None:
+    """The saved index when it is readable, built with `embedder` and from exactly `rows` (the
+    stored chunks: its content hash matches); else None."""
+    if not (project.index_dir / "index.json").is_file():
+        return None
+    try:
+        index = HybridIndex.load(project.index_dir, embedder)
+    except Exception:  # unreadable or built with another embedder
+        return None
+    return index if index.content_hash == stored_chunks_hash(rows) else None
 
 
 def _write(session: Session, planned: list[_Planned]) -> None:
@@ -148,12 +155,8 @@ def ensure_index(project: Project, session: Session, embedder: Embedder | None, 
     ids, documents, texts = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
     if (project.index_dir / "index.json").is_file():
         project.index_dir.chmod(0o700)  # one an older version saved with the umask's mode
-        try:
-            current = HybridIndex.load(project.index_dir, embedder)
-            if current.content_hash == stored_chunks_hash(rows):
-                return False
-        except Exception:  # unreadable or built with another embedder: rebuild below
-            pass
+    if _current_index(project, rows, embedder) is not None:
+        return False
     kind = "BM25 + dense" if embedder is not None else "BM25"
     with reporter.task(f"indexing {len(ids)} chunks ({kind})", len(ids)) as advance:
         counted = _CountingEmbedder(embedder, advance, vectors) if embedder is not None else None
