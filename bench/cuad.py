@@ -27,6 +27,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -286,6 +287,18 @@ def merge_json(path: Path, result: dict) -> None:
     old = json.loads(path.read_text()) if path.exists() else {}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**old, **result}, indent=2) + "\n")
+
+
+def peak_rss_mib(pid: int | None = None) -> int | None:
+    """Peak resident memory of this process (or of process `pid`, still running), MiB; None where
+    /proc is not there to read another process's."""
+    if pid is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) // 1024 for line in status.splitlines() if line.startswith("VmHWM:")), None)
 
 
 def machine() -> str:

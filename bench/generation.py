@@ -110,7 +110,7 @@ def main() -> None:
              "max_speedup_if_decoding_were_free": round(t_single / min(t_prefill_1, t_prefill_b), 2)}
     result = {"generation_speedup_vs_naive": ways[f"tuneloop_batches_of_{args.batch}"]["speedup_vs_one_at_a_time"],
               "generation": {"prompts": len(convs), "max_new_tokens": args.max_new_tokens, "ways": ways,
-                             "prefill_bound": bound,
+                             "prefill_bound": bound, "peak_rss_mib": cuad.peak_rss_mib(),
                              "machine": cuad.machine(),
                              "command": f"python bench/generation.py --project {args.project} --n {args.n}"}}
     print(json.dumps(result, indent=2))

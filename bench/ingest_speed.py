@@ -78,6 +78,7 @@ def run(data: Path, workdir: Path) -> dict:
     scratch = result["all_60_from_scratch"]["seconds"]
     result["add_1_speedup_vs_rebuild"] = round(scratch / result["add_1"]["added"]["seconds"], 1)
     result["add_40_speedup_vs_rebuild"] = round(scratch / result["add_40"]["added"]["seconds"], 2)
+    result["peak_rss_mib"] = cuad.peak_rss_mib()
     return result
 
 

@@ -166,11 +166,12 @@ def arm(folder: Path, max_batch: int, asked: list[dict], per_client: list[list[d
         phase(url, keys[:1], [asked[-2:]])  # warm-up: the first requests warm the model
         single = phase(url, keys[:1], [[item for qs in per_client for item in qs][: requests * 2]])
         many = phase(url, keys, per_client)
+        server_rss = cuad.peak_rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     same = sum(a == b for a, b in zip(single.pop("replies")[0], many.pop("replies")[0]))
-    return {"max_batch": max_batch, "one_client": single, "many_clients": many,
+    return {"max_batch": max_batch, "one_client": single, "many_clients": many, "server_peak_rss_mib": server_rss,
             "throughput_ratio": round(many["answers_per_minute"] / single["answers_per_minute"], 2),
             "p99_many_over_p50_one": round(many["latency_s"]["p99"] / single["latency_s"]["p50"], 2),
             "first_client_replies_identical": f"{same}/{len(per_client[0])}"}

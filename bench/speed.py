@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -185,7 +184,7 @@ def run_arm(arm: str, method: str, rows_path: Path, steps: int, work: Path, devi
             "rows": len(rows), "tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1), "loss_curve": losses,
             "final_loss": round(mean_loss(trainer), 5) if method == "sft" else None,
-            "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads(),
+            "peak_rss_mib": cuad.peak_rss_mib(), "threads": torch.get_num_threads(),
             "lora": lora.model_dump(include={"r", "alpha", "dropout"}), "device": policy.device,
             "dtype": str(policy.dtype).removeprefix("torch."),
             "peak_gpu_mib": torch.cuda.max_memory_allocated() // 2**20 if policy.device == "cuda" else None}
@@ -270,10 +269,6 @@ def other_bench(args, script: str, *flags: str) -> dict:
     subprocess.run([sys.executable, str(Path(__file__).parent / script), *flags, "--json-out", str(out)],
                    check=True, capture_output=True, text=True)
     return json.loads(out.read_text())
-
-
-def peak_rss_mib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 def main() -> None:
