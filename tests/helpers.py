@@ -260,10 +260,10 @@ def use_teacher(monkeypatch, teacher: Any) -> None:
 
     real = registry.build_chat_model
 
-    def build(project, role, adapter=None):
+    def build(project, role, adapter=None, engine=None):
         if role is project.settings.models.teacher:
             return teacher
-        return real(project, role, adapter)
+        return real(project, role, adapter, engine)
 
     monkeypatch.setattr(registry, "build_chat_model", build)
 

@@ -416,6 +416,11 @@ class ComputeSettings(_Section):
     workers: int = Field(2, ge=1, le=4_096)  # actors (or training workers) per step
     cpus_per_worker: float = Field(1.0, gt=0, le=1_024)
     gpus_per_worker: float = Field(0.0, ge=0, le=64)
+    # a model call with fewer items runs in this process: a Ray job costs seconds of actor start
+    # and model load (a DSPy optimiser's single prompts, a reward computed during training)
+    min_items: int = Field(32, ge=1)
+    # where Ray Train keeps checkpoints: a folder every node reaches ("": <project>/runs/ray)
+    storage: str = ""
 
     @field_validator("address")
     @classmethod

@@ -91,13 +91,30 @@ def batched_chat(model, conversations, params, reporter: Reporter, description: 
     """Run `model.chat` in batches so the progress bar moves as answers come back.
 
     `batch` is the role's batch_size: "auto" steps by 32 (the model still picks its own
-    generate() batch inside each step).
+    generate() batch inside each step). A pooled model (`compute.engine: ray`) gets every
+    conversation in one call, cut into the same steps on the cluster, and moves the bar itself.
     """
     step = AUTO_BATCH if batch == "auto" else int(batch)
     replies: list[str] = []
     with reporter.task(description, len(conversations)) as advance:
+        if getattr(model, "pooled", False):
+            return model.chat(conversations, params, step=step, advance=advance)
         for start in range(0, len(conversations), step):
             part = conversations[start : start + step]
             replies.extend(model.chat(part, replace(params, seed=params.seed + start)))
             advance(len(part))
     return replies
+
+
+def batched_margins(model, conversations, reporter: Reporter, description: str, step: int = AUTO_BATCH
+                    ) -> list[float]:
+    """`model.yes_no_margins` over `conversations` in steps, with progress (pooled: one call)."""
+    margins: list[float] = []
+    with reporter.task(description, len(conversations)) as advance:
+        if getattr(model, "pooled", False):
+            return model.yes_no_margins(conversations, step=step, advance=advance)
+        for start in range(0, len(conversations), step):
+            part = conversations[start : start + step]
+            margins.extend(model.yes_no_margins(part))
+            advance(len(part))
+    return margins

@@ -62,19 +62,27 @@ def _check_reachable(address: str) -> None:
 
 
 def map_with_actors(items: list[dict[str, Any]], actor: type, actor_args: tuple, settings: ComputeSettings,
-                    batch_size: int = 16) -> list[dict[str, Any]]:
+                    batch_size: int = 16, on_row: Callable[[dict[str, Any]], None] | None = None
+                    ) -> list[dict[str, Any]]:
     """`actor(*actor_args)` built once in each of `compute.workers` actors (each with
     `cpus_per_worker` and `gpus_per_worker`), called on batches of `items` (a dict of columns in,
     a dict of columns out, one value per row); each item with the actor's columns added, in the
-    order of `items`."""
+    order of `items`. `on_row` sees each finished row as it streams back (progress)."""
     if not items:
         return []
+    connect(settings)
     rows = [{**item, INDEX: i} for i, item in enumerate(items)]
-    dataset = ray.data.from_items(rows).map_batches(
+    blocks = -(-len(rows) // batch_size)  # a block per batch: every actor of the pool gets work
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         _Indexed, fn_constructor_args=(actor, actor_args), batch_size=batch_size, batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=settings.workers),
         num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker)
-    out = sorted(dataset.take_all(), key=lambda row: row[INDEX])
+    out = []
+    for row in dataset.iter_rows():  # streamed: rows arrive while other batches still run
+        out.append(row)
+        if on_row is not None:
+            on_row(row)
+    out.sort(key=lambda row: row[INDEX])
     if [row[INDEX] for row in out] != list(range(len(items))):
         raise RuntimeError(f"Ray returned {len(out)} rows for {len(items)} items (lost or duplicated rows)")
     return [{k: v for k, v in row.items() if k != INDEX} for row in out]

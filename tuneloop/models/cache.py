@@ -46,22 +46,31 @@ class CachedChatModel:
         self.calls = 0  # conversations sent to the wrapped model
         self.hits = 0  # conversations answered from the cache
 
-    def chat(self, conversations: Sequence[list[Message]], params: GenerationParams) -> list[str]:
-        keys = [request_key(self.name, conv, params) for conv in conversations]
-        return self._through_cache(keys, conversations, lambda convs: self.wrapped.chat(convs, params))
+    @property
+    def pooled(self) -> bool:
+        """Whether the wrapped model takes a whole step's items at once (`progress.batched_chat`)."""
+        return getattr(self.wrapped, "pooled", False)
 
-    def yes_no_margins(self, conversations: Sequence[list[Message]]) -> list[float]:
+    def chat(self, conversations: Sequence[list[Message]], params: GenerationParams, **pool) -> list[str]:
+        """`pool` (step, advance) goes to a pooled wrapped model; cache hits advance at once."""
+        keys = [request_key(self.name, conv, params) for conv in conversations]
+        return self._through_cache(keys, conversations, lambda convs: self.wrapped.chat(convs, params, **pool), pool)
+
+    def yes_no_margins(self, conversations: Sequence[list[Message]], **pool) -> list[float]:
         """The wrapped model's first-token Yes/No margins (`programs/decide.py`), cached like replies."""
         keys = ["yes-no:" + request_key(self.name, conv, GenerationParams(max_new_tokens=1)) for conv in conversations]
         return self._through_cache(keys, conversations,
-                                   lambda convs: [float(m) for m in self.wrapped.yes_no_margins(convs)])  # type: ignore[attr-defined]
+                                   lambda convs: [float(m) for m in self.wrapped.yes_no_margins(convs, **pool)],  # type: ignore[attr-defined]
+                                   pool)
 
-    def _through_cache(self, keys: list[str], conversations: Sequence[list[Message]], compute) -> list:
+    def _through_cache(self, keys: list[str], conversations: Sequence[list[Message]], compute, pool: dict) -> list:
         """The cached value of each key; the misses computed by `compute(conversations)` in one call
         and written in one transaction before anything else can fail."""
         values: list = [self.store.get(k) for k in keys]
         missing = [i for i, v in enumerate(values) if v is None]
         self.hits += len(conversations) - len(missing)
+        if pool.get("advance") is not None and len(missing) < len(conversations):
+            pool["advance"](len(conversations) - len(missing))
         if missing:
             fresh = compute([conversations[i] for i in missing])
             if len(fresh) != len(missing):

@@ -86,7 +86,7 @@ def create_app(project: Project, *, model_factory: ModelFactory | None = None, a
     with sessions() as s:
         ensure_base_version(project, s)
         s.commit()
-    models = ModelState(project, sessions, model_factory, build_embedder(project))
+    models = ModelState(project, sessions, model_factory, build_embedder(project, engine="local"))
     models.load()
 
     @asynccontextmanager

@@ -42,7 +42,9 @@ def default_model_factory(project: Project, version: ModelVersion) -> ChatModel:
     from tuneloop.models.registry import build_chat_model
 
     role = project.settings.models.student.model_copy(update={"cache": False})
-    return build_chat_model(project, role, Path(version.adapter_path) if version.adapter_path else None)
+    # serving stays in this process whatever compute.engine says: one model thread answers requests
+    return build_chat_model(project, role, Path(version.adapter_path) if version.adapter_path else None,
+                            engine="local")
 
 
 def stream_reply(model: ChatModel, conversation: list[Message], params: GenerationParams) -> Iterator[str]:

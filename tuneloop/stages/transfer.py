@@ -45,7 +45,7 @@ from tuneloop.models.base import ChatModel, GenerationParams
 from tuneloop.models.registry import build_chat_model, generation_params
 from tuneloop.programs.decide import decide, decides, is_yes_no_question
 from tuneloop.programs.rag import Passage, Retriever, build_messages
-from tuneloop.progress import Reporter, batched_chat
+from tuneloop.progress import Reporter, batched_chat, batched_margins
 from tuneloop.splits import question_key
 from tuneloop.stages.calibrate import calibrate_version
 from tuneloop.stages.evidence import (
@@ -213,14 +213,7 @@ def _split(values: list, candidates: list[Candidate]) -> list[list]:
 
 
 def _margins(labeller: Labeller, convs: list, reporter: Reporter) -> list[float]:
-    step = 32
-    out: list[float] = []
-    with reporter.task("transfer: yes/no margins", len(convs)) as advance:
-        for start in range(0, len(convs), step):
-            part = convs[start:start + step]
-            out.extend(labeller.model.yes_no_margins(part))  # type: ignore[attr-defined]
-            advance(len(part))
-    return out
+    return batched_margins(labeller.model, convs, reporter, "transfer: yes/no margins")
 
 
 def _trusted(labeller: Labeller, s: TransferSettings) -> bool:
