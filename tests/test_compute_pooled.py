@@ -1,16 +1,11 @@
 """Steps whose models run on a pool of Ray actors (`compute.engine: ray`, models/pooled.py), on a
-local Ray cluster started by the test: the same replies, margins, synthetic rows and eval metrics
-as in this process, the store written by the driver alone."""
+local Ray cluster started by the test: the same replies, margins and embeddings as in this
+process. The synthetic rows and eval metrics of a whole cycle on Ray: tests/test_compute_cycle.py."""
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import FakeTeacher, ingest_project
-from tuneloop.artifacts import read_jsonl
 from tuneloop.config import ComputeSettings
 from tuneloop.models.base import GenerationParams
 from tuneloop.models.local import LocalChatModel
@@ -90,42 +85,3 @@ def test_a_corpus_is_embedded_on_the_pool_like_in_this_process(cluster, real_emb
     assert pooled.jobs == 1 and vectors.shape == (len(texts), 384)
     np.testing.assert_allclose(vectors, real_embedder.embed(texts), atol=1e-5)
     assert pooled.embed(texts[:3]).shape == (3, 384) and pooled.jobs == 1  # a query: embedded here
-
-
-def synth_rows(project, teacher):
-    from tuneloop.stages.synth import SynthModels, synthesize
-    from tuneloop.store import Example, open_store
-
-    retriever = ingest_project(project)
-    sessions = open_store(project.store_url)
-    with sessions() as s:
-        r = synthesize(project, s, SynthModels(teacher=teacher), retriever, SilentReporter(), name="synth-ray-test")
-        s.commit()
-        rows = [(e.question, e.answer, e.document, e.split, json.dumps(e.meta["scores"], sort_keys=True))
-                for e in s.query(Example).filter(Example.kind == "synthetic").order_by(Example.id)]
-    return r, rows
-
-
-def test_synth_through_the_pool_stores_the_rows_of_an_in_process_run(cluster, project):
-    local_result, local_rows = synth_rows(project(), FakeTeacher())
-    pooled = PooledChatModel(FakeTeacher, (), "fake-teacher", 8, cluster)
-    ray_result, ray_rows = synth_rows(project(), pooled)
-    assert pooled.jobs > 0  # the question, answer, judge and round-trip passes went to the actors
-    assert ray_rows == local_rows and len(ray_rows) == local_result.kept >= 4
-    assert (ray_result.generated, ray_result.kept) == (local_result.generated, local_result.kept)
-
-
-def test_eval_through_the_pool_gives_the_metrics_of_an_in_process_run(cluster, project):
-    from tuneloop.stages.eval import evaluate_version
-    from tuneloop.store import open_store
-    from tuneloop.versions import ensure_base_version
-
-    runs = []
-    for overrides in ({}, {"compute": POOL}):
-        p = project(overrides=overrides)
-        retriever = ingest_project(p)
-        with open_store(p.store_url)() as s:
-            run = evaluate_version(p, s, ensure_base_version(p, s), retriever, SilentReporter())
-            s.commit()
-            runs.append((run.metrics, read_jsonl(Path(run.artifact_path) / "predictions.jsonl")))
-    assert runs[0] == runs[1] and len(runs[0][1]) == 6

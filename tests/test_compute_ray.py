@@ -76,18 +76,6 @@ def test_the_local_engine_imports_no_ray():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_a_cycle_with_the_ray_engine_is_refused_until_a_step_runs_there(project):
-    from tuneloop import loop
-    from tuneloop.progress import SilentReporter
-    from tuneloop.store import Cycle, open_store
-
-    p = project(overrides={"compute": {"engine": "ray"}})
-    with pytest.raises(ConfigError, match="compute.engine: ray: no cycle step runs on Ray"):
-        loop.run_cycle(p, SilentReporter())
-    with open_store(p.store_url)() as s:
-        assert s.query(Cycle).count() == 0  # refused before anything was written
-
-
 class DiesOnce:
     """Kills its own process on its first batch (once per test, marked by a file): a worker lost mid-map."""
 

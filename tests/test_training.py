@@ -18,7 +18,7 @@ from tuneloop.programs.dspy_bridge import PlainChatAdapter
 from tuneloop.programs.judge import build_judge
 from tuneloop.stages.methods import ALIGN_METHODS, GRPO_KL_BETA, METHODS, PAIR_METHODS, RLOO_KL_BETA
 from tuneloop.stages.policy import lora_config
-from tuneloop.stages.training import Run, Trained, train_and_register, train_args
+from tuneloop.stages.training import Run, Trained, finish, train_and_register, train_args
 from tuneloop.store import Artifact, ModelVersion, open_store
 from tuneloop.versions import ensure_base_version
 
@@ -87,7 +87,7 @@ def test_the_runner_saves_registers_and_cleans_up_once(project):
         calls.append(work_dir)
         (work_dir / "checkpoint-1").mkdir(parents=True)
         tok = SimpleNamespace(save_pretrained=lambda out: Path(out, "tokenizer.json").write_text("{}"))
-        return Trained(_FakeTrainer(), tok, [{"text": "a"}], {"hyperparams": {"x": 1}},
+        return Trained(finish(_FakeTrainer(), tok, work_dir), [{"text": "a"}], {"hyperparams": {"x": 1}},
                        lambda tmp: Path(tmp, "extra.txt").write_text("more"))
 
     with open_store(p.store_url)() as s:

@@ -419,8 +419,8 @@ class ComputeSettings(_Section):
     # a model call with fewer items runs in this process: a Ray job costs seconds of actor start
     # and model load (a DSPy optimiser's single prompts, a reward computed during training)
     min_items: int = Field(32, ge=1)
-    # where Ray Train keeps checkpoints: a folder every node reaches ("": <project>/runs/ray)
-    storage: str = ""
+    # times a training run on Ray Train restarts its workers from the last checkpoint after one dies
+    max_failures: int = Field(2, ge=0, le=100)
 
     @field_validator("address")
     @classmethod

@@ -285,11 +285,10 @@ def _open_cycle(sessions, trigger: str, reporter: Reporter) -> int:
 def run_cycle(project: Project, reporter: Reporter, trigger: str = "manual") -> Cycle:
     """Run (or resume) one cycle to the end and return it. Holds the project's cycle lock
     (`lock.cycle_lock`): while another process runs a cycle this raises `CycleBusy`."""
-    if project.settings.compute.engine != "local":
-        # tuneloop/compute/ can join a Ray cluster and map work over actors, but no step uses it
-        # yet: refuse rather than run everything in-process while the settings say Ray
-        raise ConfigError(f"compute.engine: {project.settings.compute.engine}: no cycle step runs on Ray in this "
-                          "version yet; set compute.engine: local")
+    if project.settings.compute.engine == "ray":  # join the cluster now: a bad address fails before any step
+        from tuneloop.compute.ray_engine import connect  # imports Ray: only with compute.engine: ray
+
+        connect(project.settings.compute)
     with cycle_lock(project.root):
         return _run_cycle(project, reporter, trigger)
 

@@ -170,6 +170,8 @@ compute:                 # where the heavy steps run (`pip install 'tuneloop[ray
   workers: 2             # actors or training workers per step
   cpus_per_worker: 1
   gpus_per_worker: 0
+  min_items: 32          # model calls with fewer items run on the driver (a Ray job costs seconds to start)
+  max_failures: 2        # Ray Train restarts from the last checkpoint this many times when a worker dies
 """
 
 

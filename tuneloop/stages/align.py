@@ -23,9 +23,11 @@ Data and replay: see `align_data`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-from tuneloop.config import AlignSettings, LoraSettings, Project
+from tuneloop.config import AlignSettings, ComputeSettings, LoraSettings, Project
 from tuneloop.errors import ConfigError
 from tuneloop.models import registry  # build_chat_model looked up at call time (tests replace it)
 from tuneloop.models.registry import generation_params
@@ -45,8 +47,8 @@ from tuneloop.stages.training import (
     TrainResult,
     alignment_meta,
     estimated_steps,
-    fit,
     train_and_register,
+    train_model,
 )
 from tuneloop.stages.training import build_trainer as build_trainer_of
 from tuneloop.store import ModelVersion, Session
@@ -73,15 +75,23 @@ def build_trainer(method: str, model_dir: Path, parent_adapter: Path | None, row
     return build_trainer_of(m, policy, rows, s, work_dir, **extra), policy.tokenizer
 
 
-def _check_lengths(trainer, n_rows: int, s: AlignSettings, reporter: Reporter) -> None:
+def _build_checked(method: str, model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: AlignSettings,
+                   lora: LoraSettings, reward, note: Callable[[str], None] | None, work_dir: Path):
+    """`build_trainer`, then the check that TRL kept rows to train on (`_check_lengths`)."""
+    trainer, tokenizer = build_trainer(method, model_dir, parent_adapter, rows, s, lora, work_dir, reward)
+    _check_lengths(trainer, len(rows), s, note)
+    return trainer, tokenizer
+
+
+def _check_lengths(trainer, n_rows: int, s: AlignSettings, note: Callable[[str], None] | None) -> None:
     """TRL drops rows whose prompt alone fills `max_length`; say so, and refuse when none is left."""
     kept = len(trainer.train_dataset) if trainer.train_dataset is not None else n_rows
     if kept == 0:
         raise ConfigError(f"every one of the {n_rows} alignment prompts is longer than align.max_length "
                           f"({s.max_length} tokens), so TRL dropped them all: raise align.max_length")
-    if kept < n_rows:
-        reporter.log(f"{n_rows - kept} of {n_rows} rows dropped: their prompt is longer than align.max_length "
-                     f"({s.max_length} tokens)")
+    if kept < n_rows and note is not None:
+        note(f"{n_rows - kept} of {n_rows} rows dropped: their prompt is longer than align.max_length "
+             f"({s.max_length} tokens)")
 
 
 def train_align(project: Project, session: Session, retriever: Retriever | None, reporter: Reporter,
@@ -117,17 +127,20 @@ def _train_policy(run: Run, data: AlignData, work_dir: Path, reporter: Reporter)
     s, m = project.settings.align, METHODS[run.method]
     rows = data.trl_rows()
     reward = grpo_reward(project) if method == "grpo" else None
-    trainer, tokenizer = build_trainer(method, run.model_dir, run.parent_adapter, rows, s, project.settings.lora,
-                                       work_dir, reward)
+    # GRPO samples from the policy and scores with its reward (the judge's, when align.reward is
+    # "judge") while it trains: it trains in this process, whatever compute.engine says
+    compute = project.settings.compute if not m.sampling else ComputeSettings()
+    note = reporter.log if compute.engine == "local" else None  # a Ray worker cannot reach the reporter
+    build = partial(_build_checked, method, run.model_dir, run.parent_adapter, rows, s, project.settings.lora,
+                    reward, note)
     try:
-        _check_lengths(trainer, len(rows), s, reporter)
+        finished = train_model(build, work_dir, m.label, estimated_steps(len(rows), s), reporter, compute)
     except ConfigError:  # nothing to train on: the trainer's empty output folder is not a checkpoint to keep
         safe_rmtree(work_dir, inside=project.artifacts, ignore_errors=True)
         raise
-    fit(trainer, work_dir, m.label, estimated_steps(len(rows), s), reporter)
     hyperparams = {**s.model_dump(), "method": method, "data": data.summary()}
     if m.sampling:
         hyperparams["kl_beta"] = m.options(s)["beta"]
     if isinstance(reward, JudgeReward):
         hyperparams["judge_reward"] = {"judge": reward.judge.name, **reward.stats()}
-    return Trained(trainer, tokenizer, data.rows, alignment_meta(run, hyperparams, trainer))
+    return Trained(finished, data.rows, alignment_meta(run, hyperparams, finished))

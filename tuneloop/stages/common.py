@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from tuneloop.artifacts import write_jsonl
 from tuneloop.errors import ConfigError, StateError
 from tuneloop.store import ModelVersion, Session
 from tuneloop.versions import champion
@@ -35,18 +34,18 @@ def balance_labels(items: list[T], label: Callable[[T], str | None], rng: random
     return [item for i, item in enumerate(items) if i not in drop]
 
 
-def train_losses(trainer) -> list[float]:
-    """The logged training losses of a finished (TRL/transformers) trainer, in order."""
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+def train_losses(log_history: list[dict]) -> list[float]:
+    """The logged training losses of a (TRL/transformers) trainer's log history, in order."""
+    return [h["loss"] for h in log_history if "loss" in h]
 
 
-def save_trained_adapter(tmp: Path, trainer, tokenizer, rows: list[dict]) -> None:
-    """The artifact files of a LoRA training run: the trained "default" adapter only (never a
-    frozen copy such as TRL's "ref"), the tokenizer, the training rows and the log history."""
-    trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])
-    tokenizer.save_pretrained(str(tmp))
-    write_jsonl(tmp / "train.jsonl", rows)
-    (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+def save_trained_adapter(folder: Path, trainer, tokenizer) -> None:
+    """The files of a trained LoRA: the trained "default" adapter only (never a frozen copy such as
+    TRL's "ref"), the tokenizer and the log history."""
+    folder.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(str(folder), selected_adapters=["default"])
+    tokenizer.save_pretrained(str(folder))
+    (folder / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
 
 
 def training_parent(project: Project, session: Session, parent: ModelVersion | None, purpose: str) -> ModelVersion:

@@ -14,6 +14,7 @@ last checkpoint, like SFT.
 from __future__ import annotations
 
 import random
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -25,7 +26,15 @@ from tuneloop.progress import Reporter
 from tuneloop.stages.common import training_parent
 from tuneloop.stages.methods import METHODS
 from tuneloop.stages.policy import load_policy
-from tuneloop.stages.training import Run, Trained, TrainResult, estimated_steps, fit, train_and_register, trl_rows
+from tuneloop.stages.training import (
+    Run,
+    Trained,
+    TrainResult,
+    estimated_steps,
+    train_and_register,
+    train_model,
+    trl_rows,
+)
 from tuneloop.stages.training import build_trainer as build_trainer_of
 from tuneloop.store import Chunk, ModelVersion, Session, text_hash
 
@@ -102,9 +111,9 @@ def train_dapt(project: Project, session: Session, reporter: Reporter, cycle_id:
             raise StateError("no document chunks to pre-train on: run `tuneloop ingest` first")
         rows = mix_rows([ch.text for ch in chunks], general_texts(), c.dapt_general_fraction,
                         s.seed + (cycle_id or 0))
-        trainer, tokenizer = build_trainer(run.model_dir, run.parent_adapter, rows, s, c.dapt_epochs, work_dir,
-                                           lora)
-        fit(trainer, work_dir, DAPT.label, estimated_steps(len(rows), s, c.dapt_epochs), reporter)
+        build = partial(build_trainer, run.model_dir, run.parent_adapter, rows, s, c.dapt_epochs, lora=lora)
+        finished = train_model(build, work_dir, DAPT.label, estimated_steps(len(rows), s, c.dapt_epochs), reporter,
+                               project.settings.compute)
         chunk_ids = [ch.id for ch in chunks]
         n_general = sum(r["source"] == "general" for r in rows)
         hyperparams = {"n_domain": len(rows) - n_general, "n_general": n_general,
@@ -112,6 +121,6 @@ def train_dapt(project: Project, session: Session, reporter: Reporter, cycle_id:
                        "general_fraction": c.dapt_general_fraction, "epochs": c.dapt_epochs,
                        "chunk_ids_hash": text_hash(*map(str, chunk_ids))[:16], "sft": s.model_dump(),
                        "lora": lora.model_dump()}
-        return Trained(trainer, tokenizer, rows, {"chunk_ids": chunk_ids, "hyperparams": hyperparams})
+        return Trained(finished, rows, {"chunk_ids": chunk_ids, "hyperparams": hyperparams})
 
     return train_and_register(session, run, train)

@@ -34,7 +34,16 @@ from tuneloop.stages.align_data import AlignData
 from tuneloop.stages.common import train_losses
 from tuneloop.stages.methods import METHODS, RLOO_KL_BETA
 from tuneloop.stages.policy import load_policy, lora_config
-from tuneloop.stages.training import Run, Trained, alignment_meta, build_trainer, estimated_steps, fit, train_args
+from tuneloop.stages.training import (
+    Run,
+    Trained,
+    alignment_meta,
+    build_trainer,
+    estimated_steps,
+    finish,
+    fit,
+    train_args,
+)
 
 REWARD_DIR = "reward_model"
 RLOO = METHODS["rloo"]
@@ -123,7 +132,7 @@ def _reward_phase(model_dir: Path, rows: list[dict], s: AlignSettings, lora: Lor
     trainer, tokenizer = train_reward_model(model_dir, rows, s, lora, tmp, reporter)
     model = trainer.model.eval()
     accuracy = reward_accuracy(model, tokenizer, rows)
-    losses = train_losses(trainer)
+    losses = train_losses(trainer.state.log_history)
     info = {"accuracy": accuracy, "n_pairs": len(rows), "global_step": trainer.state.global_step,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
     staging = work_dir / f"{REWARD_DIR}.tmp"
@@ -164,8 +173,10 @@ def train_rloo(run: Run, data: AlignData, work_dir: Path, reporter: Reporter) ->
     rl_dir = work_dir / "rloo"
     trainer, tokenizer = build_rloo_trainer(run.model_dir, run.parent_adapter, prompts, reward_model, reward_tok, s,
                                             lora, rl_dir)
+    # RLOO samples from the policy while it trains: in this process, whatever compute.engine says
     fit(trainer, rl_dir, RLOO.label, estimated_steps(len(prompts), s), reporter)
-    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    finished = finish(trainer, tokenizer, rl_dir)
+    rewards = [h["reward"] for h in finished.log_history if "reward" in h]
 
     def copy_reward_model(tmp: Path) -> None:
         shutil.copytree(work_dir / REWARD_DIR, tmp / REWARD_DIR)
@@ -174,4 +185,4 @@ def train_rloo(run: Run, data: AlignData, work_dir: Path, reporter: Reporter) ->
                    "n_prompts": len(prompts), "reward_model": {**reward_info, "path": REWARD_DIR},
                    "reward_model_accuracy": reward_info["accuracy"],
                    "first_reward": rewards[0] if rewards else None, "last_reward": rewards[-1] if rewards else None}
-    return Trained(trainer, tokenizer, data.rows, alignment_meta(run, hyperparams, trainer), copy_reward_model)
+    return Trained(finished, data.rows, alignment_meta(run, hyperparams, finished), copy_reward_model)

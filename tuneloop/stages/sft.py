@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import random
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import select
 
-from tuneloop.config import LoraSettings, Project, SFTSettings
+from tuneloop.config import ComputeSettings, LoraSettings, Project, SFTSettings
 from tuneloop.errors import StateError
 from tuneloop.evalsets import references, split_examples
 from tuneloop.filters import copied_span
@@ -24,13 +25,14 @@ from tuneloop.stages.common import balance_labels, training_parent
 from tuneloop.stages.methods import METHODS
 from tuneloop.stages.policy import load_policy
 from tuneloop.stages.training import (
+    Finished,
     Run,
     Trained,
     TrainResult,
     build_trainer,
     estimated_steps,
-    fit,
     train_and_register,
+    train_model,
     trl_rows,
 )
 from tuneloop.store import Example, ModelVersion, Session
@@ -124,13 +126,18 @@ def training_target(example: Example, passages: list[Passage]) -> str:
     return min(found, key=len) if found else answer
 
 
-def _train(model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: SFTSettings, lora: LoraSettings,
-           work_dir: Path, reporter: Reporter):
-    """Train on `rows`, continuing `parent_adapter` (a new LoRA when None); (trainer, tokenizer)."""
+def _build(model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: SFTSettings, lora: LoraSettings,
+           work_dir: Path):
+    """(trainer, tokenizer) of an SFT run on `rows`, continuing `parent_adapter` (a new LoRA when None)."""
     policy = load_policy(model_dir, parent_adapter, lora, s.precision)
-    trainer = build_trainer(SFT, policy, trl_rows(rows, SFT), s, work_dir)
-    fit(trainer, work_dir, SFT.label, estimated_steps(len(rows), s), reporter)
-    return trainer, policy.tokenizer
+    return build_trainer(SFT, policy, trl_rows(rows, SFT), s, work_dir), policy.tokenizer
+
+
+def _train(model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: SFTSettings, lora: LoraSettings,
+           work_dir: Path, reporter: Reporter, compute: ComputeSettings) -> Finished:
+    """Train on `rows` (in this process or on Ray Train, `compute.engine`)."""
+    return train_model(partial(_build, model_dir, parent_adapter, rows, s, lora), work_dir, SFT.label,
+                       estimated_steps(len(rows), s), reporter, compute)
 
 
 def train_sft(project: Project, session: Session, retriever: Retriever | None, reporter: Reporter,
@@ -148,9 +155,9 @@ def train_sft(project: Project, session: Session, retriever: Retriever | None, r
         if not new:
             raise StateError("no training examples: import seeds (`tuneloop seeds import`) or run `tuneloop synth`")
         rows = training_rows(new + replay, retriever)
-        trainer, tokenizer = _train(run.model_dir, run.parent_adapter, rows, s, project.settings.lora, work_dir,
-                                    reporter)
-        return Trained(trainer, tokenizer, rows, {
+        finished = _train(run.model_dir, run.parent_adapter, rows, s, project.settings.lora, work_dir, reporter,
+                          project.settings.compute)
+        return Trained(finished, rows, {
             "example_ids": list(dict.fromkeys(r["example_id"] for r in rows)), "n_new": len(new),
             "n_replay": len(replay), "n_rows": len(rows),
             "hyperparams": {**s.model_dump(), "lora": project.settings.lora.model_dump()}})

@@ -44,6 +44,10 @@ class CompletionHeadSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss projects only the labelled positions through the LM head."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Under DDP (Ray Train) the forward must go through the DistributedDataParallel wrapper,
+        # which prepares the gradient all-reduce: calling its decoder directly would skip that
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         causal_lm = _causal_lm(model)
         if return_outputs or not plain_logits(causal_lm) or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -5,6 +5,10 @@ A run: resolve the student's base model and the parent's adapter, train in artif
 an artifact (`write_artifact`: complete or absent), register its model version, and remove the
 work folder. A rerun of a finished run finds the complete artifact and only registers it (once).
 
+`train_model` trains in this process, or with `compute.engine: ray` on Ray Train workers
+(`compute/ray_train.py`, data-parallel); either way the trained adapter is saved in
+<work>/final and the artifact, its meta.json and the version are the same.
+
 What differs between methods is a `methods.METHODS` entry (TRL config/trainer, data kind,
 reference model) and the stage's function that picks the data and builds the trainer.
 On CPU training runs in fp32 (bf16 is far slower without bf16 units); on CUDA with bf16 support
@@ -13,17 +17,27 @@ it uses bf16 (`policy.device_args`).
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
 from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from tuneloop.artifacts import artifact_path, clean_leftovers, is_complete, read_meta, run_name, write_artifact
-from tuneloop.config import Project
+from tuneloop.artifacts import (
+    artifact_path,
+    clean_leftovers,
+    is_complete,
+    read_meta,
+    run_name,
+    write_artifact,
+    write_jsonl,
+)
+from tuneloop.compute import ray_train
+from tuneloop.config import ComputeSettings, Project
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.progress import Reporter
 from tuneloop.safety import safe_rmtree
@@ -75,20 +89,31 @@ class Run:
 
 
 @dataclass
-class Trained:
-    """What a stage's training function hands back: the finished trainer and what to save."""
+class Finished:
+    """A finished training run: the trained adapter, its tokenizer and log_history.json in `folder`."""
 
-    trainer: Any
-    tokenizer: Any
+    folder: Path
+    log_history: list[dict]
+
+    @property
+    def global_step(self) -> int:
+        return max((int(h.get("step", 0)) for h in self.log_history), default=0)
+
+
+@dataclass
+class Trained:
+    """What a stage's training function hands back: the finished run and what to save with it."""
+
+    finished: Finished
     rows: list[dict]  # saved as train.jsonl
     meta: dict  # the stage's own meta.json fields (hyperparams, ...)
     extra_files: Callable[[Path], None] | None = None  # writes more files into the artifact
 
 
-def alignment_meta(run: Run, hyperparams: dict, trainer) -> dict:
+def alignment_meta(run: Run, hyperparams: dict, finished: Finished) -> dict:
     """The meta.json fields of an alignment run: its method and the KL term's reference model."""
     return {"method": run.method, "reference": METHODS[run.method].reference_note(run.parent.name),
-            "hyperparams": hyperparams, "global_step": trainer.state.global_step}
+            "hyperparams": hyperparams, "global_step": finished.global_step}
 
 
 def train_and_register(session: Session, run: Run, train: Callable[[Path], Trained]) -> TrainResult:
@@ -106,10 +131,11 @@ def train_and_register(session: Session, run: Run, train: Callable[[Path], Train
 
 
 def _save(run: Run, name: str, done: Trained) -> Path:
-    losses = train_losses(done.trainer)
+    losses = train_losses(done.finished.log_history)
 
     def write(tmp: Path) -> None:
-        save_trained_adapter(tmp, done.trainer, done.tokenizer, done.rows)
+        shutil.copytree(done.finished.folder, tmp, dirs_exist_ok=True)
+        write_jsonl(tmp / "train.jsonl", done.rows)
         if done.extra_files is not None:
             done.extra_files(tmp)
 
@@ -178,6 +204,49 @@ def estimated_steps(n_rows: int, s, epochs: float | None = None) -> int:
     """Optimiser steps of `n_rows` rows (the progress bar's total when TRL does not say)."""
     per_epoch = max(1, -(-n_rows // (s.batch_size * s.grad_accum)))
     return max(1, int(per_epoch * (s.epochs if epochs is None else epochs) + 0.999))
+
+
+Build = Callable[[Path], tuple[Any, Any]]  # work folder -> (trainer, tokenizer); picklable for Ray
+FINAL = "final"  # the work folder's subfolder that holds the trained adapter
+
+
+def train_model(build: Build, work_dir: Path, label: str, total: int, reporter: Reporter,
+                compute: ComputeSettings) -> Finished:
+    """Build the stage's trainer and train it (resuming from the last complete checkpoint), in this
+    process or, with `compute.engine: ray`, on Ray Train workers (`build` then runs in each of
+    them); `total`: the expected steps (the progress bar's total when the trainer has no max_steps)."""
+    if compute.engine == "ray":
+        return _train_on_ray(build, work_dir, label, total, reporter, compute)
+    trainer, tokenizer = build(work_dir)
+    fit(trainer, work_dir, label, total, reporter)
+    return finish(trainer, tokenizer, work_dir)
+
+
+def finish(trainer, tokenizer, work_dir: Path) -> Finished:
+    """Save a trained trainer's adapter, tokenizer and log history in <work_dir>/final."""
+    folder = work_dir / FINAL
+    save_trained_adapter(folder, trainer, tokenizer)
+    return Finished(folder, trainer.state.log_history)
+
+
+def _train_on_ray(build: Build, work_dir: Path, label: str, total: int, reporter: Reporter,
+                  compute: ComputeSettings) -> Finished:
+    reporter.log(f"{label}: on Ray Train, {compute.workers} data-parallel workers")
+    with reporter.task(label, total) as advance:
+        ray_train.run_data_parallel(partial(_fit_on_worker, build, work_dir, max(1, int(compute.cpus_per_worker))),
+                                    compute, work_dir / "ray", work_dir.name)
+        advance(total)
+    folder = work_dir / FINAL
+    return Finished(folder, json.loads((folder / "log_history.json").read_text(encoding="utf-8")))
+
+
+def _fit_on_worker(build: Build, work_dir: Path, threads: int) -> None:
+    """One Ray Train worker: the stage's trainer, trained data-parallel; rank 0 saves the adapter."""
+    trainer, tokenizer = build(work_dir)
+    trainer = ray_train.prepare(trainer, threads)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(work_dir))
+    if ray_train.is_rank_zero():
+        finish(trainer, tokenizer, work_dir)
 
 
 def fit(trainer, work_dir: Path, label: str, total: int, reporter: Reporter) -> None:

@@ -1,0 +1,127 @@
+"""Training on Ray Train (`compute.engine: ray`): a 2-worker CPU DDP LoRA SFT on the tiny model
+on a local Ray cluster lowers the loss like a run in this process and registers a normal version;
+a worker that dies mid-run is restarted from the last checkpoint; a tuneloop error in a worker
+reaches the caller as itself."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.helpers import CONTRACTS, deep_merge, import_sample_pairs, ingest_project, tiny_settings, write_settings
+from tuneloop.artifacts import read_meta
+from tuneloop.config import load_project
+from tuneloop.errors import StateError
+from tuneloop.progress import SilentReporter
+from tuneloop.stages.sft import train_sft
+from tuneloop.store import ModelVersion, open_store
+from tuneloop.versions import ensure_base_version
+
+ray = pytest.importorskip("ray")
+from tuneloop.compute import ray_engine  # noqa: E402 - after the skip when Ray is missing
+
+RAY = {"engine": "ray", "workers": 2, "cpus_per_worker": 1}
+SFT = {"epochs": 5, "learning_rate": 1e-2, "save_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from tuneloop.config import ComputeSettings
+
+    ray_engine.connect(ComputeSettings(**RAY))
+    yield
+    ray.shutdown()
+
+
+def sft_project(root, tiny_model_dir, overrides: dict):
+    shutil.copytree(CONTRACTS, root / "documents")
+    write_settings(root, deep_merge(tiny_settings(tiny_model_dir), {"sft": SFT, "lora": {"r": 16, "alpha": 32},
+                                                                    "cache_dir": str(root / "cache"), **overrides}))
+    project = load_project(root)
+    import_sample_pairs(project)
+    return project
+
+
+def train(project):
+    retriever = ingest_project(project)
+    with open_store(project.store_url)() as s:
+        base = ensure_base_version(project, s)
+        result = train_sft(project, s, retriever, SilentReporter())
+        s.commit()
+        version = s.get(ModelVersion, result.version.id)
+        return result, (version.status, version.method, version.parent_id == base.id, version.training_example_ids)
+
+
+def losses(result) -> list[float]:
+    return [h["loss"] for h in json.loads((result.artifact / "log_history.json").read_text()) if "loss" in h]
+
+
+def test_two_worker_ddp_sft_lowers_the_loss_like_one_process_and_registers_a_normal_version(
+        cluster, tmp_path, tiny_model_dir):
+    local, local_version = train(sft_project(tmp_path / "local", tiny_model_dir, {}))
+    on_ray, ray_version = train(sft_project(tmp_path / "ray", tiny_model_dir, {"compute": RAY}))
+    # 20 seeds, batch 4: 5 steps per epoch in one process; 2 workers take 4 rows each per step
+    assert len(losses(local)) == 25 and len(losses(on_ray)) == 15  # 3 steps per epoch (20 / 8, rounded up)
+    for run in (local, on_ray):
+        first, last = sum(losses(run)[:3]) / 3, sum(losses(run)[-3:]) / 3
+        assert last < first - 0.1, losses(run)
+    assert abs(losses(on_ray)[-1] - losses(local)[-1]) < 0.5 * losses(local)[0]
+    assert ray_version == local_version  # candidate, sft, child of the champion, same examples
+    assert sorted(p.name for p in on_ray.artifact.iterdir()) == sorted(p.name for p in local.artifact.iterdir())
+    b = {k: v for k, v in load_file(str(on_ray.artifact / "adapter_model.safetensors")).items() if "lora_B" in k}
+    assert b and all(abs(v).max() > 0 for v in b.values())  # every LoRA B moved from its zero init
+    meta, local_meta = read_meta(on_ray.artifact), read_meta(local.artifact)
+    assert {k for k in meta if k != "created_at"} == {k for k in local_meta if k != "created_at"}
+    assert not (on_ray.artifact.parent / ".work").exists() or not any((on_ray.artifact.parent / ".work").iterdir())
+
+
+class DieOnce:
+    """Kills its worker process right after the first checkpoint is written (once, marked by a file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __call__(self, *args, **kwargs):
+        from transformers import TrainerCallback
+
+        marker = self.marker
+
+        class Die(TrainerCallback):
+            def on_save(self, args, state, control, **kw):
+                if not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os._exit(1)
+
+        return Die()
+
+
+def test_a_worker_that_dies_is_restarted_from_the_last_checkpoint(cluster, tmp_path, tiny_model_dir, monkeypatch):
+    import tuneloop.stages.sft as sft
+
+    marker = tmp_path / "died"
+    real = sft._build
+
+    def build_with_a_death(*args):
+        trainer, tokenizer = real(*args)
+        trainer.add_callback(DieOnce(str(marker))())
+        return trainer, tokenizer
+
+    monkeypatch.setattr(sft, "_build", build_with_a_death)
+    result, version = train(sft_project(tmp_path / "ray", tiny_model_dir, {"compute": RAY}))
+    assert marker.exists()  # a worker did die, after checkpoint-4
+    assert len(losses(result)) == 15 and version[0] == "candidate"
+
+
+def test_a_tuneloop_error_in_a_worker_is_raised_as_itself(cluster, tmp_path, tiny_model_dir, monkeypatch):
+    import tuneloop.stages.sft as sft
+
+    def broken(*args):
+        raise StateError("the training rows could not be read")
+
+    monkeypatch.setattr(sft, "_build", broken)
+    project = sft_project(tmp_path / "ray", tiny_model_dir, {"compute": {**RAY, "max_failures": 0}})
+    with pytest.raises(StateError, match="the training rows could not be read"):
+        train(project)
