@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-project
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint venv lock chromium bench-faults bench-cuad bench-continuous bench-synth bench-quality bench-speed clean
+.PHONY: demo test test-cluster lint venv lock chromium bench-faults bench-cuad bench-continuous bench-synth bench-quality bench-speed clean
 
 venv: $(VENV)/.installed
 
@@ -44,7 +44,11 @@ demo: venv
 	$(BIN)/tuneloop status --project $(DEMO_DIR)
 
 test: venv chromium lint
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q --durations=10 -m "not cluster"
+
+# The slower compute.engine: ray tests (a whole cycle, Ray Train runs; ~3 min): CI runs them after `make test`.
+test-cluster: venv
+	$(BIN)/python -m pytest -q --durations=5 -m cluster
 
 # ruff (pyproject [tool.ruff]) and the layer contract (pyproject [tool.importlinter]); seconds.
 lint: venv

@@ -45,6 +45,7 @@ def run(project, monkeypatch, compute: dict | None):
     return cycle.status, steps, synthetic, metrics, weights, getattr(teacher, "jobs", 0)
 
 
+@pytest.mark.cluster  # two whole cycles (over a minute): `make test-cluster`
 def test_a_cycle_on_ray_gives_the_candidate_of_an_in_process_cycle(project, monkeypatch, no_ray_left):
     status, steps, synthetic, metrics, weights, _ = run(project, monkeypatch, None)
     r_status, r_steps, r_synthetic, r_metrics, r_weights, jobs = run(project, monkeypatch, ONE)

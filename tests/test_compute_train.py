@@ -21,6 +21,7 @@ from tuneloop.store import ModelVersion, open_store
 from tuneloop.versions import ensure_base_version
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.cluster  # minutes of Ray Train: `make test-cluster`
 from tuneloop.compute import ray_engine  # noqa: E402 - after the skip when Ray is missing
 
 RAY = {"engine": "ray", "workers": 2, "cpus_per_worker": 1}
@@ -125,3 +126,73 @@ def test_a_tuneloop_error_in_a_worker_is_raised_as_itself(cluster, tmp_path, tin
     project = sft_project(tmp_path / "ray", tiny_model_dir, {"compute": {**RAY, "max_failures": 0}})
     with pytest.raises(StateError, match="the training rows could not be read"):
         train(project)
+
+
+def test_dpo_on_two_workers_raises_the_margin_against_the_champion(cluster, project, tmp_path):
+    from tests.helpers import deep_merge
+    from tests.test_align import ALIGN, add_pairs, make_champion, mean_margin
+    from tuneloop.stages.align import train_align
+
+    p = project(deep_merge(ALIGN, {"align": {"epochs": 3, "learning_rate": 1e-2}, "compute": RAY}))
+    with open_store(p.store_url)() as s:
+        champion = make_champion(p, s, tmp_path)
+        add_pairs(s, 8)
+        s.commit()
+        result = train_align(p, s, None, SilentReporter(), method="dpo")
+        s.commit()
+        version = s.get(ModelVersion, result.version.id)
+        assert (version.method, version.status, version.parent_id) == ("dpo", "candidate", champion.id)
+    meta = read_meta(result.artifact)
+    assert meta["reference"] == "champion v1" and meta["global_step"] == 6  # 8 pairs / (2 workers x 2) x 3 epochs
+    assert not (result.artifact / "ref").exists()  # only the trained adapter, as in one process
+    model_dir = p.settings.models.student.model
+    before, after = mean_margin(model_dir, champion.adapter_path), mean_margin(model_dir, result.artifact)
+    assert after > before + 0.3, (before, after)
+
+
+def shorter_is_better(completions, reference, **kw):
+    """A GRPO reward that tells the tiny model's samples apart (its token F1 is 0 for all of them);
+    module-level, so Ray's workers import it by name."""
+    return [-len(c[-1]["content"]) / 100 for c in completions]
+
+
+def test_grpo_with_a_metric_reward_on_two_workers(cluster, project, monkeypatch):
+    from tests.helpers import deep_merge
+    from tests.test_align import ALIGN
+    from tuneloop.stages import align as align_stage
+
+    monkeypatch.setattr(align_stage, "f1_reward", shorter_is_better)  # what grpo_reward hands the workers
+    p = project(deep_merge(ALIGN, {"compute": RAY}))
+    retriever = ingest_project(p)
+    with open_store(p.store_url)() as s:
+        ensure_base_version(p, s)
+        s.commit()
+        result = align_stage.train_align(p, s, retriever, SilentReporter(), method="grpo")
+        s.commit()
+        assert result.version.method == "grpo" and result.version.hyperparams["kl_beta"] == 0.04
+    history = json.loads((result.artifact / "log_history.json").read_text())
+    assert history[-1]["step"] == 5  # 20 prompts / (2 per step x 2 workers)
+    assert any(h.get("reward_std", 0) > 0 for h in history)
+    b = {k: v for k, v in load_file(str(result.artifact / "adapter_model.safetensors")).items() if "lora_B" in k}
+    assert b and any(v.abs().max() > 0 for v in b.values())  # PEFT starts lora_B at zero
+
+
+def test_rloo_trains_its_policy_on_two_workers(cluster, project, tmp_path):
+    from tests.helpers import deep_merge
+    from tests.test_align import ALIGN, adapter, add_pairs, assert_changed, make_champion
+    from tuneloop.stages.align import train_align
+
+    p = project(deep_merge(ALIGN, {"align": {"learning_rate": 2e-2}, "compute": RAY}))
+    with open_store(p.store_url)() as s:
+        champion = make_champion(p, s, tmp_path)
+        add_pairs(s, 8)
+        s.commit()
+        result = train_align(p, s, None, SilentReporter(), method="rloo")
+        s.commit()
+        assert s.get(ModelVersion, result.version.id).parent_id == champion.id
+    history = json.loads((result.artifact / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]  # 8 prompts / (2 per step x 2 workers)
+    assert any("reward" in h for h in history)
+    assert_changed(adapter(champion.adapter_path), adapter(result.artifact))
+    assert (result.artifact / "reward_model" / "reward_info.json").is_file()  # trained first, in this process
+    assert read_meta(result.artifact)["reference"] == "champion v1"

@@ -128,3 +128,36 @@ def test_adapter_models_are_never_cached(project, monkeypatch, tmp_path):
     proj = project(pairs=False)
     assert isinstance(build_chat_model(proj, proj.settings.models.student, tmp_path / "adapter"), Stub)
     assert isinstance(build_chat_model(proj, proj.settings.models.student), CachedChatModel)
+
+
+class _Pool:
+    """A stand-in pooled model (compute.engine: ray): takes whole lists, advances per chunk itself."""
+
+    name, pooled = "pool", True
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def chat(self, conversations, params, step=None, advance=None):
+        self.calls.append(len(conversations))
+        for start in range(0, len(conversations), step):
+            advance(len(conversations[start:start + step]))
+        return [c[-1]["content"].upper() for c in conversations]
+
+
+def test_a_cached_pooled_model_gets_only_the_misses_in_one_call_and_the_bar_counts_every_item(tmp_path):
+    from tests.helpers import RecordingReporter
+    from tuneloop.progress import batched_chat
+
+    pool = _Pool()
+    model = CachedChatModel(pool, tmp_path / "cache")
+    convs = [[{"role": "user", "content": f"q{i}"}] for i in range(10)]
+    params = GenerationParams(max_new_tokens=4)
+    assert model.pooled and batched_chat(model, convs[:4], params, RecordingReporter(), "a", 3) == \
+        ["Q0", "Q1", "Q2", "Q3"]
+    reporter = RecordingReporter()
+    assert batched_chat(model, convs, params, reporter, "answering", 3) == [f"Q{i}" for i in range(10)]
+    assert pool.calls == [4, 6]  # one call per step, the second with the 6 misses only
+    ((description, total, advances),) = reporter.tasks
+    assert (description, total, sum(advances)) == ("answering", 10, 10)  # 4 cache hits at once + the pool's chunks
+    assert advances == [4, 3, 3]

@@ -64,3 +64,30 @@ def test_the_head_sees_only_the_labelled_positions(tiny_model_dir, tmp_path):
     finally:
         hook.remove()
     assert seen == [int((batch["labels"][:, 1:] != -100).sum())]
+
+
+def test_the_loss_through_the_models_forward_equals_trls(tiny_model_dir, tmp_path):
+    """The path taken under DDP with several workers (the forward through the wrapper, `logits_to_keep`
+    the positions labelled in any row): the same loss and gradients as TRL's."""
+    policy = load_policy(tiny_model_dir, None, LoraSettings(dropout=0.0), "fp32")
+    trainer = build_trainer(METHODS["sft"], policy, trl_rows(_rows(6), METHODS["sft"]), SFTSettings(batch_size=3),
+                            tmp_path)
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    batch = next(iter(trainer.get_train_dataloader()))
+
+    def through_forward(trainer_, model, inputs, num_items_in_batch=None):
+        labels = inputs["labels"][:, 1:]
+        mask = labels != -100
+        logits, targets = CompletionHeadSFTTrainer.labelled_logits_through_forward(model, inputs, labels, mask)
+        assert logits.shape[0] == int(mask.sum())  # one row of logits per labelled token
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / mask.sum()
+
+    ours, our_grads = _loss_and_grads(trainer, through_forward, batch, None)
+    trl, trl_grads = _loss_and_grads(trainer, SFTTrainer.compute_loss, batch, None)
+    assert ours.item() == pytest.approx(trl.item(), rel=1e-5)
+    assert our_grads.keys() == trl_grads.keys() and our_grads
+    for name, grad in our_grads.items():
+        assert torch.allclose(grad, trl_grads[name], rtol=1e-4, atol=1e-6), name

@@ -421,6 +421,9 @@ class ComputeSettings(_Section):
     min_items: int = Field(32, ge=1)
     # times a training run on Ray Train restarts its workers from the last checkpoint after one dies
     max_failures: int = Field(2, ge=0, le=100)
+    # what generates on the cluster: transformers actors (any device), or vLLM engines (ray.data.llm;
+    # GPUs, vLLM installed on the nodes; no yes/no margins, replies not bit-identical to a local run)
+    llm_engine: Literal["transformers", "vllm"] = "transformers"
 
     @field_validator("address")
     @classmethod
@@ -430,6 +433,14 @@ class ComputeSettings(_Section):
             return v
         raise ValueError(f"{v!r} is not a Ray address: use '' (a local Ray), 'auto', 'HOST:PORT' or "
                          "'ray://HOST:PORT'")
+
+
+    @model_validator(mode="after")
+    def _vllm_on_gpus(self) -> ComputeSettings:
+        if self.llm_engine == "vllm" and (self.engine != "ray" or self.gpus_per_worker < 1):
+            raise ValueError("compute.llm_engine: vllm runs on a Ray cluster's GPUs: set compute.engine: ray and "
+                             "compute.gpus_per_worker >= 1")
+        return self
 
 
 def ray_host_port(address: str) -> tuple[str, int] | None:

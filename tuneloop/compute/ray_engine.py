@@ -10,6 +10,7 @@ cluster's own dashboard should stay bound to localhost (README, "Running on a cl
 """
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,7 @@ def connect(settings: ComputeSettings) -> None:
                      include_dashboard=False, log_to_driver=False)
     except ConnectionError as exc:
         raise ConfigError(f"compute.address {address!r}: no Ray cluster could be joined ({exc})") from None
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # (set by ray.init) a line per dataset otherwise
 
 
 def _check_reachable(address: str) -> None:

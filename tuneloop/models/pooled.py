@@ -1,7 +1,7 @@
 """A local model role served by a pool of Ray actors (`compute.engine: ray`).
 
 `PooledChatModel` and `PooledEmbedder` are the `ChatModel` and `Embedder` of a step whose model
-runs on the cluster: a call with many items becomes one Ray Data job (`compute.map_with_actors`)
+runs on the cluster: a call with many items becomes one Ray Data job (`compute/ray_engine.map_with_actors`)
 in which each actor loads the model once and answers whole chunks. The chunks are the ones an
 in-process run makes (`progress.batched_chat`: `step` conversations, seed + chunk start), and
 each actor runs the same `LocalChatModel` on them, so greedy and seeded replies are the ones of an

@@ -41,8 +41,13 @@ def build_chat_model(project: Project, role: RoleSettings, adapter: Path | None 
 
         folder = resolve_model_path(role.model, project.cache)
         step = AUTO_BATCH if role.batch_size == "auto" else int(role.batch_size)
-        model = PooledChatModel(LocalChatModel, (folder, adapter, role.batch_size), str(adapter or folder), step,
-                                project.settings.compute)
+        if project.settings.compute.llm_engine == "vllm":
+            from tuneloop.models.ray_vllm import VllmChatModel
+
+            model = VllmChatModel(folder, adapter, role.batch_size, step, project.settings.compute)
+        else:
+            model = PooledChatModel(LocalChatModel, (folder, adapter, role.batch_size), str(adapter or folder), step,
+                                    project.settings.compute)
     else:
         from tuneloop.models.local import LocalChatModel
 

@@ -127,9 +127,9 @@ def _train_policy(run: Run, data: AlignData, work_dir: Path, reporter: Reporter)
     s, m = project.settings.align, METHODS[run.method]
     rows = data.trl_rows()
     reward = grpo_reward(project) if method == "grpo" else None
-    # GRPO samples from the policy and scores with its reward (the judge's, when align.reward is
-    # "judge") while it trains: it trains in this process, whatever compute.engine says
-    compute = project.settings.compute if not m.sampling else ComputeSettings()
+    # GRPO rewarded by the judge calls the judge while it trains and keeps the calls' statistics
+    # for the meta: it trains in this process, whatever compute.engine says
+    compute = ComputeSettings() if isinstance(reward, JudgeReward) else project.settings.compute
     note = reporter.log if compute.engine == "local" else None  # a Ray worker cannot reach the reporter
     build = partial(_build_checked, method, run.model_dir, run.parent_adapter, rows, s, project.settings.lora,
                     reward, note)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,9 +41,8 @@ from tuneloop.stages.training import (
     alignment_meta,
     build_trainer,
     estimated_steps,
-    finish,
-    fit,
     train_args,
+    train_model,
 )
 
 REWARD_DIR = "reward_model"
@@ -162,20 +162,23 @@ def build_rloo_trainer(model_dir: Path, parent_adapter: Path | None, prompts: li
     return trainer, policy.tokenizer
 
 
+def _build_policy_trainer(model_dir: Path, parent_adapter: Path | None, prompts: list[dict], reward_dir: Path,
+                          s: AlignSettings, lora: LoraSettings, work_dir: Path):
+    """Phase 2's (trainer, tokenizer), the reward model loaded from `reward_dir` (where the run
+    trains: in this process, or in each Ray Train worker)."""
+    reward_model, reward_tok = load_reward_model(model_dir, reward_dir, pick_dtype(pick_device(), s.precision))
+    return build_rloo_trainer(model_dir, parent_adapter, prompts, reward_model, reward_tok, s, lora, work_dir)
+
+
 def train_rloo(run: Run, data: AlignData, work_dir: Path, reporter: Reporter) -> Trained:
     """Both phases; the trained policy, with the reward model as an extra artifact folder (reward_model/)."""
     s, lora = run.project.settings.align, run.project.settings.lora
     rows = data.trl_rows()
-    reward_info = _reward_phase(run.model_dir, rows, s, lora, work_dir, reporter)
-    reward_model, reward_tok = load_reward_model(run.model_dir, work_dir / REWARD_DIR,
-                                                 pick_dtype(pick_device(), s.precision))
+    reward_info = _reward_phase(run.model_dir, rows, s, lora, work_dir, reporter)  # small: in this process
     prompts = list({json.dumps(r["prompt"], sort_keys=True): {"prompt": r["prompt"]} for r in rows}.values())
-    rl_dir = work_dir / "rloo"
-    trainer, tokenizer = build_rloo_trainer(run.model_dir, run.parent_adapter, prompts, reward_model, reward_tok, s,
-                                            lora, rl_dir)
-    # RLOO samples from the policy while it trains: in this process, whatever compute.engine says
-    fit(trainer, rl_dir, RLOO.label, estimated_steps(len(prompts), s), reporter)
-    finished = finish(trainer, tokenizer, rl_dir)
+    build = partial(_build_policy_trainer, run.model_dir, run.parent_adapter, prompts, work_dir / REWARD_DIR, s, lora)
+    finished = train_model(build, work_dir / "rloo", RLOO.label, estimated_steps(len(prompts), s), reporter,
+                           run.project.settings.compute)
     rewards = [h["reward"] for h in finished.log_history if "reward" in h]
 
     def copy_reward_model(tmp: Path) -> None:
