@@ -70,3 +70,31 @@ def test_a_cycle_with_an_unreachable_cluster_fails_before_any_step(project):
         loop.run_cycle(p, SilentReporter())
     with open_store(p.store_url)() as s:
         assert s.scalar(select(CycleStep)) is None  # refused before anything was written
+
+
+@pytest.mark.cluster  # a killed cycle and its rerun on Ray (about a minute): `make test-cluster`
+def test_a_driver_killed_during_ray_train_resumes_the_cycle_from_the_checkpoint(project, tmp_path, no_ray_left):
+    import json
+    import signal
+    from pathlib import Path
+
+    from tests.helpers import KILLABLE_PROJECT, RecordingReporter, deep_merge, kill_9_during_training
+    from tests.test_cycle import KILL_SCRIPT, REPO
+    from tuneloop.store import Cycle
+
+    p = project(deep_merge(KILLABLE_PROJECT, {"compute": {**ONE, "min_items": 32}}))
+    assert kill_9_during_training(KILL_SCRIPT.format(repo=str(REPO), root=str(p.root)), p, tmp_path,
+                                  timeout=300) == -signal.SIGKILL  # the driver; its local Ray goes with it
+    with open_store(p.store_url)() as s:
+        (cycle,) = s.scalars(select(Cycle)).all()
+        assert cycle.status == "running"
+    reporter = RecordingReporter()
+    resumed = loop.run_cycle(p, reporter)
+    assert resumed.id == cycle.id and resumed.status == "done"
+    (message,) = [m for m in reporter.messages if m.startswith("resuming training from")]
+    step = int(message.rsplit("-", 1)[-1])
+    assert step >= 3
+    with open_store(p.store_url)() as s:
+        candidate = s.scalar(select(ModelVersion).where(ModelVersion.method == "sft"))
+    history = [h for h in json.loads((Path(candidate.adapter_path) / "log_history.json").read_text()) if "loss" in h]
+    assert [h["step"] for h in history] == list(range(1, 41))  # 40 steps, each logged once

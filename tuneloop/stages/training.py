@@ -233,6 +233,9 @@ def _train_on_ray(build: Build, work_dir: Path, label: str, total: int, reporter
                   compute: ComputeSettings) -> Finished:
     reporter.log(f"{label}: on Ray Train, {compute.workers} data-parallel workers (the bar moves when it ends)")
     total = -(-total // compute.workers)  # each step takes a batch per worker
+    resume = last_complete_checkpoint(work_dir)  # the workers resume from it (the work folder is shared)
+    if resume:
+        reporter.log(f"resuming training from {resume}")
     with reporter.task(label, total) as advance:
         ray_train.run_data_parallel(partial(_fit_on_worker, build, work_dir, max(1, int(compute.cpus_per_worker))),
                                     compute, work_dir / "ray", work_dir.name)
