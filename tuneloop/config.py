@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from tuneloop.errors import ConfigError
+from tuneloop.settings_base import Section
+from tuneloop.settings_compute import ComputeSettings
 from tuneloop.textfile import read_text
 
 SETTINGS_FILE = "tuneloop.yaml"
@@ -25,12 +27,7 @@ DEFAULT_EMBEDDER = "builtin:all-minilm-l6-v2"
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's seeds are unsigned 32-bit integers
 
 
-class _Section(BaseModel):
-    # allow_inf_nan=False: `.inf` or `.nan` in YAML is a mistake for every number here
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class RoleSettings(_Section):
+class RoleSettings(Section):
     """Where one model role runs: in-process (`local`) or on an OpenAI-compatible endpoint."""
 
     backend: Literal["local", "openai"] = "local"
@@ -62,14 +59,14 @@ class RoleSettings(_Section):
         return self
 
 
-class ModelsSettings(_Section):
+class ModelsSettings(Section):
     student: RoleSettings = RoleSettings(max_new_tokens=48)
     teacher: RoleSettings = RoleSettings(temperature=0.9, max_new_tokens=64)
     judge: RoleSettings = RoleSettings(max_new_tokens=16)
     embedder: RoleSettings = RoleSettings(model=DEFAULT_EMBEDDER, batch_size=32)
 
 
-class IngestSettings(_Section):
+class IngestSettings(Section):
     chunk_tokens: int = Field(128, ge=16, le=2048)  # in embedder tokens (MiniLM sees 256)
     overlap_tokens: int = Field(24, ge=0)
     top_k: int = Field(2, ge=1, le=20)  # chunks put in the prompt
@@ -87,7 +84,7 @@ class IngestSettings(_Section):
         return self
 
 
-class RetrieverSettings(_Section):
+class RetrieverSettings(Section):
     """Cycle step `retriever`: fine-tune the local dense embedder on the training examples'
     (question, evidence passage) pairs; the candidate answers from an index built with it."""
 
@@ -125,7 +122,7 @@ class RetrieverSettings(_Section):
         return sorted(set(v))
 
 
-class AnswerSettings(_Section):
+class AnswerSettings(Section):
     """How the assistant answers: the same in eval, the gate, the canary and `tuneloop serve`."""
 
     copy_spans: bool = True  # an extraction reply becomes the passage span it points at (programs/copy.py)
@@ -141,7 +138,7 @@ QUESTION_TYPES = ("self_instruct", "fact", "yes_no", "explanation", "comparison"
 QuestionType = Literal["self_instruct", "fact", "yes_no", "explanation", "comparison", "negative"]
 
 
-class TransferSettings(_Section):
+class TransferSettings(Section):
     """Seed-question transfer (`stages/transfer.py`): the experts' questions asked of other documents."""
 
     enabled: bool = True
@@ -162,7 +159,7 @@ class TransferSettings(_Section):
     evidence_span_floor: float = Field(0.5, ge=0.0, le=1.0)  # ... when also above this quantile of all scores
 
 
-class SynthSettings(_Section):
+class SynthSettings(Section):
     questions_per_cycle: int = Field(24, ge=1, le=100_000)
     # Strategy mix (relative weights). self_instruct: new questions in the style of the seeds
     # (Wang et al. 2023); the others are document-grounded, one chunk (two for comparison) each;
@@ -207,7 +204,7 @@ class SynthSettings(_Section):
         return self
 
 
-class LoraSettings(_Section):
+class LoraSettings(Section):
     """The LoRA adapter a training run starts when its parent is the base model (SFT, DAPT, every
     alignment method, RLOO's reward model); also WiSE-FT's settings for averaged adapters."""
 
@@ -220,7 +217,7 @@ class LoraSettings(_Section):
     max_rank: int | None = Field(64, ge=1, le=4_096)  # WiSE-FT: averaged adapters above this rank are SVD-truncated
 
 
-class SFTSettings(_Section):
+class SFTSettings(Section):
     epochs: float = Field(2.0, gt=0, le=1_000)
     learning_rate: float = Field(3e-4, gt=0, lt=1.0)
     batch_size: int = Field(4, ge=1, le=4_096)
@@ -240,7 +237,7 @@ class SFTSettings(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA that has it, else fp32
 
 
-class EvalSettings(_Section):
+class EvalSettings(Section):
     primary_metric: Literal[
         "macro_score", "token_f1", "exact_match", "rouge_l", "cuad_match", "yes_no_balanced_accuracy",
         "extract_token_f1",
@@ -263,7 +260,7 @@ class EvalSettings(_Section):
     faithfulness_tolerance: float = Field(0.05, ge=0.0, le=1.0)  # the gate refuses a larger judge_faithfulness drop
 
 
-class AlignSettings(_Section):
+class AlignSettings(Section):
     """Preference alignment after SFT (TRL trainers), continuing the champion's LoRA adapter."""
 
     method: Literal["dpo", "orpo", "kto", "grpo", "rloo"] = "dpo"
@@ -285,7 +282,7 @@ class AlignSettings(_Section):
     seed: Seed = 0
 
 
-class ContinualSettings(_Section):
+class ContinualSettings(Section):
     """Guarding what earlier cycles learned."""
 
     wise_ft: bool = False  # average champion and candidate weights (WiSE-FT); alpha picked on the dev set
@@ -302,7 +299,7 @@ class ContinualSettings(_Section):
     dapt_max_chunks: int | None = Field(None, ge=1)  # pre-train on a seeded sample of at most this many chunks
 
 
-class ServeSettings(_Section):
+class ServeSettings(Section):
     """`tuneloop serve`: the OpenAI-compatible API, the feedback API and the web page."""
 
     host: str = "127.0.0.1"
@@ -326,7 +323,7 @@ class ServeSettings(_Section):
     batch_wait_ms: float = Field(10.0, ge=0, le=1000)
 
 
-class FeedbackSettings(_Section):
+class FeedbackSettings(Section):
     """Turning usage into training data: RLAIF and the routing of human feedback."""
 
     rlaif_prompts: int = Field(32, ge=1, le=100_000)  # prompts per RLAIF run (interactions, then synthetic, then seeds)
@@ -357,7 +354,7 @@ class FeedbackSettings(_Section):
         return self
 
 
-class MonitorSettings(_Section):
+class MonitorSettings(Section):
     """`tuneloop watch`: the signals that start a cycle by themselves."""
 
     interval_seconds: float = Field(300.0, gt=0)  # how often the signals are checked
@@ -395,7 +392,7 @@ class MonitorSettings(_Section):
         return self
 
 
-class PromptsSettings(_Section):
+class PromptsSettings(Section):
     """Cycle step `prompts`: compile the student's RAG prompt with a DSPy optimiser (stages/prompts.py)."""
 
     optimizer: Literal["none", "bootstrap", "mipro"] = "none"  # BootstrapFewShot | MIPROv2 auto=light (optuna)
@@ -404,52 +401,7 @@ class PromptsSettings(_Section):
     allow_local: bool = False  # a local student too (only one that follows DSPy's [[ ## field ## ]] format)
 
 
-class ComputeSettings(_Section):
-    """Where the heavy steps run: in this process (`local`, the default) or on a Ray cluster
-    (`ray`, the `tuneloop[ray]` extra; tuneloop/compute/). Every node must reach the project's
-    artifacts folder (a shared filesystem path)."""
-
-    engine: Literal["local", "ray"] = "local"
-    # "": a local Ray started by tuneloop; "auto": the cluster this machine belongs to;
-    # "HOST:PORT" (a head node's GCS) or "ray://HOST:PORT" (Ray Client)
-    address: str = ""
-    workers: int = Field(2, ge=1, le=4_096)  # actors (or training workers) per step
-    cpus_per_worker: float = Field(1.0, gt=0, le=1_024)
-    gpus_per_worker: float = Field(0.0, ge=0, le=64)
-    # a model call with fewer items runs in this process: a Ray job costs seconds of actor start
-    # and model load (a DSPy optimiser's single prompts, a reward computed during training)
-    min_items: int = Field(32, ge=1)
-    # times a training run on Ray Train restarts its workers from the last checkpoint after one dies
-    max_failures: int = Field(2, ge=0, le=100)
-    # what generates on the cluster: transformers actors (any device), or vLLM engines (ray.data.llm;
-    # GPUs, vLLM installed on the nodes; no yes/no margins, replies not bit-identical to a local run)
-    llm_engine: Literal["transformers", "vllm"] = "transformers"
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, v: str) -> str:
-        v = v.strip()
-        if v in ("", "auto") or ray_host_port(v) is not None:
-            return v
-        raise ValueError(f"{v!r} is not a Ray address: use '' (a local Ray), 'auto', 'HOST:PORT' or "
-                         "'ray://HOST:PORT'")
-
-
-    @model_validator(mode="after")
-    def _vllm_on_gpus(self) -> ComputeSettings:
-        if self.llm_engine == "vllm" and (self.engine != "ray" or self.gpus_per_worker < 1):
-            raise ValueError("compute.llm_engine: vllm runs on a Ray cluster's GPUs: set compute.engine: ray and "
-                             "compute.gpus_per_worker >= 1")
-        return self
-
-
-def ray_host_port(address: str) -> tuple[str, int] | None:
-    """(host, port) of a `compute.address` of the form HOST:PORT or ray://HOST:PORT; else None."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    return (host, int(port)) if host and port.isdigit() else None
-
-
-class Settings(_Section):
+class Settings(Section):
     """All settings of one project. Paths are relative to the project folder."""
 
     project: str = "tuneloop-project"

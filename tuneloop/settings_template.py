@@ -172,6 +172,7 @@ compute:                 # where the heavy steps run (`pip install 'tuneloop[ray
   gpus_per_worker: 0
   min_items: 32          # model calls with fewer items run on the driver (a Ray job costs seconds to start)
   max_failures: 2        # Ray Train restarts from the last checkpoint this many times when a worker dies
+  llm_engine: transformers  # transformers actors | vllm (ray.data.llm engines on GPUs; no yes/no margins)
 """
 
 

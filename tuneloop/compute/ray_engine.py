@@ -15,8 +15,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from tuneloop.config import ComputeSettings, ray_host_port
 from tuneloop.errors import ConfigError
+from tuneloop.settings_compute import ComputeSettings, ray_host_port
 
 try:
     import ray
