@@ -80,3 +80,17 @@ def real_embedder(tmp_path_factory):
     from tuneloop.models.embed import LocalEmbedder
 
     return LocalEmbedder(resolve_model_path("builtin:all-minilm-l6-v2", tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole test session, started as tuneloop starts it (`compute.connect`:
+    `ray.init(num_cpus=2, include_dashboard=False)`, never local_mode); every step's own connect
+    then finds it running. Skips the test when the `ray` extra is not installed."""
+    ray = pytest.importorskip("ray")
+    from tuneloop.compute import ray_engine
+    from tuneloop.config import ComputeSettings
+
+    ray_engine.connect(ComputeSettings(engine="ray", workers=2, cpus_per_worker=1))
+    yield
+    ray.shutdown()

@@ -219,12 +219,12 @@ def test_judge_reward_maps_rubric_scores_and_counts_unparsed_replies():
     from tuneloop.stages.rewards import JudgeReward
 
     judge = FakeJudge()  # "Yes": all criteria 5; "No": "2 - ..."; anything else: no score
-    reward = JudgeReward(judge, PlainChatAdapter(), GenerationParams(max_new_tokens=16, temperature=0.0))
+    reward = JudgeReward(lambda: (judge, PlainChatAdapter()), GenerationParams(max_new_tokens=16, temperature=0.0))
     completions = [[{"role": "assistant", "content": a}] for a in ("Yes", "No", "Maybe")]
     out = reward(completions, question=["Is it renewable?"] * 3, excerpts=["[1] It renews each year."] * 3,
                  reference=["Yes"] * 3)
     assert out == [1.0, -0.5, 0.0]
-    assert reward.stats() == {"calls": 3, "unparsed": 1, "mean_score": 3.5}
+    assert reward.stats() == {"judge": "fake-judge", "calls": 3, "unparsed": 1, "mean_score": 3.5}
     assert all("[1] It renews each year." in c[-1]["content"] and "Is it renewable?" in c[-1]["content"]
                for c in judge.sent)
 
@@ -236,7 +236,7 @@ def test_grpo_with_the_judge_as_reward(aligned_project, monkeypatch):
     p, champ_path = aligned_project({"align": {"reward": "judge"}}, pairs=0)
     retriever = ingest_project(p)
     judge = FakeJudge(score=lambda answer: "4" if len(answer) % 2 else "no idea")
-    monkeypatch.setattr(registry, "build_chat_model", lambda project, role, adapter=None: judge)
+    monkeypatch.setattr(registry, "build_chat_model", lambda project, role, adapter=None, engine=None: judge)
     with open_store(p.store_url)() as s:
         result = train_align(p, s, retriever, SilentReporter(), method="grpo")
         s.commit()

@@ -13,6 +13,7 @@ from tuneloop import loop
 from tuneloop.config import ComputeSettings
 from tuneloop.errors import ConfigError
 from tuneloop.progress import SilentReporter
+from tuneloop.stages.methods import METHODS
 from tuneloop.store import CycleStep, EvalRun, Example, ModelVersion, open_store
 
 ray = pytest.importorskip("ray")
@@ -21,12 +22,6 @@ from tuneloop.models.pooled import PooledChatModel  # noqa: E402 - after the ski
 # one worker: Ray Train's single worker trains exactly as this process does (two workers halve the
 # steps: tests/test_compute_train.py)
 ONE = {"engine": "ray", "workers": 1, "cpus_per_worker": 1, "min_items": 1}
-
-
-@pytest.fixture
-def no_ray_left():
-    yield
-    ray.shutdown()
 
 
 def run(project, monkeypatch, compute: dict | None):
@@ -46,7 +41,7 @@ def run(project, monkeypatch, compute: dict | None):
 
 
 @pytest.mark.cluster  # two whole cycles (over a minute): `make test-cluster`
-def test_a_cycle_on_ray_gives_the_candidate_of_an_in_process_cycle(project, monkeypatch, no_ray_left):
+def test_a_cycle_on_ray_gives_the_candidate_of_an_in_process_cycle(project, monkeypatch, ray_cluster):
     status, steps, synthetic, metrics, weights, _ = run(project, monkeypatch, None)
     r_status, r_steps, r_synthetic, r_metrics, r_weights, jobs = run(project, monkeypatch, ONE)
     assert status == r_status == "done" and r_steps == steps and set(steps.values()) <= {"done", "skipped"}
@@ -73,7 +68,7 @@ def test_a_cycle_with_an_unreachable_cluster_fails_before_any_step(project):
 
 
 @pytest.mark.cluster  # a killed cycle and its rerun on Ray (about a minute): `make test-cluster`
-def test_a_driver_killed_during_ray_train_resumes_the_cycle_from_the_checkpoint(project, tmp_path, no_ray_left):
+def test_a_driver_killed_during_ray_train_resumes_the_cycle_from_the_checkpoint(project, tmp_path, ray_cluster):
     import json
     import signal
     from pathlib import Path
@@ -94,6 +89,8 @@ def test_a_driver_killed_during_ray_train_resumes_the_cycle_from_the_checkpoint(
     (message,) = [m for m in reporter.messages if m.startswith("resuming training from")]
     step = int(message.rsplit("-", 1)[-1])
     assert step >= 3
+    (bar,) = [advances for label, _, advances in reporter.tasks if label == METHODS["sft"].label]
+    assert bar[0] == step and sum(bar) == 40 and len(bar) > 2  # from the checkpoint, then the workers' steps
     with open_store(p.store_url)() as s:
         candidate = s.scalar(select(ModelVersion).where(ModelVersion.method == "sft"))
     history = [h for h in json.loads((Path(candidate.adapter_path) / "log_history.json").read_text()) if "loss" in h]

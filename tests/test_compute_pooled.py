@@ -15,18 +15,14 @@ from tuneloop.models.local import LocalChatModel
 from tuneloop.progress import SilentReporter, batched_chat, batched_margins
 
 ray = pytest.importorskip("ray")
-from tuneloop.compute import ray_engine  # noqa: E402 - after the skip when Ray is missing
 from tuneloop.models.pooled import PooledChatModel, PooledEmbedder  # noqa: E402
 
 POOL = {"engine": "ray", "workers": 2, "cpus_per_worker": 0.5, "min_items": 1}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    settings = ComputeSettings(**POOL)
-    ray_engine.connect(settings)
-    yield settings
-    ray.shutdown()
+@pytest.fixture
+def cluster(ray_cluster):
+    return ComputeSettings(**POOL)
 
 
 def conversations(n: int) -> list[list[dict]]:
@@ -52,11 +48,18 @@ def test_a_pooled_model_replies_as_the_model_in_this_process(cluster, tiny_model
 
 
 def test_calls_under_min_items_run_in_this_process(cluster, tiny_model_dir):
-    few = ComputeSettings(**{**POOL, "min_items": 10})
+    from tuneloop.models.ray_vllm import VllmChatModel
+
+    few = ComputeSettings(**{**POOL, "min_items": 20})
     pooled = PooledChatModel(LocalChatModel, (tiny_model_dir, None, 4), str(tiny_model_dir), 8, few)
-    convs, params = conversations(9), GenerationParams(max_new_tokens=4)
-    assert pooled.chat(convs, params) == batched_chat(LocalChatModel(tiny_model_dir, batch_size=4), convs, params,
-                                                      SilentReporter(), "answering", 8)
+    vllm = VllmChatModel(tiny_model_dir, None, 4, 8, few)  # its fallback is the transformers model's
+    convs, params = conversations(19), GenerationParams(max_new_tokens=4, temperature=0.9, seed=2)
+    expected = batched_chat(LocalChatModel(tiny_model_dir, batch_size=4), convs, params, SilentReporter(),
+                            "answering", 8)  # seeded: the chunks' seeds must match too
+    for model in (pooled, vllm):
+        progress = RecordingReporter()
+        assert batched_chat(model, convs, params, progress, "answering", 8) == expected
+        assert progress.tasks[0][2] == [8, 8, 3]
     assert pooled.jobs == 0 and pooled._local is not None
 
 

@@ -19,12 +19,9 @@ ray = pytest.importorskip("ray")
 from tuneloop.compute import ray_engine  # noqa: E402 - after the skip when Ray is missing
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    settings = ComputeSettings(engine="ray", workers=2, cpus_per_worker=0.5)
-    ray_engine.connect(settings)
-    yield settings
-    ray.shutdown()
+@pytest.fixture
+def cluster(ray_cluster):
+    return ComputeSettings(engine="ray", workers=2, cpus_per_worker=0.5)
 
 
 class Doubler:

@@ -11,7 +11,15 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import CONTRACTS, deep_merge, import_sample_pairs, ingest_project, tiny_settings, write_settings
+from tests.helpers import (
+    CONTRACTS,
+    RecordingReporter,
+    deep_merge,
+    import_sample_pairs,
+    ingest_project,
+    tiny_settings,
+    write_settings,
+)
 from tuneloop.artifacts import read_meta
 from tuneloop.config import load_project
 from tuneloop.errors import StateError
@@ -22,19 +30,14 @@ from tuneloop.versions import ensure_base_version
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.cluster  # minutes of Ray Train: `make test-cluster`
-from tuneloop.compute import ray_engine  # noqa: E402 - after the skip when Ray is missing
 
 RAY = {"engine": "ray", "workers": 2, "cpus_per_worker": 1}
 SFT = {"epochs": 5, "learning_rate": 1e-2, "save_steps": 4}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from tuneloop.config import ComputeSettings
-
-    ray_engine.connect(ComputeSettings(**RAY))
-    yield
-    ray.shutdown()
+@pytest.fixture
+def cluster(ray_cluster):
+    """The session's local Ray (tests/conftest.py): 2 CPUs, one per worker."""
 
 
 def sft_project(root, tiny_model_dir, overrides: dict):
@@ -194,5 +197,70 @@ def test_rloo_trains_its_policy_on_two_workers(cluster, project, tmp_path):
     assert [h["step"] for h in history if "loss" in h] == [1, 2]  # 8 prompts / (2 per step x 2 workers)
     assert any("reward" in h for h in history)
     assert_changed(adapter(champion.adapter_path), adapter(result.artifact))
-    assert (result.artifact / "reward_model" / "reward_info.json").is_file()  # trained first, in this process
+    info = json.loads((result.artifact / "reward_model" / "reward_info.json").read_text())
+    assert info["global_step"] == 2 and 0.0 <= info["accuracy"] <= 1.0  # also on the 2 workers: 8 pairs / (2 x 2)
     assert read_meta(result.artifact)["reference"] == "champion v1"
+
+
+@pytest.mark.parametrize("method", ["orpo", "kto"])
+def test_orpo_and_kto_train_the_champion_adapter_on_two_workers(cluster, project, tmp_path, method):
+    from tests.helpers import deep_merge
+    from tests.test_align import ALIGN, adapter, add_pairs, assert_changed, make_champion
+    from tuneloop.stages.align import train_align
+
+    p = project(deep_merge(ALIGN, {"compute": RAY}))
+    with open_store(p.store_url)() as s:
+        champion = make_champion(p, s, tmp_path)
+        add_pairs(s, 4)
+        s.commit()
+        result = train_align(p, s, None, SilentReporter(), method=method)
+        s.commit()
+        version = s.get(ModelVersion, result.version.id)
+        assert (version.method, version.status, version.parent_id) == (method, "candidate", champion.id)
+    history = json.loads((result.artifact / "log_history.json").read_text())
+    # ORPO: 4 pairs; KTO: the same pairs unpaired, 8 rows; 2 rows per worker per step
+    assert [h["step"] for h in history if "loss" in h] == ([1] if method == "orpo" else [1, 2])
+    assert_changed(adapter(champion.adapter_path), adapter(result.artifact))
+
+
+def test_dapt_on_two_workers_registers_an_intermediate_version(cluster, tmp_path, tiny_model_dir):
+    from tests.test_dapt import FAST, make_project
+    from tuneloop.stages.dapt import train_dapt
+
+    p = make_project(tmp_path / "ray", tiny_model_dir, {**FAST, "compute": RAY})
+    with open_store(p.store_url)() as s:
+        base = ensure_base_version(p, s)
+        result = train_dapt(p, s, SilentReporter())
+        s.commit()
+        version = s.get(ModelVersion, result.version.id)
+        assert (version.method, version.status, version.parent_id) == ("dapt", "intermediate", base.id)
+    rows = sum(1 for _ in (result.artifact / "train.jsonl").open())
+    steps = -(-rows // (p.settings.sft.batch_size * 2)) * FAST["continual"]["dapt_epochs"]  # a batch per worker
+    history = [h for h in json.loads((result.artifact / "log_history.json").read_text()) if "loss" in h]
+    assert [h["step"] for h in history] == list(range(1, steps + 1))
+    b = {k: v for k, v in load_file(str(result.artifact / "adapter_model.safetensors")).items() if "lora_B" in k}
+    assert b and all(abs(v).max() > 0 for v in b.values())
+
+
+def test_grpo_rewarded_by_a_local_judge_on_two_workers(cluster, project):
+    """Each worker builds the judge (the tiny local model) and counts its calls; the driver adds
+    up what every worker saved."""
+    from tests.helpers import deep_merge
+    from tests.test_align import ALIGN
+    from tuneloop.stages.align import train_align
+
+    p = project(deep_merge(ALIGN, {"align": {"reward": "judge"}, "compute": RAY}))
+    retriever = ingest_project(p)
+    progress = RecordingReporter()
+    with open_store(p.store_url)() as s:
+        ensure_base_version(p, s)
+        s.commit()
+        result = train_align(p, s, retriever, progress, method="grpo")
+        s.commit()
+        stats = result.version.hyperparams["judge_reward"]
+    assert stats["calls"] == 20 * 2  # 20 seed prompts x 2 samples, half on each worker
+    assert stats["judge"] == p.settings.models.judge.model and stats["unparsed"] <= stats["calls"]
+    history = json.loads((result.artifact / "log_history.json").read_text())
+    assert history[-1]["step"] == 5 and any("rewards/judge_reward/mean" in h for h in history)
+    ((_, total, advances),) = progress.tasks
+    assert total == 5 and sum(advances) == 5  # the workers' steps reached the driver's bar

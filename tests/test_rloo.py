@@ -38,7 +38,8 @@ def test_reward_model_learns_the_toy_preference(aligned_project, tmp_path):
     tok = rloo_stage._reward_tokenizer(model_dir)
     torch.manual_seed(s.seed)  # the untrained reward model (same random score head) gets every pair wrong
     assert rloo_stage.reward_accuracy(rloo_stage._seq_cls_model(model_dir, tok, torch.float32).eval(), tok, rows) == 0
-    trainer, tok = rloo_stage.train_reward_model(model_dir, rows, s, p.settings.lora, tmp_path / "rm")
+    trainer, tok = rloo_stage.build_reward_trainer(model_dir, rows, s, p.settings.lora, tmp_path / "rm")
+    trainer.train()
     assert trainer.state.global_step == 8  # 8 pairs / batch 2 x 2 epochs
     assert rloo_stage.reward_accuracy(trainer.model.eval(), tok, rows) >= 0.75
     # saved and reloaded (LoRA merged): the same scores
@@ -92,7 +93,7 @@ def test_a_killed_rloo_run_reuses_its_reward_model(aligned_project, monkeypatch)
         raise AssertionError("the reward model was trained again")
 
     monkeypatch.setattr(rloo_stage, "build_rloo_trainer", real_build)
-    monkeypatch.setattr(rloo_stage, "train_reward_model", no_retrain)
+    monkeypatch.setattr(rloo_stage, "build_reward_trainer", no_retrain)
     with open_store(p.store_url)() as s:
         result = train_align(p, s, None, SilentReporter(), method="rloo", name="rloo-run")
         s.commit()

@@ -105,3 +105,37 @@ def test_the_runner_saves_registers_and_cleans_up_once(project):
     assert meta["stage"] == "dapt" and meta["parent"] == parent.name and meta["hyperparams"] == {"x": 1}
     assert (first.artifact / "extra.txt").read_text() == "more"
     assert json.loads((first.artifact / "log_history.json").read_text())[-1]["loss"] == 1.5
+
+
+def test_the_bar_follows_the_steps_a_ray_train_worker_writes(tmp_path):
+    """A Ray Train worker cannot reach the driver's bar: rank 0 writes each step to a file in the
+    shared work folder (StepFile) and the driver moves the bar to it while the run goes on."""
+    import time
+
+    from transformers import TrainerState
+
+    from tuneloop.stages.training import StepFile, following_steps
+
+    path, advances = tmp_path / "step", []
+    writer, state = StepFile(path), TrainerState()
+
+    def shown() -> int:
+        return 4 + sum(advances)
+
+    def wait_for(step: int) -> None:
+        deadline = time.monotonic() + 10
+        while shown() != step and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert shown() == step, advances
+
+    with following_steps(path, advances.append, start=4, every_s=0.01):  # resumed from checkpoint-4
+        time.sleep(0.05)
+        assert advances == []  # nothing written yet
+        for step in (5, 6, 9):
+            state.global_step = step
+            writer.on_step_end(None, state, None)
+            wait_for(step)
+        state.global_step = 12
+        writer.on_step_end(None, state, None)  # written as the run ends: read once more at the end
+    assert shown() == 12 and advances[:3] == [1, 1, 3]
+    assert not (tmp_path / "step.tmp").exists() and path.read_text() == "12"

@@ -30,14 +30,15 @@ CONNECT_TIMEOUT_S = 5.0
 
 def connect(settings: ComputeSettings) -> None:
     """Join the cluster at `compute.address`, or start a local Ray with the CPUs that
-    `workers` x `cpus_per_worker` need (address ""). A second call in the process does nothing."""
+    `workers` x `cpus_per_worker` need (address ""). Once Ray is started in the process, a
+    second call only checks that the address still answers."""
+    address = settings.address
+    if address not in ("", "auto"):
+        _check_reachable(address)
     if ray.is_initialized():
         return
     context = ray.data.DataContext.get_current()  # the driver's output is tuneloop's progress, not Ray's
     context.enable_progress_bars, context.print_on_execution_start = False, False
-    address = settings.address
-    if address not in ("", "auto"):
-        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)

@@ -74,13 +74,7 @@ class PooledChatModel:
         step = step or self.step
         if len(conversations) >= self.settings.min_items:
             return self._on_pool("chat", conversations, params, step, advance)
-        replies: list[str] = []
-        for start in range(0, len(conversations), step):
-            part = list(conversations[start:start + step])
-            replies.extend(self.local().chat(part, replace(params, seed=params.seed + start)))
-            if advance is not None:
-                advance(len(part))
-        return replies
+        return chat_in_chunks(self.local(), conversations, params, step, advance)
 
     def yes_no_margins(self, conversations: Sequence[list[Message]], step: int | None = None,
                        advance: Advance | None = None) -> list[float]:
@@ -110,6 +104,18 @@ class PooledChatModel:
                                           self.settings, batch_size=1, on_row=on_row)
         self.jobs += 1
         return [value for row in rows for value in json.loads(row["out"])]
+
+
+def chat_in_chunks(model: ChatModel, conversations: Sequence[list[Message]], params: GenerationParams, step: int,
+                   advance: Advance | None) -> list[str]:
+    """`model`'s replies in this process, in the chunks and seeds a pool would use (seed + chunk start)."""
+    replies: list[str] = []
+    for start in range(0, len(conversations), step):
+        part = list(conversations[start:start + step])
+        replies.extend(model.chat(part, replace(params, seed=params.seed + start)))
+        if advance is not None:
+            advance(len(part))
+    return replies
 
 
 class _EmbedActor:

@@ -23,6 +23,7 @@ from tuneloop.compute import ray_engine
 from tuneloop.config import ComputeSettings
 from tuneloop.models.base import GenerationParams, Message
 from tuneloop.models.local import LocalChatModel
+from tuneloop.models.pooled import chat_in_chunks
 
 INDEX = ray_engine.INDEX
 DEFAULT_MAX_LORA_RANK = 64
@@ -83,17 +84,16 @@ class VllmChatModel:
 
     def chat(self, conversations: Sequence[list[Message]], params: GenerationParams, step: int | None = None,
              advance: Callable[[int], None] | None = None) -> list[str]:
-        if len(conversations) < self.settings.min_items:
-            replies = self.local().chat(conversations, params)
-        else:
-            import ray.data
+        if len(conversations) < self.settings.min_items:  # as the transformers pool does
+            return chat_in_chunks(self.local(), conversations, params, step or self.step, advance)
+        import ray.data
 
-            ray_engine.connect(self.settings)
-            rows = [{"messages": json.dumps(c), INDEX: i} for i, c in enumerate(conversations)]
-            out = sorted(self.processor(params)(ray.data.from_items(rows)).take_all(), key=lambda r: r[INDEX])
-            if [r[INDEX] for r in out] != list(range(len(conversations))):
-                raise RuntimeError(f"vLLM on Ray returned {len(out)} rows for {len(conversations)} conversations")
-            replies = [r["reply"] for r in out]
+        ray_engine.connect(self.settings)
+        rows = [{"messages": json.dumps(c), INDEX: i} for i, c in enumerate(conversations)]
+        out = sorted(self.processor(params)(ray.data.from_items(rows)).take_all(), key=lambda r: r[INDEX])
+        if [r[INDEX] for r in out] != list(range(len(conversations))):
+            raise RuntimeError(f"vLLM on Ray returned {len(out)} rows for {len(conversations)} conversations")
+        replies = [r["reply"] for r in out]
         if advance is not None:
             advance(len(conversations))
         return replies

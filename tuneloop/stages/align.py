@@ -27,7 +27,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from tuneloop.config import AlignSettings, ComputeSettings, LoraSettings, Project
+from tuneloop.config import AlignSettings, LoraSettings, Project
 from tuneloop.errors import ConfigError
 from tuneloop.models import registry  # build_chat_model looked up at call time (tests replace it)
 from tuneloop.models.registry import generation_params
@@ -39,7 +39,7 @@ from tuneloop.stages.align_data import AlignData, select_align_data
 from tuneloop.stages.common import training_parent
 from tuneloop.stages.methods import ALIGN_METHODS, METHODS
 from tuneloop.stages.policy import load_policy
-from tuneloop.stages.rewards import JudgeReward, f1_reward
+from tuneloop.stages.rewards import JudgeReward, SaveJudgeCounts, f1_reward, saved_judge_stats
 from tuneloop.stages.rloo import train_rloo
 from tuneloop.stages.training import (
     Run,
@@ -53,14 +53,22 @@ from tuneloop.stages.training import (
 from tuneloop.stages.training import build_trainer as build_trainer_of
 from tuneloop.store import ModelVersion, Session
 
+JUDGE_COUNTS = "judge_reward"  # the work folder's subfolder where each training process saves its judge calls
+
 
 def grpo_reward(project: Project):
-    """GRPO's reward function (`align.reward`): token F1 vs the reference, or the judge's rubric."""
+    """GRPO's reward function (`align.reward`): token F1 vs the reference, or the judge's rubric
+    (the judge built where the policy trains: a local judge runs in each Ray Train worker)."""
     if project.settings.align.reward == "metric":
         return f1_reward
     role = project.settings.models.judge
-    return JudgeReward(registry.build_chat_model(project, role), make_adapter(role.adapter, role.backend),
-                       generation_params(role, temperature=0.0), role.batch_size)
+    return JudgeReward(partial(_judge, project), generation_params(role, temperature=0.0), role.batch_size)
+
+
+def _judge(project: Project):
+    """The judge role's model (in the process that calls it: never a pool of Ray actors) and its adapter."""
+    role = project.settings.models.judge
+    return registry.build_chat_model(project, role, engine="local"), make_adapter(role.adapter, role.backend)
 
 
 def build_trainer(method: str, model_dir: Path, parent_adapter: Path | None, rows: list[dict],
@@ -80,6 +88,8 @@ def _build_checked(method: str, model_dir: Path, parent_adapter: Path | None, ro
     """`build_trainer`, then the check that TRL kept rows to train on (`_check_lengths`)."""
     trainer, tokenizer = build_trainer(method, model_dir, parent_adapter, rows, s, lora, work_dir, reward)
     _check_lengths(trainer, len(rows), s, note)
+    if isinstance(reward, JudgeReward):
+        trainer.add_callback(SaveJudgeCounts(reward, work_dir / JUDGE_COUNTS))
     return trainer, tokenizer
 
 
@@ -127,9 +137,7 @@ def _train_policy(run: Run, data: AlignData, work_dir: Path, reporter: Reporter)
     s, m = project.settings.align, METHODS[run.method]
     rows = data.trl_rows()
     reward = grpo_reward(project) if method == "grpo" else None
-    # GRPO rewarded by the judge calls the judge while it trains and keeps the calls' statistics
-    # for the meta: it trains in this process, whatever compute.engine says
-    compute = ComputeSettings() if isinstance(reward, JudgeReward) else project.settings.compute
+    compute = project.settings.compute
     note = reporter.log if compute.engine == "local" else None  # a Ray worker cannot reach the reporter
     build = partial(_build_checked, method, run.model_dir, run.parent_adapter, rows, s, project.settings.lora,
                     reward, note)
@@ -142,5 +150,5 @@ def _train_policy(run: Run, data: AlignData, work_dir: Path, reporter: Reporter)
     if m.sampling:
         hyperparams["kl_beta"] = m.options(s)["beta"]
     if isinstance(reward, JudgeReward):
-        hyperparams["judge_reward"] = {"judge": reward.judge.name, **reward.stats()}
+        hyperparams["judge_reward"] = saved_judge_stats(work_dir / JUDGE_COUNTS)  # every process's calls
     return Trained(finished, data.rows, alignment_meta(run, hyperparams, finished))

@@ -8,6 +8,7 @@ maintained reward-model RL method. Two phases, both LoRA on the student's base m
    `trl.RewardTrainer` (Bradley-Terry loss) on the same conversational rows DPO uses
    (`prompt` messages + `chosen` / `rejected`). Its accuracy on those pairs
    (reward(chosen) > reward(rejected)) is recorded. Saved in the artifact's `reward_model/`.
+   It trains where the policy does (`compute.engine`: this process or Ray Train workers).
 2. RLOO: `trl.RLOOTrainer` continues the champion's adapter (as the other methods; TRL copies the
    loaded adapter into a frozen "ref" adapter, so the KL reference is the champion), samples
    `align.num_generations` answers of at most `align.max_completion_length` tokens per prompt (the
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PrinterCallback
 
-from tuneloop.config import AlignSettings, LoraSettings
+from tuneloop.config import AlignSettings, ComputeSettings, LoraSettings
 from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
 from tuneloop.progress import Reporter
 from tuneloop.safety import safe_rmtree
@@ -64,9 +65,8 @@ def _seq_cls_model(model_dir: Path, tokenizer, dtype: torch.dtype):
 # --------------------------------------------------------------------------- phase 1: the reward model
 
 
-def train_reward_model(model_dir: Path, rows: list[dict], s: AlignSettings, lora: LoraSettings, work_dir: Path,
-                       reporter: Reporter | None = None):
-    """Train the LoRA reward model on `rows` ({prompt, chosen, rejected}); return (trainer, tokenizer)."""
+def build_reward_trainer(model_dir: Path, rows: list[dict], s: AlignSettings, lora: LoraSettings, work_dir: Path):
+    """The LoRA reward model's (RewardTrainer, tokenizer) on `rows` ({prompt, chosen, rejected})."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -79,9 +79,6 @@ def train_reward_model(model_dir: Path, rows: list[dict], s: AlignSettings, lora
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                             processing_class=tokenizer, peft_config=lora_config(lora, "SEQ_CLS"))
     trainer.remove_callback(PrinterCallback)
-    if reporter is not None:
-        reporter.log(f"training the reward model on {len(rows)} preference pairs")
-    trainer.train()
     return trainer, tokenizer
 
 
@@ -121,28 +118,26 @@ def reward_accuracy(model, tokenizer, rows: list[dict]) -> float:
 
 
 def _reward_phase(model_dir: Path, rows: list[dict], s: AlignSettings, lora: LoraSettings, work_dir: Path,
-                  reporter: Reporter) -> dict:
-    """Train (or, after a kill, reuse) the reward model in work_dir/reward_model; return its info."""
+                  reporter: Reporter, compute: ComputeSettings) -> dict:
+    """Train (or, after a kill, reuse) the reward model in work_dir/reward_model, where the policy
+    trains too (this process or Ray Train workers); its accuracy is measured here; return its info."""
     out = work_dir / REWARD_DIR
     info_path = out / "reward_info.json"
     if info_path.is_file():
         reporter.log(f"reusing the reward model trained before the interruption ({out})")
         return json.loads(info_path.read_text(encoding="utf-8"))
+    reporter.log(f"training the reward model on {len(rows)} preference pairs")
     tmp = work_dir / "reward_train"
-    trainer, tokenizer = train_reward_model(model_dir, rows, s, lora, tmp, reporter)
-    model = trainer.model.eval()
+    build = partial(build_reward_trainer, model_dir, rows, s, lora)
+    finished = train_model(build, tmp, "reward model", estimated_steps(len(rows), s), reporter, compute)
+    model, tokenizer = load_reward_model(model_dir, finished.folder, pick_dtype(pick_device(), s.precision))
     accuracy = reward_accuracy(model, tokenizer, rows)
-    losses = train_losses(trainer.state.log_history)
-    info = {"accuracy": accuracy, "n_pairs": len(rows), "global_step": trainer.state.global_step,
+    losses = train_losses(finished.log_history)
+    info = {"accuracy": accuracy, "n_pairs": len(rows), "global_step": finished.global_step,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
-    staging = work_dir / f"{REWARD_DIR}.tmp"
-    safe_rmtree(staging, inside=work_dir, ignore_errors=True)
-    trainer.model.save_pretrained(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    (staging / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-    (staging / "reward_info.json").write_text(json.dumps(info, indent=2))  # written last: marks it complete
+    (finished.folder / "reward_info.json").write_text(json.dumps(info, indent=2))  # written last: marks it complete
     safe_rmtree(out, inside=work_dir, ignore_errors=True)
-    staging.rename(out)
+    finished.folder.rename(out)
     safe_rmtree(tmp, inside=work_dir, ignore_errors=True)
     reporter.log(f"reward model accuracy on the training pairs: {accuracy:.2f}")
     return info
@@ -174,11 +169,12 @@ def train_rloo(run: Run, data: AlignData, work_dir: Path, reporter: Reporter) ->
     """Both phases; the trained policy, with the reward model as an extra artifact folder (reward_model/)."""
     s, lora = run.project.settings.align, run.project.settings.lora
     rows = data.trl_rows()
-    reward_info = _reward_phase(run.model_dir, rows, s, lora, work_dir, reporter)  # small: in this process
+    compute = run.project.settings.compute
+    reward_info = _reward_phase(run.model_dir, rows, s, lora, work_dir, reporter, compute)
     prompts = list({json.dumps(r["prompt"], sort_keys=True): {"prompt": r["prompt"]} for r in rows}.values())
     build = partial(_build_policy_trainer, run.model_dir, run.parent_adapter, prompts, work_dir / REWARD_DIR, s, lora)
     finished = train_model(build, work_dir / "rloo", RLOO.label, estimated_steps(len(prompts), s), reporter,
-                           run.project.settings.compute)
+                           compute)
     rewards = [h["reward"] for h in finished.log_history if "reward" in h]
 
     def copy_reward_model(tmp: Path) -> None:

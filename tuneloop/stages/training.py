@@ -17,8 +17,11 @@ it uses bf16 (`policy.device_args`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
@@ -231,26 +234,85 @@ def finish(trainer, tokenizer, work_dir: Path) -> Finished:
 
 def _train_on_ray(build: Build, work_dir: Path, label: str, total: int, reporter: Reporter,
                   compute: ComputeSettings) -> Finished:
-    reporter.log(f"{label}: on Ray Train, {compute.workers} data-parallel workers (the bar moves when it ends)")
+    reporter.log(f"{label}: on Ray Train, {compute.workers} data-parallel workers")
     total = -(-total // compute.workers)  # each step takes a batch per worker
     resume = last_complete_checkpoint(work_dir)  # the workers resume from it (the work folder is shared)
-    if resume:
-        reporter.log(f"resuming training from {resume}")
+    start = checkpoint_step(resume) if resume else 0
+    steps = work_dir / STEP_FILE
+    steps.unlink(missing_ok=True)  # a killed run's last step is not this run's
     with reporter.task(label, total) as advance:
-        ray_train.run_data_parallel(partial(_fit_on_worker, build, work_dir, max(1, int(compute.cpus_per_worker))),
-                                    compute, work_dir / "ray", work_dir.name)
-        advance(total)
+        if resume:
+            reporter.log(f"resuming training from {resume}")
+            advance(start)
+        with following_steps(steps, advance, start):
+            ray_train.run_data_parallel(partial(_fit_on_worker, build, work_dir, max(1, int(compute.cpus_per_worker))),
+                                        compute, work_dir / "ray", work_dir.name)
     folder = work_dir / FINAL
     return Finished(folder, json.loads((folder / "log_history.json").read_text(encoding="utf-8")))
 
 
 def _fit_on_worker(build: Build, work_dir: Path, threads: int) -> None:
-    """One Ray Train worker: the stage's trainer, trained data-parallel; rank 0 saves the adapter."""
+    """One Ray Train worker: the stage's trainer, trained data-parallel; rank 0 writes each step
+    for the driver's progress bar and saves the adapter."""
     trainer, tokenizer = build(work_dir)
     trainer = ray_train.prepare(trainer, threads)
+    if ray_train.is_rank_zero():
+        trainer.add_callback(StepFile(work_dir / STEP_FILE))
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(work_dir))
     if ray_train.is_rank_zero():
         finish(trainer, tokenizer, work_dir)
+
+
+STEP_FILE = "step"  # in the work folder: the last optimiser step a Ray Train run finished
+
+
+class StepFile(TrainerCallback):
+    """Writes the global step to `path` after each step (a Ray Train worker cannot reach the
+    driver's progress bar; the work folder is shared, and the driver reads the file)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_step_end(self, args, state, control, **kwargs):
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(str(state.global_step), encoding="utf-8")
+        os.replace(tmp, self.path)  # the reader sees the old step or the new one, never half a number
+
+
+@contextmanager
+def following_steps(path: Path, advance: Callable[[int], None], start: int, every_s: float = 0.5) -> Iterator[None]:
+    """While the block runs, move the bar (`advance`) up to the step last written to `path`
+    (from `start`), checking every `every_s` seconds and once more when the block ends."""
+    shown = start
+    stop = threading.Event()
+
+    def catch_up() -> None:
+        nonlocal shown
+        try:
+            step = int(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not written yet
+            return
+        if step > shown:
+            advance(step - shown)
+            shown = step
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            catch_up()
+
+    thread = threading.Thread(target=poll, name="ray-train-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        catch_up()
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The optimiser step of a checkpoint folder (checkpoint-<step>)."""
+    return int(Path(checkpoint).name.split("-")[-1])
 
 
 def fit(trainer, work_dir: Path, label: str, total: int, reporter: Reporter) -> None:
@@ -261,7 +323,7 @@ def fit(trainer, work_dir: Path, label: str, total: int, reporter: Reporter) -> 
     with reporter.task(label, total) as advance:
         if resume:
             reporter.log(f"resuming training from {resume}")
-            advance(int(Path(resume).name.split("-")[-1]))
+            advance(checkpoint_step(resume))
         trainer.add_callback(ProgressCallback(advance))
         trainer.train(resume_from_checkpoint=resume)
 
