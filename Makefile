@@ -46,7 +46,7 @@ demo: venv
 test: venv chromium lint
 	$(BIN)/python -m pytest -q --durations=10 -m "not cluster"
 
-# The slower compute.engine: ray tests (a whole cycle, Ray Train runs; ~3 min): CI runs them after `make test`.
+# The slower compute.engine: ray tests (a whole cycle, Ray Train runs; ~6 min): CI runs them after `make test`.
 test-cluster: venv
 	$(BIN)/python -m pytest -q --durations=5 -m cluster
 

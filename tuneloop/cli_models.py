@@ -116,11 +116,14 @@ def models_promote(
 ) -> None:
     """Make VERSION the champion; the current champion is retired. `tuneloop serve` swaps it in."""
     from tuneloop.lineage import promote
+    from tuneloop.tracking import mirror
 
     project, sessions = open_project(project_dir)
     with sessions() as s:
         p = promote(s, version)
         s.commit()
+    if p.changed:
+        mirror(project, sessions, console.print)  # tracking.mlflow: the champion alias follows (never fails)
     if not p.changed:
         console.print(f"{p.version.name} is already the champion; nothing to do")
         return

@@ -17,6 +17,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from tuneloop.errors import ConfigError
 from tuneloop.settings_base import Section
 from tuneloop.settings_compute import ComputeSettings
+from tuneloop.settings_tracking import TrackingSettings
 from tuneloop.textfile import read_text
 
 SETTINGS_FILE = "tuneloop.yaml"
@@ -424,6 +425,7 @@ class Settings(Section):
     monitor: MonitorSettings = MonitorSettings()
     prompts: PromptsSettings = PromptsSettings()
     compute: ComputeSettings = ComputeSettings()
+    tracking: TrackingSettings = TrackingSettings()
 
     @field_validator("store_url")
     @classmethod

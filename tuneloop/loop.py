@@ -61,7 +61,8 @@ from tuneloop.steps import (
     to_row,
 )
 from tuneloop.store import Chunk, Cycle, CycleStep, Feedback, ModelVersion, Session, open_store, utcnow
-from tuneloop.versions import NOT_CANDIDATES, Status, champion, ensure_base_version, set_status
+from tuneloop.tracking import check_tracking, mirror
+from tuneloop.versions import Status, champion, cycle_candidate, ensure_base_version, set_status
 
 # where a dev split comes from, for the steps that skip without one (select, wise)
 NO_DEV_SET = "no dev set (feedback.dev_fraction, or tuneloop seeds import FILE --split dev)"
@@ -214,17 +215,6 @@ def step_wise(ctx: CycleContext, s: Session) -> WiseStepResult:
                           averaged=candidate.name)
 
 
-def cycle_candidate(s: Session, cycle_id: int) -> ModelVersion:
-    """The cycle's candidate: its newest version not superseded (WiSE-FT's average, else the aligned
-    version unless the select step preferred the SFT one on the dev set, else the SFT one)."""
-    cand = s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == cycle_id, ModelVersion.method != "base",
-                                               ModelVersion.status.not_in(NOT_CANDIDATES))
-                    .order_by(ModelVersion.id.desc()))
-    if cand is None:
-        raise StateError(f"cycle {cycle_id} has no candidate model")
-    return cand
-
-
 def step_prompts(ctx: CycleContext, s: Session) -> PromptsStepResult:
     """Compile the candidate's RAG program with a DSPy optimiser (optional); eval and gate judge the pair."""
     if ctx.project.settings.prompts.optimizer == "none":
@@ -289,6 +279,7 @@ def run_cycle(project: Project, reporter: Reporter, trigger: str = "manual") -> 
         from tuneloop.compute.ray_engine import connect  # imports Ray: only with compute.engine: ray
 
         connect(project.settings.compute)
+    check_tracking(project)  # tracking.mlflow without MLflow installed fails now, not after the first step
     with cycle_lock(project.root):
         return _run_cycle(project, reporter, trigger)
 
@@ -300,11 +291,14 @@ def _run_cycle(project: Project, reporter: Reporter, trigger: str) -> Cycle:
     ctx = CycleContext(project, reporter, cycle_id)
     for name in STEPS:
         run_step(sessions, ctx, name)
+        mirror(project, sessions, reporter.log)  # tracking.mlflow: the step's runs and numbers (never fails)
     with sessions() as s:
         cycle = s.get(Cycle, cycle_id)
         cycle.status, cycle.finished_at = "done", utcnow()
         s.commit()
-        return cycle
+    mirror(project, sessions, reporter.log)
+    with sessions() as s:
+        return s.get(Cycle, cycle_id)
 
 
 def run_step(sessions, ctx: CycleContext, name: str) -> None:

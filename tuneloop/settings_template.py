@@ -173,6 +173,13 @@ compute:                 # where the heavy steps run (`pip install 'tuneloop[ray
   min_items: 32          # model calls with fewer items run on the driver (a Ray job costs seconds to start)
   max_failures: 2        # Ray Train restarts from the last checkpoint this many times when a worker dies
   llm_engine: transformers  # transformers actors | vllm (ray.data.llm engines on GPUs; no yes/no margins)
+
+tracking:                # mirror cycles, runs and versions into MLflow (`pip install 'tuneloop[mlflow]'`)
+  mlflow: false
+  mlflow_uri: ""         # "": sqlite:///<project>/mlflow.db | http://HOST:PORT (a tracking server)
+  experiment: ""         # "": the project's name
+  registered_model: ""   # "": the project's name; aliases champion, challenger, candidate follow the versions
+  timeout_seconds: 5     # a tracking server that does not answer in time is skipped with a warning
 """
 
 

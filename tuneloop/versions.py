@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
+from tuneloop.errors import StateError
 from tuneloop.store import Artifact, ModelVersion, Session, utcnow
 
 PROMOTION = "promotion"  # Artifact.kind of a promotion record (the gate's or a person's)
@@ -51,6 +52,17 @@ def set_status(version: ModelVersion, status: Status) -> None:
 def champion(session: Session) -> ModelVersion | None:
     """The current champion (None before the base version is registered)."""
     return session.scalars(select(ModelVersion).where(ModelVersion.status == Status.CHAMPION.value)).first()
+
+
+def cycle_candidate(s: Session, cycle_id: int) -> ModelVersion:
+    """The cycle's candidate: its newest version not superseded (WiSE-FT's average, else the aligned
+    version unless the select step preferred the SFT one on the dev set, else the SFT one)."""
+    cand = s.scalar(select(ModelVersion).where(ModelVersion.cycle_id == cycle_id, ModelVersion.method != "base",
+                                               ModelVersion.status.not_in(NOT_CANDIDATES))
+                    .order_by(ModelVersion.id.desc()))
+    if cand is None:
+        raise StateError(f"cycle {cycle_id} has no candidate model")
+    return cand
 
 
 def ensure_base_version(project: Project, session: Session) -> ModelVersion:
