@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-project
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-cluster lint venv lock chromium bench-faults bench-cuad bench-continuous bench-synth bench-quality bench-speed clean
+.PHONY: demo test test-cluster lint venv lock chromium postgres bench-faults bench-cuad bench-continuous bench-synth bench-quality bench-speed clean
 
 venv: $(VENV)/.installed
 
@@ -43,7 +43,7 @@ demo: venv
 	$(BIN)/tuneloop cycle --project $(DEMO_DIR)
 	$(BIN)/tuneloop status --project $(DEMO_DIR)
 
-test: venv chromium lint
+test: venv chromium postgres lint
 	$(BIN)/python -m pytest -q --durations=10 -m "not cluster"
 
 # The slower compute.engine: ray tests (a whole cycle, Ray Train runs; ~6 min): CI runs them after `make test`.
@@ -64,6 +64,17 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then $(APT_INSTALL_CHROMIUM); \
 	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo sh -c '$(APT_INSTALL_CHROMIUM)'; \
 	  else echo "make test needs Debian's chromium for its browser tests: run 'sudo apt-get install chromium', then make test again" >&2; exit 1; fi; \
+	fi
+
+# The store tests also run on a PostgreSQL server the tests start themselves (tests/postgres.py: a
+# throwaway cluster in a temporary folder, on loopback). They need Debian's postgresql package.
+POSTGRES_BIN ?= $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
+APT_INSTALL_POSTGRES = apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql
+postgres:
+	@if [ -z "$(POSTGRES_BIN)" ] && ! command -v pg_ctl >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then $(APT_INSTALL_POSTGRES); \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo sh -c '$(APT_INSTALL_POSTGRES)'; \
+	  else echo "make test needs PostgreSQL for its store tests: run 'sudo apt-get install postgresql', then make test again" >&2; exit 1; fi; \
 	fi
 
 # The CUAD benchmark (../shared/data/cuad-dev): base vs SFT vs SFT -> RLAIF -> DPO, and a DAPT arm; ~65 min on 2 cores.

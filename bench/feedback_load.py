@@ -23,7 +23,11 @@ and each stored row has the values that were posted, by the key that posted them
 p50/p95/p99 latency (ms), throughput (posts/s), the machine and the command line; writes
 docs/benchmarks/feedback_load.json. Exits 1 if a post failed or a check did not hold.
 
+With `--postgres` the store is a throwaway PostgreSQL server started here (tests/postgres.py, as
+the tests start it) instead of SQLite; `--servers N` runs N server processes on the one store.
+
     .venv/bin/python bench/feedback_load.py [--posts 1200] [--clients 32] [--interactions 1280]
+                                            [--postgres] [--servers 2] [--json-out FILE]
 """
 from __future__ import annotations
 
@@ -97,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ab-fraction", type=float, default=0.1,
                    help="share of posts that are A/B choices, each on a pair of its own (default 0.1)")
     p.add_argument("--in-thread", action="store_true", help="run uvicorn in a thread of this process")
+    p.add_argument("--postgres", action="store_true",
+                   help="the store on a throwaway PostgreSQL server started here (as the tests do), not SQLite")
+    p.add_argument("--servers", type=int, default=1,
+                   help="server processes on the one store; client c posts to server c %% N (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path, default=ROOT / "docs" / "benchmarks" / "feedback_load.json")
     p.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # internal: the server process
@@ -151,7 +159,8 @@ def interactions_needed(answers: list[int]) -> int:
 # --------------------------------------------------------------------------- project
 
 
-def make_project(root: Path, n_clients: int, n_interactions: int, pairs_per_client: list[int]):
+def make_project(root: Path, n_clients: int, n_interactions: int, pairs_per_client: list[int],
+                 store_url: str | None = None):
     """A project with the sample contracts ingested, a champion, no per-key limits, and interactions
     inserted directly: interaction j belongs to client j % n_clients, and client c owns
     `pairs_per_client[c]` A/B pairs. Returns the project, each client's interaction public ids and
@@ -168,6 +177,8 @@ def make_project(root: Path, n_clients: int, n_interactions: int, pairs_per_clie
     data.setdefault("ingest", {})["dense"] = False
     # 32 keys posting as fast as they can would hit the default 60 requests per minute: the load is the point
     data.setdefault("serve", {}).update({"requests_per_minute": 0, "tokens_per_minute": 0})
+    if store_url:
+        data["store_url"] = store_url
     (root / "tuneloop.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     project = load_project(root)
     rng = random.Random(0)
@@ -321,9 +332,9 @@ def wait_ready(url: str, headers: dict, timeout: float = 60.0) -> None:
 # --------------------------------------------------------------------------- load
 
 
-def run_load(url: str, keys: list[str], posts: list[Post]):
-    """Send each post from its client's thread (client c with key `keys[c]`, its posts in order);
-    return per-post results (ms, status, feedback id, error) and the wall time."""
+def run_load(urls: list[str], keys: list[str], posts: list[Post]):
+    """Send each post from its client's thread (client c with key `keys[c]`, its posts in order, to
+    server c % len(urls)); return per-post results (ms, status, feedback id, error) and the wall time."""
     results: list[tuple[float, int, int | None, str | None] | None] = [None] * len(posts)
     barrier = threading.Barrier(len(keys) + 1)
 
@@ -331,7 +342,7 @@ def run_load(url: str, keys: list[str], posts: list[Post]):
         # TCP_NODELAY, as browsers set it (httpcore leaves Nagle on unless told).
         transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         mine = [i for i, post in enumerate(posts) if post.client == c]
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {keys[c]}"}, timeout=30.0,
+        with httpx.Client(base_url=urls[c % len(urls)], headers={"Authorization": f"Bearer {keys[c]}"}, timeout=30.0,
                           transport=transport,
                           limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)) as http:
             try:
@@ -432,8 +443,6 @@ def main(argv: list[str] | None = None) -> int:
         serve_forever(args.serve)
         return 0
 
-    import uvicorn
-
     from tuneloop.config import ServeSettings
 
     serve = ServeSettings()
@@ -444,6 +453,23 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python bench/feedback_load.py", shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
 
     load_before = [round(x, 2) for x in os.getloadavg()]
+    if args.in_thread and args.servers > 1:
+        raise SystemExit("--in-thread runs one server: use --servers 1")
+    database = None
+    if args.postgres:
+        from tests.postgres import PostgresServer  # a throwaway cluster in a temporary folder, on loopback
+
+        database = PostgresServer()
+    try:
+        return _run(args, keys, command, load_before, database)
+    finally:
+        if database is not None:
+            database.stop()
+
+
+def _run(args, keys: list[str], command: str, load_before: list[float], database) -> int:
+    import uvicorn
+
     with tempfile.TemporaryDirectory(prefix="tuneloop-feedback-bench-") as tmp:
         root = Path(tmp) / "project"
         root.mkdir()
@@ -452,19 +478,23 @@ def main(argv: list[str] | None = None) -> int:
         for c, is_choice in planned:
             pairs_per_client[c] += is_choice
         t_setup = time.perf_counter()
-        project, single_ids, pair_ids = make_project(root, args.clients, args.interactions, pairs_per_client)
+        project, single_ids, pair_ids = make_project(root, args.clients, args.interactions, pairs_per_client,
+                                                     database.new_database() if database else None)
         posts = payloads(planned, single_ids, pair_ids, args.seed)
         bodies = [post.body for post in posts]
-        server = Server(root, args.in_thread)
+        servers = [Server(root, args.in_thread) for _ in range(args.servers)]
         try:
-            url = server.start()
-            wait_ready(url, {"Authorization": f"Bearer {keys[0]}"})
+            urls = [server.start() for server in servers]
+            for url in urls:
+                wait_ready(url, {"Authorization": f"Bearer {keys[0]}"})
             setup_s = time.perf_counter() - t_setup
-            print(f"server up at {url} ({'thread' if args.in_thread else 'subprocess'}; setup {setup_s:.1f}s); "
-                  f"{args.posts} posts from {args.clients} clients, one key each ...", flush=True)
-            results, wall = run_load(url, keys, posts)
+            print(f"{len(urls)} server(s) up at {', '.join(urls)} ({'thread' if args.in_thread else 'subprocess'}; "
+                  f"setup {setup_s:.1f}s); {args.posts} posts from {args.clients} clients, one key each ...",
+                  flush=True)
+            results, wall = run_load(urls, keys, posts)
         finally:
-            server.stop()
+            for server in servers:
+                server.stop()
         check = verify(project, posts, results)
 
     done = [r for r in results if r is not None]
@@ -484,8 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "uvicorn": uvicorn.__version__, "httpx": httpx.__version__,
                     "server": "uvicorn, 1 worker, in a thread of the load process" if args.in_thread
-                    else "uvicorn, 1 worker, separate process",
-                    "store": "SQLite (WAL) in a temporary folder", "network": "loopback 127.0.0.1",
+                    else f"uvicorn, 1 worker, {args.servers} separate process(es) on the one store",
+                    "store": f"PostgreSQL {database.version()} (a throwaway cluster, fsync off) on loopback"
+                    if database else "SQLite (WAL) in a temporary folder", "network": "loopback 127.0.0.1",
                     "load_avg_1_5_15_before": load_before,
                     "load_avg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]},
         "posts": args.posts, "clients": args.clients, "client_keys": args.clients,

@@ -94,3 +94,21 @@ def ray_cluster():
     ray_engine.connect(ComputeSettings(engine="ray", workers=2, cpus_per_worker=1))
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server for the session (tests/postgres.py), started on first use."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """A fresh, empty store URL: a SQLite file, then a database of its own on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db.sqlite'}"
+    return request.getfixturevalue("postgres_server").new_database()

@@ -215,11 +215,12 @@ print("FINISHED")
 """
 
 
-def test_resume_after_kill_9_during_training(project, tmp_path):
-    """A real SIGKILL mid-training: the next run resumes the cycle and training from a checkpoint."""
+def test_resume_after_kill_9_during_training(project, tmp_path, store_url):
+    """A real SIGKILL mid-training: the next run resumes the cycle and training from a checkpoint
+    (the store in SQLite, then on a PostgreSQL server: the killed process's connection just drops)."""
     # 20 seeds (the random tiny teacher's examples rarely pass the filters) / batch 4 = 5 steps an
     # epoch: 40 steps of ~0.25 s with a checkpoint after each one.
-    p = project(KILLABLE_PROJECT)
+    p = project({**KILLABLE_PROJECT, "store_url": store_url})
     returncode = kill_9_during_training(KILL_SCRIPT.format(repo=str(REPO), root=str(p.root)), p, tmp_path)
     work = p.artifacts / ".work"
     assert returncode == -signal.SIGKILL

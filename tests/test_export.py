@@ -13,7 +13,7 @@ from tests.helpers import sample_texts
 from tuneloop.cli import app
 from tuneloop.export import MARKER_FILE
 from tuneloop.models.base import GenerationParams
-from tuneloop.store import ModelVersion, open_store
+from tuneloop.store import EvalRun, ModelVersion, open_store
 
 CONV = [{"role": "system", "content": "You answer questions about contracts."},
         {"role": "user", "content": "What law governs the agreement?"}]
@@ -76,8 +76,12 @@ def test_export_merged_folder_matches_the_adapter_model(project, runner, tiny_mo
 
     from tuneloop.models.local import LocalChatModel
 
-    proj = project()
+    proj = project({"data_license": "CC BY 4.0"})
     register(proj, adapter_dir)
+    with open_store(proj.store_url)() as s:
+        s.add(EvalRun(model_version_id=2, eval_set_hash="0123456789ab" + "0" * 52, n=30, artifact_path="-",
+                      metrics={"macro_score": 0.5, "macro_score_ci_low": 0.31, "macro_score_ci_high": 0.69}))
+        s.commit()
     out = tmp_path / "exported"
     ok(invoke(runner, "export", "v1", out, "-p", proj.root))
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
@@ -87,6 +91,18 @@ def test_export_merged_folder_matches_the_adapter_model(project, runner, tiny_mo
     assert meta["metrics"]["macro_score"] == 0.5 and meta["training_examples"] == 2 and meta["training_data_hash"]
     assert "tuneloop_version" in meta and (out / "README.md").is_file()
     assert not (out / "adapter_config.json").exists()  # standalone: no PEFT needed to load it
+
+    # beside it, the adapter alone in the layout vLLM loads at run time, under a versioned name
+    lora = out / "lora" / f"{proj.settings.project}-v1"
+    assert meta["lora"] == f"lora/{lora.name}" and meta["lora_rank"] == 4
+    assert sorted(f.name for f in lora.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert (lora / "adapter_model.safetensors").read_bytes() == (adapter_dir / "adapter_model.safetensors").read_bytes()
+    card = (out / "README.md").read_text()
+    assert f"base model: {proj.settings.models.student.model}" in card and "lineage: v1 (sft) <- base (base)" in card
+    assert "the gate: promoted: it is the champion (beats)" in card
+    assert "licence of the data: CC BY 4.0" in card
+    assert "held-out set 0123456789ab (n=30): macro_score 0.500 [95% CI 0.310, 0.690]" in card
+    assert f'"lora_name": "{lora.name}"' in card and "load_lora_adapter" in card
 
     # plain transformers loads it, the chat template came along, and greedy decoding matches tuneloop's
     # adapter model exactly
@@ -109,6 +125,12 @@ def test_export_merged_folder_matches_the_adapter_model(project, runner, tiny_mo
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     with torch.inference_mode():
         assert not torch.allclose(base(**enc).logits, exported_logits, atol=1e-3)
+    # the exported adapter on the base model is the merged model (what a LoRA server computes)
+    from peft import PeftModel
+
+    on_base = PeftModel.from_pretrained(base, str(lora)).eval()
+    with torch.inference_mode():
+        assert torch.allclose(on_base(**enc).logits, exported_logits, atol=1e-5)
 
 
 def test_export_refuses_non_empty_out_unless_forced(project, runner, adapter_dir, tmp_path):
@@ -276,6 +298,11 @@ def test_export_gguf_is_readable(project, runner, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert len(fields["tokenizer.ggml.tokens"].data) == config["vocab_size"]
     assert "tokenizer.ggml.merges" in fields and "tokenizer.chat_template" in fields
+    modelfile = (out / "Modelfile").read_text()  # Ollama: `ollama create NAME -f OUT/Modelfile`
+    assert modelfile.startswith("FROM ./model.gguf\n") and "PARAMETER temperature 0" in modelfile
+    chatml = "<|im_start|>" in (bytes(fields["tokenizer.chat_template"].parts[-1]).decode())
+    assert ('PARAMETER stop "<|im_end|>"' in modelfile) == chatml
+    assert "ollama create" in (out / "README.md").read_text() and not (out / "lora").exists()  # no adapter
 
     # transformers' own GGUF loader (which undoes llama.cpp's q/k layout) reads back the same model
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -26,7 +26,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     shutil.copytree(CONTRACTS, root / "documents")
     write_settings(root, deep_merge(tiny_settings(tiny_model_dir),
                                     {"sft": {"epochs": 5, "learning_rate": 1e-2, "save_steps": 1000},
-                                     "lora": {"r": 16, "alpha": 32},
+                                     "lora": {"r": 16, "alpha": 32}, "tracking": {"report_to": ["tensorboard"]},
                                      "cache_dir": str(root / "cache")}))
     project = load_project(root)
     import_sample_pairs(project)
@@ -150,3 +150,33 @@ def test_activation_checkpointing_only_on_cuda():
     cpu, cuda = device_args("cpu", torch.float32), device_args("cuda", torch.bfloat16)
     assert cpu["gradient_checkpointing"] is False and cpu["use_cpu"] and not cpu["bf16"]
     assert cuda["gradient_checkpointing"] is True and cuda["bf16"] and not cuda["use_cpu"]
+
+
+def test_the_trainer_reports_to_tensorboard_beside_the_project(trained):
+    """tracking.report_to: tensorboard: the run's scalars in <project>/runs/<run>, which outlives
+    the run's work folder; the same losses as the run's log history."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    project, _, result, _ = trained
+    events = EventAccumulator(str(project.root / "runs" / result.artifact.name))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    history = [(h["step"], h["loss"]) for h in json.loads((result.artifact / "log_history.json").read_text())
+               if "loss" in h]
+    assert [s for s, _ in logged] == [s for s, _ in history] and len(logged) == 25
+    assert [v for _, v in logged] == pytest.approx([v for _, v in history], rel=1e-6)
+
+
+def test_a_logger_whose_package_is_missing_is_a_config_error_naming_it(project):
+    import importlib.util
+
+    from tuneloop.errors import ConfigError
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here: this test needs a machine without it (as make test's venv)")
+    p = project({"tracking": {"report_to": ["wandb"]}})
+    retriever = ingest_project(p)
+    with open_store(p.store_url)() as s:
+        ensure_base_version(p, s)
+        with pytest.raises(ConfigError, match=r"tracking.report_to: wandb cannot be used here .*pip install wandb"):
+            train_sft(p, s, retriever, SilentReporter())

@@ -25,8 +25,8 @@ from tuneloop.artifacts import (
 )
 
 
-def test_migrations_are_applied_once(tmp_path):
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+def test_migrations_are_applied_once(store_url):
+    url = store_url
     engine = create_engine(url)
     assert st.migrate(engine) == [v for v, _, _ in st.MIGRATIONS]
     assert st.migrate(engine) == []
@@ -40,8 +40,8 @@ def test_migrations_are_applied_once(tmp_path):
             "artifacts", "schema_migrations"} <= tables
 
 
-def test_a_new_migration_runs_on_an_existing_database(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+def test_a_new_migration_runs_on_an_existing_database(store_url, monkeypatch):
+    url = store_url
     st.open_store(url)
     calls = []
     monkeypatch.setattr(st, "MIGRATIONS", st.MIGRATIONS + [(99, "test step", lambda conn: calls.append(1))])
@@ -113,8 +113,8 @@ def test_migration_4_backfills_distinct_public_ids_and_enforces_uniqueness(tmp_p
     assert "idempotency_keys" in inspect(engine).get_table_names()
 
 
-def test_store_keeps_rows_and_enforces_unique_examples(tmp_path):
-    sessions = st.open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def test_store_keeps_rows_and_enforces_unique_examples(store_url):
+    sessions = st.open_store(store_url)
     with sessions() as s:
         h = st.text_hash("q", "a")
         s.add(st.Example(kind="seed", split="train", question="q", answer="a", content_hash=h))
@@ -127,6 +127,46 @@ def test_store_keeps_rows_and_enforces_unique_examples(tmp_path):
         s.commit()
         assert s.scalar(select(func.count(st.Example.id))) == 2
     assert st.text_hash("ab", "c") != st.text_hash("a", "bc")
+
+
+def schema(url: str) -> dict:
+    """Tables -> columns (name, generic type, nullable), indexes and unique constraints, as
+    SQLAlchemy reads them back from the database."""
+    inspector = inspect(create_engine(url))
+    out = {}
+    for table in sorted(inspector.get_table_names()):
+        columns = {c["name"]: (type(c["type"]).__name__ if not hasattr(c["type"], "length") else
+                               f"{type(c['type']).__name__}({c['type'].length})", c["nullable"])
+                   for c in inspector.get_columns(table)}
+        indexes = {(tuple(i["column_names"]), bool(i["unique"])) for i in inspector.get_indexes(table)}
+        uniques = {tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)}
+        foreign = {(tuple(f["constrained_columns"]), f["referred_table"]) for f in inspector.get_foreign_keys(table)}
+        out[table] = (columns, indexes | {(u, True) for u in uniques}, foreign)
+    return out
+
+
+GENERIC = {"VARCHAR": "String", "TEXT": "Text", "INTEGER": "Integer", "FLOAT": "Float", "DOUBLE_PRECISION": "Float",
+           "REAL": "Float", "JSON": "JSON", "DATETIME": "DateTime", "TIMESTAMP": "DateTime", "BOOLEAN": "Boolean"}
+
+
+def generic(schema_: dict) -> dict:
+    def kind(name: str) -> str:
+        base, _, length = name.partition("(")
+        return GENERIC.get(base, base) + (f"({length}" if length and length != "None)" else "")
+    return {t: ({c: (kind(k), n) for c, (k, n) in cols.items()}, idx, fk) for t, (cols, idx, fk) in schema_.items()}
+
+
+def test_the_migrations_give_the_same_schema_on_sqlite_and_postgresql(tmp_path, postgres_server):
+    """The same tables, columns (generic type, length, nullability), indexes, unique and foreign keys."""
+    sqlite_url, pg_url = f"sqlite:///{tmp_path / 'db.sqlite'}", postgres_server.new_database()
+    st.open_store(sqlite_url)
+    st.open_store(pg_url)
+    on_sqlite, on_pg = generic(schema(sqlite_url)), generic(schema(pg_url))
+    assert on_sqlite.keys() == on_pg.keys() and len(on_sqlite) >= 13
+    for table in on_sqlite:
+        assert on_sqlite[table] == on_pg[table], table
+    with create_engine(pg_url).connect() as conn:
+        assert [r[0] for r in conn.execute(select(st.Migration.version))] == [v for v, _, _ in st.MIGRATIONS]
 
 
 def test_write_artifact_renames_a_complete_folder_into_place(tmp_path):

@@ -3,7 +3,6 @@ and an `mlflow server` on loopback): the cycle's runs, metrics and files, one re
 version per tuneloop version, and the aliases after a promotion and a rollback."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -25,7 +24,7 @@ from tuneloop import loop
 from tuneloop.cli import app
 from tuneloop.config import Settings
 from tuneloop.stages import gate as gate_stage
-from tuneloop.store import CycleStep, EvalRun, Example, ModelVersion, open_store
+from tuneloop.store import CycleStep, EvalRun, Example, ModelVersion, open_store, text_hash
 from tuneloop.tracking import mlflow_mirror
 
 KEYS = {"cycle-1", "cycle-1/eval", "cycle-1/gate", "version-base", "version-v1"}
@@ -86,7 +85,7 @@ def test_a_cycle_is_mirrored_and_the_champion_alias_follows_promotion_and_rollba
 
     trained = runs["version-v1"]
     assert trained.data.tags["mlflow.parentRunId"] == parent.info.run_id and trained.info.run_name == "sft v1"
-    assert trained.data.params["training_data_hash"] == hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+    assert trained.data.params["training_data_hash"] == text_hash(*hashes)  # as `tuneloop models diff` and export
     assert trained.data.params["hp.learning_rate"] == str(v1_hyperparams["learning_rate"])
     history = [h for h in json.loads((v1_folder / "log_history.json").read_text()) if "loss" in h]
     curve = sorted(client.get_metric_history(trained.info.run_id, "train.loss"), key=lambda m: m.step)

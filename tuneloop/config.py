@@ -406,8 +406,9 @@ class Settings(Section):
     """All settings of one project. Paths are relative to the project folder."""
 
     project: str = "tuneloop-project"
+    data_license: str = ""  # the licence of the documents and seeds (stated in an exported model's card)
     documents: list[str] = []  # files or folders re-ingested at the start of every cycle
-    store_url: str | None = None  # default: sqlite:///<project>/tuneloop.db; postgresql://... works
+    store_url: str | None = None  # default: sqlite:///<project>/tuneloop.db; postgresql://... (tuneloop[postgres])
     artifacts_dir: str = "artifacts"
     cache_dir: str | None = None  # converted default models; default ~/.cache/tuneloop or $TUNELOOP_CACHE
     models: ModelsSettings = ModelsSettings()
@@ -463,6 +464,9 @@ class Project:
         db = sqlite_file(url)
         if db is not None and not db.is_absolute():  # like every path here: relative to the project
             return make_url(url).set(database=str(self.path(db))).render_as_string(hide_password=False)
+        parsed = make_url(url)
+        if parsed.drivername == "postgresql":  # SQLAlchemy defaults to psycopg2; tuneloop[postgres] ships psycopg 3
+            return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         return url
 
     @property
@@ -485,7 +489,7 @@ class Project:
         return p if p.is_absolute() else self.root / p
 
 
-def _format_validation_error(path: Path, err: ValidationError) -> str:
+def _format_validation_error(path: Path | str, err: ValidationError) -> str:
     lines = [f"invalid settings in {path}:"]
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"]) or "(top level)"
@@ -512,7 +516,7 @@ def _check_moved_keys(data: dict, source: Path) -> None:
         raise ConfigError(f"{source}: moved settings: {'; '.join(moved)}")
 
 
-def parse_settings(data: object, source: Path) -> Settings:
+def parse_settings(data: object, source: Path | str) -> Settings:
     """Validate a parsed YAML document into Settings, raising ConfigError that names bad keys."""
     if data is None:
         data = {}

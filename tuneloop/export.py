@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, InputError, StateError
+from tuneloop.model_card import LORA_DIR, card_facts, modelfile, render_card
 from tuneloop.programs.rag import version_retriever_paths
 from tuneloop.safety import holds_project, safe_rmtree
 from tuneloop.store import ModelVersion, Session, utcnow
@@ -38,6 +39,7 @@ META_FILE = "tuneloop.json"
 MARKER_FILE = ".tuneloop-export"  # in every export: only such a folder may be replaced (--force)
 GGUF_FILE = "model.gguf"
 EMBEDDER_DIR = "embedder"  # the fine-tuned embedder the version retrieves with, when it has one
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CONVERT_HINT = ("run llama.cpp's convert_hf_to_gguf.py on the exported folder instead "
                 "(python convert_hf_to_gguf.py OUT --outfile OUT/model.gguf)")
 
@@ -56,6 +58,12 @@ def tuneloop_version() -> str:
         return version("tuneloop")
     except Exception:  # noqa: BLE001 - not installed as a distribution (e.g. run from a checkout)
         return "unknown"
+
+
+def served_name(project: Project, version: ModelVersion) -> str:
+    """The versioned name a server serves the adapter under: <project>-<version>, safe characters only."""
+    name = f"{project.settings.project}-{version.name}"
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)
 
 
 def base_model_dir(project: Project, version: ModelVersion) -> Path:
@@ -125,6 +133,10 @@ def export_version(project: Project, session: Session, name: str, out: Path, ggu
         "tuneloop_version": tuneloop_version(), "exported_at": utcnow().isoformat(),
         "embedder": EMBEDDER_DIR if retriever is not None else None,
     }
+    lora_name = served_name(project, version) if adapter is not None else None
+    if adapter is not None:
+        meta["lora"] = f"{LORA_DIR}/{lora_name}"
+        meta["lora_rank"] = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("r")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_killed_exports(out)
@@ -134,13 +146,24 @@ def export_version(project: Project, session: Session, name: str, out: Path, ggu
         (tmp / MARKER_FILE).write_text("exported by tuneloop; `tuneloop export --force` may replace this folder\n",
                                        encoding="utf-8")
         write_merged(model_dir, adapter, tmp)
+        if adapter is not None:  # the adapter alone, as vLLM loads it at run time (--enable-lora)
+            (tmp / LORA_DIR / lora_name).mkdir(parents=True)
+            for name in LORA_FILES:
+                shutil.copy2(adapter / name, tmp / LORA_DIR / lora_name / name)
         if retriever is not None:  # a sentence-transformers folder: SentenceTransformer(OUT/embedder)
             shutil.copytree(retriever[0], tmp / EMBEDDER_DIR)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-        (tmp / "README.md").write_text(_readme(meta), encoding="utf-8")
+        facts = card_facts(session, version, meta, project.settings.eval.primary_metric,
+                           project.settings.data_license, lora_name, gguf)
+        (tmp / "README.md").write_text(render_card(facts), encoding="utf-8")
         if gguf:
             write_gguf(tmp, tmp / GGUF_FILE, dtype=gguf_dtype, name=f"{project.settings.project}-{version.name}",
                        pre=gguf_pre_tokenizer(model_dir))
+            template = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+            chat_template = tmp / "chat_template.jinja"
+            (tmp / "Modelfile").write_text(modelfile(template or (chat_template.read_text(encoding="utf-8")
+                                                                  if chat_template.is_file() else None)),
+                                           encoding="utf-8")
         _replace(tmp, out)
     finally:
         safe_rmtree(tmp, inside=out.parent, ignore_errors=True)
@@ -199,21 +222,6 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
-
-
-def _readme(meta: dict[str, Any]) -> str:
-    metrics = "\n".join(f"- {k}: {v}" for k, v in meta["metrics"].items() if isinstance(v, (int, float)))
-    return (f"# {meta['version']}\n\nExported by tuneloop {meta['tuneloop_version']} at {meta['exported_at']}.\n\n"
-            f"- method: {meta['method']}\n- parent: {meta['parent'] or '-'}\n- base model: {meta['base_model']}\n"
-            f"- training examples: {meta['training_examples']} (data hash {meta['training_data_hash'] or '-'})\n\n"
-            f"## Metrics\n\n{metrics or '- none recorded'}\n\n"
-            "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            "model = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')\n"
-            "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')\n```\n\n"
-            "or `vllm serve THIS_FOLDER`. Lineage and hyperparameters: tuneloop.json.\n"
-            + ("\nThe version retrieves with its own fine-tuned embedder: "
-               "`SentenceTransformer('THIS_FOLDER/embedder')` (re-embed your chunks with it).\n"
-               if meta.get("embedder") else ""))
 
 
 # --------------------------------------------------------------------------- GGUF

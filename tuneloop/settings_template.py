@@ -5,11 +5,12 @@ from __future__ import annotations
 DEFAULT_YAML = """\
 # tuneloop project settings. Unknown keys are errors. Paths are relative to this folder.
 project: {name}
+data_license: ""         # the licence of your documents and seeds: an exported model's card states it
 
 # Files or folders (.txt .md .pdf .jsonl) ingested at the start of every cycle.
 documents: {documents}
 
-# store_url: postgresql://user@host/db   # default: SQLite file tuneloop.db in this folder
+# store_url: postgresql://user@host/db   # default: SQLite tuneloop.db here; postgresql: tuneloop[postgres]
 artifacts_dir: artifacts                 # datasets, adapters, reports (each with meta.json)
 # cache_dir: ~/.cache/tuneloop          # converted default models
 
@@ -180,6 +181,7 @@ tracking:                # mirror cycles, runs and versions into MLflow (`pip in
   experiment: ""         # "": the project's name
   registered_model: ""   # "": the project's name; aliases champion, challenger, candidate follow the versions
   timeout_seconds: 5     # a tracking server that does not answer in time is skipped with a warning
+  report_to: []          # the trainers' loggers: tensorboard (<project>/runs/<run>) | wandb | trackio
 """
 
 

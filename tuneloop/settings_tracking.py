@@ -2,6 +2,8 @@
 (`tuneloop/tracking/`). Off by default; tuneloop's store stays the system of record."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from tuneloop.settings_base import Section
@@ -19,6 +21,9 @@ class TrackingSettings(Section):
     experiment: str = ""  # "": the project's name
     registered_model: str = ""  # "": the project's name
     timeout_seconds: float = Field(5.0, gt=0, le=300)  # a tracking server slower than this is skipped
+    # the trainers' own loggers (transformers' integrations); MLflow is not one of them: the mirror
+    # above logs every training run's curves already
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = []
 
     @field_validator("mlflow_uri")
     @classmethod

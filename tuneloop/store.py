@@ -7,6 +7,8 @@ databases and is a no-op where the column already exists (fresh databases get it
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import secrets
 from collections.abc import Callable
@@ -28,8 +30,11 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from tuneloop.errors import ConfigError
 
 
 def utcnow() -> datetime:
@@ -341,10 +346,48 @@ def _make_private(engine: Engine) -> None:
 
 
 def open_store(url: str) -> sessionmaker[Session]:
-    """Connect, migrate to the latest schema, and return a session factory."""
-    engine = create_engine(url)
+    """Connect, migrate to the latest schema, and return a session factory. A missing database
+    driver or a server that cannot be reached is a `ConfigError` naming `store_url`."""
+    return sessionmaker(open_engine(url), expire_on_commit=False)
+
+
+def json_text(value: Any) -> str:
+    """JSON columns as standard JSON: a NaN or infinite number (a metric that could not be computed)
+    is stored as null. SQLite would keep Python's `NaN`, which PostgreSQL refuses as invalid JSON;
+    the same rows must read the same on both."""
+    return json.dumps(_finite(value))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def open_engine(url: str) -> Engine:
+    """The store's engine, its schema migrated to the latest (see `open_store`)."""
+    try:
+        engine = create_engine(url, json_serializer=json_text)
+    except ModuleNotFoundError as exc:  # postgresql+psycopg without the extra
+        raise ConfigError(f"store_url {_shown(url)} needs the {exc.name} driver: "
+                          "pip install 'tuneloop[postgres]'") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     _make_private(engine)
-    migrate(engine)
-    return sessionmaker(engine, expire_on_commit=False)
+    try:
+        migrate(engine)
+    except OperationalError as exc:
+        if engine.dialect.name == "sqlite":
+            raise
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise ConfigError(f"store_url {_shown(url)}: cannot use the database ({reason})") from None
+    return engine
+
+
+def _shown(url: str) -> str:
+    """The URL with its password masked (it goes into error messages)."""
+    return make_url(url).render_as_string(hide_password=True)

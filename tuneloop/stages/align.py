@@ -142,7 +142,7 @@ def _train_policy(run: Run, data: AlignData, work_dir: Path, reporter: Reporter)
     build = partial(_build_checked, method, run.model_dir, run.parent_adapter, rows, s, project.settings.lora,
                     reward, note)
     try:
-        finished = train_model(build, work_dir, m.label, estimated_steps(len(rows), s), reporter, compute)
+        finished = train_model(build, work_dir, m.label, estimated_steps(len(rows), s), reporter, project)
     except ConfigError:  # nothing to train on: the trainer's empty output folder is not a checkpoint to keep
         safe_rmtree(work_dir, inside=project.artifacts, ignore_errors=True)
         raise

@@ -113,7 +113,7 @@ def train_dapt(project: Project, session: Session, reporter: Reporter, cycle_id:
                         s.seed + (cycle_id or 0))
         build = partial(build_trainer, run.model_dir, run.parent_adapter, rows, s, c.dapt_epochs, lora=lora)
         finished = train_model(build, work_dir, DAPT.label, estimated_steps(len(rows), s, c.dapt_epochs), reporter,
-                               project.settings.compute)
+                               project)
         chunk_ids = [ch.id for ch in chunks]
         n_general = sum(r["source"] == "general" for r in rows)
         hyperparams = {"n_domain": len(rows) - n_general, "n_general": n_general,

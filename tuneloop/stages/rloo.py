@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PrinterCallback
 
-from tuneloop.config import AlignSettings, ComputeSettings, LoraSettings
+from tuneloop.config import AlignSettings, LoraSettings, Project
 from tuneloop.models.local import load_tokenizer, pick_device, pick_dtype
 from tuneloop.progress import Reporter
 from tuneloop.safety import safe_rmtree
@@ -118,7 +118,7 @@ def reward_accuracy(model, tokenizer, rows: list[dict]) -> float:
 
 
 def _reward_phase(model_dir: Path, rows: list[dict], s: AlignSettings, lora: LoraSettings, work_dir: Path,
-                  reporter: Reporter, compute: ComputeSettings) -> dict:
+                  reporter: Reporter, project: Project) -> dict:
     """Train (or, after a kill, reuse) the reward model in work_dir/reward_model, where the policy
     trains too (this process or Ray Train workers); its accuracy is measured here; return its info."""
     out = work_dir / REWARD_DIR
@@ -129,7 +129,7 @@ def _reward_phase(model_dir: Path, rows: list[dict], s: AlignSettings, lora: Lor
     reporter.log(f"training the reward model on {len(rows)} preference pairs")
     tmp = work_dir / "reward_train"
     build = partial(build_reward_trainer, model_dir, rows, s, lora)
-    finished = train_model(build, tmp, "reward model", estimated_steps(len(rows), s), reporter, compute)
+    finished = train_model(build, tmp, "reward model", estimated_steps(len(rows), s), reporter, project)
     model, tokenizer = load_reward_model(model_dir, finished.folder, pick_dtype(pick_device(), s.precision))
     accuracy = reward_accuracy(model, tokenizer, rows)
     losses = train_losses(finished.log_history)
@@ -169,12 +169,11 @@ def train_rloo(run: Run, data: AlignData, work_dir: Path, reporter: Reporter) ->
     """Both phases; the trained policy, with the reward model as an extra artifact folder (reward_model/)."""
     s, lora = run.project.settings.align, run.project.settings.lora
     rows = data.trl_rows()
-    compute = run.project.settings.compute
-    reward_info = _reward_phase(run.model_dir, rows, s, lora, work_dir, reporter, compute)
+    reward_info = _reward_phase(run.model_dir, rows, s, lora, work_dir, reporter, run.project)
     prompts = list({json.dumps(r["prompt"], sort_keys=True): {"prompt": r["prompt"]} for r in rows}.values())
     build = partial(_build_policy_trainer, run.model_dir, run.parent_adapter, prompts, work_dir / REWARD_DIR, s, lora)
     finished = train_model(build, work_dir / "rloo", RLOO.label, estimated_steps(len(prompts), s), reporter,
-                           compute)
+                           run.project)
     rewards = [h["reward"] for h in finished.log_history if "reward" in h]
 
     def copy_reward_model(tmp: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from tuneloop.config import ComputeSettings, LoraSettings, Project, SFTSettings
+from tuneloop.config import LoraSettings, Project, SFTSettings
 from tuneloop.errors import StateError
 from tuneloop.evalsets import references, split_examples
 from tuneloop.filters import copied_span
@@ -134,10 +134,10 @@ def _build(model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: SF
 
 
 def _train(model_dir: Path, parent_adapter: Path | None, rows: list[dict], s: SFTSettings, lora: LoraSettings,
-           work_dir: Path, reporter: Reporter, compute: ComputeSettings) -> Finished:
+           work_dir: Path, reporter: Reporter, project: Project) -> Finished:
     """Train on `rows` (in this process or on Ray Train, `compute.engine`)."""
     return train_model(partial(_build, model_dir, parent_adapter, rows, s, lora), work_dir, SFT.label,
-                       estimated_steps(len(rows), s), reporter, compute)
+                       estimated_steps(len(rows), s), reporter, project)
 
 
 def train_sft(project: Project, session: Session, retriever: Retriever | None, reporter: Reporter,
@@ -156,7 +156,7 @@ def train_sft(project: Project, session: Session, retriever: Retriever | None, r
             raise StateError("no training examples: import seeds (`tuneloop seeds import`) or run `tuneloop synth`")
         rows = training_rows(new + replay, retriever)
         finished = _train(run.model_dir, run.parent_adapter, rows, s, project.settings.lora, work_dir, reporter,
-                          project.settings.compute)
+                          project)
         return Trained(finished, rows, {
             "example_ids": list(dict.fromkeys(r["example_id"] for r in rows)), "n_new": len(new),
             "n_replay": len(replay), "n_rows": len(rows),

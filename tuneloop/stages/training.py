@@ -41,6 +41,7 @@ from tuneloop.artifacts import (
 )
 from tuneloop.compute import ray_train
 from tuneloop.config import ComputeSettings, Project
+from tuneloop.errors import ConfigError
 from tuneloop.models.defaults import resolve_model_path
 from tuneloop.progress import Reporter
 from tuneloop.safety import safe_rmtree
@@ -214,15 +215,46 @@ FINAL = "final"  # the work folder's subfolder that holds the trained adapter
 
 
 def train_model(build: Build, work_dir: Path, label: str, total: int, reporter: Reporter,
-                compute: ComputeSettings) -> Finished:
+                project: Project) -> Finished:
     """Build the stage's trainer and train it (resuming from the last complete checkpoint), in this
     process or, with `compute.engine: ray`, on Ray Train workers (`build` then runs in each of
-    them); `total`: the expected steps (the progress bar's total when the trainer has no max_steps)."""
+    them); `total`: the expected steps (the progress bar's total when the trainer has no max_steps).
+    The trainer also reports to `tracking.report_to` (`Loggers`)."""
+    loggers = Loggers(tuple(project.settings.tracking.report_to), project.root / "runs" / work_dir.name)
+    compute = project.settings.compute
     if compute.engine == "ray":
-        return _train_on_ray(build, work_dir, label, total, reporter, compute)
+        return _train_on_ray(build, work_dir, label, total, reporter, compute, loggers)
     trainer, tokenizer = build(work_dir)
+    loggers.attach(trainer)
     fit(trainer, work_dir, label, total, reporter)
     return finish(trainer, tokenizer, work_dir)
+
+
+@dataclass(frozen=True)
+class Loggers:
+    """`tracking.report_to`: transformers' own integrations, added to a built trainer (TensorBoard
+    writes to `folder`, <project>/runs/<run>, which outlives the run's work folder)."""
+
+    report_to: tuple[str, ...]
+    folder: Path
+
+    def attach(self, trainer) -> None:
+        for name in self.report_to:
+            trainer.add_callback(self._callback(name))
+
+    def _callback(self, name: str):
+        from transformers.integrations import TensorBoardCallback, get_reporting_integration_callbacks
+
+        try:
+            if name == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(self.folder)))
+            (callback,) = get_reporting_integration_callbacks([name])
+            return callback()
+        except (ImportError, RuntimeError, ValueError) as exc:  # the logger's package is not installed
+            raise ConfigError(f"tracking.report_to: {name} cannot be used here ({exc}); "
+                              f"pip install {name}, or remove it from tracking.report_to") from None
 
 
 def finish(trainer, tokenizer, work_dir: Path) -> Finished:
@@ -233,7 +265,7 @@ def finish(trainer, tokenizer, work_dir: Path) -> Finished:
 
 
 def _train_on_ray(build: Build, work_dir: Path, label: str, total: int, reporter: Reporter,
-                  compute: ComputeSettings) -> Finished:
+                  compute: ComputeSettings, loggers: Loggers) -> Finished:
     reporter.log(f"{label}: on Ray Train, {compute.workers} data-parallel workers")
     total = -(-total // compute.workers)  # each step takes a batch per worker
     resume = last_complete_checkpoint(work_dir)  # the workers resume from it (the work folder is shared)
@@ -245,19 +277,20 @@ def _train_on_ray(build: Build, work_dir: Path, label: str, total: int, reporter
             reporter.log(f"resuming training from {resume}")
             advance(start)
         with following_steps(steps, advance, start):
-            ray_train.run_data_parallel(partial(_fit_on_worker, build, work_dir, max(1, int(compute.cpus_per_worker))),
-                                        compute, work_dir / "ray", work_dir.name)
+            ray_train.run_data_parallel(partial(_fit_on_worker, build, work_dir, max(1, int(compute.cpus_per_worker)),
+                                                loggers), compute, work_dir / "ray", work_dir.name)
     folder = work_dir / FINAL
     return Finished(folder, json.loads((folder / "log_history.json").read_text(encoding="utf-8")))
 
 
-def _fit_on_worker(build: Build, work_dir: Path, threads: int) -> None:
+def _fit_on_worker(build: Build, work_dir: Path, threads: int, loggers: Loggers) -> None:
     """One Ray Train worker: the stage's trainer, trained data-parallel; rank 0 writes each step
-    for the driver's progress bar and saves the adapter."""
+    for the driver's progress bar, reports to the loggers and saves the adapter."""
     trainer, tokenizer = build(work_dir)
     trainer = ray_train.prepare(trainer, threads)
     if ray_train.is_rank_zero():
         trainer.add_callback(StepFile(work_dir / STEP_FILE))
+        loggers.attach(trainer)
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(work_dir))
     if ray_train.is_rank_zero():
         finish(trainer, tokenizer, work_dir)

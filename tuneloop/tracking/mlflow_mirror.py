@@ -40,8 +40,9 @@ from sqlalchemy import select
 
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError, TuneloopError
+from tuneloop.lineage import training_data
 from tuneloop.report import write_report
-from tuneloop.store import Cycle, CycleStep, Example, ModelVersion, Session
+from tuneloop.store import Cycle, CycleStep, ModelVersion, Session
 from tuneloop.versions import NOT_CANDIDATES, Status, champion, cycle_candidate
 
 try:
@@ -212,7 +213,8 @@ class _Mirror:
         name = f"{version.method} {version.name}"
         run_id = self._new_run(key, name, cycle_run, version.created_at, {VERSION_TAG: version.name}).info.run_id
         params = {"method": version.method, "base_model": version.base_model,
-                  "parent": self._name_of(version.parent_id), "training_data_hash": self._data_hash(version),
+                  "parent": self._name_of(version.parent_id),
+                  "training_data_hash": training_data(self.session, version).data_hash or "none",
                   **{f"hp.{k}": v for k, v in _flat(version.hyperparams).items()}}
         self.client.log_batch(run_id, params=[Param(_key(k), _short(v)) for k, v in params.items()])
         stamp = _ms(version.created_at)
@@ -245,14 +247,6 @@ class _Mirror:
     def _name_of(self, version_id: int | None) -> str:
         parent = self.session.get(ModelVersion, version_id) if version_id else None
         return parent.name if parent else "none"
-
-    def _data_hash(self, version: ModelVersion) -> str:
-        """SHA-256 of the sorted content hashes of the examples the version trained on ("none": none)."""
-        ids = [i for i in version.training_example_ids or [] if isinstance(i, int)]
-        if not ids:
-            return "none"
-        hashes = sorted(self.session.scalars(select(Example.content_hash).where(Example.id.in_(ids))))
-        return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
 
     # ------------------------------------------------------------------ registry
 
