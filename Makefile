@@ -6,7 +6,7 @@ DEMO_DIR ?= demo-project
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-cluster lint venv lock chromium postgres bench-faults bench-cuad bench-continuous bench-synth bench-quality bench-speed clean
+.PHONY: demo test test-cluster test-integration lint venv lock chromium postgres bench-faults bench-cuad bench-continuous bench-synth bench-quality bench-speed clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet uv
 	$(UV_COMPILE) pyproject.toml --extra test -o requirements/test.lock
+	$(UV_COMPILE) pyproject.toml --extra test --extra integration -c requirements/test.lock -o requirements/integration.lock
 	$(UV_COMPILE) requirements/models.in --no-deps -o requirements/models.lock
 
 demo: venv
@@ -44,11 +45,19 @@ demo: venv
 	$(BIN)/tuneloop status --project $(DEMO_DIR)
 
 test: venv chromium postgres lint
-	$(BIN)/python -m pytest -q --durations=10 -m "not cluster"
+	$(BIN)/python -m pytest -q --durations=10 -m "not cluster and not integration"
 
 # The slower compute.engine: ray tests (a whole cycle, Ray Train runs; ~6 min): CI runs them after `make test`.
 test-cluster: venv
 	$(BIN)/python -m pytest -q --durations=5 -m cluster
+
+# llama.cpp's server as teacher and judge, and serving an exported version (tests marked `integration`).
+# llama-cpp-python has no Linux wheel on PyPI: pip builds it once from the hash-checked source
+# distribution (minutes on 2 cores; cmake and a C++ compiler needed) and keeps the wheel in its cache.
+test-integration: venv
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(BIN)/pip install --quiet --require-hashes --no-deps -r requirements/integration.lock
+	$(BIN)/python -m pytest -q --durations=5 -m integration
 
 # ruff (pyproject [tool.ruff]) and the layer contract (pyproject [tool.importlinter]); seconds.
 lint: venv

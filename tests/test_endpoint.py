@@ -115,7 +115,8 @@ def test_replies_in_order_and_request_fields(project, server):
     assert body["messages"] == [{"role": "system", "content": "Write questions."},
                                 {"role": "user", "content": "passage 3"}]
     assert body["temperature"] == 0.0 and body["seed"] == 7
-    assert 16 in (body.get("max_tokens"), body.get("max_completion_tokens"))
+    # both names of the limit: servers that know only `max_tokens` (llama.cpp) otherwise fill their context
+    assert body["max_tokens"] == body["max_completion_tokens"] == 16
 
 
 def test_server_errors_are_retried_with_backoff(project, server):
@@ -180,3 +181,13 @@ def test_max_time_gives_up_on_a_slow_endpoint_without_retries(project, server):
     with pytest.raises(InputError):
         teacher.chat(convs(1), GenerationParams(max_new_tokens=16, max_time=0.5))
     assert time.monotonic() - start < 2.5 and len(server.requests) == 1
+
+
+def test_openais_own_api_gets_only_its_own_name_of_the_token_limit():
+    from tuneloop.models.remote import EndpointChatModel, _request
+
+    assert EndpointChatModel("gpt-4o-mini", "https://api.openai.com/v1", None).compatible is False
+    assert EndpointChatModel("m", "http://127.0.0.1:8080/v1", None).compatible is True
+    conv = [{"role": "user", "content": "hi"}]
+    assert _request("openai/m", conv, PARAMS).config.extensions is None
+    assert _request("openai/m", conv, PARAMS, max_tokens_too=True).config.extensions == {"max_tokens": 16}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 # DSPy (like LiteLLM) fetches a model price map from GitHub on first use; tuneloop never
 # reaches the internet on its own, and the bundled snapshot is all we need.
@@ -38,8 +39,13 @@ def api_key(env_name: str | None) -> str:
     return key
 
 
-def _request(model: str, conversation: list[Message], params: GenerationParams):
-    """A DSPy (lm15) request: system messages become the system prompt, the rest the turns."""
+def _request(model: str, conversation: list[Message], params: GenerationParams, max_tokens_too: bool = False):
+    """A DSPy (lm15) request: system messages become the system prompt, the rest the turns.
+
+    lm15 sends the token limit as `max_completion_tokens` (OpenAI's current name); servers that
+    only know `max_tokens` (llama.cpp's, llama-cpp-python's) ignore it and generate until their
+    context is full. `max_tokens_too` also sends `max_tokens` (every OpenAI-compatible server
+    reads one of the two; OpenAI's own API is left with its own field)."""
     from dspy.lm15 import Config, Request
     from dspy.lm15 import Message as LMMessage
 
@@ -53,7 +59,7 @@ def _request(model: str, conversation: list[Message], params: GenerationParams):
         elif m["role"] != "system":
             raise ValueError(f"unsupported message role: {m['role']!r}")
     config = Config(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                    seed=params.seed)
+                    seed=params.seed, extensions={"max_tokens": params.max_new_tokens} if max_tokens_too else None)
     return Request(model=model, system=system, messages=tuple(turns), config=config)
 
 
@@ -84,6 +90,7 @@ class EndpointChatModel:
                           num_retries=max_retries)
         self.concurrency = max(1, int(concurrency))
         self.max_retries = max_retries
+        self.compatible = urlparse(base_url).hostname != "api.openai.com"  # a self-hosted server: max_tokens too
         self._timed: dict[float, dspy.LM] = {}  # max_time -> a copy of the LM with that timeout
 
     def _lm_for(self, params: GenerationParams) -> dspy.LM:
@@ -96,7 +103,7 @@ class EndpointChatModel:
 
     def _one(self, conversation: list[Message], params: GenerationParams) -> str:
         try:
-            response = self._lm_for(params)(_request(self.model_id, conversation, params))
+            response = self._lm_for(params)(_request(self.model_id, conversation, params, self.compatible))
         except Exception as exc:  # DSPy has already retried what was worth retrying
             from dspy.utils.exceptions import LMTransportError, is_retryable_lm_error
 
