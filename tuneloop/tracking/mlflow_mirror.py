@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -94,6 +95,7 @@ def sync(project: Project, session: Session) -> Synced:
     settings = project.settings.tracking
     uri = tracking_uri(project)
     _check_reachable(uri, settings.timeout_seconds)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         return _Mirror(project, session, client).run()
