@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json
 import re
+import socket
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from importlib import resources
@@ -325,3 +326,11 @@ def kill_9_during_training(script: str, project: Project, tmp_path: Path, min_st
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed again): for a server to start on, or
+    an address where nothing answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

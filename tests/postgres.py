@@ -10,13 +10,14 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import psycopg
+
+from tests.helpers import free_port
 
 SUPERUSER = "tuneloop"
 
@@ -37,9 +38,7 @@ class PostgresServer:
             raise RuntimeError("PostgreSQL is not installed: `make test` installs Debian's postgresql package")
         self.folder = Path(tempfile.mkdtemp(prefix="tuneloop-pg-"))
         self.data = self.folder / "data"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.as_root = os.getuid() == 0
         if self.as_root:  # the server's user must own its folder
             os.chmod(self.folder, 0o755)

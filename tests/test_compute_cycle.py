@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import select
 
-from tests.helpers import FakeTeacher, use_teacher
+from tests.helpers import FakeTeacher, free_port, use_teacher
 from tuneloop import loop
 from tuneloop.config import ComputeSettings
 from tuneloop.errors import ConfigError
@@ -55,11 +55,7 @@ def test_a_cycle_on_ray_gives_the_candidate_of_an_in_process_cycle(project, monk
 
 
 def test_a_cycle_with_an_unreachable_cluster_fails_before_any_step(project):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     p = project(overrides={"compute": {"engine": "ray", "address": f"127.0.0.1:{port}"}})
     with pytest.raises(ConfigError, match=rf"compute.address '127.0.0.1:{port}': no Ray cluster answers there"):
         loop.run_cycle(p, SilentReporter())

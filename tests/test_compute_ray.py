@@ -4,7 +4,6 @@ and nothing importing Ray when the engine is local."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -12,6 +11,7 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
+from tests.helpers import free_port
 from tuneloop.config import ComputeSettings
 from tuneloop.errors import ConfigError
 
@@ -46,9 +46,7 @@ def test_items_map_over_the_actor_pool_in_order_each_actor_built_once(cluster):
 
 
 def test_an_address_where_nothing_listens_is_a_one_line_error_naming_the_setting():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
         with pytest.raises(ConfigError, match=r"compute.address '.*': no Ray cluster answers there"):
             ray_engine._check_reachable(address)

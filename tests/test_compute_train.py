@@ -131,20 +131,27 @@ def test_a_tuneloop_error_in_a_worker_is_raised_as_itself(cluster, tmp_path, tin
         train(project)
 
 
-def test_dpo_on_two_workers_raises_the_margin_against_the_champion(cluster, project, tmp_path):
-    from tests.helpers import deep_merge
-    from tests.test_align import ALIGN, add_pairs, make_champion, mean_margin
+def align_on_ray(project, tmp_path, method: str, pairs: int, align: dict | None = None):
+    """A champion with an adapter, `pairs` preference pairs, then `method` trained on the 2 workers:
+    (project, champion, result, the registered version)."""
+    from tests.test_align import ALIGN, add_pairs, make_champion
     from tuneloop.stages.align import train_align
 
-    p = project(deep_merge(ALIGN, {"align": {"epochs": 3, "learning_rate": 1e-2}, "compute": RAY}))
+    p = project(deep_merge(ALIGN, {"align": align or {}, "compute": RAY}))
     with open_store(p.store_url)() as s:
         champion = make_champion(p, s, tmp_path)
-        add_pairs(s, 8)
+        add_pairs(s, pairs)
         s.commit()
-        result = train_align(p, s, None, SilentReporter(), method="dpo")
+        result = train_align(p, s, None, SilentReporter(), method=method)
         s.commit()
-        version = s.get(ModelVersion, result.version.id)
-        assert (version.method, version.status, version.parent_id) == ("dpo", "candidate", champion.id)
+        return p, champion, result, s.get(ModelVersion, result.version.id)
+
+
+def test_dpo_on_two_workers_raises_the_margin_against_the_champion(cluster, project, tmp_path):
+    from tests.test_align import mean_margin
+
+    p, champion, result, version = align_on_ray(project, tmp_path, "dpo", 8, {"epochs": 3, "learning_rate": 1e-2})
+    assert (version.method, version.status, version.parent_id) == ("dpo", "candidate", champion.id)
     meta = read_meta(result.artifact)
     assert meta["reference"] == "champion v1" and meta["global_step"] == 6  # 8 pairs / (2 workers x 2) x 3 epochs
     assert not (result.artifact / "ref").exists()  # only the trained adapter, as in one process
@@ -181,18 +188,10 @@ def test_grpo_with_a_metric_reward_on_two_workers(cluster, project, monkeypatch)
 
 
 def test_rloo_trains_its_policy_on_two_workers(cluster, project, tmp_path):
-    from tests.helpers import deep_merge
-    from tests.test_align import ALIGN, adapter, add_pairs, assert_changed, make_champion
-    from tuneloop.stages.align import train_align
+    from tests.test_align import adapter, assert_changed
 
-    p = project(deep_merge(ALIGN, {"align": {"learning_rate": 2e-2}, "compute": RAY}))
-    with open_store(p.store_url)() as s:
-        champion = make_champion(p, s, tmp_path)
-        add_pairs(s, 8)
-        s.commit()
-        result = train_align(p, s, None, SilentReporter(), method="rloo")
-        s.commit()
-        assert s.get(ModelVersion, result.version.id).parent_id == champion.id
+    _, champion, result, version = align_on_ray(project, tmp_path, "rloo", 8, {"learning_rate": 2e-2})
+    assert version.parent_id == champion.id
     history = json.loads((result.artifact / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h] == [1, 2]  # 8 prompts / (2 per step x 2 workers)
     assert any("reward" in h for h in history)
@@ -204,19 +203,10 @@ def test_rloo_trains_its_policy_on_two_workers(cluster, project, tmp_path):
 
 @pytest.mark.parametrize("method", ["orpo", "kto"])
 def test_orpo_and_kto_train_the_champion_adapter_on_two_workers(cluster, project, tmp_path, method):
-    from tests.helpers import deep_merge
-    from tests.test_align import ALIGN, adapter, add_pairs, assert_changed, make_champion
-    from tuneloop.stages.align import train_align
+    from tests.test_align import adapter, assert_changed
 
-    p = project(deep_merge(ALIGN, {"compute": RAY}))
-    with open_store(p.store_url)() as s:
-        champion = make_champion(p, s, tmp_path)
-        add_pairs(s, 4)
-        s.commit()
-        result = train_align(p, s, None, SilentReporter(), method=method)
-        s.commit()
-        version = s.get(ModelVersion, result.version.id)
-        assert (version.method, version.status, version.parent_id) == (method, "candidate", champion.id)
+    _, champion, result, version = align_on_ray(project, tmp_path, method, 4)
+    assert (version.method, version.status, version.parent_id) == (method, "candidate", champion.id)
     history = json.loads((result.artifact / "log_history.json").read_text())
     # ORPO: 4 pairs; KTO: the same pairs unpaired, 8 rows; 2 rows per worker per step
     assert [h["step"] for h in history if "loss" in h] == ([1] if method == "orpo" else [1, 2])

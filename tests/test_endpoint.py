@@ -6,13 +6,13 @@ Covers replies in order, retries with backoff on 5xx, bounded concurrency, the r
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests.helpers import free_port
 from tuneloop.errors import InputError
 from tuneloop.models.base import GenerationParams
 from tuneloop.models.cache import CachedChatModel
@@ -159,9 +159,7 @@ def test_rerun_through_the_cache_sends_nothing(project, server):
 
 
 def test_unreachable_endpoint_is_a_clear_input_error(project):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     url = f"http://127.0.0.1:{port}/v1"
     _, teacher = teacher_on(project, url, max_retries=1, cache=False)
     start = time.monotonic()

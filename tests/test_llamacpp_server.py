@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from tests.helpers import ingest_project
+from tests.helpers import free_port, ingest_project
 from tuneloop.cli import app
 from tuneloop.errors import InputError
 from tuneloop.models.base import GenerationParams
@@ -34,12 +33,6 @@ pytest.importorskip("llama_cpp.server", reason="make test-integration installs l
 pytestmark = pytest.mark.integration
 
 ALIAS = "smollm2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LlamaServer:

@@ -15,7 +15,7 @@ import httpx
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from tests.helpers import FakeTeacher, deep_merge, ingest_project, use_teacher, write_settings
+from tests.helpers import FakeTeacher, deep_merge, free_port, ingest_project, use_teacher, write_settings
 from tuneloop import loop
 from tuneloop.cli import app
 from tuneloop.config import load_project
@@ -80,11 +80,7 @@ def test_migrate_copies_a_project_into_postgresql_row_for_row_and_the_cycle_goes
 
 
 def test_a_server_that_cannot_be_reached_is_one_line_naming_store_url(project, tmp_path):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     url = f"postgresql://someone:secret@127.0.0.1:{port}/tuneloop"
     p = project({"store_url": url}, pairs=False)
     result = CliRunner().invoke(app, ["status", "--project", str(p.root)])
@@ -169,10 +165,3 @@ def test_two_servers_on_one_postgresql_store_every_post_exactly_once(project, po
         by_id = {i.id: i.client for i in s.scalars(select(Interaction))}
         assert all(by_id[f.interaction_id] == f.client for f in rows)  # each by the key that owns the answer
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from tests.helpers import FakeTeacher, RecordingReporter, use_teacher
+from tests.helpers import FakeTeacher, RecordingReporter, free_port, use_teacher
 from tests.test_cycle import force_promotion
 from tuneloop import loop
 from tuneloop.cli import app
@@ -126,12 +125,6 @@ def test_a_cycle_is_mirrored_and_the_champion_alias_follows_promotion_and_rollba
     assert "0 runs created, 0 cycle steps logged, 0 versions registered" in out
     assert len(client.get_metric_history(trained.info.run_id, "train.loss")) == len(history)
     assert set(runs_by_key(client, model)) == KEYS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_mlflow_server(port: int, folder: Path) -> subprocess.Popen:
