@@ -83,8 +83,19 @@ NEW_CATEGORIES = {
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cuad-dev")
     p.add_argument("--workdir", type=Path, default=ROOT / "bench-runs" / "continuous")
+    add_scenario_arguments(p)
+    p.add_argument("--json-out", type=Path, default=ROOT / "docs" / "benchmarks" / "continuous.json")
+    p.add_argument("--html-out", type=Path, default=ROOT / "docs" / "benchmarks" / "continuous-report.html")
+    p.add_argument("--md-out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--markdown-only", action="store_true",
+                   help="rewrite the benchmarks.md section from the saved --json-out (no run)")
+    return p.parse_args()
+
+
+def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
+    """The scenario's world and recipes (also bench/review_queue.py's)."""
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cuad-dev")
     p.add_argument("--seed-contracts", type=int, default=2)
     p.add_argument("--eval-questions", type=int, default=50, help="old-category held-out questions")
     p.add_argument("--phase1", type=int, default=30, help="old questions asked by users in phase 1")
@@ -108,12 +119,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--satisfaction-floor", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--docs-limit", type=int, default=None, help="at most N old and N new contracts (quick checks)")
-    p.add_argument("--json-out", type=Path, default=ROOT / "docs" / "benchmarks" / "continuous.json")
-    p.add_argument("--html-out", type=Path, default=ROOT / "docs" / "benchmarks" / "continuous-report.html")
-    p.add_argument("--md-out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    p.add_argument("--markdown-only", action="store_true",
-                   help="rewrite the benchmarks.md section from the saved --json-out (no run)")
-    return p.parse_args()
 
 
 # --------------------------------------------------------------------------- data

@@ -114,6 +114,7 @@ def tiny_settings(model_dir: Path, name: str = "test-project") -> dict:
         "lora": {"r": 8, "alpha": 16},
         "eval": {"limit": 6},
         "continual": {"anchor": False},  # tests/test_anchor.py covers the anchor set in a cycle
+        "review": {"pool": 12, "per_cycle": 4},  # the cycle's review step, kept small (tests/test_review.py)
     })
 
 

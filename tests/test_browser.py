@@ -5,8 +5,9 @@ project (ingested, BM25 only), with a scripted fake ChatModel as `model_factory`
 instant and deterministic. Covers: the ask page (API key kept in localStorage, an API error
 shown in #error, an answer with its cited passages, thumbs + rating + comment stored in the
 store with those values), the A/B mode (picking B stores B's interaction as the preferred one),
-and the admin page (wrong token -> error; admin token -> feedback per day, chart, versions,
-cycles).
+the admin page (wrong token -> error; admin token -> feedback per day, chart, versions,
+cycles) and the review page (a client key refused; a reviewer confirms one item by keyboard and
+corrects the next, both stored as examples with the reviewer, and the queue moves on).
 
 Needs /usr/bin/chromium (Debian package `chromium`); Playwright's own browser download is never
 used. Without it the tests FAIL (they do not skip).
@@ -35,6 +36,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 CLIENT_NAME, CLIENT_KEY = "tester", "client-key-0123456789"
+REVIEWER_NAME, REVIEWER_KEY = "rita", "reviewer-key-0123456789"
 ADMIN_TOKEN = "admin-token-9876543210"
 TIMEOUT_MS = 10_000
 
@@ -121,6 +123,7 @@ def served(tmp_path_factory, tiny_model_dir) -> Iterator[tuple[ServerThread, Pro
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(serve.api_keys_env, f"{CLIENT_NAME}:{CLIENT_KEY}")
         mp.setenv(serve.admin_token_env, ADMIN_TOKEN)
+        mp.setenv(serve.reviewer_keys_env, f"{REVIEWER_NAME}:{REVIEWER_KEY}")
         app = create_app(project, model_factory=scripted_factory)
         with ServerThread(app) as server:
             yield server, project
@@ -322,3 +325,64 @@ def test_admin_page(served, page):
     assert page.evaluate("Object.values(localStorage)").count(ADMIN_TOKEN) == 1
     page.reload()
     expect(page.locator("#versions-table")).to_be_visible()
+
+
+def test_review_page_confirm_one_correct_one_and_the_queue_moves_on(served, page):
+    require_chromium()
+    from playwright.sync_api import expect
+
+    from tuneloop.review.queue import item_key, save_queue
+
+    server, project = served
+    document = first_document(project)
+    questions = ["Does the agreement renew automatically?", "What is the notice period for termination?",
+                 "Who signs for the Provider?"]
+    with st.open_store(project.store_url)() as s:
+        chunks = list(s.scalars(select(st.Chunk.id).order_by(st.Chunk.id).limit(2)))
+        save_queue(s, [st.ReviewItem(question=q, document=document, answer=f"model answer {i}", chunk_ids=chunks,
+                                     source="transfer", question_type="extraction", item_key=item_key(q, document),
+                                     score=0.9 - i / 10, scores={"doubts": {"disagreement": 0.9 - i / 10}})
+                       for i, q in enumerate(questions)], per_cycle=3, cycle_id=None)
+        s.commit()
+
+    page.goto(server.url + "/review")
+    page.fill("#review-token", CLIENT_KEY)  # a client key may not review
+    page.click("#load")
+    expect(page.locator("#error")).to_contain_text("reviewer key or the admin token")
+    expect(page.locator("#item")).to_be_hidden()
+
+    page.fill("#review-token", REVIEWER_KEY)
+    page.click("#load")
+    expect(page.locator("#question")).to_have_text(questions[0])
+    expect(page.locator("#answer")).to_have_text("model answer 0")
+    expect(page.locator("#passages li")).to_have_count(2)
+    expect(page.locator("#progress")).to_contain_text("3 open items")
+    expect(page.locator("#error")).to_be_empty()
+
+    page.locator("#confirm").focus()
+    page.keyboard.press("y")  # keyboard: y confirms
+    expect(page.locator("#question")).to_have_text(questions[1])  # the queue moves on
+    expect(page.locator("#status")).to_contain_text("Stored: confirmed as example #")
+    expect(page.locator("#progress")).to_contain_text("2 open items")
+
+    page.keyboard.press("c")  # c focuses the correction box
+    page.keyboard.type("ninety (90) days")
+    page.keyboard.press("Control+Enter")
+    expect(page.locator("#question")).to_have_text(questions[2])
+    expect(page.locator("#status")).to_contain_text("Stored: corrected as example #")
+
+    with st.open_store(project.store_url)() as s:
+        examples = {e.question: e for e in s.scalars(select(st.Example).where(st.Example.kind == "review"))}
+        items = {it.question: it for it in s.scalars(select(st.ReviewItem))}
+    assert set(examples) == set(questions[:2])
+    assert examples[questions[0]].answer == "model answer 0"
+    assert examples[questions[1]].answer == "ninety (90) days"
+    assert all(e.meta["reviewer"] == REVIEWER_NAME and e.meta["reviewed_at"] for e in examples.values())
+    assert (items[questions[0]].status, items[questions[1]].status, items[questions[2]].status) == (
+        "confirmed", "corrected", "open")
+
+    page.reload()  # the key is kept; the queue goes on where it was
+    expect(page.locator("#question")).to_have_text(questions[2])
+    page.click("#skip")
+    expect(page.locator("#empty")).to_be_visible()
+    expect(page.locator("#item")).to_be_hidden()

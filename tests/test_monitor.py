@@ -127,7 +127,7 @@ def test_documents_signal_and_recorded_readings(env):
     assert doc.fired and doc.detail == {"new": ["99-new.md"], "changed": [first.name]}
     s.commit()
     rows = s.scalars(select(SignalValue)).all()
-    assert {r.signal for r in rows} == {"satisfaction", "documents"} and any(r.fired for r in rows)
+    assert {r.signal for r in rows} == {"satisfaction", "documents", "review_queue"} and any(r.fired for r in rows)
 
 
 class FakeCycles:

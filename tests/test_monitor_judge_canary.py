@@ -80,7 +80,7 @@ def test_live_judge_is_off_by_default_and_builds_no_judge(env):
     p, s, base, chunks = env()
     add_answers(s, base, ["bad"] * 4, chunks)
     out = signals.check_signals(p, s, None, judge=never, retriever=never)
-    assert {r.signal for r in out} == {"satisfaction", "documents"} and readings(s, "live_judge") == []
+    assert {r.signal for r in out} == {"satisfaction", "documents", "review_queue"} and readings(s, "live_judge") == []
 
 
 def test_live_judge_quiet_on_high_grades_fires_on_low_ones_of_new_answers_only(env):

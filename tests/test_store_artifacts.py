@@ -53,7 +53,8 @@ def test_a_new_migration_runs_on_an_existing_database(store_url, monkeypatch):
 
 def test_later_migrations_upgrade_a_version_1_database_without_losing_rows(tmp_path):
     """A database made before serving existed (migration 1 only, old columns) gains the new
-    columns (migration 2), the signal table (migration 3) and public interaction ids (migration 4)."""
+    columns (migration 2), the signal table (migration 3), public interaction ids (migration 4) and
+    the review queue (migration 5)."""
     from sqlalchemy import text
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
@@ -69,8 +70,8 @@ def test_later_migrations_upgrade_a_version_1_database_without_losing_rows(tmp_p
         st.Migration.__table__.create(conn)
         conn.execute(st.Migration.__table__.insert().values(version=1, name="initial schema",
                                                             applied_at=st.utcnow()))
-    assert st.migrate(engine) == [2, 3, 4]
-    assert "signal_values" in inspect(engine).get_table_names()
+    assert st.migrate(engine) == [2, 3, 4, 5]
+    assert {"signal_values", "review_items"} <= set(inspect(engine).get_table_names())
     assert st.migrate(engine) == []  # idempotent
     cols = {c["name"] for c in inspect(engine).get_columns("interactions")}
     assert {"document", "ab_pair", "arm", "client"} <= cols

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from tuneloop.cli_common import ProjectOpt, console, err_console, fmt_metric, friendly_errors, open_project
 from tuneloop.cli_models import models_app
+from tuneloop.cli_review import review_app
 from tuneloop.cli_store import migrate
 from tuneloop.cli_tracking import tracking_app
 from tuneloop.config import SETTINGS_FILE, Project, load_project
@@ -32,6 +33,7 @@ feedback_app = typer.Typer(help="People's feedback as training data.", no_args_i
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(models_app, name="models")
 app.add_typer(tracking_app, name="tracking")
+app.add_typer(review_app, name="review")
 app.command("migrate")(migrate)
 METRIC_COLUMNS = {"macro_score": "macro", "token_f1": "F1", "exact_match": "EM", "rouge_l": "ROUGE-L",
                   "cuad_match": "CUAD", "yes_no_balanced_accuracy": "Y/N bal.acc", "extract_token_f1": "extract F1"}

@@ -17,6 +17,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from tuneloop.errors import ConfigError
 from tuneloop.settings_base import Section
 from tuneloop.settings_compute import ComputeSettings
+from tuneloop.settings_review import ReviewSettings
 from tuneloop.settings_tracking import TrackingSettings
 from tuneloop.textfile import read_text
 
@@ -427,6 +428,7 @@ class Settings(Section):
     prompts: PromptsSettings = PromptsSettings()
     compute: ComputeSettings = ComputeSettings()
     tracking: TrackingSettings = TrackingSettings()
+    review: ReviewSettings = ReviewSettings()
 
     @field_validator("store_url")
     @classmethod

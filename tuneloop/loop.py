@@ -1,5 +1,5 @@
 """The cycle: ingest -> feedback -> synth -> (dapt) -> sft -> rlaif -> align -> select -> (wise) -> (prompts)
--> eval -> gate.
+-> (retriever) -> eval -> gate -> review.
 
 Every step is resumable.
 
@@ -35,6 +35,7 @@ from tuneloop.stages.ingest import ensure_index, ingest_paths
 from tuneloop.stages.methods import PAIR_METHODS
 from tuneloop.stages.prompts import compile_rag_program
 from tuneloop.stages.retriever import tune_retriever
+from tuneloop.stages.review import build_queue
 from tuneloop.stages.rlaif import build_rlaif_models, rlaif
 from tuneloop.stages.select import pick_on_dev
 from tuneloop.stages.sft import train_sft
@@ -50,6 +51,7 @@ from tuneloop.steps import (
     IngestStepResult,
     PromptsStepResult,
     RetrieverStepResult,
+    ReviewStepResult,
     RlaifStepResult,
     RoutedCounts,
     SelectStepResult,
@@ -67,7 +69,7 @@ from tuneloop.versions import Status, champion, cycle_candidate, ensure_base_ver
 # where a dev split comes from, for the steps that skip without one (select, wise)
 NO_DEV_SET = "no dev set (feedback.dev_fraction, or tuneloop seeds import FILE --split dev)"
 STEPS = ("ingest", "feedback", "synth", "dapt", "sft", "rlaif", "align", "select", "wise", "prompts", "retriever",
-         "eval", "gate")
+         "eval", "gate", "review")
 
 
 @dataclass
@@ -252,10 +254,24 @@ def step_gate(ctx: CycleContext, s: Session) -> GateStepResult:
                           pairwise=d.pairwise or None)
 
 
+def step_review(ctx: CycleContext, s: Session) -> ReviewStepResult:
+    """Rebuild the expert review queue with the champion the gate left (`stages/review.py`)."""
+    if not ctx.project.settings.review.enabled:
+        return ReviewStepResult(skipped="review.enabled is false")
+    built = build_queue(ctx.project, s, lambda version: ctx.version_retriever(s, version), ctx.reporter, ctx.cycle_id)
+    if built.queue is None:
+        return ReviewStepResult(skipped="no question to review (every candidate has a known answer)",
+                                version=built.version)
+    return ReviewStepResult(queue=built.queue, candidates=built.candidates, opened=built.opened,
+                            by_source=built.by_source, mean_informativeness=built.mean_informativeness,
+                            unsure_share=built.unsure_share, version=built.version)
+
+
 STEP_FUNCTIONS: dict[str, Callable[[CycleContext, Session], StepResult]] = {
     "ingest": step_ingest, "feedback": step_feedback, "synth": step_synth, "dapt": step_dapt, "sft": step_sft,
     "rlaif": step_rlaif, "align": step_align, "select": step_select,
     "wise": step_wise, "prompts": step_prompts, "retriever": step_retriever, "eval": step_eval, "gate": step_gate,
+    "review": step_review,
 }
 
 

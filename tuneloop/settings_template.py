@@ -182,6 +182,24 @@ tracking:                # mirror cycles, runs and versions into MLflow (`pip in
   registered_model: ""   # "": the project's name; aliases champion, challenger, candidate follow the versions
   timeout_seconds: 5     # a tracking server that does not answer in time is skipped with a warning
   report_to: []          # the trainers' loggers: tensorboard (<project>/runs/<run>) | wandb | trackio
+
+review:                  # the expert review queue: `tuneloop review`, the /review page
+  enabled: true          # the cycle's last step rebuilds the queue with the champion
+  per_cycle: 20          # items a queue shows: the most informative, spread over documents and questions
+  pool: 100              # candidates scored per rebuild (each answered `samples` times)
+  sources: [interactions, transfer]  # people's unanswered questions; seed questions asked of other documents
+  samples: 3             # answers per candidate: the top passages greedily, then sampled on wider passage sets
+  temperature: 0.7       # of the sampled answers (0: greedy)
+  judge: false           # the judge grades each answer too (only with a capable judge)
+  weights:               # how much each doubt counts (a weighted mean of the doubts an item has)
+    margin: 1.0          # yes/no: the calibrated probability is close to the threshold
+    disagreement: 1.0    # the sampled answers disagree
+    retrieval: 0.5       # low or flat passage scores; BM25 and dense disagree
+    judge: 1.0           # the judge grades the answer low (review.judge)
+  diversity: 0.5         # each queued item of the same document or question multiplies a score by this
+  unsure_score: 0.5      # signal review_queue: the share of people's questions at least this informative ...
+  trigger_share: 0.5     # ... fires at this share, when it did not fall since the queue before
+  trigger_min: 10        # no verdict on fewer of people's questions
 """
 
 

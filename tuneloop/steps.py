@@ -175,11 +175,23 @@ class GateStepResult(StepResult):
     pairwise: dict[str, Any] | None = None  # the judge's pairwise win rate, when recorded
 
 
+class ReviewStepResult(StepResult):
+    """The expert review queue rebuilt with the champion (`stages/review.py`)."""
+
+    queue: int | None = None  # the queue's number
+    candidates: int | None = None  # scored
+    opened: int | None = None  # shown to reviewers (review.per_cycle)
+    by_source: dict[str, int] | None = None  # open items per source (interaction, transfer)
+    mean_informativeness: float | None = None  # of the open items
+    unsure_share: float | None = None  # of people's questions in the pool (the review_queue signal)
+    version: str | None = None  # the champion that answered
+
+
 RESULT_TYPES: dict[str, type[StepResult]] = {
     "ingest": IngestStepResult, "feedback": FeedbackStepResult, "synth": SynthStepResult,
     "dapt": DaptStepResult, "sft": SftStepResult, "rlaif": RlaifStepResult, "align": AlignStepResult,
     "select": SelectStepResult, "wise": WiseStepResult, "prompts": PromptsStepResult,
-    "retriever": RetrieverStepResult, "eval": EvalStepResult, "gate": GateStepResult,
+    "retriever": RetrieverStepResult, "eval": EvalStepResult, "gate": GateStepResult, "review": ReviewStepResult,
 }
 
 

@@ -258,6 +258,37 @@ class SignalValue(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class ReviewItem(Base):
+    """One question in an expert review queue (migration 5; `stages/review.py` builds a queue,
+    `review/queue.py` records the verdicts). Every scored candidate of a rebuild is kept with its
+    rank and doubts; the first `review.per_cycle` are "open" (shown), the rest "pool"; a rebuild
+    marks the open items of earlier queues "expired". A reviewed item becomes an Example."""
+
+    __tablename__ = "review_items"
+    __table_args__ = (UniqueConstraint("queue", "item_key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(String(40), unique=True, index=True, default=new_public_id)
+    queue: Mapped[int] = mapped_column(Integer, index=True)  # 1, 2, ...: one per rebuild
+    cycle_id: Mapped[int | None] = mapped_column(ForeignKey("cycles.id"), nullable=True)  # the cycle that built it
+    item_key: Mapped[str] = mapped_column(String(64), index=True)  # hash of the question key (splits.question_key)
+    question: Mapped[str] = mapped_column(Text)
+    document: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    answer: Mapped[str] = mapped_column(Text)  # the model's answer shown to the reviewer
+    chunk_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)  # the passages it used
+    source: Mapped[str] = mapped_column(String(20))  # interaction | transfer
+    interaction_id: Mapped[int | None] = mapped_column(ForeignKey("interactions.id"), nullable=True)
+    question_type: Mapped[str] = mapped_column(String(20))  # yes_no | extraction
+    score: Mapped[float] = mapped_column(Float)  # informativeness in [0, 1]
+    scores: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # each doubt, the version that answered
+    rank: Mapped[int] = mapped_column(Integer)  # 1 = asked first (after the diversity rule)
+    status: Mapped[str] = mapped_column(String(20), default="open")  # open|pool|expired|confirmed|corrected|skipped
+    reviewer: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    reviewed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    final_answer: Mapped[str | None] = mapped_column(Text, nullable=True)
+    example_id: Mapped[int | None] = mapped_column(ForeignKey("examples.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 def _m001_initial(conn: Connection) -> None:
     Base.metadata.create_all(conn)
 
@@ -299,6 +330,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "serving: interaction A/B and client columns, feedback choice/source, rewards", _m002_serving),
     (3, "monitoring: signal values", lambda conn: SignalValue.__table__.create(conn, checkfirst=True)),
     (4, "trust: interaction public ids, one verdict per client, idempotency keys", _m004_trust),
+    (5, "expert review queue", lambda conn: ReviewItem.__table__.create(conn, checkfirst=True)),
 ]
 
 

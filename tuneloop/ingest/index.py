@@ -98,10 +98,10 @@ def _normalise_rows(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
-def _ranked(positions: np.ndarray, scores: np.ndarray, limit: int) -> list[int]:
-    """`positions` ordered best score first (ties by position, for determinism), at most `limit`."""
-    order = np.lexsort((positions, -scores))
-    return [int(p) for p in positions[order[:limit]]]
+def _ranked(positions: np.ndarray, scores: np.ndarray, limit: int) -> list[tuple[int, float]]:
+    """(position, score) best score first (ties by position, for determinism), at most `limit`."""
+    order = np.lexsort((positions, -scores))[:limit]
+    return [(int(p), float(v)) for p, v in zip(positions[order], scores[order])]
 
 
 class HybridIndex:
@@ -263,7 +263,7 @@ class HybridIndex:
             return {}
         return dict(zip(self.chunk_ids, self._embeddings))
 
-    def _bm25_ranking(self, query: str, positions: np.ndarray, limit: int) -> list[int]:
+    def _bm25_ranking(self, query: str, positions: np.ndarray, limit: int) -> list[tuple[int, float]]:
         if self._bm25 is None:
             return []
         query_tokens = _bm25_tokens([query])[0]
@@ -276,7 +276,7 @@ class HybridIndex:
         hit = scores > 0
         return _ranked(positions[hit], scores[hit], limit)
 
-    def _dense_ranking(self, query: str, positions: np.ndarray, limit: int) -> list[int]:
+    def _dense_ranking(self, query: str, positions: np.ndarray, limit: int) -> list[tuple[int, float]]:
         if self._embedder is None or self._embeddings is None or not len(self._embeddings):
             return []
         query_vector = _normalise_rows(np.asarray(self._embedder.embed([query]), np.float32))[0]
@@ -292,6 +292,22 @@ class HybridIndex:
         if not positions:
             return None
         return float((self._embeddings[positions] @ np.asarray(vectors, dtype=np.float32).T).max())
+
+    def _positions(self, group: str | None) -> np.ndarray:
+        if group is None:
+            return np.arange(len(self.chunk_ids))
+        return np.array([i for i, g in enumerate(self.groups) if g == group], dtype=int)
+
+    def rankings(self, query: str, k: int, group: str | None = None
+                 ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """Each ranker's own top `k` as (chunk_id, raw score): BM25's scores and the dense
+        cosines, best first (empty for a ranker this index does not have, or a query it cannot
+        score). What `search` fuses by rank; the review queue reads the scores themselves."""
+        positions = self._positions(group)
+        if k < 1 or not len(positions) or not query.strip():
+            return [], []
+        return tuple([(self.chunk_ids[p], v) for p, v in ranker(query, positions, k)]  # type: ignore[return-value]
+                     for ranker in (self._bm25_ranking, self._dense_ranking))
 
     def search(
         self,
@@ -317,19 +333,16 @@ class HybridIndex:
             raise ValueError(f"dense_weight must be between 0 and 1, got {dense_weight}")
         if k < 1 or not self.chunk_ids or not query.strip():
             return []
-        if group is None:
-            positions = np.arange(len(self.chunk_ids))
-        else:
-            positions = np.array([i for i, g in enumerate(self.groups) if g == group], dtype=int)
-            if not len(positions):
-                return []
+        positions = self._positions(group)
+        if not len(positions):
+            return []
         if self._embedder is None or self._embeddings is None:  # BM25-only index: BM25 alone
             dense_weight = 0.0
         fused: dict[int, float] = {}
         for weight, ranker in ((1.0 - dense_weight, self._bm25_ranking), (dense_weight, self._dense_ranking)):
             if weight == 0.0:  # a ranker without weight is not run (a BM25-only search embeds nothing)
                 continue
-            for rank, position in enumerate(ranker(query, positions, candidates), start=1):
+            for rank, (position, _) in enumerate(ranker(query, positions, candidates), start=1):
                 fused[position] = fused.get(position, 0.0) + weight / (rrf_k + rank)
         best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:k]
         return [(self.chunk_ids[position], score) for position, score in best]

@@ -12,6 +12,10 @@ caller records as a SignalValue row, so every signal's history is in the store.
   (ScoreAnswer over the passages each interaction stored); fires when the mean is below
   `monitor.judge_floor`, or when the change detector sees a drop in the recorded means.
   Unparseable replies are counted and left out.
+* review_queue (`review.enabled`): the share of people's unanswered questions the champion is
+  unsure of, in the expert review queue the latest cycle built (`stages/review.py`); fires when it
+  is at least `review.trigger_share` and did not fall since the queue before (the cycles are not
+  making the model surer of what people ask).
 * canary (`monitor.canary_every_seconds` > 0): when due, the champion answers the first
   `monitor.canary_questions` held-out questions through the eval's RAG path; fires when the
   primary metric falls more than `monitor.canary_tolerance` below the champion's stored held-out
@@ -41,7 +45,7 @@ from tuneloop.programs.prompts import PromptBuilder
 from tuneloop.programs.rag import Retriever, rag_program_path
 from tuneloop.programs.scoring import score_examples
 from tuneloop.progress import Reporter, SilentReporter
-from tuneloop.store import Cycle, EvalRun, Example, Feedback, Interaction, Session, SignalValue, utcnow
+from tuneloop.store import Cycle, EvalRun, Example, Feedback, Interaction, ReviewItem, Session, SignalValue, utcnow
 from tuneloop.versions import champion
 
 
@@ -122,6 +126,33 @@ def documents(project: Project, session: Session) -> Reading:
                    "documents", found)
 
 
+def review_queue(project: Project, session: Session) -> Reading:
+    """The share of people's unanswered questions the champion is unsure of (informativeness at
+    least `review.unsure_score`), in the pool of the review queue the latest cycle built; fires
+    when it is at least `review.trigger_share` and no lower than in the queue before."""
+    r = project.settings.review
+    queues = list(session.scalars(select(ReviewItem.queue).where(ReviewItem.cycle_id.is_not(None)).distinct()
+                                  .order_by(ReviewItem.queue.desc()).limit(2)))
+    if not queues:
+        return Reading("review_queue", None, False, "no review queue built by a cycle yet")
+    shares: list[tuple[int, float | None]] = []
+    for queue in queues:
+        scores = list(session.scalars(select(ReviewItem.score).where(ReviewItem.queue == queue,
+                                                                     ReviewItem.source == "interaction")))
+        shares.append((len(scores), sum(x >= r.unsure_score for x in scores) / len(scores) if scores else None))
+    (n, share), before = shares[0], (shares[1][1] if len(shares) > 1 else None)
+    detail = {"queue": queues[0], "questions": n, "previous_share": before}
+    if share is None or n < r.trigger_min:
+        return Reading("review_queue", share, False, f"{n} of people's questions in review queue {queues[0]} "
+                       f"(fewer than {r.trigger_min})", detail)
+    what = f"the champion is unsure of {share:.0%} of {n} unanswered questions people asked (queue {queues[0]}"
+    what += f"; {before:.0%} in the queue before)" if before is not None else ")"
+    fired = share >= r.trigger_share and (before is None or share >= before)
+    if fired:
+        return Reading("review_queue", share, True, f"{what}: at least {r.trigger_share:.0%} and not falling", detail)
+    return Reading("review_queue", share, False, what, detail)
+
+
 def _latest(session: Session, signal: str) -> SignalValue | None:
     q = select(SignalValue).where(SignalValue.signal == signal)
     return session.scalar(q.order_by(SignalValue.created_at.desc(), SignalValue.id.desc()))
@@ -144,18 +175,12 @@ def grade_answers(project: Project, session: Session, interactions: list[Interac
                   reporter: Reporter | None = None) -> list[float | None]:
     """The judge's 1-5 ScoreAnswer grade of each interaction's answer over the passages it stored
     (retrieved again, as in routing, when a re-ingest deleted them); None when unparseable."""
-    # deferred: these import dspy (seconds), needed only when the judge grades answers
-    from tuneloop.programs.dspy_bridge import predict_many
-    from tuneloop.programs.judge import build_judge, parsed_score  # the judge role's adapter, greedy decoding
-    from tuneloop.programs.synth import number_passages
+    # deferred: this imports dspy (seconds), needed only when the judge grades answers
+    from tuneloop.programs.judge import build_judge, grade  # the judge role's adapter, greedy decoding
 
-    j = build_judge(project, _built(judge, "chat"))
     builder = PromptBuilder(session, retriever)
-    inputs = [{"excerpts": number_passages(builder.for_interaction(it).passages), "question": it.question,
-               "answer": it.answer} for it in interactions]
-    results = predict_many(j.programs.score, j.adapter, j.model, inputs, j.params, reporter, "judging live answers",
-                           j.batch)
-    return [parsed_score(parsed) for parsed, _ in results]
+    items = [(builder.for_interaction(it).passages, it.question, it.answer) for it in interactions]
+    return grade(build_judge(project, _built(judge, "chat")), items, reporter, "judging live answers")
 
 
 def live_judge(project: Project, session: Session, judge: ChatModel | Callable[[], ChatModel],
@@ -264,6 +289,8 @@ def check_signals(project: Project, session: Session, embedder: Embedder | None,
     """
     m = project.settings.monitor
     readings = [satisfaction(project, session), documents(project, session)]
+    if project.settings.review.enabled:
+        readings.append(review_queue(project, session))
     if embedder is not None:
         readings.append(query_drift(project, session, embedder))
     retriever = retriever if retriever is not None else functools.cache(  # the champion's, as it is served

@@ -149,6 +149,16 @@ def resolve_judge(project: Project, judge: JudgeSource) -> EvalJudge:
     return judge if isinstance(judge, EvalJudge) else judge()
 
 
+def grade(judge: EvalJudge, items: Sequence[tuple[Sequence[Passage], str, str]], reporter: Reporter | None = None,
+          description: str = "judging answers") -> list[float | None]:
+    """The judge's 1-5 `ScoreAnswer` grade of each (passages, question, answer); None when unparseable."""
+    inputs = [{"excerpts": number_passages(list(passages)), "question": question, "answer": answer}
+              for passages, question, answer in items]
+    results = predict_many(judge.programs.score, judge.adapter, judge.model, inputs, judge.params, reporter,
+                           description, judge.batch)
+    return [parsed_score(parsed) for parsed, _ in results]
+
+
 # --------------------------------------------------------------------------- parsing
 
 _WORDS = {"1": "1", "one": "1", "first": "1", "2": "2", "two": "2", "second": "2",

@@ -118,6 +118,13 @@ class Retriever:
                                  dense_weight=self.dense_weight)
         return [self.passages[cid] for cid, _ in hits if cid in self.passages]
 
+    def rankings(self, question: str, document: str | None = None, k: int | None = None
+                 ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """BM25's and the dense ranker's own top `k` (chunk id, raw score) for a question, before
+        fusion (`HybridIndex.rankings`): how sure retrieval itself is."""
+        group = document if document in self.documents() else None
+        return self.index.rankings(question, k or self.top_k, group)
+
 
 @dataclass(frozen=True)
 class Answer:

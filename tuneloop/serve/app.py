@@ -1,9 +1,10 @@
 """The FastAPI app behind `tuneloop serve` (see the module docs of its siblings for the parts).
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (OpenAI-compatible, streaming too),
-POST /v1/feedback, GET /v1/interactions/{id}, GET /v1/admin/summary, the web pages at / and
-/admin, and the OpenAPI schema at /openapi.json (public; every error it declares has the JSON error
-shape). Everything the app needs hangs off `app.state` (no module-level mutable state), so tests
+POST /v1/feedback, GET /v1/interactions/{id}, GET /v1/admin/summary, the review queue
+(GET /v1/review/queue, POST /v1/review/{id}: `review.py`), the web pages at /, /admin and
+/review, and the OpenAPI schema at /openapi.json (public; every error it declares has the JSON
+error shape). Everything the app needs hangs off `app.state` (no module-level mutable state), so tests
 can build several apps side by side.
 
 Endpoints are plain `def` functions (FastAPI runs them in its thread pool), except the chat
@@ -33,6 +34,7 @@ from tuneloop.serve.chat import SSE_HEADERS, ChatHandler
 from tuneloop.serve.errors import ApiError, CatchAllMiddleware, install_error_handlers
 from tuneloop.serve.limits import KeyLimits, RateLimitMiddleware
 from tuneloop.serve.records import admin_summary, interaction_json, save_feedback
+from tuneloop.serve.review import add_review_routes
 from tuneloop.serve.schemas import (
     PUBLIC_ID_PATTERN,
     AdminSummary,
@@ -113,6 +115,7 @@ def create_app(project: Project, *, model_factory: ModelFactory | None = None, a
     app.add_middleware(AuthMiddleware, keys=keys)
     app.add_middleware(CatchAllMiddleware)
     _add_api_routes(app)
+    add_review_routes(app, _errors(*API_ERRORS, 403), BEARER)
     _add_page_routes(app)
     return app
 
@@ -214,6 +217,10 @@ def _add_page_routes(app: FastAPI) -> None:
     @app.get("/admin", include_in_schema=False)
     def admin_page(request: Request) -> FileResponse:
         return _page(request, "admin.html")
+
+    @app.get("/review", include_in_schema=False)
+    def review_page(request: Request) -> FileResponse:
+        return _page(request, "review.html")
 
     @app.get("/static/{name}", include_in_schema=False)
     def static_file(name: str, request: Request) -> FileResponse:

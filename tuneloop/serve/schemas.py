@@ -229,3 +229,50 @@ class AdminSummary(BaseModel):
     versions: list[dict[str, Any]]
     cycles: list[dict[str, Any]]
     primary_metric: str
+
+
+# --------------------------------------------------------------------------- the review queue
+
+
+class ReviewVerdict(BaseModel):
+    """POST /v1/review/{id}: a reviewer's verdict on one queued question."""
+
+    model_config = ConfigDict(extra="forbid")
+    verdict: Literal["confirm", "correct", "skip"]
+    answer: Text | None = None  # the right answer (verdict "correct")
+
+
+class ReviewPassage(BaseModel):
+    chunk_id: int
+    document: str
+    text: str
+
+
+class ReviewItemView(BaseModel):
+    id: str
+    question: str
+    document: str | None
+    answer: str
+    passages: list[ReviewPassage]
+    informativeness: float
+    doubts: dict[str, Any]
+    source: str
+    question_type: str
+    queue: int
+    rank: int
+    status: str
+
+
+class ReviewQueueView(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ReviewItemView]
+    open: int  # open items in the queue (data holds at most `limit`)
+
+
+class ReviewRecorded(BaseModel):
+    id: str
+    status: str  # confirmed | corrected | skipped
+    reviewer: str
+    example_id: int | None  # the example it became (None: skipped)
+    split: str | None
+    new_example: bool  # False: the question already was an example, kept as it was
