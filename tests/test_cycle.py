@@ -23,7 +23,7 @@ from tuneloop.metrics import rouge_l
 from tuneloop.progress import SilentReporter
 from tuneloop.stages import gate as gate_stage
 from tuneloop.stages.gate import GateDecision
-from tuneloop.store import Artifact, Cycle, CycleStep, EvalRun, Example, ModelVersion, open_store
+from tuneloop.store import Artifact, Cycle, CycleStep, EvalRun, Example, ModelVersion, ReviewItem, open_store
 from tuneloop.versions import promote
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +86,18 @@ def test_one_full_cycle(project, fake_teacher, monkeypatch):
     assert st["rlaif"][1]["student"] == "v1" and st["rlaif"][1]["prompts"] > 0
     assert st["rlaif"][1]["kept_pairs"] == 0 and "no preference" in st["align"][1]["skipped"]
     assert kinds == ["adapter", "dataset", "dataset", "eval", "eval"]
+    # the last step rebuilt the review queue with the champion the gate kept (the real tiny model:
+    # seed questions asked of the other contracts; nobody has asked anything yet)
+    review = st["review"][1]
+    assert review["version"] == "base" and review["opened"] == p.settings.review.per_cycle
+    assert review["candidates"] == p.settings.review.pool and review["by_source"] == {"interaction": 0,
+                                                                                      "transfer": review["opened"]}
+    with open_store(p.store_url)() as s:
+        items = list(s.scalars(select(ReviewItem).order_by(ReviewItem.rank)))
+    assert [it.rank for it in items] == list(range(1, len(items) + 1)) and all(it.cycle_id == cycle.id for it in items)
+    assert all(0.0 <= it.score <= 1.0 and it.answer is not None and it.chunk_ids for it in items)
+    opened = review["opened"]
+    assert {it.status for it in items[:opened]} == {"open"} and {it.status for it in items[opened:]} == {"pool"}
     assert_no_duplicates(p)
 
 

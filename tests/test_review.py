@@ -8,6 +8,7 @@ import math
 import re
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -62,6 +63,7 @@ def test_each_doubt_orders_toy_cases_as_expected():
     weights = ReviewWeights(margin=1.0, disagreement=1.0, retrieval=0.0, judge=1.0)
     assert informativeness({"margin": 1.0, "disagreement": 0.0, "retrieval": 1.0}, weights) == 0.5
     assert informativeness({"disagreement": 0.8, "judge": None}, weights) == 0.8  # only the doubts it has
+    assert informativeness({"margin": margin_doubt(math.nan, 0.0), "disagreement": 0.4}, weights) == 0.4
 
 
 def test_diversity_keeps_twenty_copies_of_one_doubt_from_filling_the_queue():
@@ -349,3 +351,72 @@ def test_the_signal_fires_while_the_champion_stays_unsure_of_what_people_ask(pro
         assert not r.fired and r.value == 0.5 and r.detail["previous_share"] == 0.75
         _queue(s, [0.9] * 10, cycle=False)  # a queue built by hand (`tuneloop review build`) is not "after a cycle"
         assert review_queue(proj, s).detail["queue"] == 5
+
+
+def test_a_question_nothing_is_retrieved_for_keeps_the_others_doubts_aligned(project):
+    proj = _toy_project(project, weights={"retrieval": 1.0})
+    _asked(proj, [("Zyxwvq qwxzy?", DOCS[0]), ("Who signs for the Provider?", DOCS[1])])
+    _build(proj)
+    with open_store(proj.store_url)() as s:
+        items = {it.question: it for it in s.scalars(select(ReviewItem))}
+    nothing, signs = items["Zyxwvq qwxzy?"], items["Who signs for the Provider?"]
+    assert len(nothing.scores["answers"]) == 1 and nothing.scores["doubts"]["retrieval"] == 1.0  # one empty set
+    assert len(signs.scores["answers"]) == 3 and signs.scores["doubts"]["disagreement"] == 1.0
+
+
+@pytest.mark.parametrize("review, message", [
+    ({"pool": 5, "per_cycle": 10}, "pool (5) is smaller than per_cycle (10)"),
+    ({"weights": {"margins": 1.0}}, "margins"),
+    ({"sources": ["emails"]}, "sources"),
+    ({"diversity": 1.5}, "diversity"),
+])
+def test_bad_review_settings_are_named(project, review, message):
+    from tuneloop.config import load_project
+    from tuneloop.errors import ConfigError
+
+    proj = project(pairs=False)
+    settings = yaml.safe_load((proj.root / "tuneloop.yaml").read_text(encoding="utf-8"))
+    settings["review"].update(review)
+    (proj.root / "tuneloop.yaml").write_text(yaml.safe_dump(settings), encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_project(proj.root)
+
+
+def test_review_build_and_list_on_the_command_line(project):
+    """`tuneloop review build` scores with the real (tiny) champion, under the cycle lock; `list` shows it."""
+    proj = project({"review": {"sources": ["interactions"], "pool": 4, "per_cycle": 2}}, pairs=False)
+    ingest_project(proj)
+    runner = CliRunner()
+    result = runner.invoke(app, ["review", "build", "-p", str(proj.root)])
+    assert result.exit_code == 0 and "Nothing to review" in result.output, result.output
+    _asked(proj, [(q, DOCS[i]) for i, q in enumerate(TOY)])
+    result = runner.invoke(app, ["review", "build", "-p", str(proj.root)])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"Review queue 1: 2 open of 4 scored by base \(mean informativeness 0\.\d\d\)", result.output)
+    listed = runner.invoke(app, ["review", "list", "-p", str(proj.root)])
+    with open_store(proj.store_url)() as s:
+        shown = [it.question for it in open_items(s)]
+    assert listed.exit_code == 0 and len(shown) == 2
+    assert all(q in listed.output for q in shown) and listed.output.index(shown[0]) < listed.output.index(shown[1])
+
+
+def test_watch_starts_a_cycle_when_the_queue_stays_unsure(project):
+    from tuneloop.monitor.watch import tick
+
+    proj = project({"review": {"trigger_min": 3}, "monitor": {"cooldown_seconds": 0}}, pairs=False)
+    ingest_project(proj)  # no new documents: only the queue can fire
+    started = []
+
+    def run_cycle(p, reporter, trigger):
+        started.append(trigger)
+        return Cycle(id=99)
+
+    with open_store(proj.store_url)() as s:
+        _queue(s, [0.9, 0.2, 0.2, 0.1])  # unsure of 1/4: below the share
+        s.commit()
+    assert tick(proj, SilentReporter(), None, run_cycle).started is None and started == []
+    with open_store(proj.store_url)() as s:
+        _queue(s, [0.9, 0.8, 0.7, 0.1])  # 3/4 after the next cycle
+        s.commit()
+    assert tick(proj, SilentReporter(), None, run_cycle).started == 99
+    assert len(started) == 1 and "unsure of 75% of 4 unanswered questions" in started[0]

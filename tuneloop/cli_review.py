@@ -12,7 +12,6 @@ from typing import Annotated
 import click
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from tuneloop.cli_common import ProjectOpt, console, friendly_errors, open_project
 from tuneloop.errors import InputError
@@ -104,15 +103,15 @@ def _ask() -> tuple[str, str | None]:
 @review_app.command("list")
 @friendly_errors
 def review_list(project_dir: ProjectOpt = Path(".")) -> None:
-    """The open items, the most informative first."""
+    """The open items, the most informative first: rank, informativeness, source, document, question."""
     _, sessions = open_project(project_dir)
     with sessions() as s:
         items = open_items(s)
-        table = Table("rank", "informativeness", "source", "document", "question")
-        for it in items:
-            table.add_row(str(it.rank), f"{it.score:.2f}", it.source, escape(it.document or "(any)"),
-                          escape(it.question))
-    console.print(table if items else "The review queue is empty.")
+    if not items:
+        console.print("The review queue is empty.")
+    for it in items:  # one line an item (greppable), never wrapped
+        console.print(f"{it.rank:>4}  {it.score:.2f}  {it.source:<11}  {escape(it.document or '(any)')}  "
+                      f"{escape(it.question)}", soft_wrap=True)
 
 
 @review_app.command("build")

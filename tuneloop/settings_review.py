@@ -24,7 +24,7 @@ class ReviewSettings(Section):
 
     enabled: bool = True  # the cycle's last step (`review`) rebuilds the queue with the champion
     per_cycle: int = Field(20, ge=1, le=10_000)  # items a queue shows (the most informative, diverse)
-    pool: int = Field(100, ge=1, le=100_000)  # candidates scored per rebuild (forward passes: pool x samples)
+    pool: int = Field(60, ge=1, le=100_000)  # candidates scored per rebuild (forward passes: pool x samples)
     # where candidates come from: questions people asked that have no known answer yet, and the
     # experts' seed questions asked of other documents (synth.transfer's pairs not in the store)
     sources: list[Literal["interactions", "transfer"]] = ["interactions", "transfer"]

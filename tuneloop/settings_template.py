@@ -186,7 +186,7 @@ tracking:                # mirror cycles, runs and versions into MLflow (`pip in
 review:                  # the expert review queue: `tuneloop review`, the /review page
   enabled: true          # the cycle's last step rebuilds the queue with the champion
   per_cycle: 20          # items a queue shows: the most informative, spread over documents and questions
-  pool: 100              # candidates scored per rebuild (each answered `samples` times)
+  pool: 60               # candidates scored per rebuild (each answered `samples` times)
   sources: [interactions, transfer]  # people's unanswered questions; seed questions asked of other documents
   samples: 3             # answers per candidate: the top passages greedily, then sampled on wider passage sets
   temperature: 0.7       # of the sampled answers (0: greedy)

@@ -90,9 +90,10 @@ def judge_doubt(grade: float | None) -> float | None:
 
 
 def informativeness(doubts: dict[str, float | None], weights: ReviewWeights) -> float:
-    """The weighted mean of the doubts present (0 when none is)."""
+    """The weighted mean of the doubts present (0 when none is; NaN, from a margin the model could
+    not give, counts as absent)."""
     pairs = [(getattr(weights, name), value) for name, value in doubts.items()
-             if value is not None and name in DOUBTS and getattr(weights, name) > 0]
+             if value is not None and not math.isnan(value) and name in DOUBTS and getattr(weights, name) > 0]
     total = sum(w for w, _ in pairs)
     return sum(w * v for w, v in pairs) / total if total else 0.0
 

@@ -143,8 +143,7 @@ def score_candidates(project: Project, model: ChatModel, threshold: float | None
     if yes_no:
         convs = [build_messages(c.question, ctx) for c in yes_no for ctx in c.contexts]
         margins = batched_margins(model, convs, reporter, "review: yes/no margins")
-        for i, c in enumerate(yes_no):
-            ms = margins[i * s.samples:(i + 1) * s.samples]
+        for c, ms in zip(yes_no, _per_candidate(margins, [len(c.contexts) for c in yes_no])):
             c.doubts["margin"] = margin_doubt(ms[0], threshold)
             c.doubts["disagreement"] = yes_no_disagreement(ms, threshold)
             c.detail = {"margins": [round(m, 4) for m in ms], "threshold": threshold}
@@ -162,9 +161,8 @@ def score_candidates(project: Project, model: ChatModel, threshold: float | None
         sampled = generation_params(role, temperature=s.temperature, seed=project.settings.synth.seed)
         rest = batched_chat(model, [build_messages(c.question, ctx) for c in words for ctx in c.contexts[1:]],
                             sampled, reporter, "review: sampled answers", role.batch_size)
-        per = s.samples - 1
-        for i, c in enumerate(words):
-            answers = [first[i].text, *rest[i * per:(i + 1) * per]]
+        for i, (c, more) in enumerate(zip(words, _per_candidate(rest, [len(c.contexts) - 1 for c in words]))):
+            answers = [first[i].text, *more]
             c.doubts["disagreement"] = answer_disagreement(answers)
             c.detail = {"answers": answers}
             if c.source == "transfer":
@@ -179,6 +177,16 @@ def score_candidates(project: Project, model: ChatModel, threshold: float | None
         for c, g in zip(candidates, grades):
             c.doubts["judge"] = judge_doubt(g)
             c.detail["judge_grade"] = g
+
+
+def _per_candidate(values: list, sizes: list[int]) -> list[list]:
+    """`values` cut into consecutive runs of `sizes` (a candidate with nothing retrieved has one
+    passage set, not `review.samples`)."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(values[start:start + n])
+        start += n
+    return out
 
 
 def rank(project: Project, candidates: list[Candidate]) -> list[tuple[Candidate, float]]:
