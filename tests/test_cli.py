@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from tests.helpers import deep_merge
 from tuneloop.cli import app
+from tuneloop.config import load_project
 from tuneloop.store import Chunk, Document, open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,10 +134,13 @@ def test_cycle_command_and_status(runner, tmp_path, tiny_model_dir, monkeypatch)
     minutes = [ln.split("│")[-2].strip() for ln in out.splitlines() if ln.count("│") > 5]
     assert minutes[-1] and float(minutes[-1]) >= 0  # the "all" row: the cycle's minutes, summed per step
     assert "last cycle 1: done (trigger: nightly)" in out
-    for step in ("ingest", "synth", "sft", "eval", "gate"):
+    for step in ("ingest", "synth", "sft", "eval", "gate", "review"):
         assert any(ln.split("│")[1:2] and ln.split("│")[1].strip() == step and "done" in ln
                    for ln in out.splitlines()), (step, out)
     assert any("examples: synthetic / train" in ln for ln in out.splitlines())
+    # the cycle's last step opened a review queue of review.per_cycle items
+    per_cycle = str(load_project(root).settings.review.per_cycle)
+    assert any("review queue: open" in ln and ln.split("│")[2].strip() == per_cycle for ln in out.splitlines()), out
 
 
 def test_missing_ingest_path(runner, tmp_path, tiny_model_dir):

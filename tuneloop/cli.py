@@ -449,6 +449,7 @@ def feedback_export(
 @friendly_errors
 def status(project_dir: ProjectOpt = Path(".")) -> None:
     """Champion, model versions, the last cycle and its steps, and data counts."""
+    from tuneloop.review.queue import open_count
     from tuneloop.store import Chunk, Cycle, CycleStep, Document, Example, Feedback, Interaction, ModelVersion
     from tuneloop.versions import champion
 
@@ -468,6 +469,7 @@ def status(project_dir: ProjectOpt = Path(".")) -> None:
             counts.add_row(f"examples: {kind} / {split}", str(n))
         counts.add_row("interactions", str(s.scalar(select(func.count(Interaction.id)))))
         counts.add_row("feedback", str(s.scalar(select(func.count(Feedback.id)))))
+        counts.add_row("review queue: open", str(open_count(s)))
         console.print(counts)
         versions = Table(title="model versions")
         for col in ("name", "parent", "method", "status", primary, "cycle"):

@@ -82,6 +82,10 @@ def open_items(session: Session, limit: int | None = None) -> list[ReviewItem]:
     return list(session.scalars(q.limit(limit) if limit else q))
 
 
+def open_count(session: Session) -> int:
+    return session.scalar(select(func.count(ReviewItem.id)).where(ReviewItem.status == "open")) or 0
+
+
 def find_item(session: Session, public_id: str) -> ReviewItem:
     item = session.scalar(select(ReviewItem).where(ReviewItem.public_id == public_id))
     if item is None:

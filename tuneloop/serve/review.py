@@ -7,13 +7,19 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
-from sqlalchemy import func, select
 
-from tuneloop.review.queue import AlreadyReviewed, ReviewItemNotFound, find_item, item_json, open_items, record
+from tuneloop.review.queue import (
+    AlreadyReviewed,
+    ReviewItemNotFound,
+    find_item,
+    item_json,
+    open_count,
+    open_items,
+    record,
+)
 from tuneloop.serve.auth import Caller
 from tuneloop.serve.errors import ApiError
 from tuneloop.serve.schemas import PUBLIC_ID_PATTERN, ReviewQueueView, ReviewRecorded, ReviewVerdict
-from tuneloop.store import ReviewItem
 
 
 def reviewer_of(request: Request) -> Caller:
@@ -29,8 +35,7 @@ def add_review_routes(app: FastAPI, errors: dict[int | str, dict[str, Any]], dep
     def review_queue(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict[str, Any]:
         reviewer_of(request)
         with request.app.state.sessions() as s:
-            total = s.scalar(select(func.count(ReviewItem.id)).where(ReviewItem.status == "open")) or 0
-            return {"object": "list", "data": [item_json(s, it) for it in open_items(s, limit)], "open": total}
+            return {"object": "list", "data": [item_json(s, it) for it in open_items(s, limit)], "open": open_count(s)}
 
     responses = {**errors, 404: errors[403], 409: errors[403]}
 
