@@ -8,19 +8,22 @@ Data: ../shared/data/cuad-dev (CUAD v1 slice by The Atticus Project, CC BY 4.0).
    of the new ones through the serving app (no votes: nobody has answered them yet).
 2. `tuneloop review build`'s queue is rebuilt with the champion over a pool of `--pool` candidates:
    the users' questions and the seed questions asked of other contracts (`review.sources`).
-3. Two arms, each a copy of the project: simulated experts (the lawyers' labels) review
+3. Three arms, each a copy of the project: simulated experts (the lawyers' labels) review
    `--labels` items: the queue's first ones (arm "queue"), or as many drawn at random from the
-   same scored pool (arm "random", seeded). An expert confirms the model's answer when the CUAD
+   same scored pool (arm "random", seeded); arm "none" gets no label (the baseline the labels'
+   gain is measured from: cycle 2 also trains on what every arm has, the seeds when the champion
+   has not trained on them). An expert confirms the model's answer when the CUAD
    match rule holds against the lawyers' answer, else corrects it to the lawyers' answer ("The
    document does not say." where the lawyers found no such clause). Every label goes to the
    training split (`feedback.heldout_fraction: 0`), so both arms are measured on the same
    questions.
 4. Each arm runs cycle 2 (SFT from the champion on what is new: the labels, plus a replay share;
-   the continuous scenario's update recipe; synth, alignment and WiSE-FT off, so the labels are the
-   only difference between the arms), then both candidates and the champion answer the old
-   held-out set and the licence probe set (questions no user asked and no expert labelled).
-   Reported: each candidate's gain over the champion and the gain per label, and the queue arm
-   against the random arm, by paired bootstrap over the same questions.
+   the continuous scenario's update recipe; one synthetic question, alignment and WiSE-FT off, so
+   the labels are the only difference between the arms), then each arm's candidate and the
+   champion answer the old held-out set and the licence probe set (questions no user asked and no
+   expert labelled). Reported, by paired bootstrap over the same questions: each candidate against
+   the champion, the labelled arms against arm "none" (the gain of the labels, and per label), and
+   the queue arm against the random arm.
 
     .venv/bin/python bench/review_queue.py [--labels 40] [--pool 200]
 
@@ -194,7 +197,7 @@ def main() -> None:
     unlabelled = [it for it in items if (it.question, it.document) not in labels]
     if unlabelled:
         raise SystemExit(f"{len(unlabelled)} queue items without a CUAD label, e.g. {unlabelled[0].question!r}")
-    picks = {"queue": [it.id for it in items[: args.labels]],
+    picks = {"none": [], "queue": [it.id for it in items[: args.labels]],
              "random": [it.id for it in random.Random(args.seed).sample(items, args.labels)]}
     pool_stats = {"n": len(items), "model_right": sum(expert(labels, it)[2] for it in items)}
 
@@ -217,12 +220,13 @@ def main() -> None:
     primary = project.settings.eval.primary_metric
     with open_store(project.store_url)() as s:
         held_hash = eval_set_hash(eval_examples(project, s))
-    scores: dict[str, dict[str, list[dict]]] = {}
+    scores: dict[str, dict[str, list[dict]]] = {
+        "champion": {"heldout": stored_items(project, champ, held_hash),
+                     "probe": probe_scores(project, [champ], p["probe"], reporter)[champ]}}
     for arm, info in arms.items():
-        names = [champ, info["candidate"]]
-        probe = probe_scores(info["project"], names, p["probe"], reporter)
-        scores[arm] = {name: {"heldout": stored_items(info["project"], name, held_hash), "probe": probe[name]}
-                       for name in names}
+        cand = info["candidate"]
+        scores[arm] = {"heldout": stored_items(info["project"], cand, held_hash),
+                       "probe": probe_scores(info["project"], [cand], p["probe"], reporter)[cand]}
     mark("held-out and probe scored")
     result = analyse(args, arms, scores, champ, primary, pool_stats, timeline, t0)
     args.json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -230,27 +234,33 @@ def main() -> None:
     print(markdown(result))
 
 
+PARTS = ("heldout", "probe", "both")
+
+
+def _items(scores: dict, who: str, part: str) -> list[dict]:
+    s = scores[who]
+    return s["heldout"] + s["probe"] if part == "both" else s[part]
+
+
 def analyse(args, arms, scores, champ, primary, pool_stats, timeline, t0) -> dict:
     out = {"command": "python bench/review_queue.py " + " ".join(sys.argv[1:]), "machine": machine(),
            "minutes": round((time.time() - t0) / 60, 1), "primary_metric": primary, "labels": args.labels,
            "pool": pool_stats, "champion": champ, "timeline": timeline, "arms": {}, "queue_vs_random": {}}
+    for part in PARTS:
+        out.setdefault("champion_scores", {})[part] = summary_with_ci(_items(scores, "champion", part), primary)
     for arm, info in arms.items():
-        cand = info["candidate"]
         row = {k: info[k] for k in ("labels", "candidate", "outcome", "steps")}
-        for part in ("heldout", "probe", "both"):
-            def items(name, part=part, arm=arm):
-                s = scores[arm][name]
-                return s["heldout"] + s["probe"] if part == "both" else s[part]
-            gain = paired(items(cand), items(champ), primary)
-            row[part] = {"champion": summary_with_ci(items(champ), primary),
-                         "candidate": summary_with_ci(items(cand), primary), "gain": gain,
-                         "gain_per_label": gain["diff"] / args.labels}
+        for part in PARTS:
+            mine = _items(scores, arm, part)
+            row[part] = {"candidate": summary_with_ci(mine, primary),
+                         "vs_champion": paired(mine, _items(scores, "champion", part), primary)}
+            if arm != "none":
+                gain = paired(mine, _items(scores, "none", part), primary)
+                row[part]["vs_none"] = gain
+                row[part]["gain_per_label"] = gain["diff"] / args.labels
         out["arms"][arm] = row
-    for part in ("heldout", "probe", "both"):
-        def items(arm, part=part):
-            s = scores[arm][arms[arm]["candidate"]]
-            return s["heldout"] + s["probe"] if part == "both" else s[part]
-        out["queue_vs_random"][part] = paired(items("queue"), items("random"), primary)
+    for part in PARTS:
+        out["queue_vs_random"][part] = paired(_items(scores, "queue", part), _items(scores, "random", part), primary)
     return out
 
 
@@ -258,36 +268,38 @@ def _f(v, sign: bool = False) -> str:
     return "-" if v is None else (f"{v:+.3f}" if sign else f"{v:.3f}")
 
 
+def _ci(x: dict) -> str:
+    return f"{_f(x['diff'], True)} [{_f(x['low'], True)}, {_f(x['high'], True)}], p={x['p_value']:.3f}"
+
+
 def markdown(r: dict) -> str:
     p = r["primary_metric"]
+    champ = r["champion_scores"]
     lines = ["<!-- review-queue:start -->",
              "## The expert review queue vs random picks on CUAD dev (`bench/review_queue.py`, issue 21)", "",
              f"Machine: {r['machine']}. Command: `{r['command']}` ({r['minutes']} min in all).", "",
-             f"The continuous scenario's world (bench/continuous.py): cycle 1 trained the champion "
-             f"({r['champion']}) on the seeds; the licence-like contracts arrived and users asked old and licence "
-             f"questions without voting. The review queue scored {r['pool']['n']} candidates (users' questions and "
-             f"seed questions asked of other contracts; the champion's answer was right on "
+             f"The continuous scenario's world (bench/continuous.py): cycle 1 trained a candidate on the seeds "
+             f"(champion after it: {r['champion']}); the licence-like contracts arrived and users asked old and "
+             f"licence questions without voting. The review queue scored {r['pool']['n']} candidates (users' "
+             f"questions and seed questions asked of other contracts; the champion's answer was right on "
              f"{r['pool']['model_right']} of them by the CUAD match rule). Simulated experts (the lawyers' labels) "
-             f"then reviewed {r['labels']} items per arm, and each arm ran cycle 2 from the same champion.", "",
-             f"| arm | labels: confirmed / corrected | yes/no items | users' / transfer | held-out {p}: candidate "
-             f"(champion) | gain [95% CI] | probe {p}: candidate (champion) | gain [95% CI] | gain per label "
-             f"(held-out + probe) |", "|---|---|---|---|---|---|---|---|---|"]
+             f"reviewed {r['labels']} items in arms \"queue\" (its first items) and \"random\" (drawn from the same "
+             f"pool) and none in arm \"none\"; each arm then ran cycle 2 from the same champion. {p} of the "
+             f"champion: old held-out {_f(champ['heldout'][p])}, licence probe {_f(champ['probe'][p])}.", "",
+             f"| arm | labels: confirmed / corrected | yes/no | users' / transfer | held-out {p} | probe {p} "
+             f"| both: vs champion | both: vs arm none (the labels' gain) | gain per label |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm, a in r["arms"].items():
         lab = a["labels"]
-        cells = [arm, f"{lab['confirm']} / {lab['correct']}", str(lab["yes_no"]),
-                 f"{lab['interaction']} / {lab['transfer']}"]
-        for part in ("heldout", "probe"):
-            x = a[part]
-            cells += [f"{_f(x['candidate'][p])} ({_f(x['champion'][p])})",
-                      f"{_f(x['gain']['diff'], True)} [{_f(x['gain']['low'], True)}, {_f(x['gain']['high'], True)}]"
-                      f", p={x['gain']['p_value']:.3f}"]
-        cells.append(f"{a['both']['gain_per_label']:+.4f}")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([
+            arm, f"{lab['confirm']} / {lab['correct']}", str(lab["yes_no"]),
+            f"{lab['interaction']} / {lab['transfer']}",
+            _f(a["heldout"]["candidate"][p]), _f(a["probe"]["candidate"][p]), _ci(a["both"]["vs_champion"]),
+            _ci(a["both"]["vs_none"]) if "vs_none" in a["both"] else "-",
+            f"{a['both']['gain_per_label']:+.4f}" if "gain_per_label" in a["both"] else "-"]) + " |")
     lines += ["", "Queue arm vs random arm, paired bootstrap over the same questions:", ""]
     for part, name in (("heldout", "old held-out"), ("probe", "licence probe"), ("both", "both")):
-        x = r["queue_vs_random"][part]
-        lines.append(f"- {name} (n={x['n']}): {_f(x['diff'], True)} [{_f(x['low'], True)}, {_f(x['high'], True)}], "
-                     f"p={x['p_value']:.3f}")
+        lines.append(f"- {name} (n={r['queue_vs_random'][part]['n']}): {_ci(r['queue_vs_random'][part])}")
     lines += ["", "Timeline:", "", "| minute | event |", "|---|---|"]
     lines += [f"| {t['minute']} | {t['event']} |" for t in r["timeline"]]
     lines += ["", "Data: CUAD v1 (The Atticus Project), CC BY 4.0.", "<!-- review-queue:end -->"]

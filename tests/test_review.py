@@ -251,6 +251,8 @@ def test_export_then_import_round_trips_and_a_bad_line_changes_nothing(project, 
     out = tmp_path / "queue.jsonl"
     result = runner.invoke(app, ["review", "export", str(out), "-p", str(proj.root)])
     assert result.exit_code == 0, result.output
+    again = runner.invoke(app, ["review", "export", str(out), "-p", str(proj.root)])  # never overwritten unasked
+    assert again.exit_code == 2 and "exists: give another name, or --force" in again.output
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 3 and all(r["verdict"] is None and r["question"] and "passages" in r for r in rows)
     rows[0]["verdict"] = "confirm"

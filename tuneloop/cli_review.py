@@ -140,11 +140,14 @@ def review_build(project_dir: ProjectOpt = Path(".")) -> None:
 @review_app.command("export")
 @friendly_errors
 def review_export(file: Annotated[Path, typer.Argument(help="JSONL file to write.")],
-                  project_dir: ProjectOpt = Path(".")) -> None:
+                  project_dir: ProjectOpt = Path("."),
+                  force: Annotated[bool, typer.Option(help="Overwrite FILE if it exists.")] = False) -> None:
     """Write the open items as JSONL: fill in each line's "verdict" (confirm | correct | skip) and,
     for a correction, "answer_reviewed", then `tuneloop review import FILE`."""
     if file.is_dir():
         raise InputError(f"{file} is a folder: give a file name")
+    if file.exists() and not force:  # it may hold verdicts someone filled in
+        raise InputError(f"{file} exists: give another name, or --force to overwrite it")
     if not file.parent.is_dir():
         raise InputError(f"{file.parent} does not exist")
     _, sessions = open_project(project_dir)
