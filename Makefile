@@ -43,6 +43,7 @@ demo: venv
 	$(BIN)/tuneloop seeds import $(DEMO_DIR)/heldout.jsonl --split eval --project $(DEMO_DIR)
 	$(BIN)/tuneloop cycle --project $(DEMO_DIR)
 	$(BIN)/tuneloop status --project $(DEMO_DIR)
+	$(BIN)/tuneloop review list --project $(DEMO_DIR)
 
 test: venv chromium postgres lint
 	$(BIN)/python -m pytest -q --durations=10 -m "not cluster and not integration"

@@ -25,6 +25,7 @@ from tuneloop.review.scores import (
     Scored,
     Search,
     answer_disagreement,
+    decision_skill,
     diverse_order,
     informativeness,
     margin_doubt,
@@ -35,6 +36,7 @@ from tuneloop.settings_review import ReviewWeights
 from tuneloop.splits import heldout_side, question_key
 from tuneloop.stages.review import build_queue
 from tuneloop.store import Cycle, Example, Interaction, ReviewItem, open_store
+from tuneloop.versions import ensure_base_version
 
 DOCS = ["01-master-services-agreement.md", "02-software-licence-agreement.md", "03-distribution-agreement.md",
         "04-non-disclosure-agreement.md", "05-supply-agreement.md", "06-office-lease.md"]
@@ -64,6 +66,16 @@ def test_each_doubt_orders_toy_cases_as_expected():
     assert informativeness({"margin": 1.0, "disagreement": 0.0, "retrieval": 1.0}, weights) == 0.5
     assert informativeness({"disagreement": 0.8, "judge": None}, weights) == 0.8  # only the doubts it has
     assert informativeness({"margin": margin_doubt(math.nan, 0.0), "disagreement": 0.4}, weights) == 0.4
+
+
+def test_a_champion_at_chance_gets_no_say_from_its_yes_no_confidence():
+    assert decision_skill(0.5) == 0.0 and decision_skill(0.4) == 0.0 and decision_skill(None) == 1.0
+    assert decision_skill(0.75) == pytest.approx(0.5) and decision_skill(1.0) == 1.0
+    weights = ReviewWeights(margin=1.0, disagreement=1.0, retrieval=0.5, judge=1.0)
+    doubts = {"margin": 1.0, "disagreement": 1.0, "retrieval": 0.2}
+    assert informativeness(doubts, weights, skill=0.0, yes_no=True) == pytest.approx(0.2)  # retrieval alone
+    assert informativeness(doubts, weights, skill=0.5, yes_no=True) == pytest.approx((0.5 + 0.5 + 0.1) / 1.5)
+    assert informativeness(doubts, weights, skill=0.0, yes_no=False) == pytest.approx(2.1 / 2.5)  # words: kept
 
 
 def test_diversity_keeps_twenty_copies_of_one_doubt_from_filling_the_queue():
@@ -155,6 +167,21 @@ def test_the_queue_asks_first_what_the_champion_is_least_sure_of(project):
     assert len(set(items[1].scores["margins"])) == 2  # Yes and No
     assert items[0].question_type == "extraction" and len(items[0].scores["answers"]) == 3
     assert items[0].answer == "an answer given earlier"  # the reviewer sees what the person got
+
+
+def test_a_champion_whose_yes_no_decisions_are_at_chance_is_asked_by_its_other_doubts(project):
+    proj = _toy_project(project)
+    _asked(proj, [(q, DOCS[i]) for i, q in enumerate(TOY)])
+    with open_store(proj.store_url)() as s:
+        base = ensure_base_version(proj, s)
+        base.hyperparams = {"yes_no_threshold": {"value": 0.0, "source": "dev", "n": 20, "balanced_accuracy": 0.5}}
+        s.commit()
+    _build(proj)
+    with open_store(proj.store_url)() as s:
+        items = list(s.scalars(select(ReviewItem).order_by(ReviewItem.rank)))
+    assert [it.question for it in items[:2]] == ["Who signs for the Provider?", "What is the notice period?"]
+    assert all(it.score == 0.0 and it.scores["skill"] == 0.0 for it in items[2:])  # retrieval weighs 0 here
+    assert max(it.scores["doubts"]["margin"] for it in items[2:]) == pytest.approx(1 - math.tanh(0.05))  # kept
 
 
 def test_verdicts_become_examples_and_no_item_is_shown_twice(project):

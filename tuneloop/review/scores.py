@@ -17,7 +17,13 @@ champion did with the question (`stages/review.py` collects it):
   best dense cosine (1 - it: nothing in the documents resembles the question).
 * **judge** (`review.judge`): the judge's 1-5 grade of the answer, as (5 - grade) / 4.
 
-The informativeness is the weighted mean of the doubts an item has (`review.weights`). A queue is
+The informativeness is the weighted mean of the doubts an item has (`review.weights`), the yes/no
+doubts (margin, and the vote disagreement) weighted down by the champion's **decision skill**:
+2 x (its balanced accuracy where its threshold was chosen - 0.5), clipped to [0, 1]. The confidence
+of a model whose Yes/No decisions are at chance says nothing about where it errs: on CUAD dev the
+untuned 135M model's margin doubt ranked its wrong answers *below* its right ones (AUC 0.32,
+bench/review_queue.py), while retrieval doubt still pointed at them (0.63). A skill that is not
+known (no labelled yes/no question to calibrate on) counts as 1. A queue is
 ordered greedily by informativeness with a diversity rule: each item already queued of the same
 document, or with the same question, multiplies a candidate's informativeness by
 `review.diversity`, so twenty copies of one doubt do not fill the queue (a maximal marginal
@@ -89,11 +95,24 @@ def judge_doubt(grade: float | None) -> float | None:
     return None if grade is None else min(max((5.0 - grade) / 4.0, 0.0), 1.0)
 
 
-def informativeness(doubts: dict[str, float | None], weights: ReviewWeights) -> float:
+def decision_skill(balanced_accuracy: float | None) -> float:
+    """2 x (balanced accuracy - 0.5) in [0, 1]: 0 at chance, 1 when always right; 1 when unknown."""
+    if balanced_accuracy is None or math.isnan(balanced_accuracy):
+        return 1.0
+    return min(max(2.0 * (balanced_accuracy - 0.5), 0.0), 1.0)
+
+
+def informativeness(doubts: dict[str, float | None], weights: ReviewWeights, skill: float = 1.0,
+                    yes_no: bool = False) -> float:
     """The weighted mean of the doubts present (0 when none is; NaN, from a margin the model could
-    not give, counts as absent)."""
-    pairs = [(getattr(weights, name), value) for name, value in doubts.items()
-             if value is not None and not math.isnan(value) and name in DOUBTS and getattr(weights, name) > 0]
+    not give, counts as absent); for a yes/no item decided by its margin, the margin and the vote
+    disagreement weigh `skill` times their weight (`decision_skill`)."""
+    def weight(name: str) -> float:
+        scaled = yes_no and name in ("margin", "disagreement")
+        return getattr(weights, name) * (skill if scaled else 1.0)
+
+    pairs = [(weight(name), value) for name, value in doubts.items()
+             if value is not None and not math.isnan(value) and name in DOUBTS and weight(name) > 0]
     total = sum(w for w, _ in pairs)
     return sum(w * v for w, v in pairs) / total if total else 0.0
 

@@ -13,14 +13,16 @@ would teach the model most about (`review/scores.py` has the doubts and the queu
      the data engine's pairs not in the store), answered now by the champion as it is served.
    A question already queued but not reviewed comes back only when it is still among the most
    informative under the new champion.
-2. **Doubts**: the champion (its adapter, its calibrated yes/no threshold, its own retriever)
-   answers each candidate `review.samples` times: greedily on its top passages, then sampled at
-   `review.temperature` on wider passage sets (`transfer.passage_sets`). Yes/no questions it
-   decides by margin give the margin and the vote disagreement; others the disagreement of the
-   answers' words. Retrieval's own rankings give the retrieval doubt; with `review.judge`, the
-   judge grades the first answer.
-3. **Queue**: ordered by informativeness with the diversity rule; the first `review.per_cycle`
-   are open, the rest kept as the pool (the `review_queue` signal reads it).
+2. **Doubts** (`review/scores.py`): the champion (its adapter, its calibrated yes/no threshold,
+   its own retriever) answers each candidate `review.samples` times: greedily on its top passages,
+   then sampled at `review.temperature` on wider passage sets (`transfer.passage_sets`). Yes/no
+   questions it decides by margin give the margin and the vote disagreement; others the
+   disagreement of the answers' words. Retrieval's own rankings give the retrieval doubt; with
+   `review.judge`, the judge grades the first answer.
+3. **Queue**: ordered by informativeness (the yes/no doubts weighted by the champion's decision
+   skill where its threshold was chosen: a model at chance has no useful confidence) with the
+   diversity rule; the first `review.per_cycle` are open, the rest kept as the pool (the
+   `review_queue` signal reads it).
 """
 from __future__ import annotations
 
@@ -33,7 +35,14 @@ from sqlalchemy import select
 from tuneloop.config import Project
 from tuneloop.models.base import ChatModel
 from tuneloop.models.registry import build_chat_model, generation_params
-from tuneloop.programs.decide import answer_conversations, decide, decides, is_yes_no_question, threshold_of
+from tuneloop.programs.decide import (
+    THRESHOLD_KEY,
+    answer_conversations,
+    decide,
+    decides,
+    is_yes_no_question,
+    threshold_of,
+)
 from tuneloop.programs.judge import EvalJudge, build_judge, grade
 from tuneloop.programs.rag import Passage, Retriever, build_messages
 from tuneloop.progress import Reporter, batched_chat, batched_margins
@@ -42,6 +51,7 @@ from tuneloop.review.scores import (
     Scored,
     Search,
     answer_disagreement,
+    decision_skill,
     diverse_order,
     informativeness,
     judge_doubt,
@@ -189,14 +199,15 @@ def _per_candidate(values: list, sizes: list[int]) -> list[list]:
     return out
 
 
-def rank(project: Project, candidates: list[Candidate]) -> list[tuple[Candidate, float]]:
-    """The candidates in queue order with their informativeness."""
+def rank(project: Project, candidates: list[Candidate], skill: float = 1.0) -> list[tuple[Candidate, float]]:
+    """The candidates in queue order with their informativeness (`skill`: the champion's yes/no
+    decision skill, `review/scores.decision_skill`)."""
     s = project.settings.review
     scored = []
     for c in candidates:
         normalised, document = question_key(c.question, c.document)
         scored.append(Scored(item_key(c.question, c.document), normalised, document,
-                             informativeness(c.doubts, s.weights), c))
+                             informativeness(c.doubts, s.weights, skill, c.yes_no), c))
     return [(it.payload, it.score) for it in diverse_order(scored, s.diversity)]  # type: ignore[misc]
 
 
@@ -213,18 +224,19 @@ def build_queue(project: Project, session: Session, retriever_for, reporter: Rep
     candidates = gather(project, session, retriever, project.settings.synth.seed * 1000 + (cycle_id or 0) + 29)
     if not candidates:
         return QueueBuilt(None, 0, 0, {}, None, None, champ.name)
-    threshold = _threshold(project, session, champ, retriever, reporter, model)
+    threshold, accuracy = _threshold(project, session, champ, retriever, reporter, model)
+    skill = decision_skill(accuracy)
     model = model or build_chat_model(project, project.settings.models.student, _adapter(champ))
     if s.judge and judge is None:
         judge = build_judge(project)
     reporter.log(f"review: {len(candidates)} candidates answered {s.samples} times by {champ.name}")
     score_candidates(project, model, threshold, retriever, candidates, reporter, judge if s.judge else None)
-    ordered = rank(project, candidates)
+    ordered = rank(project, candidates, skill)
     items = [ReviewItem(question=c.question, document=c.document, answer=c.answer, chunk_ids=c.chunk_ids,
                         source=c.source, interaction_id=c.interaction.id if c.interaction else None,
                         question_type="yes_no" if c.yes_no or is_yes_no_question(c.question) else "extraction",
                         item_key=item_key(c.question, c.document), score=score,
-                        scores={"doubts": c.doubts, "version": champ.name, **c.detail})
+                        scores={"doubts": c.doubts, "version": champ.name, "skill": round(skill, 4), **c.detail})
              for c, score in ordered]
     queue = save_queue(session, items, s.per_cycle, cycle_id)
     opened = items[: s.per_cycle]
@@ -240,8 +252,11 @@ def _adapter(version: ModelVersion) -> Path | None:
 
 
 def _threshold(project: Project, session: Session, champ: ModelVersion, retriever: Retriever, reporter: Reporter,
-               model: ChatModel | None) -> float | None:
-    if model is not None:  # a given model: the champion's stored threshold, none chosen now
-        return threshold_of(champ.hyperparams)
-    found = calibrate_version(project, session, champ, retriever, reporter)
-    return found.value if found else None
+               model: ChatModel | None) -> tuple[float | None, float | None]:
+    """The champion's yes/no threshold and its balanced accuracy where it was chosen (None: unknown)."""
+    if model is None:
+        found = calibrate_version(project, session, champ, retriever, reporter)
+        return (found.value, found.balanced_accuracy) if found else (None, None)
+    stored = (champ.hyperparams or {}).get(THRESHOLD_KEY)  # a given model: the stored one, none chosen now
+    accuracy = stored.get("balanced_accuracy") if isinstance(stored, dict) else None
+    return threshold_of(champ.hyperparams), accuracy
