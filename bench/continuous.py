@@ -70,7 +70,7 @@ from tuneloop.settings_template import default_settings_yaml  # noqa: E402
 from tuneloop.stages.ingest import ingest_paths  # noqa: E402
 from tuneloop.stats import bootstrap_ci, paired_bootstrap  # noqa: E402
 from tuneloop.store import Cycle, CycleStep, EvalRun, Example, ModelVersion, SignalValue, open_store  # noqa: E402
-from tuneloop.versions import champion  # noqa: E402
+from tuneloop.versions import adapter_folder, champion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW_CONTRACTS = re.compile(r"licen|intellectual property|endorsement|franchise|trademark", re.IGNORECASE)
@@ -245,8 +245,7 @@ def probe_scores(project, names: list[str], probe: list[dict], reporter) -> dict
         for name in names:
             v = s.scalar(select(ModelVersion).where(ModelVersion.name == name))
             reporter.log(f"probe: {name} answers {len(examples)} licence questions")
-            items, _ = score_examples(project, Path(v.adapter_path) if v.adapter_path else None, examples,
-                                      retriever, reporter)
+            items, _ = score_examples(project, adapter_folder(v), examples, retriever, reporter)
             out[name] = items
     return out
 

@@ -34,6 +34,7 @@ from tuneloop.model_card import LORA_DIR, card_facts, modelfile, render_card
 from tuneloop.programs.rag import version_retriever_paths
 from tuneloop.safety import holds_project, safe_rmtree
 from tuneloop.store import ModelVersion, Session, utcnow
+from tuneloop.versions import adapter_folder
 
 META_FILE = "tuneloop.json"
 MARKER_FILE = ".tuneloop-export"  # in every export: only such a folder may be replaced (--force)
@@ -112,7 +113,7 @@ def export_version(project: Project, session: Session, name: str, out: Path, ggu
     check_out(out, force, project)
     if gguf_dtype not in ("f32", "f16"):
         raise ConfigError(f"gguf dtype must be f32 or f16, not '{gguf_dtype}'")
-    adapter = Path(version.adapter_path) if version.adapter_path else None
+    adapter = adapter_folder(version)
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise StateError(f"the adapter of {version.name} is missing: {adapter}")
     model_dir = base_model_dir(project, version)

@@ -65,6 +65,11 @@ def cycle_candidate(s: Session, cycle_id: int) -> ModelVersion:
     return cand
 
 
+def adapter_folder(version: ModelVersion) -> Path | None:
+    """A version's LoRA adapter folder (None: the base model itself, no adapter)."""
+    return Path(version.adapter_path) if version.adapter_path else None
+
+
 def ensure_base_version(project: Project, session: Session) -> ModelVersion:
     """The untuned student is version 'base', champion until a candidate beats it."""
     base = session.scalar(select(ModelVersion).where(ModelVersion.name == "base"))

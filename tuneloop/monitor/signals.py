@@ -46,7 +46,7 @@ from tuneloop.programs.rag import Retriever, rag_program_path
 from tuneloop.programs.scoring import score_examples
 from tuneloop.progress import Reporter, SilentReporter
 from tuneloop.store import Cycle, EvalRun, Example, Feedback, Interaction, ReviewItem, Session, SignalValue, utcnow
-from tuneloop.versions import champion
+from tuneloop.versions import adapter_folder, champion
 
 
 @dataclass
@@ -259,7 +259,7 @@ def canary(project: Project, session: Session, retriever: Retriever | Callable[[
     except IndexNotFoundError:
         return Reading("canary", None, bool(shared), "no retrieval index: the champion cannot answer with "
                        "retrieval", detail)
-    adapter = Path(champ.adapter_path) if champ.adapter_path else None
+    adapter = adapter_folder(champ)
     items, _ = score_examples(project, adapter, asked, retriever, reporter or SilentReporter(), rag_program_path(champ),
                               threshold_of(champ.hyperparams))
     fresh = detail["now"] = _primary(project, items)

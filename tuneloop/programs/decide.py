@@ -69,6 +69,12 @@ class Threshold:
         return {"value": self.value, "source": self.source, "n": self.n, "balanced_accuracy": self.balanced_accuracy}
 
 
+def stored_threshold(hyperparams: dict | None) -> Threshold | None:
+    """The threshold a version stored with how it was chosen (`stages/calibrate.py`), or None."""
+    stored = (hyperparams or {}).get(THRESHOLD_KEY)
+    return Threshold(**stored) if isinstance(stored, dict) else None
+
+
 def threshold_of(hyperparams: dict | None) -> float | None:
     """The stored threshold value of a version (None: not calibrated)."""
     stored = (hyperparams or {}).get(THRESHOLD_KEY)

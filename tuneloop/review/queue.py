@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from tuneloop.config import FeedbackSettings
 from tuneloop.errors import InputError, StateError
@@ -118,8 +118,11 @@ def record(session: Session, settings: FeedbackSettings, item: ReviewItem, verdi
         return Recorded(item, None, False)
     item.final_answer = corrected if verdict == "correct" else item.answer
     key = question_key(item.question, item.document)
-    same = next((i for i, q, d in session.execute(select(Example.id, Example.question, Example.document))
-                 if question_key(q, d) == key), None)
+    # only the examples of the item's document can share its question key (no document: None or "")
+    same_document = (Example.document == item.document) if item.document else \
+        or_(Example.document.is_(None), Example.document == "")
+    same = next((i for i, q, d in session.execute(select(Example.id, Example.question, Example.document)
+                                                    .where(same_document)) if question_key(q, d) == key), None)
     if same is not None:  # answered meanwhile (a correction through the API, another reviewer's import)
         item.example_id = same
         session.flush()

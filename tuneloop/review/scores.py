@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tuneloop import metrics
+from tuneloop.programs.decide import YES, decide
 from tuneloop.settings_review import ReviewWeights
 
 DOUBTS = ("margin", "disagreement", "retrieval", "judge")
@@ -51,8 +52,7 @@ def yes_no_disagreement(margins: Sequence[float], threshold: float | None) -> fl
     """1 - |mean vote| over the decisions of `margins` (+1 Yes, -1 No)."""
     if len(margins) < 2:
         return 0.0
-    t = threshold or 0.0
-    votes = [1.0 if m >= t else -1.0 for m in margins]
+    votes = [1.0 if decide(m, threshold) == YES else -1.0 for m in margins]
     return 1.0 - abs(sum(votes) / len(votes))
 
 

@@ -29,7 +29,7 @@ from fastapi.security import HTTPBearer
 from tuneloop.config import Project
 from tuneloop.errors import ConfigError
 from tuneloop.models.registry import build_embedder
-from tuneloop.serve.auth import ANONYMOUS, AuthMiddleware, BodyLimitMiddleware, Caller, KeyRing
+from tuneloop.serve.auth import AuthMiddleware, BodyLimitMiddleware, KeyRing, caller_of
 from tuneloop.serve.chat import SSE_HEADERS, ChatHandler
 from tuneloop.serve.errors import ApiError, CatchAllMiddleware, install_error_handlers
 from tuneloop.serve.limits import KeyLimits, RateLimitMiddleware
@@ -118,11 +118,6 @@ def create_app(project: Project, *, model_factory: ModelFactory | None = None, a
     add_review_routes(app, _errors(*API_ERRORS, 403), BEARER)
     _add_page_routes(app)
     return app
-
-
-def caller_of(request: Request) -> Caller:
-    """Who the auth middleware found for this request's key."""
-    return request.scope.get("state", {}).get("caller", ANONYMOUS)
 
 
 def _add_api_routes(app: FastAPI) -> None:

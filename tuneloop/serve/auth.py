@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tuneloop.config import ServeSettings
@@ -42,6 +43,11 @@ class Caller:
 
 
 ANONYMOUS = Caller(ANONYMOUS_CLIENT)
+
+
+def caller_of(request: Request) -> Caller:
+    """Who the auth middleware found for this request's key (`AuthMiddleware` sets it)."""
+    return request.scope.get("state", {}).get("caller", ANONYMOUS)
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,15 @@ from tuneloop.review.queue import (
     open_items,
     record,
 )
-from tuneloop.serve.auth import Caller
+from tuneloop.serve.auth import Caller, caller_of
 from tuneloop.serve.errors import ApiError
 from tuneloop.serve.schemas import PUBLIC_ID_PATTERN, ReviewQueueView, ReviewRecorded, ReviewVerdict
 
 
 def reviewer_of(request: Request) -> Caller:
     """The caller, when it may review (a reviewer key or the admin token); else 403."""
-    caller = request.scope.get("state", {}).get("caller")
-    if caller is None or not caller.sees_everything:
+    caller = caller_of(request)
+    if not caller.sees_everything:
         raise ApiError(403, "the review queue needs a reviewer key or the admin token", "reviewer_only")
     return caller
 

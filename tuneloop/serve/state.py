@@ -30,7 +30,7 @@ from tuneloop.models.batching import ModelWorker, batched
 from tuneloop.programs.decide import answer_conversations, decides, is_yes_no_question, threshold_of
 from tuneloop.programs.rag import Passage, Retriever, build_messages, rag_program_path, version_retriever_paths
 from tuneloop.store import ModelVersion
-from tuneloop.versions import Status, champion
+from tuneloop.versions import Status, adapter_folder, champion
 
 log = logging.getLogger("tuneloop.serve")
 ModelFactory = Callable[[Project, ModelVersion], ChatModel]
@@ -43,7 +43,7 @@ def default_model_factory(project: Project, version: ModelVersion) -> ChatModel:
 
     role = project.settings.models.student.model_copy(update={"cache": False})
     # serving stays in this process whatever compute.engine says: one model thread answers requests
-    return build_chat_model(project, role, Path(version.adapter_path) if version.adapter_path else None,
+    return build_chat_model(project, role, adapter_folder(version),
                             engine="local")
 
 

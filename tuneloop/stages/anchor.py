@@ -25,6 +25,7 @@ from tuneloop.models.registry import build_chat_model, generation_params
 from tuneloop.progress import Reporter, batched_chat
 from tuneloop.stages.eval import stored_eval_run
 from tuneloop.store import EvalRun, ModelVersion, Session
+from tuneloop.versions import adapter_folder
 
 KIND = "anchor"
 
@@ -70,7 +71,7 @@ def evaluate_anchor(project: Project, session: Session, version: ModelVersion, r
     set_hash = anchor_set_hash(items)
 
     def score() -> tuple[list[dict], dict]:
-        return answer_anchor(project, Path(version.adapter_path) if version.adapter_path else None, items,
+        return answer_anchor(project, adapter_folder(version), items,
                              reporter, version.name)
 
     return stored_eval_run(project, session, version, set_hash, KIND, f"{version.name}-{set_hash[7:19]}", "anchor",

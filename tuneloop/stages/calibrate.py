@@ -16,16 +16,22 @@ likelier of the two tokens) and `source` is "none".
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from tuneloop import metrics
 from tuneloop.config import Project
 from tuneloop.evalsets import split_examples
 from tuneloop.models.registry import build_chat_model, generation_params
-from tuneloop.programs.decide import THRESHOLD_KEY, Threshold, choose_threshold, decides, is_yes_no_question
+from tuneloop.programs.decide import (
+    THRESHOLD_KEY,
+    Threshold,
+    choose_threshold,
+    decides,
+    is_yes_no_question,
+    stored_threshold,
+)
 from tuneloop.programs.rag import RagAnswerer, Retriever, rag_program_path
 from tuneloop.progress import Reporter
 from tuneloop.store import Example, ModelVersion, Session
+from tuneloop.versions import adapter_folder
 
 
 def yes_no_examples(session: Session, split: str) -> list[Example]:
@@ -52,11 +58,11 @@ def calibrate_version(project: Project, session: Session, version: ModelVersion,
                       reporter: Reporter) -> Threshold | None:
     """Choose and store `version`'s threshold unless it has one; None when its answers are not
     decided (a compiled DSPy program, or a model that gives no token probabilities)."""
-    stored = (version.hyperparams or {}).get(THRESHOLD_KEY)
-    if isinstance(stored, dict):
-        return Threshold(**stored)
+    stored = stored_threshold(version.hyperparams)
+    if stored is not None:
+        return stored
     role = project.settings.models.student
-    adapter = Path(version.adapter_path) if version.adapter_path else None
+    adapter = adapter_folder(version)
     model = build_chat_model(project, role, adapter)
     if not decides(model, rag_program_path(version)):
         return None

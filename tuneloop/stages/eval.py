@@ -26,6 +26,7 @@ from tuneloop.stages.calibrate import calibrate_version
 from tuneloop.stages.judge_eval import judge_items
 from tuneloop.stats import bootstrap_ci
 from tuneloop.store import Artifact, EvalRun, Example, ModelVersion, Session
+from tuneloop.versions import adapter_folder
 
 
 def stored_eval_run(project: Project, session: Session, version: ModelVersion, set_hash: str, kind: str,
@@ -107,7 +108,7 @@ def evaluate_version(project: Project, session: Session, version: ModelVersion, 
 
     def score() -> tuple[list[dict], dict]:
         reporter.log(f"evaluating {version.name} on {len(examples)} held-out questions")
-        adapter = Path(version.adapter_path) if version.adapter_path else None
+        adapter = adapter_folder(version)
         program = rag_program_path(version)  # the (model, program) pair the gate judges
         threshold = calibrate_version(project, session, version, retriever, reporter)
         items, summary = score_examples(project, adapter, examples, retriever, reporter, program,

@@ -26,6 +26,7 @@ from tuneloop.programs.rag import PROGRAM_KEY, Retriever
 from tuneloop.programs.rag_dspy import RagProgram, program_inputs
 from tuneloop.progress import Reporter
 from tuneloop.store import Artifact, EvalRun, Example, ModelVersion, Session
+from tuneloop.versions import adapter_folder
 
 KIND = "programs"
 PROGRAM_FILE = "program.json"
@@ -94,7 +95,7 @@ def _compile(project: Project, session: Session, version: ModelVersion, retrieve
         raise StateError(f"prompts.optimizer: mipro needs at least 2 training seeds, found {len(trainset)}: "
                          "import more (`tuneloop seeds import FILE`) or use prompts.optimizer: bootstrap")
     role = project.settings.models.student
-    adapter = Path(version.adapter_path) if version.adapter_path else None
+    adapter = adapter_folder(version)
     lm = dspy_lm(registry.build_chat_model(project, role, adapter), registry.generation_params(role))
     optimizer = _optimizer(project, lm)
     with reporter.task(f"compiling the RAG program of {version.name} ({type(optimizer).__name__})", None), \

@@ -37,7 +37,6 @@ ingest setting.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from tuneloop import metrics
@@ -54,6 +53,7 @@ from tuneloop.programs.scoring import score_examples
 from tuneloop.progress import Reporter
 from tuneloop.stats import paired_bootstrap
 from tuneloop.store import Example, ModelVersion, Session
+from tuneloop.versions import adapter_folder
 
 INDEX_KIND = "indexes"  # artifacts/indexes/<embedder name>/: a fine-tuned embedder's index of every chunk
 
@@ -115,7 +115,7 @@ def choose_top_k(project: Project, session: Session, candidate: ModelVersion, em
         return {"top_k_kept": f"{len(dev)} dev questions, fewer than retriever.min_dev_items "
                               f"({settings.min_dev_items}): ingest.top_k {default}"}
     retriever = Retriever.for_version(project, session, candidate, embedder)
-    adapter = Path(candidate.adapter_path) if candidate.adapter_path else None
+    adapter = adapter_folder(candidate)
     model = build_chat_model(project, project.settings.models.student, adapter)  # once for every top_k
     scored = {}
     for k in top_ks:

@@ -28,21 +28,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sqlalchemy import select
 
 from tuneloop.config import Project
 from tuneloop.models.base import ChatModel
 from tuneloop.models.registry import build_chat_model, generation_params
-from tuneloop.programs.decide import (
-    THRESHOLD_KEY,
-    answer_conversations,
-    decide,
-    decides,
-    is_yes_no_question,
-    threshold_of,
-)
+from tuneloop.programs.decide import answer_conversations, decide, decides, is_yes_no_question, stored_threshold
 from tuneloop.programs.judge import EvalJudge, build_judge, grade
 from tuneloop.programs.rag import Passage, Retriever, build_messages
 from tuneloop.progress import Reporter, batched_chat, batched_margins
@@ -63,7 +55,7 @@ from tuneloop.splits import question_key
 from tuneloop.stages.calibrate import calibrate_version
 from tuneloop.stages.transfer import passage_sets, plan
 from tuneloop.store import Interaction, ModelVersion, ReviewItem, Session
-from tuneloop.versions import champion, ensure_base_version
+from tuneloop.versions import adapter_folder, champion, ensure_base_version
 
 
 @dataclass(eq=False)
@@ -226,7 +218,7 @@ def build_queue(project: Project, session: Session, retriever_for, reporter: Rep
         return QueueBuilt(None, 0, 0, {}, None, None, champ.name)
     threshold, accuracy = _threshold(project, session, champ, retriever, reporter, model)
     skill = decision_skill(accuracy)
-    model = model or build_chat_model(project, project.settings.models.student, _adapter(champ))
+    model = model or build_chat_model(project, project.settings.models.student, adapter_folder(champ))
     if s.judge and judge is None:
         judge = build_judge(project)
     reporter.log(f"review: {len(candidates)} candidates answered {s.samples} times by {champ.name}")
@@ -247,16 +239,10 @@ def build_queue(project: Project, session: Session, retriever_for, reporter: Rep
                       sum(it.score for it in opened) / len(opened), unsure, champ.name)
 
 
-def _adapter(version: ModelVersion) -> Path | None:
-    return Path(version.adapter_path) if version.adapter_path else None
-
-
 def _threshold(project: Project, session: Session, champ: ModelVersion, retriever: Retriever, reporter: Reporter,
                model: ChatModel | None) -> tuple[float | None, float | None]:
     """The champion's yes/no threshold and its balanced accuracy where it was chosen (None: unknown)."""
-    if model is None:
-        found = calibrate_version(project, session, champ, retriever, reporter)
-        return (found.value, found.balanced_accuracy) if found else (None, None)
-    stored = (champ.hyperparams or {}).get(THRESHOLD_KEY)  # a given model: the stored one, none chosen now
-    accuracy = stored.get("balanced_accuracy") if isinstance(stored, dict) else None
-    return threshold_of(champ.hyperparams), accuracy
+    # a given model (tests): the champion's stored threshold, none chosen now
+    found = stored_threshold(champ.hyperparams) if model is not None else \
+        calibrate_version(project, session, champ, retriever, reporter)
+    return (found.value, found.balanced_accuracy) if found else (None, None)

@@ -59,7 +59,7 @@ from tuneloop.programs.prompts import PromptBuilder, PromptInfo
 from tuneloop.programs.synth import number_passages
 from tuneloop.progress import Reporter, batched_chat
 from tuneloop.store import Artifact, Example, Interaction, ModelVersion, PreferencePair, Reward, Session
-from tuneloop.versions import champion
+from tuneloop.versions import adapter_folder, champion
 
 KIND = "rlaif"
 MODES = ("pairwise", "rubric")
@@ -77,7 +77,7 @@ def build_rlaif_models(project: Project, session: Session, student: ModelVersion
     if version is None:
         raise StateError("no champion model yet: run `tuneloop eval` or `tuneloop cycle` first")
     m = project.settings.models
-    adapter = Path(version.adapter_path) if version.adapter_path else None
+    adapter = adapter_folder(version)
     return RlaifModels(registry.build_chat_model(project, m.student, adapter),
                        registry.build_chat_model(project, m.judge))
 

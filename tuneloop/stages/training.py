@@ -49,7 +49,7 @@ from tuneloop.stages.common import save_trained_adapter, train_losses
 from tuneloop.stages.methods import METHODS, TRL_COLUMNS, Method
 from tuneloop.stages.policy import Policy, device_args
 from tuneloop.store import ModelVersion, Session
-from tuneloop.versions import register_adapter
+from tuneloop.versions import adapter_folder, register_adapter
 
 KIND = "adapters"
 
@@ -89,7 +89,7 @@ class Run:
 
     @property
     def parent_adapter(self) -> Path | None:
-        return Path(self.parent.adapter_path) if self.parent.adapter_path else None
+        return adapter_folder(self.parent)
 
 
 @dataclass

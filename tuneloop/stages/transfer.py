@@ -34,7 +34,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sqlalchemy import select
 
@@ -56,7 +55,7 @@ from tuneloop.stages.evidence import (
     span_anchors,
 )
 from tuneloop.store import Example, Session
-from tuneloop.versions import champion, ensure_base_version
+from tuneloop.versions import adapter_folder, champion, ensure_base_version
 
 STRATEGY = "transfer"  # answered by the labeller
 EVIDENCE = "transfer-evidence"  # yes/no labelled by the experts' evidence clauses (stages/evidence.py)
@@ -292,7 +291,7 @@ def build_labeller(project: Project, session: Session, teacher: ChatModel | None
         return Labeller(f"teacher:{teacher.name}", teacher, None, s.models.teacher.batch_size)
     champ = champion(session) or ensure_base_version(project, session)
     threshold = calibrate_version(project, session, champ, retriever, reporter)
-    adapter = Path(champ.adapter_path) if champ.adapter_path else None
+    adapter = adapter_folder(champ)
     model = build_chat_model(project, s.models.student, adapter)
     return Labeller(f"champion:{champ.name}", model, threshold.value if threshold else None,
                     s.models.student.batch_size, threshold.balanced_accuracy if threshold else None,

@@ -41,7 +41,7 @@ from tuneloop.safety import safe_rmtree
 from tuneloop.stages.anchor import answer_anchor, evaluate_anchor
 from tuneloop.stages.gate import anchor_guard
 from tuneloop.store import Example, ModelVersion, Session
-from tuneloop.versions import register_adapter
+from tuneloop.versions import adapter_folder, register_adapter
 
 KIND = "adapters"
 
@@ -140,7 +140,7 @@ def choose_alpha(project: Project, session: Session, champion: ModelVersion, can
         if not examples:
             raise StateError("no dev questions for WiSE-FT: import some with `tuneloop seeds import FILE --split dev`")
         model_dir = resolve_model_path(role.model, project.cache)
-        champ_adapter = Path(champion.adapter_path) if champion.adapter_path else None
+        champ_adapter = adapter_folder(champion)
         work = project.artifacts / ".work" / name
         cont = project.settings.continual
         champ_anchor = None

@@ -44,7 +44,7 @@ from tuneloop.errors import ConfigError, TuneloopError
 from tuneloop.lineage import training_data
 from tuneloop.report import write_report
 from tuneloop.store import Cycle, CycleStep, ModelVersion, Session
-from tuneloop.versions import NOT_CANDIDATES, Status, champion, cycle_candidate
+from tuneloop.versions import NOT_CANDIDATES, Status, adapter_folder, champion, cycle_candidate
 
 try:
     from mlflow.entities import Metric, Param, RunTag
@@ -221,7 +221,7 @@ class _Mirror:
         self.client.log_batch(run_id, params=[Param(_key(k), _short(v)) for k, v in params.items()])
         stamp = _ms(version.created_at)
         metrics = [Metric(k, v, stamp, 0) for k, v in _numbers(version.metrics).items()]
-        folder = Path(version.adapter_path) if version.adapter_path else None
+        folder = adapter_folder(version)
         if folder is not None and (folder / "log_history.json").is_file():
             metrics += _curves(json.loads((folder / "log_history.json").read_text(encoding="utf-8")), stamp)
         self._log_metrics(run_id, metrics)
